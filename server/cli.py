@@ -1,0 +1,275 @@
+"""The ``one2345`` command.
+
+Subcommands are thin: they parse flags, call one library function, and turn :class:`server.errors.One2345Error`
+into a readable message and a non-zero exit code. Results go to stdout (the output path is the last line), progress
+and logs to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from server import __version__
+from server.devices import resolve_device
+from server.errors import BadInputError, One2345Error
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class _Bars:
+    """A tqdm bar on stderr for each stage that reports more than one step."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self._bars: dict[str, object] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if total <= 1:
+            return
+        bar = self._bars.get(stage)
+        if bar is None:
+            bar = self._bars[stage] = self._tqdm(total=total, desc=stage, leave=False, file=sys.stderr,
+                                                 dynamic_ncols=True, unit_scale=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+
+def _load_model(args: argparse.Namespace):
+    from server.reconstruction.checkpoint import load_reconstruction_model
+    from server.reconstruction.model import build_model
+
+    if args.checkpoint:
+        return load_reconstruction_model(args.checkpoint)
+    if args.preset == "tiny":
+        return build_model("tiny", seed=0)
+    from server.weights import resolve
+
+    return load_reconstruction_model(resolve("reconstruction", args.weights_dir))
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from server.meshing import MeshingConfig, export_mesh
+    from server.reconstruct import load_views, reconstruct_mesh
+
+    out = Path(args.output)
+    if out.suffix.lower() not in (".ply", ".glb", ".obj"):
+        raise BadInputError(f"output {out} must end in .ply, .glb or .obj")
+    if not 32 <= args.resolution <= 1024:
+        raise BadInputError(f"--resolution {args.resolution} is outside 32…1024 (the reference uses 256)")
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    views = load_views(args.views_dir)
+    model = _load_model(args)
+    result = reconstruct_mesh(model, views, MeshingConfig(resolution=args.resolution, coarse_to_fine=not args.dense),
+                              device=device, progress=_Bars())
+    path = export_mesh(result.mesh, out)
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+    print(f"{len(result.mesh.vertices):,} vertices, {len(result.mesh.faces):,} faces in "
+          f"{time.perf_counter() - start:.1f}s ({stages})", file=sys.stderr)
+    print(path)
+    return 0
+
+
+def cmd_weights_verify(args: argparse.Namespace) -> int:
+    from server.reconstruction.checkpoint import verify_checkpoint
+
+    result = verify_checkpoint(args.file)
+    if result.ok:
+        print(f"OK: {result.path} is a {result.kind}: {result.details}")
+        return 0
+    print(f"FAILED: {result.path} ({result.kind}):\n{result.details}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def cmd_sample_views(args: argparse.Namespace) -> int:
+    from server.synthetic import write_views_dir
+
+    print(write_views_dir(args.out_dir, polar=args.polar))
+    return 0
+
+
+def _run_dir_for(mesh_path: Path) -> Path:
+    """Where a run's intermediates go: ``photo.glb`` → ``photo.one2345/`` beside it."""
+    return mesh_path.with_name(mesh_path.stem + ".one2345")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import shutil
+
+    from tqdm import tqdm
+
+    from server.pipeline import GenerateOptions, One2345Pipeline
+
+    if args.output and len(args.images) > 1:
+        raise BadInputError(f"-o/--output names one mesh but {len(args.images)} images were given; use --out-dir DIR")
+    if not args.output and not args.out_dir:
+        raise BadInputError("say where the mesh goes: -o OUT.glb (one image) or --out-dir DIR")
+    fmt = args.format
+    if args.output:
+        fmt = Path(args.output).suffix.lower().lstrip(".")
+        if fmt not in ("ply", "glb", "obj"):
+            raise BadInputError(f"output {args.output} must end in .ply, .glb or .obj")
+    missing = [i for i in args.images if not Path(i).is_file()]
+    if missing:
+        raise BadInputError(f"image file(s) not found: {missing}")
+    options = GenerateOptions(elevation=args.elevation, seed=args.seed, steps_stage1=args.steps_stage1,
+                              steps_stage2=args.steps_stage2, guidance=args.guidance, resolution=args.resolution,
+                              format=fmt, remove_background=not args.keep_background).check()
+
+    print(f"loading the {args.preset} models…", file=sys.stderr)
+    pipe = One2345Pipeline.from_preset(args.preset, device=args.device, weights_dir=args.weights_dir,
+                                       download_missing=not args.offline)
+    failures = 0
+    for image in args.images:
+        out = Path(args.output) if args.output else Path(args.out_dir) / f"{Path(image).stem}.{fmt}"
+        bar = tqdm(total=1000, desc=Path(image).name, file=sys.stderr, dynamic_ncols=True,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
+
+        def on_progress(p, bar=bar) -> None:
+            bar.update(int(p.fraction * 1000) - bar.n)
+            bar.set_postfix_str(f"{p.stage} {p.step}/{p.total}", refresh=False)
+
+        try:
+            result = pipe(image, _run_dir_for(out), options, progress=on_progress)
+        except One2345Error as e:
+            bar.close()
+            print(f"one2345 generate: {image}: error: {e}", file=sys.stderr)
+            failures += 1
+            continue
+        bar.close()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(result.mesh_path, out)
+        print(f"{image}: elevation {result.elevation:.0f}° ({result.elevation_source}), background "
+              f"{result.background}, {result.vertices:,} vertices; intermediates in {result.views_dir.parent}",
+              file=sys.stderr)
+        print(out)
+    return EXIT_FAILED if failures else 0
+
+
+def cmd_weights_download(args: argparse.Namespace) -> int:
+    from server.weights import download
+
+    paths = download(args.only or None, args.dir, offline=args.offline)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_elevation(args: argparse.Namespace) -> int:
+    import json
+
+    from server.elevation import SiftMatcher, available_matcher, estimate_elevation
+    from server.reconstruct import read_rgb
+
+    matcher = SiftMatcher() if args.matcher == "sift" else available_matcher(args.weights_dir, prefer="loftr")
+    if args.matcher == "loftr" and matcher.name != "loftr":
+        from server.weights import resolve
+
+        resolve("loftr", args.weights_dir)  # raises MissingWeightsError naming the file and the download command
+    result = estimate_elevation([read_rgb(Path(v)) for v in args.views], matcher)
+    print(json.dumps({"polar": result.polar, "elevation": 90 - result.polar, "matcher": result.matcher}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="one2345", description="One-2-3-45 image-to-3D: views → mesh, weights.")
+    parser.add_argument("--version", action="version", version=f"one2345 {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("reconstruct", help="32 posed views + pose.json → vertex-coloured mesh",
+                       description="Reconstruct a mesh from a folder holding pose.json and the 32 nearby views "
+                                   "<i>_<j>.png (the layout `one2345 generate` writes).")
+    p.add_argument("views_dir", help="folder with pose.json and the 32 views <i>_<j>.png")
+    p.add_argument("-o", "--output", required=True, help="output mesh: .ply (z-up, as pose.json), .glb or .obj (y-up)")
+    p.add_argument("--preset", choices=["paper", "tiny"], default="paper",
+                   help="paper: full-size network with the official weights; tiny: small random network, no weights "
+                        "(for trying the tool and for tests)")
+    p.add_argument("--checkpoint", help="a reconstruction checkpoint (official ckpt_215000.pth or our folder); "
+                                        "overrides --preset")
+    p.add_argument("--weights-dir", type=Path, default=None,
+                   help="where downloaded weights live (default: $ONE2345_WEIGHTS or ~/.cache/one2345/weights)")
+    p.add_argument("--resolution", type=int, default=256, help="marching-cubes grid per axis (default 256, as the "
+                                                               "reference)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--dense", action="store_true", help="evaluate the SDF on every grid point instead of coarse to "
+                                                        "fine (slower; same mesh for well-behaved SDFs)")
+    p.set_defaults(func=cmd_reconstruct)
+
+    w = sub.add_parser("weights", help="check and fetch model weights").add_subparsers(dest="weights_command",
+                                                                                       required=True, metavar="ACTION")
+    v = w.add_parser("verify", help="load a checkpoint strictly into its network and say what it is",
+                     description="Exit 0 and describe the file if it loads strictly; otherwise exit 1 listing "
+                                 "missing, unexpected and mis-shaped keys.")
+    v.add_argument("file", help="checkpoint file or folder")
+    v.set_defaults(func=cmd_weights_verify)
+
+    d = w.add_parser("download", help="fetch the reference's weight files (resumable) into the weights folder")
+    d.add_argument("--only", action="append", choices=["sam", "zero123-xl", "loftr", "reconstruction"],
+                   help="fetch only this file (repeatable); default: all four")
+    d.add_argument("--dir", type=Path, default=None, help="weights folder (default: $ONE2345_WEIGHTS or "
+                                                          "~/.cache/one2345/weights)")
+    d.add_argument("--offline", action="store_true", help="never touch the network: only report what is missing")
+    d.set_defaults(func=cmd_weights_download)
+
+    g = sub.add_parser("generate", help="image(s) → vertex-coloured mesh(es): the whole One-2-3-45 pipeline",
+                       description="Run preprocessing, Zero123 multi-view generation, elevation estimation and "
+                                   "reconstruction. Intermediates (views, pose.json, meta.json) are kept in "
+                                   "<mesh stem>.one2345/ next to each mesh.")
+    g.add_argument("images", nargs="+", help="input image(s): PNG, JPEG, WebP, TIFF… (RGBA is used as the mask)")
+    g.add_argument("-o", "--output", help="output mesh for a single image (.glb, .ply or .obj)")
+    g.add_argument("--out-dir", help="folder for the meshes of several images (<stem>.<format> each)")
+    g.add_argument("--preset", choices=["paper", "tiny"], default="paper",
+                   help="paper: official weights (fetched on first use); tiny: small random models, no weights")
+    g.add_argument("--elevation", type=float, default=None,
+                   help="degrees above the horizon of the input view (default: estimated)")
+    g.add_argument("--seed", type=int, default=None, help="seed for all diffusion noise (default: random, recorded "
+                                                          "in meta.json)")
+    g.add_argument("--steps-stage1", type=int, default=75, help="DDIM steps of the 8 ring views (default 75)")
+    g.add_argument("--steps-stage2", type=int, default=50, help="DDIM steps of the 32 nearby views (default 50)")
+    g.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    g.add_argument("--resolution", type=int, default=256, help="marching-cubes grid per axis (default 256)")
+    g.add_argument("--format", choices=["glb", "ply", "obj"], default="glb",
+                   help="mesh format with --out-dir (with -o the suffix decides)")
+    g.add_argument("--keep-background", action="store_true",
+                   help="do not segment the object: use the whole image (RGBA alpha is still used)")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    g.add_argument("--weights-dir", type=Path, default=None, help="weights folder (default: $ONE2345_WEIGHTS or "
+                                                                  "~/.cache/one2345/weights)")
+    g.add_argument("--offline", action="store_true", help="never download weights; fail clearly if any is missing")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("elevation", help="estimate the polar angle from the four nearby views of view 0",
+                       description="Print a JSON line {polar, elevation, matcher}: the views are ordered as spec §4 "
+                                   "(polar −10, polar +10, azimuth −10, azimuth +10 around the input view).")
+    e.add_argument("views", nargs=4, help="the four nearby views 0_0.png 0_1.png 0_2.png 0_3.png")
+    e.add_argument("--matcher", choices=["auto", "loftr", "sift"], default="auto",
+                   help="auto: LoFTR when its weights are present, else SIFT; loftr: LoFTR or a clear error; sift")
+    e.add_argument("--weights-dir", type=Path, default=None, help="weights folder")
+    e.set_defaults(func=cmd_elevation)
+
+    s = sub.add_parser("sample-views", help="write a synthetic views folder (pose.json + 32 views) to try "
+                                            "`reconstruct` without running the diffusion model")
+    s.add_argument("out_dir", help="folder to create")
+    s.add_argument("--polar", type=float, default=75.0, help="polar angle of the input view in degrees (default 75)")
+    s.set_defaults(func=cmd_sample_views)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except One2345Error as e:
+        print(f"one2345 {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT if e.kind == "bad_input" else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""Tests of server/elevation.py.
+
+Ground truth comes from a camera model written here independently of the module (an OpenCV look-at built from the
+camera centre of spec §3.2): synthetic correspondences for the polar search, and ray-cast renders of a textured sphere
+for SIFT and the image-level entry point.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import map_coordinates
+
+from server.cameras import calc_pose
+from server.elevation import (
+    LOFTR_WEIGHTS_FILENAME,
+    ElevationResult,
+    LoFTRMatcher,
+    Matcher,
+    Matches,
+    SiftMatcher,
+    available_matcher,
+    estimate_elevation,
+    estimate_polar_from_matches,
+)
+from server.errors import BadInputError, CheckpointError, MissingWeightsError
+from server.weights import weight_file
+
+FOCAL, CENTRE, SIZE = 280.0, 128.0, 256
+PAIRS = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+
+
+def nearby_views(polar: float) -> list[tuple[float, float]]:
+    """(polar, azimuth) of the four stage-2 views of view 0 (spec §3.1/§4)."""
+    return [(polar - 10, 30), (polar + 10, 30), (polar, 20), (polar, 40)]
+
+
+def camera(polar: float, azimuth: float, radius: float = 1.2) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV world→camera rotation [3, 3] (rows = camera axes) and camera centre [3], looking at the origin, z-up."""
+    p, a = np.radians(polar), np.radians(azimuth)
+    c = radius * np.array([np.sin(a) * np.sin(p), -np.cos(a) * np.sin(p), np.cos(p)])
+    z = -c / np.linalg.norm(c)
+    x = np.cross(z, [0.0, 0.0, 1.0])
+    x /= np.linalg.norm(x)
+    y = np.cross(z, x)
+    return np.stack([x, y, z]), c
+
+
+def project(view: tuple[np.ndarray, np.ndarray], points: np.ndarray) -> np.ndarray:
+    """[N, 2] pixels (continuous frame, principal point 128) of world points [N, 3]."""
+    R, c = view
+    cam = (points - c) @ R.T
+    return FOCAL * cam[:, :2] / cam[:, 2:3] + CENTRE
+
+
+def synthetic_matches(
+    polar: float, rng: np.random.Generator, n_points: int = 300, noise: float = 0.3
+) -> dict[tuple[int, int], np.ndarray]:
+    """Six pairs of noisy correspondences of random points in a ball of radius 0.35, each pair seeing 80 % of them;
+    every observation gets its own noise (as LoFTR, whose keypoints of one image differ from pair to pair)."""
+    direction = rng.normal(size=(n_points, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    points = direction * 0.35 * rng.random((n_points, 1)) ** (1 / 3)
+    views = [camera(*pa) for pa in nearby_views(polar)]
+    matches = {}
+    for i, j in PAIRS:
+        seen = points[rng.random(n_points) < 0.8]
+        x0 = project(views[i], seen) + rng.normal(scale=noise, size=(len(seen), 2))
+        x1 = project(views[j], seen) + rng.normal(scale=noise, size=(len(seen), 2))
+        conf = rng.uniform(0.5, 1.0, size=(len(seen), 1))
+        matches[(i, j)] = np.concatenate([x0, x1, conf], axis=1)
+    return matches
+
+
+# --- cameras ----------------------------------------------------------------------------------------------------------
+
+
+def test_calc_pose_known_values():
+    # polar 90, azimuth 0: camera on −y, x right = +x, up = +z, looking along +y (its z axis is −y).
+    expected = np.array([[1, 0, 0, 0], [0, 0, -1, -1.2], [0, 1, 0, 0], [0, 0, 0, 1.0]])
+    np.testing.assert_allclose(calc_pose(90, 0), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize(("polar", "azimuth"), [(20, 30), (67, 120), (112, 300), (149, 40)])
+def test_calc_pose_matches_opencv_lookat(polar, azimuth):
+    c2w_cv = calc_pose(polar, azimuth) @ np.diag([1.0, -1.0, -1.0, 1.0])
+    R, c = camera(polar, azimuth)
+    np.testing.assert_allclose(c2w_cv[:3, :3], R.T, atol=1e-12)
+    np.testing.assert_allclose(c2w_cv[:3, 3], c, atol=1e-12)
+
+
+# --- polar search on synthetic correspondences ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("polar", [55, 67, 75, 90, 112])
+def test_polar_recovered_from_synthetic_matches(polar):
+    matches = synthetic_matches(polar, np.random.default_rng(polar))
+    assert abs(estimate_polar_from_matches(matches) - polar) <= 1
+
+
+def test_polar_search_accepts_pairs_in_either_direction():
+    polar = 83
+    matches = synthetic_matches(polar, np.random.default_rng(7))
+    flipped = dict(matches)
+    for i, j in [(0, 1), (1, 3)]:
+        flipped[(j, i)] = flipped.pop((i, j))[:, [2, 3, 0, 1, 4]]
+    assert abs(estimate_polar_from_matches(flipped) - polar) <= 1
+    assert estimate_polar_from_matches(flipped) == estimate_polar_from_matches(matches)
+
+
+def test_polar_search_scales_with_image_size():
+    # The same scene seen by 512² images (focal 560, principal point 256) gives the same angle.
+    polar = 101
+    matches = synthetic_matches(polar, np.random.default_rng(3), noise=0.0)
+    doubled = {pair: m * np.array([2, 2, 2, 2, 1.0]) for pair, m in matches.items()}
+    assert abs(estimate_polar_from_matches(doubled, image_size=512, focal=560.0) - polar) <= 1
+
+
+def test_polar_search_rejects_bad_matches():
+    matches = synthetic_matches(75, np.random.default_rng(0))
+    missing = {pair: m for pair, m in matches.items() if pair != (2, 3)}
+    with pytest.raises(BadInputError, match=r"\(2, 3\)"):
+        estimate_polar_from_matches(missing)
+    with pytest.raises(BadInputError, match=r"\(0, 2\).*no matches"):
+        estimate_polar_from_matches({**matches, (0, 2): np.zeros((0, 5))})
+    with pytest.raises(BadInputError, match=r"\[M, 5\]"):
+        estimate_polar_from_matches({**matches, (0, 1): matches[(0, 1)][:, :4]})
+    with pytest.raises(BadInputError, match="confidence"):
+        estimate_polar_from_matches({**matches, (0, 1): matches[(0, 1)] * np.array([1, 1, 1, 1, 0.0])})
+
+
+# --- images: an oracle matcher for the plumbing, SIFT on renders -----------------------------------------------------
+
+
+class OracleMatcher:
+    """Matches known 3D points between the views it recognises by their grey level (100 + 10·view), plus junk
+    matches that start in the white band (x < 20) of image 0 or end in the white band of image 1."""
+
+    name = "oracle"
+
+    def __init__(self, polar: float, rng: np.random.Generator, empty_pair: tuple[int, int] | None = None) -> None:
+        self.views = [camera(*pa) for pa in nearby_views(polar)]
+        self.points = rng.uniform(-0.25, 0.25, size=(200, 3))
+        self.rng = rng
+        self.empty_pair = empty_pair
+
+    def __call__(self, image0: np.ndarray, image1: np.ndarray) -> Matches:
+        i, j = ((int(im[128, 128]) - 100) // 10 for im in (image0, image1))
+        if (i, j) == self.empty_pair:
+            return Matches.empty()
+        kpts0 = project(self.views[i], self.points) + self.rng.normal(scale=0.2, size=(200, 2))
+        kpts1 = project(self.views[j], self.points) + self.rng.normal(scale=0.2, size=(200, 2))
+        # Junk: x0 in the white band with (y0, x1) in the foreground (kept by the reference's mask0[y0, x1] bug),
+        # and x1 in the white band.
+        junk0 = np.stack([self.rng.uniform(0, 19, 30), self.rng.uniform(40, 200, 30)], axis=1)
+        junk1 = np.stack([self.rng.uniform(60, 200, 30), self.rng.uniform(40, 200, 30)], axis=1)
+        kpts0 = np.concatenate([kpts0, junk0, junk1])
+        kpts1 = np.concatenate([kpts1, junk1, junk0])
+        return Matches(kpts0, kpts1, self.rng.uniform(0.5, 1.0, len(kpts0)))
+
+
+def oracle_images() -> list[np.ndarray]:
+    images = [np.full((SIZE, SIZE, 3), 100 + 10 * n, np.uint8) for n in range(4)]
+    for image in images:
+        image[:, :20] = 250  # white band: background
+    return images
+
+
+def test_matcher_protocol():
+    assert isinstance(SiftMatcher(), Matcher)
+    assert isinstance(OracleMatcher(60, np.random.default_rng(0)), Matcher)
+
+
+def test_estimate_elevation_pairs_views_and_filters_background():
+    polar = 72
+    result = estimate_elevation(oracle_images(), OracleMatcher(polar, np.random.default_rng(1)))
+    assert isinstance(result, ElevationResult)
+    assert abs(result.polar - polar) <= 1
+    assert result.elevation == 90 - result.polar
+    assert result.matcher == "oracle"
+    # Only the 200 true matches survive: both kinds of junk are background at one end.
+    assert result.num_matches == dict.fromkeys(PAIRS, 200)
+
+
+def test_estimate_elevation_pair_without_matches():
+    matcher = OracleMatcher(72, np.random.default_rng(2), empty_pair=(1, 3))
+    with pytest.raises(BadInputError, match=r"\(1, 3\) has no foreground matches"):
+        estimate_elevation(oracle_images(), matcher)
+
+
+def test_estimate_elevation_pair_with_only_background_matches():
+    images = oracle_images()
+    images[2][:, :] = 250  # image 2 is all white: every match touching it is background
+    images[2][128, 128] = 120  # keep the oracle's view marker
+    with pytest.raises(BadInputError, match=r"\(0, 2\) has no foreground matches"):
+        estimate_elevation(images, OracleMatcher(72, np.random.default_rng(3)))
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        ([np.zeros((256, 256, 3), np.uint8)] * 3, "exactly 4 images; got 3"),
+        ([np.zeros((256, 256, 3), np.uint8)] * 3 + [np.zeros((128, 128, 3), np.uint8)], "same size"),
+        ([np.zeros((256, 256, 3), np.float32)] * 4, "uint8 RGB"),
+        ([np.zeros((256, 256), np.uint8)] * 4, "uint8 RGB"),
+        ([np.zeros((256, 256, 4), np.uint8)] * 4, "uint8 RGB"),
+        ([np.zeros((256, 200, 3), np.uint8)] * 4, "square"),
+    ],
+)
+def test_estimate_elevation_bad_input(images, message):
+    with pytest.raises(BadInputError, match=message):
+        estimate_elevation(images, SiftMatcher())
+
+
+SPHERE_RADIUS = 0.4
+
+
+def sphere_hits(view: tuple[np.ndarray, np.ndarray], pixels: np.ndarray) -> np.ndarray:
+    """World points [N, 3] where the rays through pixels [N, 2] hit the sphere; NaN for misses."""
+    R, c = view
+    d = np.concatenate([(pixels - CENTRE) / FOCAL, np.ones((len(pixels), 1))], axis=1) @ R
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    b = d @ c
+    disc = b**2 - (c @ c - SPHERE_RADIUS**2)
+    t = -b - np.sqrt(np.where(disc > 0, disc, np.nan))
+    return c + t[:, None] * d
+
+
+def render_sphere(view: tuple[np.ndarray, np.ndarray], noise: list[np.ndarray], supersample: int = 2) -> np.ndarray:
+    """[256, 256, 3] uint8: a sphere with a solid (3D) random texture on white, anti-aliased by supersampling."""
+    n = SIZE * supersample
+    u = (np.arange(n) + 0.5) / supersample
+    xx, yy = np.meshgrid(u, u)
+    points = sphere_hits(view, np.stack([xx.ravel(), yy.ravel()], axis=1))
+    hit = ~np.isnan(points[:, 0])
+    lum = np.zeros(hit.sum())
+    for weight, grid in zip((0.3, 0.35, 0.35), noise, strict=True):
+        coords = (points[hit] / (2 * SPHERE_RADIUS) + 0.5).T * (grid.shape[0] - 1)
+        lum += weight * map_coordinates(grid, coords, order=3, mode="nearest")
+    lum = np.clip((lum - 0.5) * 2.0 + 0.5, 0, 1)
+    image = np.full((n * n, 3), 255.0)
+    image[hit] = 20 + 200 * lum[:, None] * np.array([1.0, 0.9, 0.8])  # never white: all foreground
+    image = image.reshape(SIZE, supersample, SIZE, supersample, 3).mean(axis=(1, 3))
+    return np.round(image).astype(np.uint8)
+
+
+def render_nearby(polar: float) -> list[np.ndarray]:
+    rng = np.random.default_rng(11)
+    noise = [rng.random((n, n, n)) for n in (10, 30, 60)]
+    return [render_sphere(camera(*pa), noise) for pa in nearby_views(polar)]
+
+
+@pytest.fixture(scope="module")
+def renders_75() -> list[np.ndarray]:
+    return render_nearby(75)
+
+
+def test_sift_matches_agree_with_true_geometry(renders_75):
+    gray = [image.mean(axis=-1).round().astype(np.uint8) for image in renders_75]
+    views = [camera(*pa) for pa in nearby_views(75)]
+    for i, j in [(0, 1), (2, 3), (1, 2)]:
+        found = SiftMatcher()(gray[i], gray[j])
+        assert len(found) >= 50
+        assert found.kpts0.shape == found.kpts1.shape == (len(found), 2)
+        assert ((found.confidence > 0.25) & (found.confidence <= 1)).all()
+        # Reprojection through the true surface: back-project into the sphere from view i, project into view j.
+        err = np.linalg.norm(project(views[j], sphere_hits(views[i], found.kpts0)) - found.kpts1, axis=1)
+        err = np.where(np.isnan(err), np.inf, err)
+        assert np.median(err) < 0.5
+        assert (err < 2.0).mean() > 0.9
+
+
+def test_sift_no_texture_no_matches():
+    blank = np.full((64, 64), 200, np.uint8)
+    found = SiftMatcher()(blank, blank)
+    assert len(found) == 0 and found.kpts0.shape == (0, 2)
+
+
+@pytest.mark.parametrize("polar", [75, 105])
+def test_estimate_elevation_sift_on_renders(polar, renders_75):
+    images = renders_75 if polar == 75 else render_nearby(polar)
+    result = estimate_elevation(images, SiftMatcher())
+    assert result.matcher == "sift"
+    assert min(result.num_matches.values()) >= 50
+    assert abs(result.polar - polar) <= 1
+
+
+# --- LoFTR ------------------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Save tensors the way the reference's checkpoint holds them: under ``state_dict``, keys prefixed ``matcher.``."""
+    torch.save({"state_dict": {f"matcher.{k}": v for k, v in state.items()}, "epoch": 29}, path)
+
+
+@pytest.fixture(scope="module")
+def loftr_ckpt(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A randomly initialised indoor LoFTR (built here from kornia's default config) saved as the reference's file."""
+    from kornia.feature import LoFTR
+    from kornia.feature.loftr.loftr import default_cfg
+
+    config = copy.deepcopy(default_cfg)
+    config["coarse"]["temp_bug_fix"] = True
+    torch.manual_seed(0)
+    state = LoFTR(pretrained=None, config=config).state_dict()
+    path = tmp_path_factory.mktemp("weights") / LOFTR_WEIGHTS_FILENAME
+    save_checkpoint(path, state)
+    return path, state
+
+
+@pytest.fixture(scope="module")
+def loftr_matcher(loftr_ckpt) -> LoFTRMatcher:
+    return LoFTRMatcher(loftr_ckpt[0], device="cpu")
+
+
+def test_loftr_loads_checkpoint_strictly(loftr_ckpt, loftr_matcher):
+    loaded = loftr_matcher.model.state_dict()
+    assert loaded.keys() == loftr_ckpt[1].keys()
+    for key, value in loftr_ckpt[1].items():
+        assert torch.equal(loaded[key], value), key
+    assert loftr_matcher.model.config["coarse"]["temp_bug_fix"] is True
+    assert not loftr_matcher.model.training
+    assert loftr_matcher.input_size == 480 and loftr_matcher.name == "loftr"
+
+
+def test_loftr_runs_on_small_images(loftr_matcher, monkeypatch):
+    small = copy.copy(loftr_matcher)
+    small.input_size = 64  # 480 takes seconds on a CPU
+    monkeypatch.setattr(small.model.coarse_matching, "thr", 0.0)  # random weights: keep every mutual nearest pair
+    rng = np.random.default_rng(0)
+    image0 = rng.integers(0, 256, (64, 80), dtype=np.uint8)
+    image1 = rng.integers(0, 256, (72, 56), dtype=np.uint8)
+    found = small(image0, image1)
+    assert len(found) > 0
+    assert found.kpts0.shape == found.kpts1.shape == (len(found), 2)
+    assert found.confidence.shape == (len(found),)
+    for kpts, (h, w) in ((found.kpts0, image0.shape), (found.kpts1, image1.shape)):
+        assert (kpts >= 0).all() and (kpts[:, 0] <= w).all() and (kpts[:, 1] <= h).all()
+
+
+def test_loftr_rescales_keypoints_to_input_size(loftr_matcher):
+    class FixedOutput(torch.nn.Module):
+        def forward(self, data):
+            assert data["image0"].shape == data["image1"].shape == (1, 1, 480, 480)
+            return {
+                "keypoints0": torch.tensor([[240.0, 120.0]]),
+                "keypoints1": torch.tensor([[480.0, 48.0]]),
+                "confidence": torch.tensor([0.9]),
+            }
+
+    fixed = copy.copy(loftr_matcher)
+    fixed.model = FixedOutput()
+    found = fixed(np.zeros((64, 80), np.uint8), np.zeros((256, 256), np.uint8))
+    np.testing.assert_allclose(found.kpts0, [[40.0, 16.0]])  # ×80/480, ×64/480
+    np.testing.assert_allclose(found.kpts1, [[256.0, 25.6]])
+    np.testing.assert_allclose(found.confidence, [0.9], rtol=1e-6)
+
+
+def test_loftr_missing_weights(tmp_path):
+    path = tmp_path / LOFTR_WEIGHTS_FILENAME
+    with pytest.raises(MissingWeightsError) as info:
+        LoFTRMatcher(path)
+    assert str(path) in str(info.value)
+    assert "one2345 weights download --only loftr" in str(info.value)
+
+
+def test_loftr_bad_checkpoints(loftr_ckpt, tmp_path):
+    incomplete = tmp_path / "incomplete.ckpt"
+    save_checkpoint(incomplete, {k: v for k, v in loftr_ckpt[1].items() if k != "backbone.conv1.weight"})
+    with pytest.raises(CheckpointError, match=r"backbone\.conv1\.weight"):
+        LoFTRMatcher(incomplete, device="cpu")
+    no_state = tmp_path / "no_state.ckpt"
+    torch.save({"model": {}}, no_state)
+    with pytest.raises(CheckpointError, match="state_dict"):
+        LoFTRMatcher(no_state, device="cpu")
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="Cannot read"):
+        LoFTRMatcher(garbage, device="cpu")
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="Cannot read"):
+        LoFTRMatcher(empty, device="cpu")
+
+
+def test_available_matcher(loftr_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("ONE2345_WEIGHTS", str(tmp_path / "default-weights"))  # the default folder is empty
+    assert isinstance(available_matcher(None), SiftMatcher)
+    assert isinstance(available_matcher(tmp_path), SiftMatcher)  # no weights there
+    weights_dir = tmp_path / "weights"
+    target = weights_dir / weight_file("loftr").local_name  # the registry's layout under the weights folder
+    target.parent.mkdir(parents=True)
+    shutil.copy(loftr_ckpt[0], target)
+    assert isinstance(available_matcher(weights_dir), LoFTRMatcher)
+    assert isinstance(available_matcher(weights_dir, prefer="sift"), SiftMatcher)
+    with pytest.raises(BadInputError, match="superglue"):
+        available_matcher(None, prefer="superglue")
