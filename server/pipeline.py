@@ -1,0 +1,405 @@
+"""The One-2-3-45 pipeline: one image → a vertex-coloured 360° mesh, as numbered stages (spec §1.3).
+
+    pipe = One2345Pipeline.from_preset("paper")          # models loaded once, kept warm
+    result = pipe("photo.png", "runs/photo", GenerateOptions(format="glb"))
+
+Everything a run makes lands in its run folder, so any run can be inspected and re-meshed:
+
+    run_dir/input.png          the image as given (re-encoded)
+    run_dir/input_256.png      the preprocessed model input (object on white, 75 % fill)
+    run_dir/views/             stage-1 views <i>.png, the 32 nearby views <i>_<j>.png, pose.json
+                               (`one2345 reconstruct run_dir/views -o mesh.ply` re-runs the reconstruction)
+    run_dir/mesh.<fmt>         the result
+    run_dir/meta.json          options, seed, elevation, timings, versions
+
+Presets: ``paper`` loads the official weights (Zero123-XL, the reconstruction checkpoint; SAM and LoFTR when present,
+weight-free fallbacks otherwise); ``tiny`` builds small random models of the same classes — no weights, seconds per
+stage on a CPU, a sphere-like coloured mesh — for trying the tool and for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from server import __version__
+from server.cameras import PoseFile
+from server.devices import resolve_device
+from server.elevation import Matcher, SiftMatcher, available_matcher, estimate_elevation
+from server.errors import BadInputError, CancelledError
+from server.meshing import MeshingConfig, export_mesh
+from server.multiview.zero123 import (
+    Zero123Config,
+    Zero123Model,
+    generate_views_batch,
+    prepare_stage2_input,
+    stage1b_deltas,
+    tiny_zero123,
+)
+from server.reconstruct import load_views, reconstruct_mesh
+from server.reconstruction.model import ReconstructionModel, build_model
+
+PRESETS = ("paper", "tiny")
+FORMATS = ("ply", "glb", "obj")
+ELEVATION_RANGE = (-60.0, 70.0)
+"""Allowed user elevations (degrees above the horizon). Polar = 90 − elevation must leave room for the ±30° second
+ring and ±10° nearby views inside (0°, 180°); the reference's estimator searches polar 20…149."""
+FALLBACK_POLAR = 90.0
+"""Polar used when elevation estimation fails, as the reference does."""
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """What a user may choose per run. Defaults are the paper's settings."""
+
+    elevation: float | None = None
+    """Degrees above the horizon of the input view (90 − polar); None estimates it from the nearby views."""
+    seed: int | None = None
+    """Seed of all diffusion noise; None draws one (recorded in meta.json, so any run can be repeated)."""
+    steps_stage1: int = 75
+    """DDIM steps setting of the 8 stage-1 views (the reference's sampler runs 76)."""
+    steps_stage2: int = 50
+    """DDIM steps setting of the 32 nearby views (49 run)."""
+    guidance: float = 3.0
+    """Classifier-free guidance scale."""
+    resolution: int = 256
+    """Marching-cubes grid per axis."""
+    format: str = "glb"
+    """Mesh file format: ply (z-up, as pose.json), glb or obj (y-up)."""
+    remove_background: bool = True
+    """Segment the object (SAM, or a weight-free estimate for plain backgrounds); False uses the whole image. An
+    image with a meaningful alpha channel is always used as is."""
+
+    def check(self) -> GenerateOptions:
+        """Validate every field; raise BadInputError naming the field, the value and what is allowed."""
+
+        def bad(name: str, allowed: str) -> BadInputError:
+            return BadInputError(f"option {name}={getattr(self, name)!r} is not allowed: {allowed}")
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+        lo, hi = ELEVATION_RANGE
+        if self.elevation is not None and not (is_num(self.elevation) and lo <= self.elevation <= hi):
+            raise bad("elevation", f"null (estimate it) or a number of degrees in [{lo:g}, {hi:g}]")
+        if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed < 2**32):
+            raise bad("seed", "null or an integer in [0, 2**32)")
+        for name in ("steps_stage1", "steps_stage2"):
+            if not (is_int(getattr(self, name)) and 1 <= getattr(self, name) <= 200):
+                raise bad(name, "an integer in [1, 200]")
+        if not (is_num(self.guidance) and 1.0 <= self.guidance <= 20.0):
+            raise bad("guidance", "a number in [1, 20] (the paper uses 3)")
+        if not (is_int(self.resolution) and 32 <= self.resolution <= 512):
+            raise bad("resolution", "an integer in [32, 512] (the paper uses 256)")
+        if self.format not in FORMATS:
+            raise bad("format", f"one of {', '.join(FORMATS)}")
+        if not isinstance(self.remove_background, bool):
+            raise bad("remove_background", "true or false")
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerateOptions:
+        """Options from JSON-like data; unknown fields are an error (a typo must not be silently ignored)."""
+        if not isinstance(data, dict):
+            raise BadInputError(f"options must be a JSON object, got {type(data).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise BadInputError(f"unknown option(s) {unknown}; allowed: {known}")
+        return cls(**data).check()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report."""
+
+    stage: str
+    """preprocess, stage1, stage2, elevation, stage1b, stage2b, reconstruct or export."""
+    step: int
+    total: int
+    fraction: float
+    """Overall fraction of the run's work done, in [0, 1]."""
+    message: str = ""
+    preview: Path | None = None
+    """A view image written just now, for previews."""
+
+
+@dataclass
+class GenerateResult:
+    mesh_path: Path
+    views_dir: Path
+    elevation: float
+    """Degrees above the horizon of the input view."""
+    polar: float
+    elevation_source: str
+    """"given", "estimated" or "fallback" (estimation failed; polar 90 as the reference)."""
+    background: str
+    """How the object was separated: alpha, sam, foreground-estimate or none."""
+    timings: dict[str, float]
+    meta_path: Path
+    vertices: int
+    faces: int
+    seed: int
+
+
+@dataclass
+class PipelineModels:
+    """Everything loaded once and kept warm."""
+
+    zero123: Zero123Model
+    reconstruction: ReconstructionModel
+    matcher: Matcher
+    segmenter: Any | None = None
+    """A :class:`server.preprocess.SamSegmenter`, or None for the weight-free foreground estimate."""
+    descriptions: dict[str, str] = field(default_factory=dict)
+
+
+class _Tracker:
+    """Turns per-stage steps into an overall fraction and relays cancellation.
+
+    Work is counted in UNet image-evaluations (the bulk of the run); preprocessing, elevation, reconstruction and
+    export get fixed shares measured on typical runs.
+    """
+
+    def __init__(self, options: GenerateOptions, progress: Callable[[Progress], None] | None,
+                 should_cancel: Callable[[], bool] | None) -> None:
+        s1, s2 = options.steps_stage1 + 1, max(options.steps_stage2 - 1, 1)
+        diffusion = {"stage1": 4 * s1, "stage2": 4 * s2, "stage1b": 4 * s1, "stage2b": 28 * s2}
+        total = sum(diffusion.values())
+        self.weights = {"preprocess": 0.01 * total, **diffusion, "elevation": 0.01 * total,
+                        "reconstruct": 0.25 * total, "export": 0.005 * total}
+        norm = sum(self.weights.values())
+        self.weights = {k: v / norm for k, v in self.weights.items()}
+        self.done = 0.0
+        self.progress = progress
+        self.should_cancel = should_cancel
+
+    def check_cancel(self) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise CancelledError("the job was cancelled")
+
+    def report(self, stage: str, step: int, total: int, message: str = "", preview: Path | None = None) -> None:
+        if self.progress is not None:
+            frac = self.done + self.weights[stage] * (step / max(total, 1))
+            self.progress(Progress(stage, step, total, min(frac, 1.0), message, preview))
+
+    def finish(self, stage: str, message: str = "") -> None:
+        self.report(stage, 1, 1, message)
+        self.done += self.weights[stage]
+
+
+def _write_png(path: Path, image: np.ndarray) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def _write_json(path: Path, data: dict) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+class One2345Pipeline:
+    """Image → mesh. Construct with :meth:`from_preset`; call once per image (models stay loaded)."""
+
+    def __init__(self, models: PipelineModels, preset: str, device: str, zero123_config: Zero123Config | None = None,
+                 meshing: MeshingConfig | None = None) -> None:
+        self.models = models
+        self.preset = preset
+        self.device = device
+        self.zero123_config = zero123_config or Zero123Config()
+        self.meshing = meshing or MeshingConfig()
+
+    @classmethod
+    def from_preset(cls, preset: str = "paper", device: str = "auto", weights_dir: str | Path | None = None,
+                    download_missing: bool = False) -> One2345Pipeline:
+        """Build the pipeline and load its models.
+
+        Args:
+            preset: ``paper`` (official weights) or ``tiny`` (small random models, no weights).
+            device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+            weights_dir: the weights folder (default: ``$ONE2345_WEIGHTS`` or ``~/.cache/one2345/weights``).
+            download_missing: fetch absent weight files first (needs internet; respects ``HF_HUB_OFFLINE``).
+        """
+        if preset not in PRESETS:
+            raise BadInputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        device = resolve_device(device)
+        models = _tiny_models() if preset == "tiny" else _paper_models(device, weights_dir, download_missing)
+        models.zero123.to(device=device, dtype=torch.float16 if device.startswith("cuda") else torch.float32)
+        models.reconstruction.to(device)
+        return cls(models, preset, device)
+
+    def models_loaded(self) -> dict[str, str]:
+        return dict(self.models.descriptions)
+
+    def __call__(
+        self,
+        image: str | Path | Image.Image | np.ndarray | bytes,
+        run_dir: str | Path,
+        options: GenerateOptions | None = None,
+        progress: Callable[[Progress], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> GenerateResult:
+        from server.preprocess import load_image, preprocess
+
+        # 0. Check everything that can be checked before any model runs.
+        options = (options or GenerateOptions()).check()
+        source = load_image(image)
+        run_dir = Path(run_dir)
+        views_dir = run_dir / "views"
+        views_dir.mkdir(parents=True, exist_ok=True)
+        seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**32)
+        tracker = _Tracker(options, progress, should_cancel)
+        cfg = self.zero123_config
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[stage] = timings.get(stage, 0.0) + now - clock
+            clock = now
+            tracker.finish(stage)
+            tracker.check_cancel()
+
+        # 1. Preprocess: segment, recentre to 75 % fill, 256², on white (spec §1.2).
+        _write_png(run_dir / "input.png", np.asarray(source))
+        pre = preprocess(source, remove_background=options.remove_background, segmenter=self.models.segmenter)
+        tracker.report("preprocess", 1, 1, preview=_write_png(run_dir / "input_256.png", pre.image))
+        lap("preprocess")
+
+        # 2. Stage 1a: views 0–3 of the input, same polar, azimuth +0/90/180/270 (spec §2.5).
+        stage1 = self._views("stage1", [pre.image], [list(cfg.stage1a_deltas)], options.steps_stage1, seed, options,
+                             tracker)[0]
+        for i, view in enumerate(stage1):
+            tracker.report("stage1", 1, 1, preview=_write_png(views_dir / f"{i}.png", view))
+        lap("stage1")
+
+        # 3. Stage 2 for view 0: its four nearby views, used to estimate the elevation.
+        near0 = self._views("stage2", [prepare_stage2_input(stage1[0])], [list(cfg.stage2_deltas)],
+                            options.steps_stage2, seed + 1, options, tracker)[0]
+        for j, view in enumerate(near0):
+            tracker.report("stage2", 1, 1, preview=_write_png(views_dir / f"0_{j}.png", view))
+        lap("stage2")
+
+        # 4. Elevation: given by the user, or estimated by matching the nearby views (spec §4).
+        polar, elevation_source, matcher_note = self._polar(near0, options)
+        lap("elevation")
+
+        # 5. Stage 1b: the second ring, 30° lower (polar ≤ 75) or higher (spec §1.3 step 6).
+        indices, deltas = stage1b_deltas(polar, cfg)
+        ring2 = self._views("stage1b", [pre.image], [deltas], options.steps_stage1, seed + 2, options, tracker)[0]
+        for i, view in zip(indices, ring2, strict=True):
+            tracker.report("stage1b", 1, 1, preview=_write_png(views_dir / f"{i}.png", view))
+            stage1.append(view)
+        lap("stage1b")
+
+        # 6. Stage 2 for the other 7 stage-1 views: 28 nearby views in one batch.
+        others = [1, 2, 3, *indices]
+        conds = [prepare_stage2_input(stage1[k]) for k in range(1, 8)]
+        nearby = self._views("stage2b", conds, [list(cfg.stage2_deltas)] * 7, options.steps_stage2, seed + 3, options,
+                             tracker)
+        for i, views in zip(others, nearby, strict=True):
+            for j, view in enumerate(views):
+                _write_png(views_dir / f"{i}_{j}.png", view)
+        PoseFile.for_polar(polar).write(views_dir / "pose.json")
+        lap("stage2b")
+
+        # 7. Reconstruction: cost volume → SDF → marching cubes → vertex colours (spec §5).
+        def on_reconstruct(stage: str, done: int, total: int) -> None:
+            tracker.check_cancel()
+            tracker.report("reconstruct", done, total, message=stage)
+
+        out = reconstruct_mesh(self.models.reconstruction, load_views(views_dir),
+                               replace(self.meshing, resolution=options.resolution), self.device, on_reconstruct)
+        lap("reconstruct")
+
+        # 8. Export the mesh and the run's record.
+        mesh_path = export_mesh(out.mesh, run_dir / f"mesh.{options.format}")
+        meta = {
+            "version": __version__, "preset": self.preset, "device": self.device,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "options": asdict(options), "seed": seed, "polar": polar, "elevation": 90.0 - polar,
+            "elevation_source": elevation_source, "matcher": matcher_note, "background": pre.method,
+            "vertices": len(out.mesh.vertices), "faces": len(out.mesh.faces), "mesh": mesh_path.name,
+            "frame": "ply: z-up pose.json world frame; glb/obj: y-up, (x, y, z) -> (x, z, -y)",
+            "models": self.models_loaded(),
+        }
+        meta["timings"] = {**{k: round(v, 3) for k, v in timings.items()},
+                           **{f"reconstruct.{k}": round(v, 3) for k, v in out.timings.items()}}
+        meta_path = _write_json(run_dir / "meta.json", meta)
+        lap("export")
+        return GenerateResult(mesh_path=mesh_path, views_dir=views_dir, elevation=90.0 - polar, polar=polar,
+                              elevation_source=elevation_source, background=pre.method, timings=timings,
+                              meta_path=meta_path, vertices=len(out.mesh.vertices), faces=len(out.mesh.faces),
+                              seed=seed)
+
+    def _views(self, stage: str, images: Sequence[np.ndarray], deltas: Sequence[list[tuple[float, float]]],
+               steps: int, seed: int, options: GenerateOptions, tracker: _Tracker) -> list[list[np.ndarray]]:
+        """Zero123 views for each conditioning image; all of a stage's views go through the UNet as one batch."""
+        def callback(step: int, total: int) -> None:
+            tracker.report(stage, step, total)
+
+        return generate_views_batch(self.models.zero123, images, deltas, num_steps=steps, guidance=options.guidance,
+                                    eta=self.zero123_config.eta, seed=seed % 2**63, callback=callback,
+                                    should_cancel=tracker.should_cancel)
+
+    def _polar(self, near0: list[np.ndarray], options: GenerateOptions) -> tuple[float, str, str]:
+        if options.elevation is not None:
+            return 90.0 - float(options.elevation), "given", "none"
+        try:
+            result = estimate_elevation(near0, self.models.matcher)
+        except BadInputError as e:
+            # The reference falls back to polar 90 when matching fails; we do the same, and say why in meta.json.
+            return FALLBACK_POLAR, "fallback", f"{self.models.matcher.name}: {e.message}"
+        return float(result.polar), "estimated", result.matcher
+
+
+def _tiny_models() -> PipelineModels:
+    return PipelineModels(
+        zero123=tiny_zero123(seed=0), reconstruction=build_model("tiny", seed=0), matcher=SiftMatcher(),
+        descriptions={"zero123": "tiny random (no weights)", "reconstruction": "tiny random (no weights)",
+                      "matcher": "sift", "segmenter": "weight-free foreground estimate"})
+
+
+def _paper_models(device: str, weights_dir: str | Path | None, download_missing: bool) -> PipelineModels:
+    from server.multiview.convert import ensure_converted
+    from server.multiview.zero123 import load_zero123
+    from server.preprocess import SamSegmenter
+    from server.reconstruction.checkpoint import load_reconstruction_model
+    from server.weights import default_weights_dir, download, resolve
+
+    root = Path(weights_dir) if weights_dir else default_weights_dir()
+    if download_missing:
+        download(["zero123-xl", "reconstruction", "loftr", "sam"], root)
+    zero123_dir = ensure_converted(resolve("zero123-xl", root), root / "converted")
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    descriptions = {"zero123": f"zero123-xl ({zero123_dir.name})", "reconstruction": "ckpt_215000"}
+    matcher = available_matcher(root)
+    descriptions["matcher"] = matcher.name
+    try:
+        segmenter = SamSegmenter.from_checkpoint(resolve("sam", root), device)
+        descriptions["segmenter"] = "sam vit_h"
+    except FileNotFoundError:
+        segmenter = None
+        descriptions["segmenter"] = "weight-free foreground estimate (SAM weights absent)"
+    return PipelineModels(zero123=load_zero123(zero123_dir, device, dtype),
+                          reconstruction=load_reconstruction_model(resolve("reconstruction", root)),
+                          matcher=matcher, segmenter=segmenter, descriptions=descriptions)
