@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -67,11 +68,11 @@ def test_run_folder_holds_every_intermediate(run):
 
 
 def test_progress_is_ordered_monotone_and_ends_at_one(run):
-    result, events = run
+    _, events = run
     stages = list(dict.fromkeys(e.stage for e in events))
     assert stages == ["preprocess", "stage1", "stage2", "elevation", "stage1b", "stage2b", "reconstruct", "export"]
     fractions = [e.fraction for e in events]
-    assert all(b >= a - 1e-9 for a, b in zip(fractions, fractions[1:], strict=False))
+    assert all(b >= a - 1e-9 for a, b in itertools.pairwise(fractions))
     assert fractions[-1] == pytest.approx(1.0)
     previews = [e.preview for e in events if e.preview is not None]
     assert previews[0].name == "input_256.png" and len(previews) == 1 + 4 + 4 + 4
@@ -145,7 +146,7 @@ def test_bad_options_name_the_field_and_what_is_allowed(field, value, allowed):
 
 def test_options_from_dict_rejects_unknown_fields():
     assert GenerateOptions.from_dict({"seed": 5}).seed == 5
-    with pytest.raises(BadInputError, match="unknown option.*stepz"):
+    with pytest.raises(BadInputError, match=r"unknown option.*stepz"):
         GenerateOptions.from_dict({"stepz": 5})
 
 
