@@ -15,6 +15,7 @@ from pathlib import Path
 from server import __version__
 from server.devices import resolve_device
 from server.errors import BadInputError, One2345Error
+from server.serve import add_serve_parser
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: LoFTR when its weights are present, else SIFT; loftr: LoFTR or a clear error; sift")
     e.add_argument("--weights-dir", type=Path, default=None, help="weights folder")
     e.set_defaults(func=cmd_elevation)
+
+    add_serve_parser(sub)
 
     s = sub.add_parser("sample-views", help="write a synthetic views folder (pose.json + 32 views) to try "
                                             "`reconstruct` without running the diffusion model")

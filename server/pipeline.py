@@ -99,8 +99,9 @@ class GenerateOptions:
         if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed < 2**32):
             raise bad("seed", "null or an integer in [0, 2**32)")
         for name in ("steps_stage1", "steps_stage2"):
-            if not (is_int(getattr(self, name)) and 1 <= getattr(self, name) <= 200):
-                raise bad(name, "an integer in [1, 200]")
+            # The reference's DDIM drops the last of its S timesteps, so S = 1 would run no step at all.
+            if not (is_int(getattr(self, name)) and 2 <= getattr(self, name) <= 200):
+                raise bad(name, "an integer in [2, 200]")
         if not (is_num(self.guidance) and 1.0 <= self.guidance <= 20.0):
             raise bad("guidance", "a number in [1, 20] (the paper uses 3)")
         if not (is_int(self.resolution) and 32 <= self.resolution <= 512):

@@ -134,8 +134,8 @@ def test_cancel_stops_between_denoising_steps(pipe, photo, tmp_path):
 
 
 @pytest.mark.parametrize(("field", "value", "allowed"), [
-    ("elevation", 80, "[-60, 70]"), ("seed", -1, "2**32"), ("steps_stage1", 0, "[1, 200]"),
-    ("steps_stage2", 2.5, "[1, 200]"), ("guidance", 0.5, "[1, 20]"), ("resolution", 16, "[32, 512]"),
+    ("elevation", 80, "[-60, 70]"), ("seed", -1, "2**32"), ("steps_stage1", 1, "[2, 200]"),
+    ("steps_stage2", 2.5, "[2, 200]"), ("guidance", 0.5, "[1, 20]"), ("resolution", 16, "[32, 512]"),
     ("format", "stl", "ply, glb, obj"), ("remove_background", "yes", "true or false"),
 ])
 def test_bad_options_name_the_field_and_what_is_allowed(field, value, allowed):

@@ -1,0 +1,497 @@
+"""The HTTP API of the inference server (FastAPI): submit, watch, fetch, cancel and delete jobs.
+
+The contract, shared with the Blender add-on, is versioned under ``/v1`` and described at ``/openapi.json``:
+
+    GET    /v1/health                      no token; status, version, device, models loaded, queue length
+    POST   /v1/jobs                        multipart: image (+ options JSON) → 202 {"id", "state", "url"}
+    GET    /v1/jobs                        every job, newest first (including those found on disk at start)
+    GET    /v1/jobs/{id}                   state, stage, step/total, fraction, elapsed, ETA, previews, error, result
+    GET    /v1/jobs/{id}/result            the mesh (glb, ply or obj) as an attachment
+    GET    /v1/jobs/{id}/meta              meta.json of the run (elevation, timings, options, versions)
+    GET    /v1/jobs/{id}/views/{name}      a generated view (PNG)
+    DELETE /v1/jobs/{id}                   cancel (queued/running, 200) or remove (finished, 204)
+
+Every error is ``{"error": {"kind", "message", "fix"}}`` with the status code of its kind (:data:`STATUS_OF_KIND`).
+Everything under ``/v1`` except the health check needs ``Authorization: Bearer <token>``; the schema and the docs
+pages (``/openapi.json``, ``/docs``, ``/redoc``) are public because they hold no data. Authentication and the body
+size limit are enforced by an ASGI middleware in front of the app, so an unauthenticated or oversized upload is
+refused before any of it is parsed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import PurePath
+from typing import Annotated, Any
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRouter
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import __version__
+from server.errors import BadInputError, One2345Error
+from server.jobs import MEDIA_TYPES, ApiError, JobManager, check_job_id
+
+log = logging.getLogger(__name__)
+
+STATUS_OF_KIND = {
+    "bad_input": 400, "unauthorized": 401, "not_found": 404, "conflict": 409, "too_large": 413,
+    "queue_full": 429, "internal": 500, "missing_weights": 503, "out_of_memory": 507, "cancelled": 409,
+}
+"""HTTP status of each error kind. ``cancelled`` and ``out_of_memory`` normally appear only inside a job's status
+(the job failed, the request did not); the codes are used if such an error ever reaches a response directly."""
+IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "GIF": "gif"}
+"""Image formats accepted for upload (Pillow format name → file extension). Other decoders are never invoked on
+uploaded bytes."""
+_MiB = 2**20
+_FORM_SLACK_BYTES = 64 * 1024
+"""Room for the multipart framing and the options part on top of the image size limit."""
+_DRAIN_LIMIT_FACTOR = 4
+"""A refused request's body is read and discarded up to this multiple of the limit, so that well-behaved clients get
+the error response instead of a reset connection; beyond it the connection is simply closed."""
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """What the HTTP layer needs to know besides the job manager."""
+
+    token: str
+    """The bearer token every request under /v1 (except /v1/health) must carry."""
+    device: str = "cpu"
+    """Device reported by /v1/health until the pipeline is loaded (then the pipeline's own)."""
+    preset: str = "paper"
+    """Model preset reported by /v1/health."""
+    max_upload_bytes: int = 20 * _MiB
+    """Largest accepted image file (20 MiB by default; --max-upload-mb)."""
+    max_pixels: int = 40_000_000
+    """Largest accepted image area (40 MP): bigger images would only be downscaled to 256² at great cost."""
+    min_side: int = 16
+    """Smallest accepted image width and height: below it there is no object to see."""
+
+
+# -- response schemas (for /openapi.json and the add-on's authors) --------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    kind: str = Field(description="bad_input | unauthorized | not_found | conflict | too_large | queue_full | "
+                                  "missing_weights | out_of_memory | cancelled | internal")
+    message: str = Field(description="what went wrong, naming the offending value and what is allowed")
+    fix: str | None = Field(description="a short instruction that resolves the problem, if one exists")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: str = Field(description='always "ok" when the server answers')
+    version: str
+    device: str
+    preset: str
+    models_loaded: dict[str, str] = Field(description="model name → what was loaded; empty until the first job "
+                                                      "(or --preload)")
+    queue_length: int = Field(description="jobs waiting behind the running one")
+    running: str | None = Field(description="id of the running job, or null")
+
+
+class JobCreated(BaseModel):
+    id: str = Field(description="32 lowercase hex digits")
+    state: str
+    url: str = Field(description="the job's status URL")
+
+
+class Preview(BaseModel):
+    name: str
+    url: str
+
+
+class JobResult(BaseModel):
+    url: str
+    format: str
+    meta_url: str
+    elevation: float = Field(description="degrees above the horizon of the input view")
+    vertices: int
+    faces: int
+
+
+class JobStatus(BaseModel):
+    id: str
+    state: str = Field(description="queued | running | done | failed | cancelled")
+    stage: str | None = Field(description="preprocess, stage1, stage2, elevation, stage1b, stage2b, reconstruct or "
+                                          "export; null while queued")
+    step: int
+    total: int
+    fraction: float = Field(description="overall fraction done, 0…1")
+    elapsed_s: float = Field(description="seconds spent running")
+    eta_s: float | None = Field(description="estimated seconds left; null when unknown")
+    created: str = Field(description="ISO 8601, UTC")
+    options: dict[str, Any]
+    previews: list[Preview]
+    error: ErrorDetail | None
+    result: JobResult | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobStatus]
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    names = {400: "bad input", 401: "missing or wrong bearer token", 404: "no such job or file",
+             409: "the job is not done", 413: "the upload is too large", 429: "the queue is full (see Retry-After)",
+             503: "model weights are missing (see Retry-After)"}
+    return {code: {"model": ErrorBody, "description": names[code]} for code in codes}
+
+
+# -- pure helpers ---------------------------------------------------------------------------------------------------
+
+
+def inspect_image(data: bytes, config: AppConfig) -> str:
+    """Check an uploaded image before it is queued; return its file extension.
+
+    The header is read first (size and format) so that a decompression bomb is refused before any pixel is decoded;
+    then the image is decoded once to catch truncated or corrupt files now rather than minutes later in the worker.
+
+    Raises:
+        BadInputError: empty, not an image of an accepted format, corrupt, or outside the size limits.
+        ApiError: ``too_large`` when the file exceeds ``config.max_upload_bytes``.
+    """
+    if not data:
+        raise BadInputError("the image is empty (0 bytes)", fix="upload a PNG, JPEG or WebP file")
+    if len(data) > config.max_upload_bytes:
+        raise ApiError("too_large", f"the image is {len(data) / _MiB:.1f} MiB; the limit is "
+                                    f"{config.max_upload_bytes / _MiB:g} MiB",
+                       fix="downscale or recompress the image (the model sees it at 256×256)")
+    accepted = ", ".join(IMAGE_FORMATS)
+    try:
+        image = Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS))
+    except Image.DecompressionBombError as e:  # Pillow's own guard fires at open for > 2 × 89 MP
+        raise BadInputError(f"the image is far too large ({e}); the limit is {config.max_pixels / 1e6:g} MP",
+                            fix="downscale the image") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise BadInputError(f"the upload is not a readable image ({e}); accepted formats: {accepted}") from None
+    with image:
+        width, height = image.size
+        if width * height > config.max_pixels:
+            raise BadInputError(f"the image is {width}×{height} = {width * height / 1e6:.1f} MP; the limit is "
+                                f"{config.max_pixels / 1e6:g} MP", fix="downscale the image")
+        if min(width, height) < config.min_side:
+            raise BadInputError(f"the image is {width}×{height} px; both sides must be at least {config.min_side} px")
+        try:
+            image.load()
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            raise BadInputError(f"the {image.format} image is corrupt or truncated ({e})") from None
+        return IMAGE_FORMATS[image.format]
+
+
+def parse_options(text: str | None) -> dict[str, Any]:
+    """The ``options`` form field (a JSON object string) → validated options as a plain dict (all fields).
+
+    Raises:
+        BadInputError: not JSON, not an object, an unknown field, or a value out of range.
+    """
+    from server.pipeline import GenerateOptions
+
+    if text is None or not text.strip():
+        data: Any = {}
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadInputError(f"options is not valid JSON ({e})",
+                                fix='send a JSON object, e.g. {"steps_stage1": 50, "format": "glb"}') from None
+    return asdict(GenerateOptions.from_dict(data))
+
+
+def download_stem(filename: str | None) -> str:
+    """A safe stem for the result's file name from the upload's name (``"my photo.png"`` → ``"my_photo"``)."""
+    stem = PurePath((filename or "").replace("\\", "/")).stem
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:64]
+    return stem or "mesh"
+
+
+def error_response(kind: str, message: str, fix: str | None = None, headers: dict[str, str] | None = None,
+                   status: int | None = None) -> JSONResponse:
+    """The JSON error envelope ``{"error": {"kind", "message", "fix"}}`` with the status code of ``kind``."""
+    headers = dict(headers or {})
+    if kind == "unauthorized":
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    return JSONResponse({"error": {"kind": kind, "message": message, "fix": fix}},
+                        status_code=status or STATUS_OF_KIND.get(kind, 500), headers=headers)
+
+
+# -- the guard: authentication and body size, before anything is parsed ---------------------------------------------
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware: bearer token on ``/v1`` (except ``/v1/health``) and a cap on the request body size.
+
+    The token is compared in constant time. A body that announces a size over the cap is refused at once; one sent
+    without a length (chunked) is counted as it streams and refused when it crosses the cap.
+    """
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], token: str, max_body: int) -> None:
+        self.app = app
+        self.token = token.encode()
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path.startswith("/v1/") and path != "/v1/health" and not self._authorised(scope):
+            await self._refuse(receive, send, error_response(
+                "unauthorized", "missing or wrong bearer token",
+                fix="send the header 'Authorization: Bearer <token>' with the token of ONE2345_TOKEN or of the "
+                    "token file named in the server's ready line"))
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body:
+            await self._refuse(receive, send, self._too_large())
+            return
+
+        received = 0
+        exceeded = False
+        response_started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if exceeded:
+                # Whatever the app answers to a body cut short (a parse error, usually) is replaced by the 413.
+                if message["type"] == "http.response.start" and not response_started:
+                    response_started = True
+                    await self._too_large()(scope, receive, send)
+                return
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except _BodyTooLarge:
+            if not response_started:
+                await self._too_large()(scope, receive, send)
+
+    def _authorised(self, scope: Scope) -> bool:
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, given = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)
+        return False
+
+    def _too_large(self) -> JSONResponse:
+        limit = (self.max_body - _FORM_SLACK_BYTES) / _MiB
+        return error_response("too_large", f"the request body is larger than the upload limit of {limit:g} MiB",
+                              fix="downscale or recompress the image, or start the server with a larger "
+                                  "--max-upload-mb")
+
+    async def _refuse(self, receive: Receive, send: Send, response: Response) -> None:
+        drained = 0
+        while drained <= _DRAIN_LIMIT_FACTOR * self.max_body:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        await response({"type": "http"}, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+# -- the app ----------------------------------------------------------------------------------------------------------
+
+
+def create_app(manager: JobManager, config: AppConfig) -> FastAPI:
+    """The FastAPI app serving ``manager``'s jobs. Its lifespan starts the worker and, at shutdown, cancels the
+    running job and waits for the worker to end.
+
+    Args:
+        manager: the job store and worker (loaded from its jobs dir, not yet started).
+        config: token, limits and what /v1/health reports.
+    """
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        manager.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(manager.stop)
+
+    app = FastAPI(title="One2345 inference server", version=__version__, lifespan=lifespan,
+                  description="Image → 3D mesh jobs (One-2-3-45). All /v1 routes except /v1/health need "
+                              "'Authorization: Bearer <token>'.")
+    router = APIRouter(prefix="/v1")
+
+    @router.get("/health", response_model=Health, summary="Is the server up, and what is it doing")
+    def health() -> dict[str, Any]:
+        pipe = manager.pipeline
+        return {"status": "ok", "version": __version__, "device": pipe.device if pipe else config.device,
+                "preset": pipe.preset if pipe else config.preset, **manager.health()}
+
+    @router.post("/jobs", status_code=202, response_model=JobCreated, summary="Submit an image",
+                 responses=_errors(400, 401, 413, 429, 503))
+    async def submit(
+        request: Request,
+        image: Annotated[UploadFile, File(description="the image: PNG, JPEG, WebP, BMP, TIFF or GIF, at most "
+                                                      "--max-upload-mb, 16 px…40 MP")],
+        options: Annotated[str | None, Form(description="a JSON object with any of: elevation (null or −60…70), "
+                                                        "seed (null or 0…2³²−1), steps_stage1 (2…200), "
+                                                        "steps_stage2 (2…200), guidance (1…20), resolution "
+                                                        "(32…512), format (ply|glb|obj), remove_background "
+                                                        "(bool)")] = None,
+    ) -> JSONResponse:
+        form = await request.form()  # already parsed for the parameters above; checked for stray parts here
+        unknown = sorted(set(form.keys()) - {"image", "options"})
+        if unknown:
+            raise BadInputError(f"unknown form field(s) {unknown}; the form has the parts 'image' and 'options'")
+        if len(form.getlist("image")) != 1 or len(form.getlist("options")) > 1:
+            raise BadInputError("send exactly one 'image' part and at most one 'options' part")
+        data = await image.read()
+        parsed = parse_options(options)
+        ext = await run_in_threadpool(inspect_image, data, config)
+        status = await run_in_threadpool(manager.submit, data, ext, download_stem(image.filename), parsed)
+        return JSONResponse({"id": status["id"], "state": status["state"], "url": f"/v1/jobs/{status['id']}"},
+                            status_code=202)
+
+    @router.get("/jobs", response_model=JobList, summary="All jobs, newest first", responses=_errors(401))
+    def list_jobs() -> dict[str, Any]:
+        return {"jobs": manager.list_jobs()}
+
+    @router.get("/jobs/{job_id}", response_model=JobStatus, summary="A job's state and progress",
+                responses=_errors(401, 404))
+    def job_status(job_id: str) -> dict[str, Any]:
+        return manager.status(job_id)
+
+    @router.get("/jobs/{job_id}/result", response_class=FileResponse, summary="The mesh of a done job",
+                responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()},
+                                 "description": "the mesh file as an attachment"}, **_errors(401, 404, 409)})
+    def job_result(job_id: str) -> FileResponse:
+        path, fmt, filename = manager.result_file(job_id)
+        _must_exist(path, job_id)
+        return FileResponse(path, media_type=MEDIA_TYPES[fmt], filename=filename)
+
+    @router.get("/jobs/{job_id}/meta", response_class=FileResponse, summary="meta.json of a done job",
+                responses={200: {"content": {"application/json": {"schema": {"type": "object"}}},
+                                 "description": "elevation, timings, options, versions"}, **_errors(401, 404, 409)})
+    def job_meta(job_id: str) -> FileResponse:
+        path = manager.meta_file(job_id)
+        _must_exist(path, job_id)
+        return FileResponse(path, media_type="application/json")
+
+    @router.get("/jobs/{job_id}/views/{name}", response_class=FileResponse, summary="A generated view",
+                responses={200: {"content": {"image/png": {}}, "description": "the view"}, **_errors(401, 404)})
+    def job_view(job_id: str, name: str) -> FileResponse:
+        return FileResponse(manager.view_file(job_id, name), media_type="image/png")
+
+    @router.delete("/jobs/{job_id}", response_model=JobStatus, summary="Cancel a job, or delete a finished one",
+                   responses={204: {"description": "the finished job's folder was removed"}, **_errors(401, 404)})
+    def delete_job(job_id: str) -> Response:
+        status = manager.cancel_or_delete(job_id)
+        return Response(status_code=204) if status is None else JSONResponse(status)
+
+    app.include_router(router)
+    _install_error_handlers(app)
+    app.add_middleware(Guard, token=config.token, max_body=config.max_upload_bytes + _FORM_SLACK_BYTES)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _must_exist(path: Any, job_id: str) -> None:
+    if not path.is_file():
+        raise ApiError("not_found", f"the file {path.name} of job {check_job_id(job_id)} is missing from its folder")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(One2345Error)
+    async def on_error(_: Request, e: One2345Error) -> JSONResponse:
+        return error_response(e.kind, e.message, e.fix, getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in e.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        return error_response("bad_input", "; ".join(parts) or "invalid request",
+                              fix="see /openapi.json for the expected request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = {401: "unauthorized", 404: "not_found", 409: "conflict", 413: "too_large", 429: "queue_full"}.get(
+            e.status_code, "bad_input" if e.status_code < 500 else "internal")
+        message = str(e.detail)
+        if e.status_code in (404, 405):  # raised by the router: say what was asked for
+            message = f"{message}: {request.method} {request.url.path[:200]}"
+        return error_response(kind, message, fix="see /openapi.json for the API" if e.status_code in (404, 405)
+                              else None, headers=e.headers, status=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def on_bug(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response("internal", f"{type(e).__name__}: {e}", fix="see the server's log (stderr)")
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, made to tell the truth: validation errors are 400 (not 422) and /v1 needs the token."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses.setdefault("400", {"description": "bad input",
+                                             "content": {"application/json": {
+                                                 "schema": {"$ref": "#/components/schemas/ErrorBody"}}}})
+            if path.startswith("/v1/") and path != "/v1/health":
+                operation["security"] = [{"bearer": []}]
+    components = schema.setdefault("components", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.get("schemas", {}).pop(unused, None)
+    components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
+                                                "description": "the server's token (ONE2345_TOKEN or the token "
+                                                               "file of the ready line)"}}
+    app.openapi_schema = schema
+    return schema

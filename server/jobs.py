@@ -1,0 +1,576 @@
+"""Jobs of the inference server: a store that lives on disk and one worker thread that owns the GPU.
+
+Every job is a folder under the jobs directory, named by its id (32 lowercase hex digits)::
+
+    <jobs_dir>/<id>/input.<ext>    the uploaded image, byte for byte
+    <jobs_dir>/<id>/status.json    the job's state (what GET /v1/jobs/<id> answers, plus internal fields)
+    <jobs_dir>/<id>/log.txt        what happened: options, stages, the outcome, tracebacks
+    <jobs_dir>/<id>/run/           the pipeline's run folder (input_256.png, views/, mesh.<fmt>, meta.json)
+
+A new job's folder is filled under a hidden temporary name and renamed into place, and ``status.json`` is always
+replaced atomically (temporary file + ``os.replace``), so a folder named like an id always holds a readable status.
+The worker keeps the pipeline loaded between jobs and runs one job at a time from a bounded FIFO queue. A client that
+disconnects loses nothing: the job runs on and its result stays on disk until the job is deleted. On start, the store
+reads every job folder back; jobs that were queued or running when the previous server died come back as ``failed``
+(kind ``internal``), because their run was cut short at an unknown point.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from server.errors import CancelledError, One2345Error
+
+log = logging.getLogger(__name__)
+
+JOB_ID_RE = re.compile(r"[0-9a-f]{32}")
+"""A job id: ``uuid4().hex``. Anything else is rejected before it can reach the filesystem."""
+VIEW_NAME_RE = re.compile(r"(?:\d{1,2}(?:_\d{1,2})?|input_256)\.png")
+"""Names of preview images: stage-1 views ``<i>.png``, nearby views ``<i>_<j>.png`` and ``input_256.png``."""
+STATES = ("queued", "running", "done", "failed", "cancelled")
+FINISHED = frozenset({"done", "failed", "cancelled"})
+MEDIA_TYPES = {"glb": "model/gltf-binary", "ply": "application/octet-stream", "obj": "text/plain"}
+_STATUS_WRITE_INTERVAL_S = 1.0
+"""Progress reports arrive many times a second; status.json is rewritten at most this often (and at every stage
+change), which keeps the disk quiet while a restarted server still sees recent progress."""
+_ETA_MIN_FRACTION = 0.02
+"""Below this overall fraction the rate estimate is mostly start-up cost, so no ETA is given."""
+
+
+class ApiError(One2345Error):
+    """An error of the HTTP layer with its own kind (``unauthorized``, ``not_found``, ``conflict``, ``too_large``,
+    ``queue_full``, or any kind of :mod:`server.errors`), optional response headers (e.g. ``Retry-After``)."""
+
+    def __init__(self, kind: str, message: str, *, fix: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, fix=fix)
+        self.kind = kind
+        self.headers = headers or {}
+
+
+class Pipeline(Protocol):
+    """What the worker needs of :class:`server.pipeline.One2345Pipeline`."""
+
+    device: str
+    preset: str
+
+    def models_loaded(self) -> dict[str, str]: ...
+
+    def __call__(self, image: Any, run_dir: Any, options: Any = None, progress: Any = None,
+                 should_cancel: Any = None) -> Any: ...
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    """Limits of the job store and queue."""
+
+    max_queue: int = 8
+    """Jobs that may wait behind the running one; one more is answered 429 queue_full."""
+    missing_weights_retry_s: float = 30.0
+    """After loading the models failed for missing weights, new jobs are refused (503) for this long — time enough
+    to fetch the weights — and then loading is tried again."""
+    cancel_wait_s: float = 2.0
+    """How long DELETE of a running job waits for the pipeline to stop, so the answer usually says "cancelled"."""
+
+
+def now_iso() -> str:
+    """The current UTC time in ISO 8601 with microseconds (sortable as a string)."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON to ``path`` so that readers see either the old or the new file, never a partial one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def error_dict(kind: str, message: str, fix: str | None = None) -> dict[str, Any]:
+    """A job's ``error`` field, shaped like the HTTP error body's ``error`` object."""
+    return {"kind": kind, "message": message, "fix": fix}
+
+
+@dataclass
+class Job:
+    """One job. Mutated only under :attr:`JobManager.lock`; ``to_record`` is what status.json holds."""
+
+    id: str
+    folder: Path
+    created: str
+    options: dict[str, Any]
+    input_file: str
+    """Name of the uploaded image inside the job folder."""
+    download_stem: str
+    """Stem of the result's download name (the upload's file name, sanitised)."""
+    state: str = "queued"
+    stage: str | None = None
+    step: int = 0
+    total: int = 0
+    fraction: float = 0.0
+    elapsed_s: float = 0.0
+    """Seconds the job ran, fixed when it finishes (while it runs, :meth:`elapsed` counts live); 0 while queued."""
+    previews: list[str] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    """``format``, ``elevation``, ``vertices``, ``faces``, and the files ``mesh`` and ``meta`` relative to the
+    job folder."""
+    cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    finished: threading.Event = field(default_factory=threading.Event, repr=False)
+    started_at: float | None = None
+    """``time.monotonic()`` when the worker started it (not persisted)."""
+
+    _RECORD_FIELDS: ClassVar[tuple[str, ...]] = (
+        "id", "created", "options", "input_file", "download_stem", "state", "stage", "step", "total", "fraction",
+        "elapsed_s", "previews", "error", "result")
+
+    def to_record(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._RECORD_FIELDS}
+
+    @classmethod
+    def from_record(cls, folder: Path, record: dict[str, Any]) -> Job:
+        job = cls(**{name: record[name] for name in cls._RECORD_FIELDS}, folder=folder)
+        if job.id != folder.name or job.state not in STATES:
+            raise ValueError(f"status.json of {folder} names job {job.id!r} in state {job.state!r}")
+        return job
+
+    def elapsed(self) -> float:
+        """Seconds spent running: live while running, fixed once finished."""
+        if self.state == "running" and self.started_at is not None:
+            return time.monotonic() - self.started_at
+        return self.elapsed_s
+
+    def eta(self, elapsed: float) -> float | None:
+        """Seconds left, extrapolating the average rate so far: elapsed · (1 − f) / f; None while unknown."""
+        if self.state == "done":
+            return 0.0
+        if self.state != "running" or self.fraction <= _ETA_MIN_FRACTION:
+            return None
+        return elapsed * (1.0 - self.fraction) / self.fraction
+
+    def to_public(self) -> dict[str, Any]:
+        """The JSON answered by ``GET /v1/jobs/<id>``."""
+        base = f"/v1/jobs/{self.id}"
+        elapsed = self.elapsed()
+        eta = self.eta(elapsed)
+        result = None
+        if self.result is not None:
+            result = {"url": f"{base}/result", "format": self.result["format"], "meta_url": f"{base}/meta",
+                      "elevation": self.result["elevation"], "vertices": self.result["vertices"],
+                      "faces": self.result["faces"]}
+        return {
+            "id": self.id, "state": self.state, "stage": self.stage, "step": self.step, "total": self.total,
+            "fraction": self.fraction, "elapsed_s": round(elapsed, 3),
+            "eta_s": None if eta is None else round(eta, 1), "created": self.created,
+            "options": self.options,
+            "previews": [{"name": name, "url": f"{base}/views/{name}"} for name in self.previews],
+            "error": self.error, "result": result,
+        }
+
+
+def check_job_id(job_id: str) -> str:
+    """``job_id`` if it is 32 lowercase hex digits, else ApiError not_found (an id that is not an id names no job)."""
+    if not JOB_ID_RE.fullmatch(job_id):
+        raise ApiError("not_found", f"no job {job_id[:80]!r}: job ids are 32 lowercase hex digits")
+    return job_id
+
+
+class JobManager:
+    """The job store and the single worker thread that runs jobs through the pipeline.
+
+    Args:
+        jobs_dir: folder holding one sub-folder per job (created if absent).
+        load_pipeline: builds the pipeline (loads the models); called once, in the worker thread unless
+            :meth:`preload` was called first.
+        config: queue and cancellation limits.
+    """
+
+    def __init__(self, jobs_dir: str | Path, load_pipeline: Callable[[], Pipeline],
+                 config: JobsConfig | None = None) -> None:
+        self.jobs_dir = Path(jobs_dir)
+        self.config = config or JobsConfig()
+        self._load_pipeline = load_pipeline
+        self.pipeline: Pipeline | None = None
+        self.lock = threading.RLock()
+        self._wake = threading.Condition(self.lock)
+        self._jobs: dict[str, Job] = {}
+        self._queue: deque[Job] = deque()
+        self._running: Job | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._load_failure: tuple[float, One2345Error] | None = None
+        self._durations: deque[float] = deque(maxlen=10)
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self._load_from_disk()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+
+    def preload(self) -> Pipeline:
+        """Load the models now (``--preload``) instead of on the first job. Errors propagate to the caller."""
+        with self.lock:
+            if self.pipeline is None:
+                self.pipeline = self._load_pipeline()
+            return self.pipeline
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        with self.lock:
+            if self._thread is not None:
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._work, name="one2345-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Cancel the running job and every queued one, and wait (up to ``timeout`` s) for the worker to end."""
+        with self.lock:
+            self._stopping = True
+            while self._queue:
+                job = self._queue.popleft()
+                self._finish(job, "cancelled", error_dict("cancelled", "the server was stopped before the job ran",
+                                                          "submit the image again"))
+            if self._running is not None:
+                self._running.cancel.set()
+            self._wake.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("the running job did not stop within %.0f s; exiting anyway", timeout)
+        with self.lock:
+            self._thread = None
+
+    # -- queries ----------------------------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        with self.lock:
+            return {"models_loaded": self.pipeline.models_loaded() if self.pipeline is not None else {},
+                    "queue_length": len(self._queue),
+                    "running": self._running.id if self._running is not None else None}
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        with self.lock:
+            return self._get(job_id).to_public()
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        """Every job, newest first."""
+        with self.lock:
+            jobs = sorted(self._jobs.values(), key=lambda j: (j.created, j.id), reverse=True)
+            return [job.to_public() for job in jobs]
+
+    def result_file(self, job_id: str) -> tuple[Path, str, str]:
+        """(mesh path, format, download file name) of a done job; ApiError not_found / conflict otherwise."""
+        with self.lock:
+            job = self._done(job_id)
+            fmt = job.result["format"]
+            return job.folder / job.result["mesh"], fmt, f"{job.download_stem}.{fmt}"
+
+    def meta_file(self, job_id: str) -> Path:
+        with self.lock:
+            job = self._done(job_id)
+            return job.folder / job.result["meta"]
+
+    def view_file(self, job_id: str, name: str) -> Path:
+        """A preview image of the job; ApiError not_found for other names or views not written yet."""
+        with self.lock:
+            job = self._get(job_id)
+            if not VIEW_NAME_RE.fullmatch(name):
+                raise ApiError("not_found", f"no view {name[:80]!r}: view names are <i>.png, <i>_<j>.png or "
+                                            "input_256.png")
+            path = job.folder / "run" / (name if name == "input_256.png" else f"views/{name}")
+            if not path.is_file():
+                raise ApiError("not_found", f"job {job_id} has no view {name} (yet)")
+            return path
+
+    def retry_after_s(self) -> int:
+        """Seconds a client should wait before submitting again: the expected time until a queue slot frees."""
+        with self.lock:
+            typical = sum(self._durations) / len(self._durations) if self._durations else 30.0
+            return max(1, round(typical))
+
+    # -- commands ---------------------------------------------------------------------------------------------------
+
+    def submit(self, image: bytes, ext: str, download_stem: str, options: dict[str, Any]) -> dict[str, Any]:
+        """Create a queued job from validated inputs; returns its public status.
+
+        Args:
+            image: the uploaded image file, byte for byte.
+            ext: its file extension (``png``, ``jpg``, …) as detected from its content.
+            download_stem: stem of the result's download name.
+            options: validated options (``dataclasses.asdict`` of :class:`server.pipeline.GenerateOptions`).
+
+        Raises:
+            ApiError: ``queue_full`` (with Retry-After), ``missing_weights`` while a recent model load failed for
+                missing weights, ``internal`` while the server is stopping.
+        """
+        with self.lock:
+            self._refuse_if_unavailable()
+            job_id = uuid.uuid4().hex
+            job = Job(id=job_id, folder=self.jobs_dir / job_id, created=now_iso(), options=options,
+                      input_file=f"input.{ext}", download_stem=download_stem)
+            incoming = self.jobs_dir / f".incoming-{job.id}"
+            incoming.mkdir()
+            try:
+                (incoming / job.input_file).write_bytes(image)
+                write_json_atomic(incoming / "status.json", job.to_record())
+                os.replace(incoming, job.folder)
+            except OSError:
+                shutil.rmtree(incoming, ignore_errors=True)
+                raise
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            self._job_log(job, f"queued: input {job.input_file} ({len(image)} bytes), options {json.dumps(options)}")
+            self._wake.notify_all()
+            return job.to_public()
+
+    def cancel_or_delete(self, job_id: str) -> dict[str, Any] | None:
+        """Cancel a queued or running job (returns its status) or delete a finished one's folder (returns None)."""
+        with self.lock:
+            job = self._get(job_id)
+            if job.state == "queued":
+                self._queue.remove(job)
+                self._finish(job, "cancelled", error_dict("cancelled", "the job was cancelled before it ran"))
+                return job.to_public()
+            if job.state == "running":
+                job.cancel.set()
+                self._job_log(job, "cancel requested")
+            else:
+                del self._jobs[job.id]
+                trash = self.jobs_dir / f".deleted-{job.id}"
+                os.replace(job.folder, trash)  # the id disappears at once; removing the files may take a while
+                shutil.rmtree(trash, ignore_errors=True)
+                return None
+        job.finished.wait(self.config.cancel_wait_s)
+        with self.lock:
+            return job.to_public()
+
+    # -- internals --------------------------------------------------------------------------------------------------
+
+    def _get(self, job_id: str) -> Job:
+        job = self._jobs.get(check_job_id(job_id))
+        if job is None:
+            raise ApiError("not_found", f"no job {job_id} (it may have been deleted)")
+        return job
+
+    def _done(self, job_id: str) -> Job:
+        job = self._get(job_id)
+        if job.state != "done" or job.result is None:
+            raise ApiError("conflict", f"job {job_id} is {job.state}, so it has no result",
+                           fix="poll GET /v1/jobs/<id> until its state is done" if job.state in ("queued", "running")
+                           else None)
+        return job
+
+    def _refuse_if_unavailable(self) -> None:
+        if self._stopping:
+            raise ApiError("internal", "the server is shutting down", fix="start the server again")
+        if len(self._queue) >= self.config.max_queue:
+            wait = self.retry_after_s()
+            raise ApiError("queue_full", f"{len(self._queue)} jobs are already waiting (the limit is "
+                                         f"{self.config.max_queue})", fix=f"retry in about {wait} s",
+                           headers={"Retry-After": str(wait)})
+        if self._load_failure is not None:
+            when, error = self._load_failure
+            left = self.config.missing_weights_retry_s - (time.monotonic() - when)
+            if left > 0:
+                raise ApiError(error.kind, error.message, fix=error.fix,
+                               headers={"Retry-After": str(max(1, round(left)))})
+            self._load_failure = None
+
+    def _load_from_disk(self) -> None:
+        for folder in sorted(self.jobs_dir.iterdir()):
+            if folder.name.startswith((".incoming-", ".deleted-")):
+                shutil.rmtree(folder, ignore_errors=True)  # left over from a crash mid-submit or mid-delete
+                continue
+            if not (JOB_ID_RE.fullmatch(folder.name) and folder.is_dir()):
+                continue
+            try:
+                job = Job.from_record(folder, json.loads((folder / "status.json").read_text(encoding="utf-8")))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("ignoring job folder %s: unreadable status.json (%s)", folder, e)
+                continue
+            if job.state not in FINISHED:
+                was = job.state
+                job.state = "failed"
+                job.error = error_dict("internal", f"the server stopped while this job was {was}; its run did not "
+                                                   "finish", "submit the image again")
+                write_json_atomic(folder / "status.json", job.to_record())
+                self._job_log(job, f"found {was} after a restart: marked failed")
+            job.finished.set()
+            self._jobs[job.id] = job
+        if self._jobs:
+            log.info("%d job(s) found in %s", len(self._jobs), self.jobs_dir)
+
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                while not self._queue and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                job = self._queue.popleft()
+                job.state, job.started_at = "running", time.monotonic()
+                self._running = job
+                self._write_status(job)
+            try:
+                self._run(job)
+            finally:
+                with self.lock:
+                    self._running = None
+
+    def _run(self, job: Job) -> None:
+        """Run one job to its end; every outcome is recorded in its status, nothing escapes."""
+        handler = _thread_file_handler(job.folder / "log.txt")
+        logging.getLogger().addHandler(handler)
+        result: dict[str, Any] | None = None
+        error: dict[str, Any] | None = None
+        try:
+            self._job_log(job, "running")
+            pipe = self._ensure_pipeline()
+            result = self._generate(job, pipe)
+        except CancelledError:
+            why = "the server was stopped while the job ran" if self._stopping else "the job was cancelled"
+            error = error_dict("cancelled", why)
+        except torch.cuda.OutOfMemoryError as e:
+            self._job_file_log(job, traceback.format_exc())
+            first_line = str(e).splitlines()[0] if str(e) else repr(e)
+            error = error_dict("out_of_memory", f"the GPU ran out of memory: {first_line}",
+                               "lower the mesh resolution, close other programs that use the GPU, or run the "
+                               "server with --device cpu")
+        except One2345Error as e:
+            self._job_file_log(job, traceback.format_exc())
+            error = error_dict(e.kind, e.message, e.fix)
+        except Exception as e:
+            # A bug or an unexpected library failure: the job fails, the worker and the server live on.
+            self._job_file_log(job, traceback.format_exc())
+            log.exception("job %s failed", job.id)
+            error = error_dict("internal", f"{type(e).__name__}: {e}", f"see {job.folder / 'log.txt'}")
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        if error is not None and error["kind"] == "out_of_memory":
+            # Only now, with the exception and its frames gone, can the failed run's tensors be released; the job
+            # is reported failed after that, so the next job finds the memory free.
+            _free_gpu_memory()
+        with self.lock:
+            if error is None:
+                job.result = result
+                job.stage, job.fraction = "export", 1.0
+                self._finish(job, "done", None)
+            else:
+                self._finish(job, "cancelled" if error["kind"] == "cancelled" else "failed", error)
+
+    def _ensure_pipeline(self) -> Pipeline:
+        if self.pipeline is not None:
+            return self.pipeline
+        try:
+            pipe = self._load_pipeline()
+        except One2345Error as e:
+            if e.kind == "missing_weights":  # MissingWeightsError or CheckpointError: the same remedy
+                with self.lock:
+                    self._load_failure = (time.monotonic(), e)
+            raise
+        with self.lock:
+            self.pipeline = pipe
+        log.info("models loaded: %s", pipe.models_loaded())
+        return pipe
+
+    def _generate(self, job: Job, pipe: Pipeline) -> dict[str, Any]:
+        from server.pipeline import GenerateOptions
+
+        options = GenerateOptions.from_dict(job.options)
+        run_dir = job.folder / "run"
+        last = {"stage": None, "write": 0.0}
+
+        def on_progress(p: Any) -> None:
+            now = time.monotonic()
+            with self.lock:
+                job.stage, job.step, job.total = p.stage, int(p.step), int(p.total)
+                job.fraction = min(max(float(p.fraction), 0.0), 1.0)
+                job.elapsed_s = job.elapsed()
+                preview = getattr(p, "preview", None)
+                if preview is not None and VIEW_NAME_RE.fullmatch(Path(preview).name):
+                    name = Path(preview).name
+                    if name not in job.previews:
+                        job.previews.append(name)
+                if p.stage != last["stage"] or now - last["write"] >= _STATUS_WRITE_INTERVAL_S:
+                    if p.stage != last["stage"]:
+                        self._job_log(job, f"stage {p.stage} (overall {job.fraction:.0%})")
+                    last["stage"], last["write"] = p.stage, now
+                    self._write_status(job)
+
+        out = pipe(job.folder / job.input_file, run_dir, options, progress=on_progress,
+                   should_cancel=job.cancel.is_set)
+        self._job_log(job, f"done: {out.vertices} vertices, {out.faces} faces, elevation {out.elevation:.1f}° "
+                           f"({getattr(out, 'elevation_source', '?')}), timings {json.dumps(out.timings)}")
+        return {"format": options.format, "elevation": float(out.elevation), "vertices": int(out.vertices),
+                "faces": int(out.faces), "mesh": Path(out.mesh_path).relative_to(job.folder).as_posix(),
+                "meta": Path(out.meta_path).relative_to(job.folder).as_posix()}
+
+    def _finish(self, job: Job, state: str, error: dict[str, Any] | None) -> None:
+        """Record a final state (lock held)."""
+        if job.started_at is not None:
+            job.elapsed_s = time.monotonic() - job.started_at
+            if state == "done":
+                self._durations.append(job.elapsed_s)
+        job.state, job.error = state, error
+        self._write_status(job)
+        self._job_log(job, state if error is None else f"{state} ({error['kind']}): {error['message']}")
+        job.finished.set()
+
+    def _write_status(self, job: Job) -> None:
+        try:
+            write_json_atomic(job.folder / "status.json", job.to_record())
+        except OSError as e:
+            # The in-memory status stays right; only a restart would see the older file.
+            log.error("cannot write the status of job %s: %s", job.id, e)
+
+    @classmethod
+    def _job_log(cls, job: Job, line: str) -> None:
+        """One event of the job, to its log.txt and to the server's log."""
+        log.info("job %s: %s", job.id, line.rstrip())
+        cls._job_file_log(job, line)
+
+    @staticmethod
+    def _job_file_log(job: Job, text: str) -> None:
+        """Append to the job's log.txt only (tracebacks: the server's log gets the one-line outcome)."""
+        try:
+            with open(job.folder / "log.txt", "a", encoding="utf-8") as f:
+                f.write(f"{now_iso()} {text.rstrip()}\n")
+        except OSError as e:
+            log.error("cannot write the log of job %s: %s", job.id, e)
+
+
+def _thread_file_handler(path: Path) -> logging.Handler:
+    """A handler appending the records of the calling thread (the worker, running one job) to ``path``, so the
+    pipeline's own log lines land in the job's log.txt."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ident = threading.get_ident()
+    handler.addFilter(lambda record: record.thread == ident and record.name != __name__)
+    return handler
+
+
+def _free_gpu_memory() -> None:
+    """Release what a failed run left on the GPU so that the next job starts from a clean slate."""
+    gc.collect()
+    torch.cuda.empty_cache()  # a no-op when CUDA was never initialised
+
