@@ -1,0 +1,96 @@
+"""Time every stage of the whole pipeline and report peak memory.
+
+``--preset paper`` builds the full-size architectures with random weights (Zero123-XL's UNet/VAE/CLIP from the
+converter's configs, the paper reconstruction network) — run time does not depend on weight values; ``--preset tiny``
+uses the tiny models. Input: a synthetic object rendered at the reference's input camera.
+
+    python -m server.benchmarks.pipeline --preset paper --device cuda            # the H200 target: ≤ 5 s
+    python -m server.benchmarks.pipeline --preset tiny --device cpu
+    python -m server.benchmarks.pipeline --preset paper --device cpu --steps-stage1 2 --steps-stage2 2   # per-step cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from server.benchmarks.reconstruct import peak_rss_gib
+from server.cameras import PoseFile
+from server.devices import resolve_device
+from server.elevation import SiftMatcher
+from server.pipeline import GenerateOptions, One2345Pipeline, PipelineModels
+from server.reconstruction.model import build_model
+from server.synthetic import render_views
+
+
+def random_paper_zero123():
+    """Zero123-XL's architecture (spec §2.2) with random weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from server.multiview.convert import ZERO123_XL
+    from server.multiview.zero123 import Zero123Model
+
+    unet = UNet2DConditionModel(**ZERO123_XL.unet.diffusers_config())
+    vae = AutoencoderKL(**ZERO123_XL.vae.diffusers_config())
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**ZERO123_XL.image_encoder.transformers_config()))
+    return Zero123Model(unet, vae, encoder, nn.Linear(772, 768)).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=["paper", "tiny"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps-stage1", type=int, default=75)
+    parser.add_argument("--steps-stage2", type=int, default=50)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up run")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+
+    if args.preset == "tiny":
+        pipe = One2345Pipeline.from_preset("tiny", device=device)
+    else:
+        models = PipelineModels(zero123=random_paper_zero123(), reconstruction=build_model("paper"),
+                                matcher=SiftMatcher(), descriptions={"zero123": "paper architecture, random weights"})
+        models.zero123.to(device=device, dtype=torch.float16 if device.startswith("cuda") else torch.float32)
+        models.reconstruction.to(device)
+        pipe = One2345Pipeline(models, "paper", device)
+    image = render_views(PoseFile.for_polar(75), ["0.png"])["0.png"]
+    # A given elevation keeps the random-weight run on the paper's path (estimation on noise views would fall back).
+    options = GenerateOptions(elevation=15, seed=0, steps_stage1=args.steps_stage1, steps_stage2=args.steps_stage2,
+                              resolution=args.resolution, format="ply")
+    cuda = device.startswith("cuda")
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats + 1):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            result = pipe(image, Path(tmp) / f"run{i}", options)
+            total = time.perf_counter() - start
+            stages = "  ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+            print(f"{'warm-up' if i == 0 else f'run {i}':>8}: total {total:.2f}s  {stages}", file=sys.stderr)
+            if i:
+                runs.append({"total_s": round(total, 3), **{k: round(v, 3) for k, v in result.timings.items()}})
+    report = {"preset": args.preset, "device": device, "torch_threads": torch.get_num_threads(),
+              "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+              "options": {"steps_stage1": args.steps_stage1, "steps_stage2": args.steps_stage2,
+                          "resolution": args.resolution},
+              "best": min(runs, key=lambda r: r["total_s"]), "peak_host_rss_gib": round(peak_rss_gib(), 2)}
+    if cuda:
+        report["peak_cuda_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
