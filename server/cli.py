@@ -179,6 +179,15 @@ def cmd_elevation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_weights_dir(parser: argparse.ArgumentParser, flag: str = "--weights-dir") -> None:
+    parser.add_argument(flag, type=Path, default=None,
+                        help="weights folder (default: $ONE2345_WEIGHTS or ~/.cache/one2345/weights)")
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="one2345", description="One-2-3-45 image-to-3D: views → mesh, weights.")
     parser.add_argument("--version", action="version", version=f"one2345 {__version__}")
@@ -194,11 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(for trying the tool and for tests)")
     p.add_argument("--checkpoint", help="a reconstruction checkpoint (official ckpt_215000.pth or our folder); "
                                         "overrides --preset")
-    p.add_argument("--weights-dir", type=Path, default=None,
-                   help="where downloaded weights live (default: $ONE2345_WEIGHTS or ~/.cache/one2345/weights)")
+    _add_weights_dir(p)
     p.add_argument("--resolution", type=int, default=256, help="marching-cubes grid per axis (default 256, as the "
                                                                "reference)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    _add_device(p)
     p.add_argument("--dense", action="store_true", help="evaluate the SDF on every grid point instead of coarse to "
                                                         "fine (slower; same mesh for well-behaved SDFs)")
     p.set_defaults(func=cmd_reconstruct)
@@ -214,8 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = w.add_parser("download", help="fetch the reference's weight files (resumable) into the weights folder")
     d.add_argument("--only", action="append", choices=["sam", "zero123-xl", "loftr", "reconstruction"],
                    help="fetch only this file (repeatable); default: all four")
-    d.add_argument("--dir", type=Path, default=None, help="weights folder (default: $ONE2345_WEIGHTS or "
-                                                          "~/.cache/one2345/weights)")
+    _add_weights_dir(d, "--dir")
     d.add_argument("--offline", action="store_true", help="never touch the network: only report what is missing")
     d.set_defaults(func=cmd_weights_download)
 
@@ -240,9 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mesh format with --out-dir (with -o the suffix decides)")
     g.add_argument("--keep-background", action="store_true",
                    help="do not segment the object: use the whole image (RGBA alpha is still used)")
-    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    g.add_argument("--weights-dir", type=Path, default=None, help="weights folder (default: $ONE2345_WEIGHTS or "
-                                                                  "~/.cache/one2345/weights)")
+    _add_device(g)
+    _add_weights_dir(g)
     g.add_argument("--offline", action="store_true", help="never download weights; fail clearly if any is missing")
     g.set_defaults(func=cmd_generate)
 
@@ -252,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("views", nargs=4, help="the four nearby views 0_0.png 0_1.png 0_2.png 0_3.png")
     e.add_argument("--matcher", choices=["auto", "loftr", "sift"], default="auto",
                    help="auto: LoFTR when its weights are present, else SIFT; loftr: LoFTR or a clear error; sift")
-    e.add_argument("--weights-dir", type=Path, default=None, help="weights folder")
+    _add_weights_dir(e)
     e.set_defaults(func=cmd_elevation)
 
     add_serve_parser(sub)

@@ -12,7 +12,6 @@ uses the tiny models. Input: a synthetic object rendered at the reference's inpu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from server.benchmarks.reconstruct import peak_rss_gib
+from server.benchmarks.reconstruct import print_report
 from server.cameras import PoseFile
 from server.devices import resolve_device
 from server.elevation import SiftMatcher
@@ -85,10 +84,8 @@ def main(argv: list[str] | None = None) -> int:
               "device_name": torch.cuda.get_device_name() if cuda else "cpu",
               "options": {"steps_stage1": args.steps_stage1, "steps_stage2": args.steps_stage2,
                           "resolution": args.resolution},
-              "best": min(runs, key=lambda r: r["total_s"]), "peak_host_rss_gib": round(peak_rss_gib(), 2)}
-    if cuda:
-        report["peak_cuda_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    print(json.dumps(report))
+              "best": min(runs, key=lambda r: r["total_s"])}
+    print_report(report, cuda)
     return 0
 
 

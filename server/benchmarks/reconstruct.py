@@ -31,6 +31,14 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def print_report(report: dict, cuda: bool) -> None:
+    """Add peak host (and CUDA) memory to a benchmark report and print it as one JSON line on stdout."""
+    report["peak_host_rss_gib"] = round(peak_rss_gib(), 2)
+    if cuda:
+        report["peak_cuda_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print(json.dumps(report))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="paper", choices=["paper", "tiny"])
@@ -71,11 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(), "coarse_to_fine": not args.dense,
         "vertices": len(out.mesh.vertices), "faces": len(out.mesh.faces),
         "best": {k: round(v, 3) for k, v in best.items()},
-        "peak_host_rss_gib": round(peak_rss_gib(), 2),
     }
-    if cuda:
-        report["peak_cuda_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    print(json.dumps(report))
+    print_report(report, cuda)
     return 0
 
 
