@@ -1,0 +1,405 @@
+"""Future-like jobs: work on a background thread, results and callbacks on Blender's main thread.
+
+The pattern is dream-textures' ``Future``: the worker thread never touches ``bpy``; it posts events (progress, a new
+preview, a note, the end) into a queue, and :meth:`Task.drain`, called on the main thread (by a modal operator's
+timer, a ``bpy.app.timers`` callback, or the synchronous :meth:`Task.wait` in background mode), applies them and runs
+the callbacks. Cancellation is an :class:`threading.Event` the worker checks between requests. Every way a job ends
+(done, failed, cancelled) goes through one code path: the ``finish`` event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import shutil
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .client import Client, ServerError
+from .server_process import Connection
+
+POLL_INTERVAL_S = 0.5
+CANCEL_CONFIRM_S = 10.0
+UNREACHABLE_GRACE_S = 15.0
+
+
+@dataclass
+class Progress:
+    """What the panel shows while a job runs (the server's status fields)."""
+
+    stage: str = "Waiting"
+    """Human-readable stage, e.g. ``"Starting server"`` or the server's stage name."""
+    step: int = 0
+    """Step within the stage."""
+    total: int = 0
+    """Steps in the stage (0 when unknown)."""
+    fraction: float = 0.0
+    """Overall progress, 0…1."""
+    elapsed_s: float = 0.0
+    """Seconds since the server started the job."""
+    eta_s: float | None = None
+    """Estimated seconds left, or None."""
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a task ended without a result: a kind (drives the fix-it buttons), a message and an optional fix."""
+
+    kind: str
+    message: str
+    fix: str | None = None
+
+    @classmethod
+    def from_exception(cls, exc: ServerError) -> JobError:
+        """The error of a failed request."""
+        return cls(exc.kind, exc.message, exc.fix)
+
+    def __str__(self) -> str:
+        return f"{self.message} Fix: {self.fix}." if self.fix else self.message
+
+
+class JobFailed(Exception):
+    """Raised inside a worker to end the task with a :class:`JobError`."""
+
+    def __init__(self, error: JobError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """The files of a finished generation job."""
+
+    job_id: str
+    """The server's job id (32 hex characters)."""
+    job_dir: Path
+    """The add-on's folder for this job: the input image, the mesh, meta.json and views/."""
+    mesh: Path
+    """The mesh file."""
+    meta: Path | None
+    """meta.json (elevation, timings, options, versions), if the server provided it."""
+    views: tuple[Path, ...]
+    """The generated views (PNG)."""
+    format: str
+    """Mesh format: ``ply``, ``glb`` or ``obj``."""
+    elevation: float | None
+    """The elevation the server used, in degrees."""
+    vertices: int
+    faces: int
+    pose: Path | None = None
+    """pose.json of the job, when the server's job folder is on this machine."""
+    server_job_dir: Path | None = None
+    """The server's own folder for this job, when it is on this machine."""
+
+
+class Task:
+    """A unit of work on a background thread with main-thread callbacks.
+
+    Subclasses implement :meth:`work`; it may call :meth:`post` and must return the result or raise
+    :class:`JobFailed`. States: ``pending`` → ``running`` → ``done`` | ``failed`` | ``cancelled``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.state = "pending"
+        self.progress = Progress()
+        self.notes: list[str] = []
+        """Messages for the user (e.g. the server was restarted), in order."""
+        self.previews: list[Path] = []
+        self.error: JobError | None = None
+        self.result: Any = None
+        self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._callbacks: dict[str, list[Callable[..., None]]] = {"progress": [], "preview": [], "note": [],
+                                                                 "done": []}
+
+    # -- main thread ---------------------------------------------------------------------------------------------
+
+    def start(self) -> Task:
+        """Start the worker thread (once)."""
+        if self._thread is None:
+            self.state = "running"
+            self._thread = threading.Thread(target=self._run, name=f"one2345-{self.name}", daemon=True)
+            self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        """Ask the worker to stop; it ends as ``cancelled`` as soon as it can."""
+        self._cancel.set()
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once :meth:`cancel` was called."""
+        return self._cancel.is_set()
+
+    @property
+    def finished(self) -> bool:
+        """True once the ``finish`` event has been drained."""
+        return self.state in ("done", "failed", "cancelled")
+
+    def on(self, event: str, callback: Callable[..., None]) -> Task:
+        """Register a main-thread callback for ``progress`` (Progress), ``preview`` (Path), ``note`` (str) or
+        ``done`` (this task)."""
+        self._callbacks[event].append(callback)
+        return self
+
+    def drain(self) -> bool:
+        """Apply queued events and run their callbacks (call on the main thread). Returns :attr:`finished`."""
+        while True:
+            try:
+                kind, payload = self._events.get_nowait()
+            except queue.Empty:
+                return self.finished
+            if kind == "progress":
+                self.progress = payload
+            elif kind == "preview":
+                self.previews.append(payload)
+            elif kind == "note":
+                self.notes.append(payload)
+            elif kind == "finish":
+                self.state, self.result, self.error = payload
+                kind, payload = "done", self
+            for callback in self._callbacks[kind]:
+                callback(payload)
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05) -> bool:
+        """Drain until finished (background mode); Ctrl+C cancels the task. Returns :attr:`finished`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.drain():
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            try:
+                time.sleep(interval)
+            except KeyboardInterrupt:
+                self.cancel()
+        return True
+
+    # -- worker thread -------------------------------------------------------------------------------------------
+
+    def post(self, kind: str, payload: Any) -> None:
+        """Queue an event for the main thread (worker side)."""
+        self._events.put((kind, payload))
+
+    def check_cancelled(self) -> None:
+        """Raise the ``cancelled`` end if :meth:`cancel` was called (worker side)."""
+        if self._cancel.is_set():
+            raise JobFailed(JobError("cancelled", f"{self.name.capitalize()} was cancelled."))
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, waking early on cancel (worker side)."""
+        self._cancel.wait(seconds)
+
+    def work(self) -> Any:
+        """The job itself (worker side); overridden by subclasses."""
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        try:
+            result = self.work()
+        except JobFailed as exc:
+            state = "cancelled" if exc.error.kind == "cancelled" else "failed"
+            self.post("finish", (state, None, exc.error))
+        except ServerError as exc:
+            self.post("finish", ("failed", None, JobError.from_exception(exc)))
+        except Exception as exc:  # the UI must learn about every failure, including our own bugs
+            traceback.print_exc()  # into Blender's system console, for the bug report
+            self.post("finish", ("failed", None, JobError("internal", f"{type(exc).__name__}: {exc}",
+                                                          "Report this problem with the system console's output")))
+        else:
+            self.post("finish", ("done", result, None))
+
+
+def failed(name: str, error: JobError) -> Task:
+    """A task that failed before it could start (e.g. no input image), for the panel's error box."""
+    task = Task(name)
+    task.state, task.error = "failed", error
+    return task
+
+
+class FunctionTask(Task):
+    """A task running ``function(task)`` (server checks, environment set-up)."""
+
+    def __init__(self, name: str, function: Callable[[Task], Any]) -> None:
+        super().__init__(name)
+        self._function = function
+
+    def work(self) -> Any:
+        """Run the function."""
+        return self._function(self)
+
+
+class GenerateJob(Task):
+    """Image → mesh on the server: connect, submit, poll progress and previews, download the result.
+
+    Args:
+        image: the input image file (already inside ``job_dir``).
+        options: request options, from :func:`properties.to_request`.
+        job_dir: the add-on's folder for this job (created if missing).
+        connect: returns a live :class:`Connection` (starts the local server when needed); runs on the worker.
+        server_exit_code: returns the local server's exit code once it has died, else None; tells a crash apart
+            from a network hiccup.
+        mesh_name: the mesh file's stem (default: the image's stem); also the imported object's name.
+        poll_interval: seconds between status requests.
+    """
+
+    def __init__(self, image: Path, options: dict[str, Any], job_dir: Path, connect: Callable[[], Connection],
+                 server_exit_code: Callable[[], int | None] = lambda: None, mesh_name: str | None = None,
+                 poll_interval: float = POLL_INTERVAL_S) -> None:
+        super().__init__("generation")
+        self.image = Path(image)
+        self.options = dict(options)
+        self.job_dir = Path(job_dir)
+        self.mesh_name = mesh_name or self.image.stem
+        self.server_job_id: str | None = None
+        self._connect = connect
+        self._server_exit_code = server_exit_code
+        self._poll_interval = poll_interval
+
+    def work(self) -> JobResult:
+        """Run the job on the worker thread."""
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        self.post("progress", Progress(stage="Starting server"))
+        connection = self._connect()
+        if connection.note:
+            self.post("note", connection.note)
+        self.check_cancelled()
+        client = connection.client()
+        self.post("progress", Progress(stage="Uploading image"))
+        self.server_job_id = self._submit(client)["id"]
+        status = self._follow(client, self.server_job_id)
+        return self._collect(client, connection, status)
+
+    def _submit(self, client: Client) -> dict[str, Any]:
+        while True:
+            try:
+                return client.submit(self.image, self.options)
+            except ServerError as exc:
+                if exc.kind != "queue_full":
+                    raise
+                self.post("progress", Progress(stage="Server busy, waiting in line"))
+                self.sleep(min(exc.retry_after or 5.0, 30.0))
+                self.check_cancelled()
+
+    def _follow(self, client: Client, job_id: str) -> dict[str, Any]:
+        """Poll until the job ends; forward progress and previews; cancel on request."""
+        cancel_deadline = None
+        unreachable_since = None
+        seen: set[str] = set()
+        while True:
+            try:
+                status = client.status(job_id)
+                unreachable_since = None
+            except ServerError as exc:
+                if exc.kind != "unreachable":
+                    raise
+                code = self._server_exit_code()
+                if code is not None:
+                    raise JobFailed(JobError(
+                        "server_died", f"The One2345 server stopped while working on this job (exit code {code}).",
+                        "Generate again: the server is restarted automatically; open the server log if it keeps "
+                        "stopping")) from exc
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since > UNREACHABLE_GRACE_S:
+                    raise
+                self.sleep(1.0)
+                continue
+            self.post("progress", _progress(status))
+            for preview in status.get("previews") or []:
+                if preview["name"] not in seen:
+                    seen.add(preview["name"])
+                    self._fetch_preview(client, preview)
+            state = status["state"]
+            if state == "done":
+                return status
+            if state == "failed":
+                error = status.get("error") or {}
+                raise JobFailed(JobError(error.get("kind", "internal"), error.get("message", "The job failed."),
+                                         error.get("fix")))
+            if state == "cancelled":
+                raise JobFailed(JobError("cancelled", "Generation was cancelled."))
+            if self.cancel_requested and cancel_deadline is None:
+                self.post("progress", Progress(stage="Cancelling", fraction=status.get("fraction") or 0.0))
+                with contextlib.suppress(ServerError):
+                    client.cancel(job_id)
+                cancel_deadline = time.monotonic() + CANCEL_CONFIRM_S
+            elif cancel_deadline is not None and time.monotonic() > cancel_deadline:
+                raise JobFailed(JobError("cancelled", "Generation was cancelled (the server did not confirm it)."))
+            self.sleep(self._poll_interval if cancel_deadline is None else 0.2)
+
+    def _fetch_preview(self, client: Client, preview: dict[str, str]) -> None:
+        path = self.job_dir / "views" / preview["name"]
+        try:
+            client.download(preview["url"], path)
+        except ServerError:
+            return  # a preview is a nicety; the result download reports real problems
+        self.post("preview", path)
+
+    def _collect(self, client: Client, connection: Connection, status: dict[str, Any]) -> JobResult:
+        result = status["result"]
+        fmt = result.get("format") or self.options.get("format", "ply")
+        mesh = client.download(result["url"], self.job_dir / f"{self.mesh_name}.{fmt}")
+        meta = None
+        if result.get("meta_url"):
+            with contextlib.suppress(ServerError):
+                meta = client.download(result["meta_url"], self.job_dir / "meta.json")
+        server_dir = None
+        pose = None
+        if connection.local and connection.jobs_dir and self.server_job_id:
+            candidate = Path(connection.jobs_dir) / self.server_job_id
+            server_dir = candidate if candidate.is_dir() else None
+            found = sorted(candidate.rglob("pose.json")) if server_dir else []
+            if found:
+                pose = Path(shutil.copyfile(found[0], self.job_dir / "pose.json"))
+        views = tuple(sorted((self.job_dir / "views").glob("*.png")))
+        return JobResult(job_id=status["id"], job_dir=self.job_dir, mesh=mesh, meta=meta, views=views, format=fmt,
+                         elevation=result.get("elevation"), vertices=int(result.get("vertices") or 0),
+                         faces=int(result.get("faces") or 0), pose=pose, server_job_dir=server_dir)
+
+
+def _progress(status: dict[str, Any]) -> Progress:
+    stage = str(status.get("stage") or status.get("state") or "")
+    return Progress(stage=stage.replace("_", " ").capitalize(), step=int(status.get("step") or 0),
+                    total=int(status.get("total") or 0), fraction=float(status.get("fraction") or 0.0),
+                    elapsed_s=float(status.get("elapsed_s") or 0.0), eta_s=status.get("eta_s"))
+
+
+# -- the session's jobs (main thread only) ---------------------------------------------------------------------
+
+_ACTIVE: GenerateJob | None = None
+_LAST: Task | None = None
+
+
+def active() -> GenerateJob | None:
+    """The generation job that is running, if any (``poll()`` greys Generate out while there is one)."""
+    return _ACTIVE
+
+
+def last() -> Task | None:
+    """The most recently finished task (its error or notes are shown in the panel)."""
+    return _LAST
+
+
+def set_active(job: GenerateJob | None) -> None:
+    """Make ``job`` the running job (None when it ended: it becomes :func:`last`)."""
+    global _ACTIVE, _LAST
+    if job is None and _ACTIVE is not None:
+        _LAST = _ACTIVE
+    _ACTIVE = job
+
+
+def set_last(task: Task | None) -> None:
+    """Record a finished task for the panel (server check, set-up, a failure before a job could start)."""
+    global _LAST
+    _LAST = task
+
+
+def cancel_all() -> None:
+    """Cancel the running job (add-on disable, quit)."""
+    if _ACTIVE is not None:
+        _ACTIVE.cancel()

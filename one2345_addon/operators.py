@@ -1,0 +1,453 @@
+"""Operators: Generate Mesh (modal interactively, synchronous in background mode), Cancel, and the server and fix-it
+actions the panel and the preferences offer.
+"""
+
+# No `from __future__ import annotations`: Blender reads property annotations as objects, not strings.
+
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import bpy
+from bpy.props import EnumProperty, StringProperty
+
+from . import jobs, mesh_import, preferences, properties, server_process
+from .jobs import GenerateJob, JobError
+
+FIXES: dict[str, tuple[tuple[str, str, str], ...]] = {}
+"""Error kind → the buttons that fix it: (operator id, button text, icon). Filled below the operator classes."""
+
+
+# -- generating ---------------------------------------------------------------------------------------------------
+
+def resolve_input(context: bpy.types.Context, filepath: str, image_name: str, job_dir: Path) -> tuple[Path, str]:
+    """Put the input image into ``job_dir`` and return (its path, the name for the mesh and the object).
+
+    The source is ``filepath`` if given, else the image datablock ``image_name``, else the panel's choice: a file,
+    an image datablock, or the image of the active image empty / reference image.
+
+    Raises:
+        jobs.JobFailed: ``bad_input`` naming what is missing.
+    """
+    settings = context.scene.one2345
+    image = None
+    if not filepath and not image_name:
+        if settings.image_source == "FILE":
+            filepath = settings.filepath
+        elif settings.image_source == "IMAGE":
+            image = settings.image
+        else:
+            obj = context.active_object
+            if obj is None or obj.type != "EMPTY" or obj.empty_display_type != "IMAGE" or obj.data is None:
+                raise jobs.JobFailed(JobError("bad_input", "The active object is not an image empty or reference "
+                                              "image with an image.", "Select one, or choose File or Image"))
+            image = obj.data
+    elif image_name:
+        image = bpy.data.images.get(image_name)
+        if image is None:
+            raise jobs.JobFailed(JobError("bad_input", f"There is no image named {image_name!r} in this file."))
+    job_dir.mkdir(parents=True, exist_ok=True)
+    if image is not None:
+        try:
+            return mesh_import.image_to_file(image, job_dir), _safe_name(Path(image.name).stem)
+        except (ValueError, RuntimeError) as exc:
+            raise jobs.JobFailed(JobError("bad_input", str(exc))) from exc
+    if not filepath:
+        raise jobs.JobFailed(JobError("bad_input", "No input image chosen.", "Pick an image file in the panel"))
+    source = Path(bpy.path.abspath(filepath))
+    if not source.is_file():
+        raise jobs.JobFailed(JobError("bad_input", f"The image file {str(source)!r} does not exist.",
+                                      "Choose an existing image file"))
+    return Path(shutil.copyfile(source, job_dir / f"input{source.suffix.lower()}")), _safe_name(source.stem)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name).strip("._") or "image"
+
+
+def start_generation(context: bpy.types.Context, operator: bpy.types.Operator | None = None, filepath: str = "",
+                     image_name: str = "") -> GenerateJob:
+    """Start a generation job on a worker thread and make it the active job (main thread).
+
+    Raises:
+        jobs.JobFailed: the input could not be prepared (nothing was started).
+    """
+    prefs = preferences.get(context)
+    options = properties.to_request(context.scene.one2345, operator)
+    job_dir = preferences.user_dir() / "jobs" / time.strftime("%Y%m%d-%H%M%S")
+    job_dir = job_dir.with_name(f"{job_dir.name}-{int(time.time() * 1000) % 1000:03d}")
+    image, name = resolve_input(context, filepath, image_name, job_dir)
+    connect, exit_code = preferences.connector(prefs)
+    job = GenerateJob(image, options, job_dir, connect, exit_code, mesh_name=name)
+    jobs.set_active(job)
+    return job.start()
+
+
+def finish_generation(context: bpy.types.Context, job: GenerateJob) -> bpy.types.Object | None:
+    """Import the result of a finished job (main thread); stop the server unless it is kept warm."""
+    jobs.set_active(None)
+    prefs = preferences.get(context)
+    obj = None
+    if job.state == "done":
+        try:
+            obj = mesh_import.import_mesh(context, job.result.mesh, job.mesh_name, prefs.import_size)
+        except (ValueError, RuntimeError) as exc:  # an unreadable file: the job is kept, the import failed
+            job.state, job.error = "failed", JobError("bad_result", f"Could not import {job.result.mesh}: {exc}")
+        else:
+            mesh_import.link_job(obj, job.result)
+    manager = server_process.current_manager()
+    if not prefs.keep_warm and manager is not None:
+        manager.stop()
+    return obj
+
+
+def report_failure(operator: bpy.types.Operator, message: str) -> None:
+    """Report a failure: an error in the UI; a warning in background mode, so that a script calling the operator
+    gets ``{'CANCELLED'}`` back (details in :func:`jobs.last`) instead of an exception that would end it."""
+    operator.report({"WARNING"} if bpy.app.background else {"ERROR"}, message)
+
+
+def report_outcome(operator: bpy.types.Operator, job: GenerateJob, obj: bpy.types.Object | None) -> set[str]:
+    """Report notes and the outcome; return the operator's result set."""
+    for note in job.notes:
+        operator.report({"WARNING"}, note)
+    if obj is not None:
+        operator.report({"INFO"}, f"Imported {obj.name!r} ({len(obj.data.vertices)} vertices); job folder "
+                                  f"{job.result.job_dir}")
+        return {"FINISHED"}
+    if job.state == "cancelled":
+        operator.report({"WARNING"}, str(job.error))
+    else:
+        report_failure(operator, str(job.error))
+    return {"CANCELLED"}
+
+
+def _redraw(context: bpy.types.Context) -> None:
+    for window in context.window_manager.windows:
+        for area in window.screen.areas:
+            if area.type in ("VIEW_3D", "PREFERENCES"):
+                area.tag_redraw()
+
+
+class ONE2345_OT_generate_mesh(bpy.types.Operator):
+    """Generate a coloured 3D mesh from the image with One-2-3-45 and import it"""
+
+    bl_idname = "one2345.generate_mesh"
+    bl_label = "Generate Mesh"
+    bl_options = {"REGISTER", "UNDO"}  # noqa: RUF012 - Blender reads a plain set; a ClassVar hint would be a property
+
+    __annotations__ = {
+        "filepath": StringProperty(name="Image File", subtype="FILE_PATH", options={"SKIP_SAVE"},
+                                   description="Input image (default: the panel's image)"),
+        "image_name": StringProperty(name="Image", options={"SKIP_SAVE"},
+                                     description="Name of an image datablock to use instead of a file"),
+        **properties.skip_save_options(),
+    }
+
+    _job = None
+    _timer = None
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        """Greyed out while a job runs."""
+        return jobs.active() is None
+
+    def _start(self, context: bpy.types.Context) -> bool:
+        try:
+            self._job = start_generation(context, self, self.filepath, self.image_name)
+        except jobs.JobFailed as exc:
+            jobs.set_last(jobs.failed("generation", exc.error))
+            report_failure(self, str(exc.error))
+            return False
+        return True
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Run to completion (background mode and scripts); Ctrl+C cancels."""
+        if not self._start(context):
+            return {"CANCELLED"}
+        self._job.wait()
+        return report_outcome(self, self._job, finish_generation(context, self._job))
+
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+        """Start the job and follow it with a timer, keeping the UI responsive."""
+        if bpy.app.background or context.window is None:
+            return self.execute(context)
+        if not self._start(context):
+            return {"CANCELLED"}
+        self._timer = context.window_manager.event_timer_add(0.1, window=context.window)
+        context.window_manager.modal_handler_add(self)
+        return {"RUNNING_MODAL"}
+
+    def modal(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+        """Drain the job's events on the main thread; Esc cancels."""
+        if event.type == "ESC" and event.value == "PRESS":
+            self._job.cancel()
+            return {"RUNNING_MODAL"}
+        if event.type != "TIMER":
+            return {"PASS_THROUGH"}
+        finished = self._job.drain()
+        _redraw(context)
+        if not finished:
+            return {"RUNNING_MODAL"}
+        context.window_manager.event_timer_remove(self._timer)
+        return report_outcome(self, self._job, finish_generation(context, self._job))
+
+
+class ONE2345_OT_cancel_job(bpy.types.Operator):
+    """Cancel the running generation (Esc does the same)"""
+
+    bl_idname = "one2345.cancel_job"
+    bl_label = "Cancel"
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        """Only while a job runs."""
+        return jobs.active() is not None
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Ask the job to stop; it ends as cancelled within a second or two."""
+        jobs.active().cancel()
+        return {"FINISHED"}
+
+
+# -- server actions -----------------------------------------------------------------------------------------------
+
+def run_task(task: jobs.Task, on_done: Callable[[jobs.Task], None]) -> jobs.Task:
+    """Run a background task: synchronously in background mode, else drained by a ``bpy.app.timers`` callback."""
+    task.on("done", on_done).on("progress", lambda progress: _redraw(bpy.context)).start()
+    if bpy.app.background:
+        task.wait()
+    else:
+        bpy.app.timers.register(lambda: None if task.drain() else 0.2, first_interval=0.2)
+    return task
+
+
+def _show_status(task: jobs.Task, success: str | None = None) -> None:
+    """Put a task's outcome into the preferences' status line and the panel."""
+    prefs = preferences.get()
+    prefs.status_text = (success or str(task.result)) if task.state == "done" else f"Problem: {task.error}"
+    jobs.set_last(task)
+    _redraw(bpy.context)
+
+
+class ONE2345_OT_check_server(bpy.types.Operator):
+    """Check the server set-up and say what is wrong, if anything"""
+
+    bl_idname = "one2345.check_server"
+    bl_label = "Check Server"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Probe the interpreter (or the remote server) on a worker thread."""
+        prefs = preferences.get(context)
+        if prefs.server_mode == "REMOTE":
+            connect, _ = preferences.connector(prefs)
+
+            def check(task: jobs.Task) -> str:
+                return server_process.describe_health(connect())
+        else:
+            settings = preferences.launch_settings(prefs)
+            manager = server_process.manager(settings.state_dir)
+
+            def check(task: jobs.Task) -> str:
+                verdict = server_process.diagnose_python(settings.python)
+                if manager.running():
+                    verdict += " " + server_process.describe_health(manager.ensure(settings))
+                else:
+                    verdict += " The server is not running; it starts with the first job."
+                return verdict
+
+        prefs.status_text = "Checking…"
+        task = run_task(jobs.FunctionTask("server check", check), _show_status)
+        if task.finished and task.state == "done":
+            self.report({"INFO"}, prefs.status_text)
+        elif task.finished:
+            report_failure(self, prefs.status_text)
+        return {"FINISHED"}
+
+
+class ONE2345_OT_start_server(bpy.types.Operator):
+    """Start (or restart) the One2345 server now, so the next job does not wait for it"""
+
+    bl_idname = "one2345.start_server"
+    bl_label = "Start Server"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Start it on a worker thread; the outcome shows in the panel."""
+        connect, _ = preferences.connector(preferences.get(context))
+
+        def start(task: jobs.Task) -> str:
+            connection = connect()
+            return " ".join(filter(None, [connection.note, f"Server ready at {connection.url}."]))
+
+        task = run_task(jobs.FunctionTask("server start", start), _show_status)
+        if task.finished and task.state == "done":
+            self.report({"INFO"}, str(task.result))
+        elif task.finished:
+            report_failure(self, str(task.error))
+        return {"FINISHED"}
+
+
+class ONE2345_OT_stop_server(bpy.types.Operator):
+    """Stop the server this Blender started (frees its memory; the next job starts it again)"""
+
+    bl_idname = "one2345.stop_server"
+    bl_label = "Stop Server"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Stop it (a job that is running is cancelled first)."""
+        jobs.cancel_all()
+        manager = server_process.current_manager()
+        if manager is not None:
+            manager.stop()
+        preferences.get(context).status_text = "Server stopped."
+        return {"FINISHED"}
+
+
+class ONE2345_OT_setup_server_env(bpy.types.Operator):
+    """Create a Python environment in the extension's user folder and install the One2345 server into it
+    (downloads PyTorch: several GB)"""
+
+    bl_idname = "one2345.setup_server_env"
+    bl_label = "Set Up Server Environment"
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        """Not while another set-up runs."""
+        task = jobs.last()
+        return not (task is not None and task.name == "server set-up" and not task.finished)
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Refuse without online access; otherwise run venv + pip on a worker thread, logging to setup.log."""
+        if not bpy.app.online_access:
+            error = JobError("offline", "Online access is disabled, so the server environment cannot be downloaded.",
+                             "Allow online access in Preferences > System > Network, or set up the environment "
+                             "yourself and choose its Python")
+            jobs.set_last(jobs.failed("server set-up", error))
+            report_failure(self, str(error))
+            return {"CANCELLED"}
+        prefs = preferences.get(context)
+        venv_dir = preferences.user_dir() / "server-env"
+        log_path = preferences.user_dir() / "logs" / "setup.log"
+        base, package = preferences.blender_python(), prefs.server_package
+
+        def setup(task: jobs.Task) -> Path:
+            return server_process.setup_environment(
+                venv_dir, base, package, log_path,
+                progress=lambda line, n: task.post("progress", jobs.Progress(stage=line[:80], step=n)),
+                cancelled=lambda: task.cancel_requested)
+
+        def done(task: jobs.Task) -> None:
+            if task.state == "done":
+                preferences.get().python_path = str(task.result)
+            _show_status(task, f"Server environment ready: {task.result}")
+
+        task = jobs.FunctionTask("server set-up", setup)
+        jobs.set_last(task)
+        run_task(task, done)
+        prefs.status_text = "Setting up the server environment… (see the set-up log)"
+        return {"FINISHED"}
+
+
+# -- fix-it actions -----------------------------------------------------------------------------------------------
+
+class ONE2345_OT_open_log(bpy.types.Operator):
+    """Open a One2345 log file"""
+
+    bl_idname = "one2345.open_log"
+    bl_label = "Open Log"
+
+    which: EnumProperty(items=(("server", "Server", "The server's log"), ("setup", "Set-up", "The set-up log")),
+                        default="server")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Open the log with the system's viewer (its path is reported in background mode)."""
+        path = preferences.user_dir() / "logs" / f"{self.which}.log"
+        if not path.is_file():
+            self.report({"WARNING"}, f"No {self.which} log yet ({path}).")
+            return {"CANCELLED"}
+        if bpy.app.background:
+            self.report({"INFO"}, str(path))
+        else:
+            bpy.ops.wm.path_open(filepath=str(path))
+        return {"FINISHED"}
+
+
+class ONE2345_OT_open_preferences(bpy.types.Operator):
+    """Open the One2345 add-on preferences"""
+
+    bl_idname = "one2345.open_preferences"
+    bl_label = "Open Preferences"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Show the preferences window at this add-on."""
+        if bpy.app.background:
+            self.report({"INFO"}, "Preferences > Add-ons > One2345")
+            return {"FINISHED"}
+        bpy.ops.screen.userpref_show(section="ADDONS")
+        bpy.ops.preferences.addon_show(module=preferences.PACKAGE)
+        return {"FINISHED"}
+
+
+class ONE2345_OT_lower_resolution(bpy.types.Operator):
+    """Halve the mesh resolution (uses less memory)"""
+
+    bl_idname = "one2345.lower_resolution"
+    bl_label = "Lower Mesh Resolution"
+    bl_options = {"REGISTER", "UNDO"}  # noqa: RUF012 - Blender reads a plain set; a ClassVar hint would be a property
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Halve ``scene.one2345.resolution`` (not below 32)."""
+        settings = context.scene.one2345
+        settings.resolution = max(32, settings.resolution // 2)
+        self.report({"INFO"}, f"Mesh resolution is now {settings.resolution}.")
+        return {"FINISHED"}
+
+
+_OPEN_PREFS = ("one2345.open_preferences", "Open Preferences", "PREFERENCES")
+_SETUP = ("one2345.setup_server_env", "Set Up Server Environment", "IMPORT")
+_SERVER_LOG = ("one2345.open_log", "Open Server Log", "TEXT")
+_START = ("one2345.start_server", "Start Server", "PLAY")
+FIXES.update({
+    "server_not_configured": (_OPEN_PREFS, _SETUP),
+    "server_python_missing": (_OPEN_PREFS, _SETUP),
+    "server_start_failed": (_SERVER_LOG, _OPEN_PREFS),
+    "server_died": (("one2345.start_server", "Restart Server", "FILE_REFRESH"), _SERVER_LOG),
+    "unreachable": (_START, _OPEN_PREFS),
+    "unauthorized": (_OPEN_PREFS,),
+    "missing_weights": (_OPEN_PREFS, _SERVER_LOG),
+    "out_of_memory": (("one2345.lower_resolution", "Lower Mesh Resolution", "MOD_DECIM"),),
+    "queue_full": (("one2345.generate_mesh", "Try Again", "FILE_REFRESH"),),
+    "internal": (_SERVER_LOG,),
+    "setup_failed": (("one2345.open_log", "Open Set-up Log", "TEXT"),),
+    "offline": (_OPEN_PREFS,),
+})
+
+CLASSES = (ONE2345_OT_generate_mesh, ONE2345_OT_cancel_job, ONE2345_OT_check_server, ONE2345_OT_start_server,
+           ONE2345_OT_stop_server, ONE2345_OT_setup_server_env, ONE2345_OT_open_log, ONE2345_OT_open_preferences,
+           ONE2345_OT_lower_resolution)
+
+
+@bpy.app.handlers.persistent
+def _forget_job_on_load(*args: object) -> None:
+    """Opening another file ends the modal operator; cancel its job so Generate does not stay greyed out."""
+    jobs.cancel_all()
+    jobs.set_active(None)
+
+
+def register() -> None:
+    """Register the operators and the file-load handler."""
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    bpy.app.handlers.load_pre.append(_forget_job_on_load)
+
+
+def unregister() -> None:
+    """Cancel a running job and unregister."""
+    if _forget_job_on_load in bpy.app.handlers.load_pre:
+        bpy.app.handlers.load_pre.remove(_forget_job_on_load)
+    jobs.cancel_all()
+    jobs.set_active(None)
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,159 @@
+"""The "One2345" tab of the 3D Viewport sidebar: drawing only (state lives in the scene settings and in jobs.py)."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+
+import bpy
+import bpy.utils.previews
+
+from . import jobs
+from .operators import FIXES
+
+MAIN_VIEW = re.compile(r"^\d+\.png$")
+"""Previews shown in the panel: the generated views (``0.png`` …), not the nearby stage-2 views."""
+MAX_PREVIEWS = 8
+_PREVIEWS: dict[str, bpy.utils.previews.ImagePreviewCollection] = {}
+
+
+def preview_icon(path: Path) -> int:
+    """The icon id of an image file, loaded once into the add-on's preview collection."""
+    collection = _PREVIEWS["views"]
+    key = str(path)
+    if key not in collection:
+        collection.load(key, key, "IMAGE")
+    return collection[key].icon_id
+
+
+def wrapped_label(layout: bpy.types.UILayout, text: str, width: int = 48, icon: str = "NONE") -> None:
+    """Labels do not wrap by themselves: one label per line, the first with the icon."""
+    lines = [line for paragraph in text.splitlines() for line in (textwrap.wrap(paragraph, width) or [""])]
+    for i, line in enumerate(lines):
+        layout.label(text=line, icon=icon if i == 0 else "NONE")
+
+
+def draw_image_source(layout: bpy.types.UILayout, context: bpy.types.Context,
+                      settings: bpy.types.PropertyGroup) -> None:
+    """File, image datablock, or the active image empty."""
+    layout.prop(settings, "image_source", expand=True)
+    if settings.image_source == "FILE":
+        layout.prop(settings, "filepath", text="")
+    elif settings.image_source == "IMAGE":
+        layout.template_ID(settings, "image", open="image.open")
+    else:
+        obj = context.active_object
+        ok = obj is not None and obj.type == "EMPTY" and obj.empty_display_type == "IMAGE" and obj.data is not None
+        layout.label(text=f"{obj.name}: {obj.data.name}" if ok else "Select an image empty", icon=(
+            "IMAGE_REFERENCE" if ok else "ERROR"))
+
+
+def draw_options(layout: bpy.types.UILayout, settings: bpy.types.PropertyGroup) -> None:
+    """The request options."""
+    col = layout.column(align=True)
+    col.use_property_split = True
+    col.prop(settings, "elevation_mode")
+    if settings.elevation_mode == "MANUAL":
+        col.prop(settings, "elevation")
+    row = col.row(align=True)
+    row.prop(settings, "seed")
+    row.prop(settings, "use_random_seed", text="", icon="FILE_REFRESH")
+    col.prop(settings, "quality")
+    if settings.quality == "CUSTOM":
+        col.prop(settings, "steps_stage1")
+        col.prop(settings, "steps_stage2")
+        col.prop(settings, "guidance")
+    col.prop(settings, "resolution")
+    col.prop(settings, "remove_background")
+    col.prop(settings, "mesh_format")
+
+
+def draw_progress(layout: bpy.types.UILayout, job: jobs.GenerateJob) -> None:
+    """Progress bar with stage and step, the previews so far, and Cancel."""
+    p = job.progress
+    steps = f" {p.step}/{p.total}" if p.total > 1 else ""
+    eta = f", {p.eta_s:.0f} s left" if p.eta_s else ""
+    text = "Cancelling…" if job.cancel_requested else f"{p.stage}{steps} ({p.fraction:.0%}{eta})"
+    layout.progress(factor=p.fraction, type="BAR", text=text)
+    layout.operator("one2345.cancel_job", text="Cancel (Esc)", icon="CANCEL")
+    draw_previews(layout, job.previews)
+
+
+def draw_previews(layout: bpy.types.UILayout, previews: list[Path]) -> None:
+    """The generated views, newest first."""
+    views = [path for path in previews if MAIN_VIEW.match(path.name)][-MAX_PREVIEWS:]
+    if not views:
+        return
+    grid = layout.grid_flow(columns=4, even_columns=True, align=True)
+    for path in views:
+        grid.template_icon(icon_value=preview_icon(path), scale=3.0)
+
+
+def draw_outcome(layout: bpy.types.UILayout, task: jobs.Task | None) -> None:
+    """The last task's notes, or its error with the buttons that fix it."""
+    if task is None:
+        return
+    for note in task.notes:
+        wrapped_label(layout, note, icon="INFO")
+    if task.state == "running":
+        p = task.progress
+        layout.label(text=f"{task.name.capitalize()}: {p.stage}", icon="TIME")
+    elif task.state == "failed" and task.error is not None:
+        box = layout.box()
+        box.alert = True
+        wrapped_label(box, task.error.message, icon="ERROR")
+        if task.error.fix:
+            wrapped_label(box, f"Fix: {task.error.fix}.")
+        for idname, text, icon in FIXES.get(task.error.kind, ()):
+            box.operator(idname, text=text, icon=icon)
+    elif task.state == "cancelled":
+        layout.label(text="Cancelled.", icon="CANCEL")
+    elif task.state == "done" and isinstance(task, jobs.GenerateJob):
+        result = task.result
+        layout.label(text=f"Done: {result.vertices} vertices, {result.faces} faces", icon="CHECKMARK")
+        layout.operator("wm.path_open", text="Open Job Folder", icon="FILE_FOLDER").filepath = str(result.job_dir)
+        draw_previews(layout, task.previews)
+
+
+class ONE2345_PT_generate(bpy.types.Panel):
+    """Image to 3D mesh with One-2-3-45."""
+
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "One2345"
+    bl_label = "Generate Mesh"
+
+    def draw(self, context: bpy.types.Context) -> None:
+        """Image, options, then Generate or the running job's progress, then the last outcome."""
+        layout = self.layout
+        settings = context.scene.one2345
+        draw_image_source(layout, context, settings)
+        draw_options(layout, settings)
+        job = jobs.active()
+        if job is not None:
+            draw_progress(layout, job)
+        else:
+            row = layout.row()
+            row.scale_y = 1.5
+            row.operator("one2345.generate_mesh", icon="MESH_MONKEY")
+            draw_outcome(layout, jobs.last())
+
+
+CLASSES = (ONE2345_PT_generate,)
+
+
+def register() -> None:
+    """Register the panel and its preview collection."""
+    _PREVIEWS["views"] = bpy.utils.previews.new()
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+
+
+def unregister() -> None:
+    """Unregister and free the previews."""
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)
+    for collection in _PREVIEWS.values():
+        bpy.utils.previews.remove(collection)
+    _PREVIEWS.clear()

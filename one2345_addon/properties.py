@@ -1,0 +1,139 @@
+"""Per-scene job settings (``scene.one2345``) and the one function that turns them into request options.
+
+The option properties are declared once in :class:`JobOptions` and shared by the scene's property group and the
+``one2345.generate_mesh`` operator, so a script can override any of them (``generate_mesh(resolution=64)``) while
+the panel edits the scene's copy. :func:`to_request` is the only place that maps them onto the HTTP contract's
+``options`` object.
+"""
+
+# No `from __future__ import annotations`: Blender reads property annotations as objects, not strings.
+
+from typing import Any
+
+import bpy
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
+
+QUALITY_STEPS = {"FAST": (25, 15), "BALANCED": (50, 30), "PAPER": (75, 50)}
+"""Quality preset → (stage-1 DDIM steps, stage-2 DDIM steps). PAPER is the reference's 75/50 (spec §1)."""
+
+OPTION_NAMES = ("elevation_mode", "elevation", "use_random_seed", "seed", "quality", "steps_stage1", "steps_stage2",
+                "guidance", "resolution", "remove_background", "mesh_format")
+"""Every option property; the operator overrides the scene's value for the ones a caller sets explicitly."""
+
+
+class JobOptions:
+    """Annotations shared by the scene settings and the operator (the contract's request options)."""
+
+    elevation_mode: EnumProperty(
+        name="Elevation", description="Camera elevation of the input image",
+        items=(("AUTO", "Auto", "Estimate the elevation from the generated views"),
+               ("MANUAL", "Manual", "Use the elevation given below")),
+        default="AUTO")
+    elevation: FloatProperty(
+        name="Elevation (°)", description="Camera elevation above the horizon in degrees (−60…70)",
+        default=0.0, min=-60.0, max=70.0)
+    use_random_seed: BoolProperty(
+        name="Random Seed", description="Let the server pick a new seed for every run", default=False)
+    seed: IntProperty(name="Seed", description="Seed of the multi-view diffusion (same seed, same result)",
+                      default=0, min=0)
+    quality: EnumProperty(
+        name="Quality", description="Diffusion steps: more steps are slower and cleaner",
+        items=(("FAST", "Fast", "25 + 15 steps"), ("BALANCED", "Balanced", "50 + 30 steps"),
+               ("PAPER", "Paper", "75 + 50 steps, as in the paper"), ("CUSTOM", "Custom", "Choose the steps")),
+        default="PAPER")
+    steps_stage1: IntProperty(name="Steps (Stage 1)", description="DDIM steps for the first four views",
+                              default=75, min=1, max=200)
+    steps_stage2: IntProperty(name="Steps (Stage 2)", description="DDIM steps for the nearby views",
+                              default=50, min=1, max=200)
+    guidance: FloatProperty(name="Guidance", description="Classifier-free guidance scale", default=3.0,
+                            min=1.0, max=20.0)
+    resolution: IntProperty(name="Mesh Resolution", description="Marching-cubes grid size per axis (32…512)",
+                            default=256, min=32, max=512)
+    remove_background: BoolProperty(name="Remove Background",
+                                    description="Cut the object out of the background (off: use the image's alpha)",
+                                    default=True)
+    mesh_format: EnumProperty(
+        name="Format", description="Mesh file kept in the job folder (all three import with colours)",
+        items=(("PLY", "PLY", "Vertex colours, z-up (recommended)"), ("GLB", "glTF Binary", "glTF 2.0 binary"),
+               ("OBJ", "OBJ", "Wavefront OBJ with vertex colours")),
+        default="PLY")
+
+
+def skip_save_options() -> dict[str, Any]:
+    """The :class:`JobOptions` annotations with ``SKIP_SAVE``, for operators: a call that does not set an option must
+    take the scene's value, not the one remembered from the previous call."""
+    annotations = {}
+    for name, deferred in JobOptions.__annotations__.items():
+        keywords = dict(deferred.keywords)
+        keywords["options"] = set(keywords.get("options", ())) | {"SKIP_SAVE"}
+        annotations[name] = deferred.function(**keywords)
+    return annotations
+
+
+class ONE2345_PG_settings(JobOptions, bpy.types.PropertyGroup):
+    """The panel's settings, stored in the scene."""
+
+    image_source: EnumProperty(
+        name="Image", description="Where the input image comes from",
+        items=(("FILE", "File", "An image file on disk"),
+               ("IMAGE", "Image", "An image loaded in this file"),
+               ("ACTIVE", "Active Empty", "The image of the active image empty or reference image")),
+        default="FILE")
+    filepath: StringProperty(name="Image File", description="Input image file", subtype="FILE_PATH")
+    image: PointerProperty(name="Image", description="Input image datablock", type=bpy.types.Image)
+
+
+def option_values(settings: Any, override: Any = None) -> dict[str, Any]:
+    """The option properties of ``settings``, with those set explicitly on ``override`` (an operator) winning."""
+    values = {name: getattr(settings, name) for name in OPTION_NAMES}
+    if override is not None:
+        for name in OPTION_NAMES:
+            if override.properties.is_property_set(name):
+                values[name] = getattr(override, name)
+    return values
+
+
+def to_request(settings: Any, override: Any = None) -> dict[str, Any]:
+    """Turn the settings into the contract's ``options`` object for ``POST /v1/jobs``.
+
+    Args:
+        settings: anything with the :class:`JobOptions` attributes (``scene.one2345``).
+        override: an operator whose explicitly set option properties replace the settings' values.
+
+    Returns:
+        ``{"elevation": float | None, "seed": int | None, "steps_stage1", "steps_stage2", "guidance",
+        "resolution", "format": "ply" | "glb" | "obj", "remove_background"}``.
+    """
+    v = option_values(settings, override)
+    steps = (v["steps_stage1"], v["steps_stage2"]) if v["quality"] == "CUSTOM" else QUALITY_STEPS[v["quality"]]
+    # Explicit step counts from a script win over the quality preset (nobody passes steps to be ignored).
+    if override is not None:
+        steps = tuple(getattr(override, name) if override.properties.is_property_set(name) else step
+                      for name, step in zip(("steps_stage1", "steps_stage2"), steps, strict=True))
+    return {
+        "elevation": float(v["elevation"]) if v["elevation_mode"] == "MANUAL" else None,
+        "seed": None if v["use_random_seed"] else int(v["seed"]),
+        "steps_stage1": int(steps[0]),
+        "steps_stage2": int(steps[1]),
+        "guidance": float(v["guidance"]),
+        "resolution": int(v["resolution"]),
+        "format": str(v["mesh_format"]).lower(),
+        "remove_background": bool(v["remove_background"]),
+    }
+
+
+CLASSES = (ONE2345_PG_settings,)
+
+
+def register() -> None:
+    """Register the property group and attach it to scenes."""
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    bpy.types.Scene.one2345 = PointerProperty(type=ONE2345_PG_settings)
+
+
+def unregister() -> None:
+    """Detach and unregister."""
+    del bpy.types.Scene.one2345
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)
