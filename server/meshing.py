@@ -16,12 +16,17 @@ to flip the face winding to keep normals outward. We instead apply the proper ro
 (x, y, z) → (x, z, −y), the same one Blender's glTF exporter applies for "+Y up". It keeps handedness and winding,
 and a y-up importer that converts back to z-up (Blender's glTF and OBJ importers do) recovers the PLY's coordinates
 exactly. This deliberately differs from the reference's OBJ/GLB files, which are mirrored.
+
+Colour encoding. Vertex colours are sRGB bytes (sampled from sRGB images). PLY and OBJ store them as such; glTF
+defines COLOR_0 as linear, so the GLB stores the decoded linear values as float32 (every sRGB byte round-trips).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -603,19 +608,62 @@ def _read_ply(path: Path) -> Mesh:
 # GLB -----------------------------------------------------------------------------------------------------------------
 
 
-def _glb_bytes(mesh: Mesh) -> bytes:
-    """glTF binary via trimesh, y-up, vertex colours as COLOR_0 (RGBA uint8, alpha 255)."""
-    import trimesh
+def srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    """IEC 61966-2-1 decoding of sRGB values in [0, 1]."""
+    c = np.asarray(c, dtype=np.float64)
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
 
-    colors = None
+
+def linear_to_srgb(c: np.ndarray) -> np.ndarray:
+    """IEC 61966-2-1 encoding of linear values in [0, 1]."""
+    c = np.clip(np.asarray(c, dtype=np.float64), 0.0, 1.0)
+    return np.where(c <= 0.0031308, 12.92 * c, 1.055 * c ** (1 / 2.4) - 0.055)
+
+
+_GLB_MAGIC, _JSON_CHUNK, _BIN_CHUNK = 0x46546C67, 0x4E4F534A, 0x004E4942
+_FLOAT, _UNSIGNED_INT, _ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 5126, 5125, 34962, 34963
+
+
+def _glb_bytes(mesh: Mesh) -> bytes:
+    """glTF 2.0 binary, y-up: POSITION float32, COLOR_0 float32 *linear* (the spec defines COLOR_0 as linear, so
+    our sRGB vertex colours are decoded; storing floats keeps every 8-bit sRGB value exact), uint32 indices.
+
+    Written by hand (about as long as driving an exporter) so the colour encoding is explicit."""
+    positions = np.ascontiguousarray(_to_y_up(mesh.vertices), dtype="<f4")
+    indices = np.ascontiguousarray(mesh.faces, dtype="<u4")
+    arrays = [positions]
+    attributes = {"POSITION": 0}
+    accessors = [{"bufferView": 0, "componentType": _FLOAT, "count": len(positions), "type": "VEC3",
+                  "min": positions.min(axis=0).tolist(), "max": positions.max(axis=0).tolist()}]
     if mesh.colors is not None:
-        colors = np.concatenate([mesh.colors, np.full((mesh.colors.shape[0], 1), 255, np.uint8)], axis=1)
-    # process=False: keep vertex order and count (no merging), so the file matches the PLY one to one.
-    tm = trimesh.Trimesh(vertices=_to_y_up(mesh.vertices), faces=mesh.faces, vertex_colors=colors, process=False)
-    return tm.export(file_type="glb")
+        arrays.append(np.ascontiguousarray(srgb_to_linear(mesh.colors / 255.0), dtype="<f4"))
+        attributes["COLOR_0"] = 1
+        accessors.append({"bufferView": 1, "componentType": _FLOAT, "count": len(positions), "type": "VEC3"})
+    arrays.append(indices)
+    accessors.append({"bufferView": len(arrays) - 1, "componentType": _UNSIGNED_INT, "count": indices.size,
+                      "type": "SCALAR"})
+
+    views, blob = [], b""
+    for i, array in enumerate(arrays):
+        data = array.tobytes()
+        target = _ELEMENT_ARRAY_BUFFER if i == len(arrays) - 1 else _ARRAY_BUFFER
+        views.append({"buffer": 0, "byteOffset": len(blob), "byteLength": len(data), "target": target})
+        blob += data + b"\0" * (-len(data) % 4)
+    gltf = {
+        "asset": {"version": "2.0", "generator": "one2345"},
+        "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0, "name": "one2345"}],
+        "meshes": [{"primitives": [{"attributes": attributes, "indices": len(accessors) - 1, "mode": 4}]}],
+        "accessors": accessors, "bufferViews": views, "buffers": [{"byteLength": len(blob)}],
+    }
+    text = json.dumps(gltf, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 4)
+    total = 12 + 8 + len(text) + 8 + len(blob)
+    return (struct.pack("<III", _GLB_MAGIC, 2, total) + struct.pack("<II", len(text), _JSON_CHUNK) + text
+            + struct.pack("<II", len(blob), _BIN_CHUNK) + blob)
 
 
 def _read_glb(path: Path) -> Mesh:
+    """Read a GLB back into z-up world coordinates with sRGB uint8 colours (COLOR_0 is linear in glTF)."""
     import trimesh
 
     try:
@@ -624,11 +672,34 @@ def _read_glb(path: Path) -> Mesh:
         raise BadInputError(
             f"{path} could not be read as glTF binary ({error}); allowed: a .glb triangle mesh"
         ) from error
-    colors = None
-    if tm.visual.kind == "vertex":
-        colors = np.asarray(tm.visual.vertex_colors)[:, :3].astype(np.uint8)
+    colors = _glb_linear_colors(path, len(tm.vertices))
+    if colors is None and tm.visual.kind == "vertex":  # a GLB of another writer, stored as 8-bit (linear) values
+        colors = np.asarray(tm.visual.vertex_colors)[:, :3] / 255.0
+    srgb = None if colors is None else np.round(linear_to_srgb(colors) * 255).astype(np.uint8)
     vertices = _from_y_up(np.asarray(tm.vertices, dtype=np.float32))
-    return Mesh(vertices.astype(np.float32), np.asarray(tm.faces, dtype=np.int64), colors)
+    return Mesh(vertices.astype(np.float32), np.asarray(tm.faces, dtype=np.int64), srgb)
+
+
+def _glb_linear_colors(path: Path, count: int) -> np.ndarray | None:
+    """The exact float COLOR_0 of a single-primitive GLB as we write it, else None (trimesh's 8-bit copy is used)."""
+    data = path.read_bytes()
+    (json_length,) = struct.unpack_from("<I", data, 12)
+    gltf = json.loads(data[20: 20 + json_length])
+    blob = data[20 + json_length + 8:]
+    meshes = gltf.get("meshes", [])
+    if len(meshes) != 1 or len(meshes[0]["primitives"]) != 1:
+        return None
+    index = meshes[0]["primitives"][0]["attributes"].get("COLOR_0")
+    if index is None:
+        return None
+    accessor = gltf["accessors"][index]
+    if accessor["componentType"] != _FLOAT or accessor["count"] != count:
+        return None
+    view = gltf["bufferViews"][accessor["bufferView"]]
+    width = {"VEC3": 3, "VEC4": 4}[accessor["type"]]
+    start = view.get("byteOffset", 0) + accessor.get("byteOffset", 0)
+    values = np.frombuffer(blob, dtype="<f4", count=count * width, offset=start).reshape(count, width)
+    return values[:, :3].astype(np.float64)
 
 
 # OBJ -----------------------------------------------------------------------------------------------------------------

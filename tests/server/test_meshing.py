@@ -370,3 +370,25 @@ def test_atomic_write(mesh: Mesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         export_mesh(Mesh(mesh.vertices, mesh.faces), target)
     assert list(target.parent.iterdir()) == [target]  # no temp file left behind
     assert target.read_bytes() == before  # the old file is untouched
+
+
+def test_glb_vertex_colours_are_linear_as_gltf_defines_them(tmp_path):
+    """glTF's COLOR_0 is linear: an sRGB byte c must be stored as ((c/255 + 0.055)/1.055)^2.4 (or c/255/12.92)."""
+    import json as _json
+    import struct as _struct
+
+    vertices = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32)
+    faces = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], dtype=np.int64)
+    colors = np.array([[0, 10, 128], [255, 200, 1], [30, 60, 90], [11, 12, 13]], dtype=np.uint8)
+    path = export_mesh(Mesh(vertices, faces, colors), tmp_path / "c.glb")
+    data = path.read_bytes()
+    (json_length,) = _struct.unpack_from("<I", data, 12)
+    gltf = _json.loads(data[20: 20 + json_length])
+    accessor = gltf["accessors"][gltf["meshes"][0]["primitives"][0]["attributes"]["COLOR_0"]]
+    view = gltf["bufferViews"][accessor["bufferView"]]
+    blob = data[20 + json_length + 8:]
+    stored = np.frombuffer(blob, "<f4", 12, view["byteOffset"]).reshape(4, 3)
+    c = colors / 255.0
+    expected = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    np.testing.assert_allclose(stored, expected, atol=1e-6)
+    assert np.array_equal(load_mesh(path).colors, colors)  # every 8-bit sRGB value survives the round trip
