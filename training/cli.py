@@ -13,9 +13,15 @@ import sys
 from collections.abc import Callable, Sequence
 
 from server.errors import One2345Error
+from training import evaluate, predict, train
 from training.render import driver as render_driver
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], ...] = (render_driver.add_parser,)
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], ...] = (
+    render_driver.add_parser,
+    predict.add_predict_parser,
+    train.add_fit_parser,
+    evaluate.add_evaluate_parser,
+)
 """Registration functions of the subcommands, in help order."""
 
 

@@ -1,0 +1,463 @@
+"""Training data of the reconstruction network: the rendered objects of ``one2345-train render`` (spec §6).
+
+One object is a folder ``<root>/<folder_id>/<uid>/`` (layout of :mod:`training.render.layout`):
+
+* ``view_{k}.png`` (k = 0..7): RGBA ground-truth targets; ``view_{k}_depth_mm.png``: uint16 z-depth in millimetres
+  (0 = background, so it is also the mask);
+* ``view_{k}_{j}_10.png``: the 32 ground-truth nearby views; ``zero123/view_{k}_{j}_10.png``: Zero123's predictions of
+  the same views, cached by ``one2345-train predict`` (:data:`PREDICTION_DIR`);
+* ``pose.json``: the inference format. The k-th stage-1 id in file order (``0.png`` …) is ``view_{k}.png`` and its
+  nearby id ``<i>_<j>.png`` is ``view_{k}_{j}_10.png`` — derived here from pose.json alone, so the loader needs nothing
+  else; ``meta.json`` is the renderer's done marker and is required.
+
+One sample (decisions where spec §6 leaves room):
+
+* **Frame**: the camera of the first stage-1 id (``0.png``), exactly as at inference, so the network always sees the
+  layout it will meet (the reference used GT view ``idx mod 8``; ours never varies, which is what inference needs).
+* **Query**: GT view ``idx mod 8``; the dataset has 8 items per object, so a shuffled epoch visits every
+  (object, view) pair once — a uniformly random query, with full coverage.
+* **Sources**: the 32 nearby views, Zero123 predictions with probability ``prediction_ratio`` (paper: 1), else the GT
+  renders; the draw is a hash of (seed, epoch, index), so workers and resumed runs agree.
+* **Rays** (:func:`sample_rays`): ¼ uniform over the image, ¾ inside the mask (spec §6), through integer pixel
+  positions (u = column): the network samples source pixel j at u = j too (``project_to_grid``), so the query and the
+  sources share one pixel convention.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from server.cameras import NEARBY_DELTAS, PoseFile, ReconstructionCameras, calc_pose, normalise_cameras
+from server.errors import BadInputError
+
+META_NAME = "meta.json"
+"""The renderer's done marker; folders without it are unfinished and skipped."""
+PREDICTION_DIR = "zero123"
+"""Subfolder of an object holding Zero123's predictions of the 32 nearby views (same file names as the GT ones)."""
+NUM_TARGETS = 8
+NUM_NEARBY = 4
+_STAGE1_ID = re.compile(r"^(\d+)\.png$")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layout
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def target_name(k: int) -> str:
+    return f"view_{k}.png"
+
+
+def depth_name(k: int) -> str:
+    return f"view_{k}_depth_mm.png"
+
+
+def nearby_name(k: int, j: int) -> str:
+    return f"view_{k}_{j}_10.png"
+
+
+@dataclass(frozen=True)
+class ObjectViews:
+    """Ids and file names of one object, derived from its pose.json."""
+
+    folder: Path
+    poses: PoseFile
+    target_ids: tuple[str, ...]
+    """The 8 stage-1 ids in pose.json order; the k-th is ``view_{k}.png``."""
+    nearby_ids: tuple[str, ...]
+    """The 32 nearby ids ``<i>_<j>.png``, i-major (k-th target's are entries 4k..4k+3, ``view_{k}_{j}_10.png``)."""
+
+    @property
+    def uid(self) -> str:
+        return self.folder.name
+
+    @property
+    def reference_id(self) -> str:
+        return self.target_ids[0]
+
+    def nearby_files(self, predicted: bool) -> list[Path]:
+        base = self.folder / PREDICTION_DIR if predicted else self.folder
+        return [base / nearby_name(k, j) for k in range(NUM_TARGETS) for j in range(NUM_NEARBY)]
+
+    def has_predictions(self) -> bool:
+        return all(p.is_file() for p in self.nearby_files(True))
+
+
+def read_object(folder: str | os.PathLike[str]) -> ObjectViews:
+    """Read one object's pose.json and check that its files exist.
+
+    Raises:
+        BadInputError: no pose.json, not 8 stage-1 ids, a stage-1 id without its 4 nearby ids, or missing images.
+    """
+    folder = Path(folder)
+    poses = PoseFile.read(folder / "pose.json")
+    targets = tuple(i for i in poses.c2ws if _STAGE1_ID.match(i))
+    if len(targets) != NUM_TARGETS:
+        raise BadInputError(f"{folder}/pose.json lists {len(targets)} stage-1 ids ({', '.join(targets)}); "
+                            f"a training object has exactly {NUM_TARGETS}")
+    nearby = tuple(f"{t[:-4]}_{j}.png" for t in targets for j in range(NUM_NEARBY))
+    poses.require(nearby)
+    needed = [target_name(k) for k in range(NUM_TARGETS)] + [depth_name(k) for k in range(NUM_TARGETS)]
+    needed += [nearby_name(k, j) for k in range(NUM_TARGETS) for j in range(NUM_NEARBY)]
+    missing = [n for n in needed if not (folder / n).is_file()]
+    if missing:
+        raise BadInputError(f"{folder} lacks {len(missing)} of the training files: {', '.join(missing[:6])}")
+    return ObjectViews(folder, poses, targets, nearby)
+
+
+def find_objects(root: str | os.PathLike[str]) -> list[Path]:
+    """Finished object folders under ``root`` (``<folder_id>/<uid>/`` holding meta.json and pose.json), sorted.
+
+    Raises:
+        BadInputError: ``root`` is not a folder or holds no finished object.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise BadInputError(f"data folder {root} does not exist; give the --out folder of `one2345-train render`")
+    found = sorted(p.parent for p in root.glob(f"*/*/{META_NAME}") if (p.parent / "pose.json").is_file())
+    if not found:
+        raise BadInputError(f"{root} holds no finished object (<folder_id>/<uid>/ with {META_NAME} and pose.json)")
+    return found
+
+
+def split_objects(objects: Sequence[Path], val_fraction: float, salt: str = "val") -> tuple[list[Path], list[Path]]:
+    """Deterministic train/validation split by a hash of the uid: adding objects never moves an existing one.
+
+    Returns:
+        (train, val); val is non-empty whenever ``val_fraction`` > 0 and there are at least 2 objects.
+    """
+    if not 0 <= val_fraction < 1:
+        raise BadInputError(f"val_fraction {val_fraction} is not usable: need 0 <= fraction < 1")
+    scored = sorted(objects, key=lambda p: _hash_unit(f"{salt}:{p.name}"))
+    count = math.ceil(val_fraction * len(scored)) if val_fraction > 0 and len(scored) >= 2 else 0
+    val = set(scored[:count])
+    return [p for p in objects if p not in val], [p for p in objects if p in val]
+
+
+def _hash_unit(text: str) -> float:
+    """A stable number in [0, 1) from a string."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") / 2**64
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_rgb_on_white(path: Path) -> np.ndarray:
+    """[H, W, 3] float32 in [0, 1]: RGBA composited on white (as the reference), RGB as is."""
+    with Image.open(path) as im:
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
+    alpha = rgba[..., 3:]
+    return rgba[..., :3] * alpha + (1.0 - alpha)
+
+
+def read_depth_mm(path: Path) -> np.ndarray:
+    """[H, W] float64 z-depth in world units (metres), 0 on the background."""
+    with Image.open(path) as im:
+        return np.asarray(im, dtype=np.float64) / 1000.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Samples
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What a training sample holds; defaults are the paper's recipe."""
+
+    prediction_ratio: float = 1.0
+    """Probability that a sample's sources are Zero123 predictions (cached by ``one2345-train predict``) rather than
+    the GT nearby renders. Paper: 1 (predicted sources, GT targets); 0 trains without Zero123 weights."""
+    val_fraction: float = 0.05
+    """Share of objects held out for validation and evaluation (split by uid hash)."""
+
+
+@dataclass
+class Sample:
+    """One object seen from one query view, in the network's normalised frame."""
+
+    uid: str
+    images: torch.Tensor
+    """[32, 3, H, W] source views in [0, 1]."""
+    proj: torch.Tensor
+    """[32, 4, 4] K · w2c_norm of the sources."""
+    centres: torch.Tensor
+    """[32, 3] source camera centres, normalised."""
+    query_rgb: torch.Tensor
+    """[H, W, 3] the GT target composited on white."""
+    query_mask: torch.Tensor
+    """[H, W] float, 1 on the object (depth > 0)."""
+    query_depth: torch.Tensor
+    """[H, W] distance along the unit ray from the query camera to the surface, normalised units (0 = background)."""
+    query_c2w: torch.Tensor
+    """[4, 4] OpenCV camera-to-world of the query, normalised frame."""
+    query_K: torch.Tensor
+    """[3, 3] intrinsics of the query (pixels)."""
+    near_far: tuple[float, float]
+    """Ray range of the query camera (spec §3.4: [0.95·(d − 1), 1.05·(d + 1)], near clamped to stay positive)."""
+    cameras: ReconstructionCameras
+    """The normalisation, to map results back to the pose.json world."""
+    predicted: bool
+    """Whether the sources are Zero123 predictions."""
+
+    def to(self, device: torch.device | str) -> Sample:
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return Sample(**moved)
+
+
+def load_sample(obj: ObjectViews, query: int, predicted: bool) -> Sample:
+    """Read one (object, query view) sample; see the module docstring for the choices.
+
+    Args:
+        obj: the object.
+        query: index 0..7 of the GT target view.
+        predicted: take the sources from the Zero123 cache instead of the GT nearby renders.
+
+    Raises:
+        BadInputError: predictions requested but not cached, or images of different sizes.
+    """
+    if predicted and not obj.has_predictions():
+        raise BadInputError(f"{obj.folder} has no cached Zero123 predictions ({PREDICTION_DIR}/); run "
+                            "`one2345-train predict` first, or train on GT sources with --prediction-ratio 0")
+    sources = np.stack([read_rgb_on_white(p) for p in obj.nearby_files(predicted)])
+    rgb = read_rgb_on_white(obj.folder / target_name(query))
+    depth = read_depth_mm(obj.folder / depth_name(query))
+    size = sources.shape[1:3]
+    if rgb.shape[:2] != size or depth.shape != size:
+        raise BadInputError(f"{obj.folder}: target {query} is {rgb.shape[1]}×{rgb.shape[0]}, sources "
+                            f"{size[1]}×{size[0]}; all images of an object must share one size")
+    cams = normalise_cameras(obj.poses, obj.nearby_ids, obj.reference_id, size)
+    w2c = cams.normalised_w2c(obj.poses.c2ws[obj.target_ids[query]])
+    c2w = np.linalg.inv(w2c)
+    k = obj.poses.intrinsics.copy()
+    # z-depth (world) → distance along the unit ray (normalised): × ‖K⁻¹(u, v, 1)‖ / s, at the pixel positions rays use.
+    rows, cols = np.meshgrid(np.arange(size[0]), np.arange(size[1]), indexing="ij")
+    stretch = np.sqrt(((cols - k[0, 2]) / k[0, 0]) ** 2 + ((rows - k[1, 2]) / k[1, 1]) ** 2 + 1.0)
+    distance = np.linalg.norm(c2w[:3, 3])
+    near = max(0.95 * (distance - 1.0), 0.05)
+    return Sample(
+        uid=obj.uid,
+        images=torch.from_numpy(sources).permute(0, 3, 1, 2).contiguous(),
+        proj=torch.from_numpy(cams.proj).float(),
+        centres=torch.from_numpy(cams.centres).float(),
+        query_rgb=torch.from_numpy(rgb),
+        query_mask=torch.from_numpy((depth > 0).astype(np.float32)),
+        query_depth=torch.from_numpy((depth * stretch / cams.scale).astype(np.float32)),
+        query_c2w=torch.from_numpy(c2w).float(),
+        query_K=torch.from_numpy(k).float(),
+        near_far=(near, 1.05 * (distance + 1.0)),
+        cameras=cams,
+        predicted=predicted,
+    )
+
+
+class ObjectDataset(torch.utils.data.Dataset):
+    """8 items per object: item i is object i // 8 seen from GT view i mod 8.
+
+    Args:
+        objects: object folders (see :func:`find_objects`).
+        config: the data recipe.
+        seed: with :meth:`set_epoch`, decides which items get predicted sources.
+    """
+
+    def __init__(self, objects: Sequence[Path], config: DataConfig = DataConfig(), seed: int = 0) -> None:
+        if not objects:
+            raise BadInputError("the dataset has no objects")
+        self.objects = [read_object(p) for p in objects]
+        self.config = config
+        self.seed = seed
+        self.epoch = 0
+        if config.prediction_ratio > 0:
+            lacking = [o.uid for o in self.objects if not o.has_predictions()]
+            if lacking:
+                raise BadInputError(f"{len(lacking)} object(s) lack cached Zero123 predictions ({lacking[:4]}); run "
+                                    "`one2345-train predict`, or use --prediction-ratio 0 for GT sources")
+
+    def __len__(self) -> int:
+        return NUM_TARGETS * len(self.objects)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> Sample:
+        obj = self.objects[index // NUM_TARGETS]
+        predicted = _hash_unit(f"{self.seed}:{self.epoch}:{index}") < self.config.prediction_ratio
+        return load_sample(obj, index % NUM_TARGETS, predicted)
+
+
+def epoch_order(length: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled item order of one epoch (a pure function of its arguments, so a resumed run continues it)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(length, generator=generator).tolist()
+
+
+def item_for_step(step: int, length: int, seed: int, rank: int = 0, world_size: int = 1) -> tuple[int, int]:
+    """(epoch, dataset index) that process ``rank`` trains on at ``step``: every step consumes ``world_size`` items."""
+    position = step * world_size + rank
+    epoch, offset = divmod(position, length)
+    return epoch, epoch_order(length, seed, epoch)[offset]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rays
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RayBatch:
+    """Rays of the query camera with their supervision, normalised frame."""
+
+    origins: torch.Tensor
+    """[R, 3]."""
+    directions: torch.Tensor
+    """[R, 3] unit vectors."""
+    rgb: torch.Tensor
+    """[R, 3] GT colours."""
+    mask: torch.Tensor
+    """[R] float, 1 on the object."""
+    depth: torch.Tensor
+    """[R] GT distance along the ray (0 on the background)."""
+
+
+def pixel_rays(c2w: torch.Tensor, K: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                    torch.Tensor]:
+    """Rays through pixel positions (u = column, v = row, the network's pixel convention).
+
+    Args:
+        c2w: [4, 4] OpenCV camera-to-world; K: [3, 3]; rows, cols: [R] pixel indices.
+
+    Returns:
+        origins [R, 3], unit directions [R, 3].
+    """
+    cam = torch.stack([(cols.float() - K[0, 2]) / K[0, 0], (rows.float() - K[1, 2]) / K[1, 1],
+                       torch.ones_like(cols, dtype=torch.float32)], dim=-1)
+    directions = torch.nn.functional.normalize(cam @ c2w[:3, :3].T, dim=-1)
+    return c2w[:3, 3].expand_as(directions), directions
+
+
+def sample_rays(sample: Sample, count: int, generator: torch.Generator, inside_fraction: float = 0.75) -> RayBatch:
+    """``count`` rays: ``inside_fraction`` of them at random mask pixels, the rest uniform over the image (spec §6).
+
+    An empty mask gives uniform rays only.
+    """
+    height, width = sample.query_mask.shape
+    n_inside = round(count * inside_fraction)
+    flat_mask = sample.query_mask.reshape(-1) > 0
+    inside = torch.nonzero(flat_mask).squeeze(1)
+    uniform = torch.randint(0, height * width, (count,), generator=generator)
+    if len(inside) and n_inside:
+        chosen = inside[torch.randint(0, len(inside), (n_inside,), generator=generator)]
+        pixels = torch.cat([chosen, uniform[n_inside:]])
+    else:
+        pixels = uniform
+    rows, cols = pixels // width, pixels % width
+    origins, directions = pixel_rays(sample.query_c2w, sample.query_K, rows, cols)
+    return RayBatch(origins, directions, sample.query_rgb[rows, cols], sample.query_mask[rows, cols],
+                    sample.query_depth[rows, cols])
+
+
+def image_rays(sample: Sample, level: int = 1) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """Rays of every ``level``-th pixel of the query image (validation renders).
+
+    Returns:
+        origins [R, 3], directions [R, 3], (rows, cols) of the render.
+    """
+    height, width = sample.query_mask.shape
+    rows, cols = torch.meshgrid(torch.arange(0, height, level), torch.arange(0, width, level), indexing="ij")
+    origins, directions = pixel_rays(sample.query_c2w, sample.query_K, rows.reshape(-1), cols.reshape(-1))
+    return origins, directions, tuple(rows.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Synthetic objects (tests and a Blender-free dataset)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def write_synthetic_object(folder: str | os.PathLike[str], polar: float = 75.0, shape: str = "toy", size: int = 256,
+                           rotation_deg: float = 0.0, scale: float = 1.0, mesh_resolution: int = 64) -> Path:
+    """Render an analytic object of :mod:`server.synthetic` in the training layout, with exact depth and a GT mesh.
+
+    The object is rotated by ``rotation_deg`` about z and scaled by ``scale`` (by moving the cameras instead:
+    a camera at c/scale with the same orientation sees the scaled object as the camera at c sees the original), which
+    gives varied objects from the two analytic shapes.
+
+    Writes ``view_{k}.png`` (RGBA), ``view_{k}_depth_mm.png``, ``view_{k}_{j}_10.png``, ``pose.json``, ``mesh.ply``
+    (marching cubes of the exact SDF) and ``meta.json``.
+
+    Returns:
+        The folder.
+    """
+    from server.meshing import Mesh, export_mesh
+    from server.synthetic import render_view, shape_sdf
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    poses = PoseFile.for_polar(polar)
+    poses.intrinsics[:2] *= size / 256
+    poses = PoseFile(poses.intrinsics, poses.near_far, poses.c2ws)
+    theta = math.radians(rotation_deg)
+    rot = np.eye(4)
+    rot[:2, :2] = [[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]]
+    targets = [i for i in poses.c2ws if _STAGE1_ID.match(i)]
+    files = {}
+    for k, target in enumerate(targets):
+        files[target] = target_name(k)
+        for j in range(NUM_NEARBY):
+            files[f"{target[:-4]}_{j}.png"] = nearby_name(k, j)
+    for view_id, name in files.items():
+        # Camera seen from the object's frame: undo the object's rotation, divide the position by its scale.
+        c2w = np.linalg.inv(rot) @ poses.c2ws[view_id]
+        c2w[:3, 3] /= scale
+        rgb, depth = render_view(c2w, poses.intrinsics, size, shape)
+        depth = depth * scale
+        alpha = np.isfinite(depth)
+        Image.fromarray(np.dstack([rgb, alpha.astype(np.uint8) * 255])).save(folder / name)
+        if name.count("_") == 1:
+            mm = np.where(alpha, np.rint(np.where(alpha, depth, 0) * 1000), 0).astype(np.uint16)
+            Image.fromarray(mm).save(folder / depth_name(int(name[5:-4])))
+    poses.write(folder / "pose.json")
+
+    import mcubes
+
+    axis = np.linspace(-0.6, 0.6, mesh_resolution)
+    grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    sdf = shape_sdf(grid / scale, shape).reshape((mesh_resolution,) * 3) * scale
+    vertices, faces = mcubes.marching_cubes(-sdf, 0.0)
+    vertices = vertices * (axis[1] - axis[0]) + axis[0]
+    vertices = vertices @ rot[:3, :3].T
+    export_mesh(Mesh(vertices.astype(np.float32), faces.astype(np.int64)), folder / "mesh.ply")
+    meta = {"uid": folder.name, "source": "synthetic", "shape": shape, "polar": polar, "rotation_deg": rotation_deg,
+            "scale": scale, "files": files}
+    (folder / META_NAME).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def write_synthetic_dataset(root: str | os.PathLike[str], count: int, size: int = 256, seed: int = 0,
+                            polar: tuple[int, int] = (45, 105)) -> list[Path]:
+    """``count`` synthetic objects under ``<root>/000-000/syn-<n>/`` with random shape, polar, z-rotation and scale."""
+    rng = np.random.default_rng(seed)
+    folders = []
+    for n in range(count):
+        shape = ("toy", "sphere")[int(rng.integers(0, 4) == 0)]  # mostly the asymmetric toy
+        folders.append(write_synthetic_object(
+            Path(root) / "000-000" / f"syn-{n:04d}", polar=float(rng.integers(polar[0], polar[1] + 1)), shape=shape,
+            size=size, rotation_deg=float(rng.uniform(0, 360)), scale=float(rng.uniform(0.8, 1.15))))
+    return folders
+
+
+def nearby_poses(polar: float, azimuth: float = 30.0) -> list[np.ndarray]:
+    """OpenGL c2ws of the 4 nearby views of a view at (polar, azimuth), in the order j = 0..3 (spec §3.1)."""
+    return [calc_pose(polar + dp, azimuth + da) for dp, da in NEARBY_DELTAS]
