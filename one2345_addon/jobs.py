@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 import traceback
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,7 @@ class JobResult:
     """The server's own folder for this job, when it is on this machine."""
 
 
-class Task:
+class Task(ABC):
     """A unit of work on a background thread with main-thread callbacks.
 
     Subclasses implement :meth:`work`; it may call :meth:`post` and must return the result or raise
@@ -195,9 +196,9 @@ class Task:
         """Sleep, waking early on cancel (worker side)."""
         self._cancel.wait(seconds)
 
+    @abstractmethod
     def work(self) -> Any:
-        """The job itself (worker side); overridden by subclasses."""
-        raise NotImplementedError
+        """The job itself (worker side)."""
 
     def _run(self) -> None:
         try:
@@ -217,7 +218,7 @@ class Task:
 
 def failed(name: str, error: JobError) -> Task:
     """A task that failed before it could start (e.g. no input image), for the panel's error box."""
-    task = Task(name)
+    task = FunctionTask(name, lambda _task: None)  # never started: it only carries the error
     task.state, task.error = "failed", error
     return task
 

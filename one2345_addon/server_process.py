@@ -345,12 +345,12 @@ for name in ("server", "torch", "fastapi", "uvicorn"):
     try:
         module = __import__(name)
         out[name] = getattr(module, "__version__", "?")
-    except Exception as exc:
+    except Exception as exc:  # any failure of a probed import is the diagnosis, reported in words
         out[name] = "MISSING: %s: %s" % (type(exc).__name__, exc)
 try:
     import torch
     out["cuda"] = bool(torch.cuda.is_available())
-except Exception:
+except Exception:  # torch missing or broken: already reported above; CUDA status unknown
     out["cuda"] = None
 print(json.dumps(out))
 """
