@@ -25,6 +25,7 @@ One sample (decisions where spec §6 leaves room):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -95,13 +96,17 @@ class ObjectViews:
 
 
 def read_object(folder: str | os.PathLike[str]) -> ObjectViews:
-    """Read one object's pose.json and check that its files exist.
+    """Read one object's poses and check that its files exist.
+
+    Poses come from the object's own ``pose.json`` (#6's layout) or, in the official training-data layout, from the
+    shared ``One2345_training_pose.json`` two folders above ``zero12345_narrow/<folder_id>/<uid>/``.
 
     Raises:
-        BadInputError: no pose.json, not 8 stage-1 ids, a stage-1 id without its 4 nearby ids, or missing images.
+        BadInputError: no poses, not 8 stage-1 ids, a stage-1 id without its 4 nearby ids, or missing images.
     """
     folder = Path(folder)
-    poses = PoseFile.read(folder / "pose.json")
+    own = folder / "pose.json"
+    poses = PoseFile.read(own) if own.is_file() else official_poses(folder.parent.parent.parent / OFFICIAL_POSE_FILE)
     targets = tuple(i for i in poses.c2ws if _STAGE1_ID.match(i))
     if len(targets) != NUM_TARGETS:
         raise BadInputError(f"{folder}/pose.json lists {len(targets)} stage-1 ids ({', '.join(targets)}); "
@@ -116,8 +121,39 @@ def read_object(folder: str | os.PathLike[str]) -> ObjectViews:
     return ObjectViews(folder, poses, targets, nearby)
 
 
+OFFICIAL_POSE_FILE = "One2345_training_pose.json"
+OFFICIAL_IMAGES = "zero12345_narrow"
+
+
+@functools.lru_cache(maxsize=4)
+def official_poses(path: Path) -> PoseFile:
+    """The official layout's shared pose file (spec §6), re-keyed into our ids.
+
+    It has pose.json's format with 40 cameras shared by every object; the reference indexes them by position: entry k
+    < 8 is target ``view_k.png`` and entry 8 + 4k + j is ``view_k_j_10.png``. Its key names are not relied on, so the
+    entries become ``k.png`` and ``k_j.png`` (the ids of a polar ≤ 75 layout, which match those files one to one).
+    """
+    if not path.is_file():
+        raise BadInputError(f"no pose.json in the object folder and no shared {OFFICIAL_POSE_FILE} at {path}; "
+                            "give the --out folder of `one2345-train render` or the official training-data root")
+    try:
+        data = json.loads(path.read_text())
+        matrices = list(data["c2ws"].values())
+    except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        raise BadInputError(f"{path} is not a pose file with intrinsics, near_far and c2ws ({e})") from e
+    expected = NUM_TARGETS * (1 + NUM_NEARBY)
+    if len(matrices) != expected:
+        raise BadInputError(f"{path} has {len(matrices)} cameras; the official layout has {expected} (8 targets "
+                            "then 4 nearby views of each)")
+    ids = [f"{k}.png" for k in range(NUM_TARGETS)]
+    ids += [f"{k}_{j}.png" for k in range(NUM_TARGETS) for j in range(NUM_NEARBY)]
+    return PoseFile.from_dict({**data, "c2ws": dict(zip(ids, matrices, strict=True))})
+
+
 def find_objects(root: str | os.PathLike[str]) -> list[Path]:
-    """Finished object folders under ``root`` (``<folder_id>/<uid>/`` holding meta.json and pose.json), sorted.
+    """Finished object folders under ``root``, sorted: #6's ``<folder_id>/<uid>/`` holding meta.json and pose.json,
+    or, when ``root`` has the official ``One2345_training_pose.json``, every ``zero12345_narrow/<folder_id>/<uid>/``
+    holding its views (objects are then split by the same uid hash as ours, not by ``lvis_split_cc_by.json``).
 
     Raises:
         BadInputError: ``root`` is not a folder or holds no finished object.
@@ -125,9 +161,13 @@ def find_objects(root: str | os.PathLike[str]) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise BadInputError(f"data folder {root} does not exist; give the --out folder of `one2345-train render`")
-    found = sorted(p.parent for p in root.glob(f"*/*/{META_NAME}") if (p.parent / "pose.json").is_file())
+    if (root / OFFICIAL_POSE_FILE).is_file():
+        found = sorted(p.parent for p in (root / OFFICIAL_IMAGES).glob(f"*/*/{target_name(0)}"))
+    else:
+        found = sorted(p.parent for p in root.glob(f"*/*/{META_NAME}") if (p.parent / "pose.json").is_file())
     if not found:
-        raise BadInputError(f"{root} holds no finished object (<folder_id>/<uid>/ with {META_NAME} and pose.json)")
+        raise BadInputError(f"{root} holds no finished object (<folder_id>/<uid>/ with {META_NAME} and pose.json, or "
+                            f"{OFFICIAL_IMAGES}/<folder_id>/<uid>/ beside {OFFICIAL_POSE_FILE})")
     return found
 
 

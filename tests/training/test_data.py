@@ -115,3 +115,40 @@ def test_predictions_required_and_cached(root):
     mixed = ObjectDataset(objects[:1], DataConfig(prediction_ratio=0.5))
     flags = [mixed[i].predicted for i in range(8)]
     assert any(flags) and not all(flags)
+
+
+def test_official_layout_reads_like_ours(tmp_path):
+    """spec §6: one shared One2345_training_pose.json (cameras by position), zero12345_narrow/<folder_id>/<uid>/."""
+    import json
+    import shutil
+
+    from training.data import (
+        OFFICIAL_POSE_FILE,
+        find_objects,
+        load_sample,
+        official_poses,
+        read_object,
+        write_synthetic_object,
+    )
+
+    ours = write_synthetic_object(tmp_path / "ours" / "000-000" / "obj", polar=60, size=32)
+    root = tmp_path / "official"
+    folder = root / "zero12345_narrow" / "000-003" / "obj"
+    shutil.copytree(ours, folder)
+    (folder / "pose.json").unlink()  # the official objects carry no pose of their own
+    pose = json.loads((ours / "pose.json").read_text())
+    # Key names of the official file are unknown: only the order (8 targets, then 4 nearby views each) is relied on.
+    pose["c2ws"] = {f"cam{n:02d}": m for n, m in enumerate(pose["c2ws"].values())}
+    (root / OFFICIAL_POSE_FILE).write_text(json.dumps(pose))
+
+    assert find_objects(root) == [folder]
+    official, reference = load_sample(read_object(folder), 3, False), load_sample(read_object(ours), 3, False)
+    for name in ("images", "proj", "centres", "query_rgb", "query_depth", "query_mask"):
+        a, b = getattr(official, name), getattr(reference, name)
+        assert torch.equal(a, b), name
+
+    pose["c2ws"].popitem()
+    (root / OFFICIAL_POSE_FILE).write_text(json.dumps(pose))
+    official_poses.cache_clear()
+    with pytest.raises(BadInputError, match="has 39 cameras"):
+        read_object(folder)
