@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from server.errors import CancelledError, One2345Error
+from server.fsutil import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +94,6 @@ class JobsConfig:
 def now_iso() -> str:
     """The current UTC time in ISO 8601 with microseconds (sortable as a string)."""
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON to ``path`` so that readers see either the old or the new file, never a partial one."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def error_dict(kind: str, message: str, fix: str | None = None) -> dict[str, Any]:

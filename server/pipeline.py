@@ -19,7 +19,6 @@ stage on a CPU, a sphere-like coloured mesh — for trying the tool and for test
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -38,6 +37,7 @@ from server.cameras import PoseFile
 from server.devices import resolve_device
 from server.elevation import Matcher, SiftMatcher, available_matcher, estimate_elevation
 from server.errors import BadInputError, CancelledError
+from server.fsutil import write_json_atomic
 from server.meshing import MeshingConfig, export_mesh
 from server.multiview.zero123 import (
     Zero123Config,
@@ -210,13 +210,6 @@ def _write_png(path: Path, image: np.ndarray) -> Path:
     return path
 
 
-def _write_json(path: Path, data: dict) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-    return path
-
-
 class One2345Pipeline:
     """Image → mesh. Construct with :meth:`from_preset`; call once per image (models stay loaded)."""
 
@@ -345,7 +338,7 @@ class One2345Pipeline:
         }
         meta["timings"] = {**{k: round(v, 3) for k, v in timings.items()},
                            **{f"reconstruct.{k}": round(v, 3) for k, v in out.timings.items()}}
-        meta_path = _write_json(run_dir / "meta.json", meta)
+        meta_path = write_json_atomic(run_dir / "meta.json", meta)
         lap("export")
         return GenerateResult(mesh_path=mesh_path, views_dir=views_dir, elevation=90.0 - polar, polar=polar,
                               elevation_source=elevation_source, background=pre.method, timings=timings,

@@ -41,6 +41,7 @@ from PIL import Image
 
 from server.cameras import NEARBY_DELTAS, PoseFile, ReconstructionCameras, calc_pose, normalise_cameras
 from server.errors import BadInputError
+from server.reconstruct import read_rgb
 
 META_NAME = "meta.json"
 """The renderer's done marker; folders without it are unfinished and skipped."""
@@ -196,11 +197,9 @@ def _hash_unit(text: str) -> float:
 
 
 def read_rgb_on_white(path: Path) -> np.ndarray:
-    """[H, W, 3] float32 in [0, 1]: RGBA composited on white (as the reference), RGB as is."""
-    with Image.open(path) as im:
-        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
-    alpha = rgba[..., 3:]
-    return rgba[..., :3] * alpha + (1.0 - alpha)
+    """[H, W, 3] float32 in [0, 1]: the pixels inference sees (:func:`server.reconstruct.read_rgb`: RGBA composited on
+    white, then 8 bits), so training and inference read every image the same way."""
+    return read_rgb(path).astype(np.float32) / 255.0
 
 
 def read_depth_mm(path: Path) -> np.ndarray:

@@ -345,14 +345,15 @@ def elevation_trials_synthetic(count: int, seed: int = 0, polar_range: tuple[int
 
 def elevation_trials_data(objects: Sequence[Path]) -> list[tuple[float, list[np.ndarray]]]:
     """(true polar, view_0_{0..3}_10.png composited on white) for rendered objects; polar from pose.json."""
-    from training.data import nearby_name, read_object, read_rgb_on_white
+    from server.reconstruct import read_rgb
+    from training.data import nearby_name, read_object
 
     trials = []
     for folder in objects:
         obj = read_object(folder)
         centre = obj.poses.c2ws[obj.reference_id][:3, 3]
         polar = math.degrees(math.acos(centre[2] / np.linalg.norm(centre)))
-        images = [(read_rgb_on_white(folder / nearby_name(0, j)) * 255).round().astype(np.uint8) for j in range(4)]
+        images = [read_rgb(folder / nearby_name(0, j)) for j in range(4)]
         trials.append((polar, images))
     return trials
 

@@ -21,7 +21,8 @@ from PIL import Image
 
 from server.cameras import NEARBY_DELTAS
 from server.errors import BadInputError
-from training.data import NUM_NEARBY, NUM_TARGETS, PREDICTION_DIR, find_objects, nearby_name, read_rgb_on_white
+from server.reconstruct import read_rgb
+from training.data import NUM_NEARBY, NUM_TARGETS, PREDICTION_DIR, find_objects, nearby_name
 from training.data import target_name as target_file
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ ZERO123_SIZE = 256
 
 def load_target(path: Path) -> np.ndarray:
     """A GT target as Zero123's conditioning: [256, 256, 3] uint8 on white (resized if rendered at another size)."""
-    rgb = (read_rgb_on_white(path) * 255).round().astype(np.uint8)
+    rgb = read_rgb(path)
     if rgb.shape[:2] != (ZERO123_SIZE, ZERO123_SIZE):
         rgb = np.asarray(Image.fromarray(rgb).resize((ZERO123_SIZE, ZERO123_SIZE), Image.Resampling.BICUBIC))
     return rgb

@@ -26,7 +26,6 @@ import pickle
 import re
 import shutil
 import tempfile
-import uuid
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from server.errors import CheckpointError, MissingWeightsError
+from server.fsutil import replace_dir
 
 CONVERTER_VERSION = 1
 """Bump when the output changes; cached folders of another version are converted again."""
@@ -603,7 +603,7 @@ def convert_zero123_checkpoint(
                 "image_encoder": image_encoder_origin,
             },
         )
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -723,18 +723,6 @@ def _marker_identity(source_stat: os.stat_result | None, architecture: Zero123Ar
         "architecture": asdict(architecture),
     }
     return json.loads(json.dumps(identity))
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished ``tmp`` to ``out_dir``; an old ``out_dir`` is moved aside first (directories cannot be
-    atomically swapped with rename) and deleted after."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
 
 
 def _raise_if_problems(part: str, problems: Mapping[str, list[str]]) -> None:

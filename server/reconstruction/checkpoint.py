@@ -15,7 +15,6 @@ Loading is strict: a missing, unexpected or mis-shaped key is an error listing a
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import tempfile
 import zipfile
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from server.errors import CheckpointError, MissingWeightsError
+from server.fsutil import replace_dir
 from server.reconstruction.model import PRESETS, ReconstructionConfig, ReconstructionModel
 
 OFFICIAL_NETWORKS = ("pyramid_feature_network", "sdf_network_lod0", "variance_network_lod0", "rendering_network_lod0")
@@ -135,16 +135,7 @@ def save_checkpoint(model: ReconstructionModel, folder: str | Path, extra: dict 
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS_FILE))
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        os.replace(tmp, folder)
-    return folder
+    return replace_dir(tmp, folder)
 
 
 def read_config(folder: Path) -> tuple[ReconstructionConfig, dict]:
