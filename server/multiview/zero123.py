@@ -16,6 +16,7 @@ sampler buffers and ``x_T`` are float32, and the CLIP resize/normalisation runs 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -456,8 +457,26 @@ def load_zero123(
     vae = _load_pretrained(AutoencoderKL, folder, "vae", _DIFFUSERS_WEIGHTS)
     image_encoder = _load_pretrained(CLIPVisionModelWithProjection, folder, "image_encoder", _TRANSFORMERS_WEIGHTS)
     cc_projection = _load_cc_projection(folder / "cc_projection")
-    model = Zero123Model(unet, vae, image_encoder, cc_projection)
-    return model.to(device=device, dtype=dtype).eval()
+    model = Zero123Model(unet, vae, image_encoder, cc_projection).to(device=device, dtype=dtype)
+    # from_pretrained assigns tensors memory-mapped from the safetensors files, at offsets not 64-byte aligned; MKL's
+    # CPU GEMM rounds differently for such weights than for torch-allocated (64-byte aligned) ones, so copy them.
+    _own_cpu_memory(model)
+    return model.eval()
+
+
+def _own_cpu_memory(module: nn.Module) -> None:
+    """Copy every CPU parameter and buffer of ``module`` into fresh torch-allocated (64-byte aligned) memory.
+
+    diffusers 0.42 and transformers 5.24 load safetensors by mmap and *assign* those tensors as parameters, so a
+    loaded part lives at the file's data offsets (often only 4-byte aligned) and stays backed by the file. The values
+    are exact, but MKL's sgemm takes another code path for misaligned operands: ``visual_projection`` of a loaded CLIP
+    differed from the saved model's by 1 ulp, enough to flip a few output pixels after sampling. ``.to()`` copies only
+    on a device or dtype change, so CPU tensors are cloned here; tensors on other devices are already fresh copies.
+    """
+    with torch.no_grad():
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            if tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
 
 
 def save_zero123(model: Zero123Model, folder: str | Path) -> None:

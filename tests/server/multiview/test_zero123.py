@@ -291,6 +291,14 @@ def test_load_round_trips_every_weight(model: Zero123Model, saved: Path, image: 
     np.testing.assert_array_equal(a[0], b[0])
 
 
+def test_loaded_tensors_own_aligned_memory(saved: Path) -> None:
+    # from_pretrained hands out tensors mmap'd at the safetensors data offsets; misaligned weights make MKL's GEMM
+    # round differently, so a loaded model must hold torch-allocated (64-byte aligned) copies.
+    loaded = load_zero123(saved, "cpu", torch.float32)
+    tensors = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
+    assert [name for name, t in tensors.items() if t.data_ptr() % 64] == []
+
+
 def test_load_cc_projection_from_bin(saved: Path, tmp_path: Path) -> None:
     folder = tmp_path / "z"
     shutil.copytree(saved, folder)
