@@ -11,11 +11,15 @@ The contract, shared with the Blender add-on, is versioned under ``/v1`` and des
     GET    /v1/jobs/{id}/views/{name}      a generated view (PNG)
     DELETE /v1/jobs/{id}                   cancel (queued/running, 200) or remove (finished, 204)
 
-Every error is ``{"error": {"kind", "message", "fix"}}`` with the status code of its kind (:data:`STATUS_OF_KIND`).
-Everything under ``/v1`` except the health check needs ``Authorization: Bearer <token>``; the schema and the docs
-pages (``/openapi.json``, ``/docs``, ``/redoc``) are public because they hold no data. Authentication and the body
-size limit are enforced by an ASGI middleware in front of the app, so an unauthenticated or oversized upload is
-refused before any of it is parsed.
+Every error is ``{"error": {"kind", "message", "fix"}}`` with the status code of its kind (:data:`STATUS_OF_KIND`);
+no message names a server path (files are named relative to their job). The only 5xx answers by design are 503
+``missing_weights`` and 507 ``storage`` (the disk refused a write); a 500 ``internal`` is a bug, and even then the
+connection is kept and the message shows no internals. Everything under ``/v1`` except the health check needs
+``Authorization: Bearer <token>``; the schema and the docs pages (``/openapi.json``, ``/docs``, ``/redoc``) are public
+because they hold no data. Authentication and the body size limit are enforced by an ASGI middleware in front of the
+app, so an unauthenticated or oversized upload is refused before any of it is read. Files are streamed from a handle
+opened when the request is checked, so a DELETE at the same moment can neither break the download nor turn it into
+an error.
 """
 
 from __future__ import annotations
@@ -24,32 +28,35 @@ import hmac
 import io
 import json
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import PurePath
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRouter
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server import __version__
 from server.errors import BadInputError, One2345Error
-from server.jobs import MEDIA_TYPES, ApiError, JobManager, check_job_id
+from server.jobs import MEDIA_TYPES, ApiError, JobManager
 
 log = logging.getLogger(__name__)
 
 STATUS_OF_KIND = {
     "bad_input": 400, "unauthorized": 401, "not_found": 404, "conflict": 409, "too_large": 413,
-    "queue_full": 429, "internal": 500, "missing_weights": 503, "out_of_memory": 507, "cancelled": 409,
+    "queue_full": 429, "internal": 500, "missing_weights": 503, "out_of_memory": 507, "storage": 507,
+    "cancelled": 409,
 }
 """HTTP status of each error kind. ``cancelled`` and ``out_of_memory`` normally appear only inside a job's status
 (the job failed, the request did not); the codes are used if such an error ever reaches a response directly."""
@@ -59,9 +66,7 @@ uploaded bytes."""
 _MiB = 2**20
 _FORM_SLACK_BYTES = 64 * 1024
 """Room for the multipart framing and the options part on top of the image size limit."""
-_DRAIN_LIMIT_FACTOR = 4
-"""A refused request's body is read and discarded up to this multiple of the limit, so that well-behaved clients get
-the error response instead of a reset connection; beyond it the connection is simply closed."""
+_FILE_CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,7 @@ class AppConfig:
 
 class ErrorDetail(BaseModel):
     kind: str = Field(description="bad_input | unauthorized | not_found | conflict | too_large | queue_full | "
-                                  "missing_weights | out_of_memory | cancelled | internal")
+                                  "missing_weights | out_of_memory | storage | cancelled | internal")
     message: str = Field(description="what went wrong, naming the offending value and what is allowed")
     fix: str | None = Field(description="a short instruction that resolves the problem, if one exists")
 
@@ -151,7 +156,8 @@ class JobList(BaseModel):
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     names = {400: "bad input", 401: "missing or wrong bearer token", 404: "no such job or file",
              409: "the job is not done", 413: "the upload is too large", 429: "the queue is full (see Retry-After)",
-             503: "model weights are missing (see Retry-After)"}
+             503: "model weights are missing (see Retry-After)",
+             507: "the server's disk refused the write (full or read-only)"}
     return {code: {"model": ErrorBody, "description": names[code]} for code in codes}
 
 
@@ -180,7 +186,9 @@ def inspect_image(data: bytes, config: AppConfig) -> str:
     except Image.DecompressionBombError as e:  # Pillow's own guard fires at open for > 2 × 89 MP
         raise BadInputError(f"the image is far too large ({e}); the limit is {config.max_pixels / 1e6:g} MP",
                             fix="downscale the image") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except UnidentifiedImageError:  # its text names the in-memory buffer, which tells a client nothing
+        raise BadInputError(f"the upload is not a readable image; accepted formats: {accepted}") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise BadInputError(f"the upload is not a readable image ({e}); accepted formats: {accepted}") from None
     with image:
         width, height = image.size
@@ -208,11 +216,20 @@ def parse_options(text: str | None) -> dict[str, Any]:
         data: Any = {}
     else:
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BadInputError(f"options is not valid JSON ({e})",
-                                fix='send a JSON object, e.g. {"steps_stage1": 50, "format": "glb"}') from None
+            data = json.loads(text, parse_constant=_refuse_constant)
+        except RecursionError:
+            raise BadInputError("options is nested too deeply to be an options object",
+                                fix=_OPTIONS_EXAMPLE) from None
+        except ValueError as e:  # JSONDecodeError, an integer of over 4300 digits, NaN or Infinity
+            raise BadInputError(f"options is not valid JSON ({str(e)[:200]})", fix=_OPTIONS_EXAMPLE) from None
     return asdict(GenerateOptions.from_dict(data))
+
+
+_OPTIONS_EXAMPLE = 'send a JSON object, e.g. {"steps_stage1": 50, "format": "glb"}'
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def download_stem(filename: str | None) -> str:
@@ -220,6 +237,33 @@ def download_stem(filename: str | None) -> str:
     stem = PurePath((filename or "").replace("\\", "/")).stem
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:64]
     return stem or "mesh"
+
+
+class OpenFileResponse(Response):
+    """Streams a file that is already open (and closes it): unlike FileResponse, nothing is looked up by path after
+    the request was checked, so the file cannot vanish or be swapped in between."""
+
+    def __init__(self, file: BinaryIO, media_type: str, filename: str | None = None, status_code: int = 200) -> None:
+        self.file = file
+        self.size = os.fstat(file.fileno()).st_size
+        headers = {"content-length": str(self.size)}
+        if filename is not None:  # download_stem() leaves only [A-Za-z0-9._-], so no quoting is needed
+            headers["content-disposition"] = f'attachment; filename="{filename}"'
+        super().__init__(status_code=status_code, media_type=media_type, headers=headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            left = self.size  # job files are written whole and never changed in place, so the size holds
+            while True:
+                chunk = await run_in_threadpool(self.file.read, min(_FILE_CHUNK, left)) if left > 0 else b""
+                left -= len(chunk)
+                last = not chunk or left <= 0  # a file that shrank ends short: a length mismatch, never garbage
+                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                if last:
+                    break
+        finally:
+            self.file.close()
 
 
 def error_response(kind: str, message: str, fix: str | None = None, headers: dict[str, str] | None = None,
@@ -245,10 +289,17 @@ class _BodyTooLarge(Exception):
 
 
 class Guard:
-    """ASGI middleware: bearer token on ``/v1`` (except ``/v1/health``) and a cap on the request body size.
+    """ASGI middleware: bearer token on ``/v1`` (except ``/v1/health``), a cap on the request body size, and the last
+    line of defence against bugs.
 
-    The token is compared in constant time. A body that announces a size over the cap is refused at once; one sent
-    without a length (chunked) is counted as it streams and refused when it crosses the cap.
+    The token is compared in constant time. A request with a wrong token, or whose Content-Length is over the cap,
+    is answered before a byte of its body is read: the body is never asked for, so uvicorn sends no
+    ``100 Continue`` and a client that waits for one (curl, for any upload over 1 KiB) sends nothing; a client that
+    streams its body anyway has it discarded by uvicorn on a connection that stays open. A body sent without a length
+    (chunked) is counted as it streams and refused when it crosses the cap.
+
+    An exception that escapes the app (a bug) is answered here with a 500 ``internal`` that names only its type,
+    because Starlette's own last-resort handler re-raises it and uvicorn then drops the connection.
     """
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], token: str, max_body: int) -> None:
@@ -262,14 +313,14 @@ class Guard:
             return
         path: str = scope["path"]
         if path.startswith("/v1/") and path != "/v1/health" and not self._authorised(scope):
-            await self._refuse(receive, send, error_response(
+            await self._refuse(scope, receive, send, error_response(
                 "unauthorized", "missing or wrong bearer token",
                 fix="send the header 'Authorization: Bearer <token>' with the token of ONE2345_TOKEN or of the "
                     "token file named in the server's ready line"))
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body:
-            await self._refuse(receive, send, self._too_large())
+            await self._refuse(scope, receive, send, self._too_large())
             return
 
         received = 0
@@ -303,6 +354,14 @@ class Guard:
         except _BodyTooLarge:
             if not response_started:
                 await self._too_large()(scope, receive, send)
+        except Exception as e:
+            log.exception("unhandled error in %s %s", scope.get("method"), path[:200])
+            if response_started:
+                raise  # half a response is out: only closing the connection can tell the client
+            response_started = True
+            await error_response("internal", f"an unexpected {type(e).__name__} in the server; the request was "
+                                             "not completed", fix="see the server's log (stderr); please report "
+                                                                  "it")(scope, receive, send)
 
     def _authorised(self, scope: Scope) -> bool:
         for name, value in scope["headers"]:
@@ -317,16 +376,13 @@ class Guard:
                               fix="downscale or recompress the image, or start the server with a larger "
                                   "--max-upload-mb")
 
-    async def _refuse(self, receive: Receive, send: Send, response: Response) -> None:
-        drained = 0
-        while drained <= _DRAIN_LIMIT_FACTOR * self.max_body:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            drained += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        await response({"type": "http"}, receive, send)
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, response: Response) -> None:
+        """Answer without reading the body. A client waiting for ``100 Continue`` never sent it, so the connection
+        cannot carry another request: it is closed after the answer (cleanly, as nothing is left unread)."""
+        if (b"expect", b"100-continue") in [(name, value.lower()) for name, value in scope["headers"]]:
+            response.headers["connection"] = "close"
+        await response(scope, receive, send)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -371,7 +427,7 @@ def create_app(manager: JobManager, config: AppConfig) -> FastAPI:
                 "preset": pipe.preset if pipe else config.preset, **manager.health()}
 
     @router.post("/jobs", status_code=202, response_model=JobCreated, summary="Submit an image",
-                 responses=_errors(400, 401, 413, 429, 503))
+                 responses=_errors(400, 401, 413, 429, 503, 507))
     async def submit(
         request: Request,
         image: Annotated[UploadFile, File(description="the image: PNG, JPEG, WebP, BMP, TIFF or GIF, at most "
@@ -404,29 +460,29 @@ def create_app(manager: JobManager, config: AppConfig) -> FastAPI:
     def job_status(job_id: str) -> dict[str, Any]:
         return manager.status(job_id)
 
-    @router.get("/jobs/{job_id}/result", response_class=FileResponse, summary="The mesh of a done job",
+    @router.get("/jobs/{job_id}/result", response_class=OpenFileResponse, summary="The mesh of a done job",
                 responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()},
-                                 "description": "the mesh file as an attachment"}, **_errors(401, 404, 409)})
-    def job_result(job_id: str) -> FileResponse:
-        path, fmt, filename = manager.result_file(job_id)
-        _must_exist(path, job_id)
-        return FileResponse(path, media_type=MEDIA_TYPES[fmt], filename=filename)
+                                 "description": "the mesh file as an attachment"}, **_errors(401, 404, 409, 507)})
+    def job_result(job_id: str) -> OpenFileResponse:
+        file, fmt, filename = manager.open_result(job_id)
+        return OpenFileResponse(file, media_type=MEDIA_TYPES[fmt], filename=filename)
 
-    @router.get("/jobs/{job_id}/meta", response_class=FileResponse, summary="meta.json of a done job",
+    @router.get("/jobs/{job_id}/meta", response_class=OpenFileResponse, summary="meta.json of a done job",
                 responses={200: {"content": {"application/json": {"schema": {"type": "object"}}},
-                                 "description": "elevation, timings, options, versions"}, **_errors(401, 404, 409)})
-    def job_meta(job_id: str) -> FileResponse:
-        path = manager.meta_file(job_id)
-        _must_exist(path, job_id)
-        return FileResponse(path, media_type="application/json")
+                                 "description": "elevation, timings, options, versions"},
+                           **_errors(401, 404, 409, 507)})
+    def job_meta(job_id: str) -> OpenFileResponse:
+        return OpenFileResponse(manager.open_meta(job_id), media_type="application/json")
 
-    @router.get("/jobs/{job_id}/views/{name}", response_class=FileResponse, summary="A generated view",
-                responses={200: {"content": {"image/png": {}}, "description": "the view"}, **_errors(401, 404)})
-    def job_view(job_id: str, name: str) -> FileResponse:
-        return FileResponse(manager.view_file(job_id, name), media_type="image/png")
+    @router.get("/jobs/{job_id}/views/{name}", response_class=OpenFileResponse, summary="A generated view",
+                responses={200: {"content": {"image/png": {}}, "description": "the view"},
+                           **_errors(401, 404, 507)})
+    def job_view(job_id: str, name: str) -> OpenFileResponse:
+        return OpenFileResponse(manager.open_view(job_id, name), media_type="image/png")
 
     @router.delete("/jobs/{job_id}", response_model=JobStatus, summary="Cancel a job, or delete a finished one",
-                   responses={204: {"description": "the finished job's folder was removed"}, **_errors(401, 404)})
+                   responses={204: {"description": "the finished job's folder was removed"},
+                              **_errors(401, 404, 507)})
     def delete_job(job_id: str) -> Response:
         status = manager.cancel_or_delete(job_id)
         return Response(status_code=204) if status is None else JSONResponse(status)
@@ -436,11 +492,6 @@ def create_app(manager: JobManager, config: AppConfig) -> FastAPI:
     app.add_middleware(Guard, token=config.token, max_body=config.max_upload_bytes + _FORM_SLACK_BYTES)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
-
-
-def _must_exist(path: Any, job_id: str) -> None:
-    if not path.is_file():
-        raise ApiError("not_found", f"the file {path.name} of job {check_job_id(job_id)} is missing from its folder")
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -462,15 +513,18 @@ def _install_error_handlers(app: FastAPI) -> None:
         kind = {401: "unauthorized", 404: "not_found", 409: "conflict", 413: "too_large", 429: "queue_full"}.get(
             e.status_code, "bad_input" if e.status_code < 500 else "internal")
         message = str(e.detail)
+        headers = dict(e.headers or {})
         if e.status_code in (404, 405):  # raised by the router: say what was asked for
             message = f"{message}: {request.method} {request.url.path[:200]}"
+        if e.status_code == 405:
+            # The router names the methods of the first route whose path matched; a path served by several routes
+            # (GET and DELETE /v1/jobs/{id}) allows the methods of all of them.
+            allowed = sorted({m for route in app.router.routes if route.matches(request.scope)[0] != Match.NONE
+                              for m in getattr(route, "methods", None) or ()})
+            headers["Allow"] = ", ".join(allowed)
+            message = f"{message}; this path allows {headers['Allow']}"
         return error_response(kind, message, fix="see /openapi.json for the API" if e.status_code in (404, 405)
-                              else None, headers=e.headers, status=e.status_code)
-
-    @app.exception_handler(Exception)
-    async def on_bug(_: Request, e: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response("internal", f"{type(e).__name__}: {e}", fix="see the server's log (stderr)")
+                              else None, headers=headers, status=e.status_code)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -380,8 +380,9 @@ class PoseFile:
             raise BadInputError(f"pose file {source} cannot be read as UTF-8 text: {err}") from None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise BadInputError(f"pose file {source} is not JSON: {err}") from None
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, a 4300+ digit integer, absurd nesting
+            why = str(err)[:200] or "nested too deeply"
+            raise BadInputError(f"pose file {source} is not JSON: {why}") from None
         try:
             pose_file = cls.from_dict(data)
             if require is not None:

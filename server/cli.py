@@ -1,24 +1,29 @@
 """The ``one2345`` command.
 
 Subcommands are thin: they parse flags, call one library function, and turn :class:`server.errors.One2345Error`
-into a readable message and a non-zero exit code. Results go to stdout (the output path is the last line), progress
-and logs to stderr.
+into a readable message and a non-zero exit code (2 for bad input, 1 otherwise). Results go to stdout (the output path
+is the last line), progress and logs to stderr. Everything a command can check before the expensive part — the
+inputs readable, the output path writable as a file, the options in range — it checks first, so a mistake costs
+seconds, not a finished run.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
 from server import __version__
 from server.devices import resolve_device
-from server.errors import BadInputError, One2345Error
+from server.errors import BadInputError, CheckpointError, MissingWeightsError, One2345Error
+from server.fsutil import check_folder_path, check_output_file
 from server.serve import add_serve_parser
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 class _Bars:
@@ -47,7 +52,11 @@ def _load_model(args: argparse.Namespace):
     from server.reconstruction.model import build_model
 
     if args.checkpoint:
-        return load_reconstruction_model(args.checkpoint)
+        try:
+            return load_reconstruction_model(args.checkpoint)
+        except (CheckpointError, MissingWeightsError) as e:  # a file the user named: their input, not our weights
+            raise BadInputError(f"--checkpoint: {e.message}", fix="pass an official ckpt_215000.pth or a folder "
+                                "written by one2345-train (check it with: one2345 weights verify PATH)") from None
     if args.preset == "tiny":
         return build_model("tiny", seed=0)
     from server.weights import resolve
@@ -59,9 +68,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from server.meshing import MeshingConfig, export_mesh
     from server.reconstruct import load_views, reconstruct_mesh
 
-    out = Path(args.output)
-    if out.suffix.lower() not in (".ply", ".glb", ".obj"):
-        raise BadInputError(f"output {out} must end in .ply, .glb or .obj")
+    out = check_output_file(args.output)
     if not 32 <= args.resolution <= 1024:
         raise BadInputError(f"--resolution {args.resolution} is outside 32…1024 (the reference uses 256)")
     device = resolve_device(args.device)
@@ -81,10 +88,14 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def cmd_weights_verify(args: argparse.Namespace) -> int:
     from server.reconstruction.checkpoint import verify_checkpoint
 
+    if not Path(args.file).exists():
+        raise BadInputError(f"checkpoint {args.file} does not exist")
     result = verify_checkpoint(args.file)
     if result.ok:
         print(f"OK: {result.path} is a {result.kind}: {result.details}")
         return 0
+    if result.report is None:  # not a checkpoint at all: bad input (2), unlike a checkpoint with wrong keys (1)
+        raise BadInputError(f"{result.path} is not a reconstruction checkpoint: {result.details}")
     print(f"FAILED: {result.path} ({result.kind}):\n{result.details}", file=sys.stderr)
     return EXIT_FAILED
 
@@ -92,7 +103,10 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
 def cmd_sample_views(args: argparse.Namespace) -> int:
     from server.synthetic import write_views_dir
 
-    print(write_views_dir(args.out_dir, polar=args.polar))
+    if not (math.isfinite(args.polar) and 30.0 <= args.polar <= 150.0):
+        raise BadInputError(f"--polar {args.polar:g} is outside 30…150 degrees (the nearby views and the second ring "
+                            "must stay inside 0…180)")
+    print(write_views_dir(check_folder_path(args.out_dir, "views folder"), polar=args.polar))
     return 0
 
 
@@ -107,6 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from server.pipeline import GenerateOptions, One2345Pipeline
+    from server.preprocess import load_image
 
     if args.output and len(args.images) > 1:
         raise BadInputError(f"-o/--output names one mesh but {len(args.images)} images were given; use --out-dir DIR")
@@ -114,15 +129,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise BadInputError("say where the mesh goes: -o OUT.glb (one image) or --out-dir DIR")
     fmt = args.format
     if args.output:
-        fmt = Path(args.output).suffix.lower().lstrip(".")
-        if fmt not in ("ply", "glb", "obj"):
-            raise BadInputError(f"output {args.output} must end in .ply, .glb or .obj")
-    missing = [i for i in args.images if not Path(i).is_file()]
-    if missing:
-        raise BadInputError(f"image file(s) not found: {missing}")
+        fmt = check_output_file(args.output).suffix.lower().lstrip(".")
+    else:
+        check_folder_path(args.out_dir, "--out-dir")
     options = GenerateOptions(elevation=args.elevation, seed=args.seed, steps_stage1=args.steps_stage1,
                               steps_stage2=args.steps_stage2, guidance=args.guidance, resolution=args.resolution,
                               format=fmt, remove_background=not args.keep_background).check()
+    resolve_device(args.device)
+    # Every image is read once now, so a bad one in a batch is reported before minutes of work on the others.
+    unusable = []
+    for image in args.images:
+        try:
+            load_image(image)
+        except BadInputError as e:
+            unusable.append(e.message)
+    if unusable:
+        raise BadInputError(f"{len(unusable)} of {len(args.images)} input image(s) cannot be used:\n  " +
+                            "\n  ".join(unusable), fix="fix or leave out those images; nothing was generated")
 
     print(f"loading the {args.preset} models…", file=sys.stderr)
     pipe = One2345Pipeline.from_preset(args.preset, device=args.device, weights_dir=args.weights_dir,
@@ -157,6 +180,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_weights_download(args: argparse.Namespace) -> int:
     from server.weights import download
 
+    if args.dir is not None:
+        check_folder_path(args.dir, "--dir")
     paths = download(args.only or None, args.dir, offline=args.offline)
     for name, path in paths.items():
         print(f"{name}: {path}")
@@ -278,6 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     except One2345Error as e:
         print(f"one2345 {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT if e.kind == "bad_input" else EXIT_FAILED
+    except OSError as e:  # the machine, not the input: a full disk, a permission, a vanished file
+        where = f": {e.filename}" if e.filename else ""
+        print(f"one2345 {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"one2345 {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

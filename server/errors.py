@@ -7,10 +7,14 @@ without reading a traceback.
 
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
+
 
 class One2345Error(Exception):
-    """Base class. ``kind`` is one of ``bad_input``, ``missing_weights``, ``out_of_memory``, ``cancelled``,
-    ``internal``."""
+    """Base class. ``kind`` is one of ``bad_input``, ``missing_weights``, ``out_of_memory``, ``storage``,
+    ``cancelled``, ``internal``."""
 
     kind: str = "internal"
 
@@ -56,3 +60,51 @@ class CancelledError(One2345Error):
     """The job was cancelled by the user; raised between stages or denoising steps."""
 
     kind = "cancelled"
+
+
+class StorageError(One2345Error):
+    """The disk refused a write or a move: full, read-only, or not permitted. Never a bug of the caller's input, and
+    the message names no absolute server path (only paths relative to the folder concerned)."""
+
+    kind = "storage"
+
+
+_STORAGE_HINTS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the disk is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "the operation is not permitted",
+    errno.EIO: "the disk reported an I/O error",
+}
+
+
+def storage_error(e: OSError, doing: str, root: Path | None = None) -> StorageError:
+    """An OSError of the filesystem as a :class:`StorageError` whose message says what failed and why, with the path
+    (if any) relative to ``root`` — a client must never learn the server's folder layout.
+
+    Args:
+        e: the error raised by the write, rename or delete.
+        doing: what was being done, e.g. ``"store the new job"``.
+        root: the folder that paths are shown relative to (the jobs folder).
+    """
+    why = _STORAGE_HINTS.get(e.errno, e.strerror or type(e).__name__)
+    where = ""
+    if e.filename is not None:
+        where = f" ({relative_name(e.filename, root)})"
+    return StorageError(f"cannot {doing}: {why}{where}",
+                        fix="free space on the disk of the server's jobs folder, make it writable, or start the "
+                            "server with --jobs-dir on another disk")
+
+
+def relative_name(path: str | os.PathLike[str] | bytes | int, root: Path | None) -> str:
+    """``path`` relative to ``root`` when inside it, else only its last component (never an absolute path)."""
+    if isinstance(path, int):
+        return f"file descriptor {path}"
+    text = os.fsdecode(path)
+    if root is not None:
+        try:
+            return Path(text).relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return Path(text).name

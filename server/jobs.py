@@ -32,12 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, BinaryIO, ClassVar, Protocol
 
 import torch
 
-from server.errors import CancelledError, One2345Error
-from server.fsutil import write_json_atomic
+from server.errors import CancelledError, One2345Error, storage_error
+from server.fsutil import append_text_no_follow, open_regular_inside, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,11 @@ VIEW_NAME_RE = re.compile(r"(?:\d{1,2}(?:_\d{1,2})?|input_256)\.png")
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = frozenset({"done", "failed", "cancelled"})
 MEDIA_TYPES = {"glb": "model/gltf-binary", "ply": "application/octet-stream", "obj": "text/plain"}
+INPUT_FILE_RE = re.compile(r"input\.(?:png|jpg|webp|bmp|tif|gif)")
+"""The uploaded image's name inside a job folder."""
+RESULT_FILES_RE = {"mesh": re.compile(r"run/mesh\.(?:ply|glb|obj)"), "meta": re.compile(r"run/meta\.json")}
+"""What a done job's ``result`` may name. status.json is read back from disk, so these are checked on load: a record
+edited to point elsewhere (``/etc/passwd``, ``../other``) is refused rather than served."""
 _STATUS_WRITE_INTERVAL_S = 1.0
 """Progress reports arrive many times a second; status.json is rewritten at most this often (and at every stage
 change), which keeps the disk quiet while a restarted server still sees recent progress."""
@@ -139,9 +144,21 @@ class Job:
 
     @classmethod
     def from_record(cls, folder: Path, record: dict[str, Any]) -> Job:
+        """A job read back from its status.json; ValueError for a record that is not one this server wrote."""
         job = cls(**{name: record[name] for name in cls._RECORD_FIELDS}, folder=folder)
         if job.id != folder.name or job.state not in STATES:
-            raise ValueError(f"status.json of {folder} names job {job.id!r} in state {job.state!r}")
+            raise ValueError(f"it names job {job.id!r} in state {job.state!r}")
+        if not (isinstance(job.input_file, str) and INPUT_FILE_RE.fullmatch(job.input_file)):
+            raise ValueError(f"its input file {job.input_file!r} is not input.<ext>")
+        if not isinstance(job.previews, list) or not all(isinstance(n, str) and VIEW_NAME_RE.fullmatch(n)
+                                                          for n in job.previews):
+            raise ValueError("its previews are not view names")
+        if job.result is not None:
+            files_ok = isinstance(job.result, dict) and all(
+                isinstance(job.result.get(key), str) and pattern.fullmatch(job.result[key])
+                for key, pattern in RESULT_FILES_RE.items())
+            if not files_ok or job.result.get("format") not in MEDIA_TYPES:
+                raise ValueError("its result names files other than run/mesh.<format> and run/meta.json")
         return job
 
     def elapsed(self) -> float:
@@ -268,29 +285,43 @@ class JobManager:
             jobs = sorted(self._jobs.values(), key=lambda j: (j.created, j.id), reverse=True)
             return [job.to_public() for job in jobs]
 
-    def result_file(self, job_id: str) -> tuple[Path, str, str]:
-        """(mesh path, format, download file name) of a done job; ApiError not_found / conflict otherwise."""
+    # Files are opened while the lock is held: a DELETE (which takes the lock to move the folder away) then cannot
+    # come between the check and the open, and the open file stays readable while the folder is removed. Nothing in
+    # a job folder is trusted: links are never followed (:func:`server.fsutil.open_regular_inside`).
+
+    def open_result(self, job_id: str) -> tuple[BinaryIO, str, str]:
+        """(the open mesh file, its format, its download file name) of a done job; ApiError not_found / conflict
+        otherwise. The caller closes the file."""
         with self.lock:
             job = self._done(job_id)
             fmt = job.result["format"]
-            return job.folder / job.result["mesh"], fmt, f"{job.download_stem}.{fmt}"
+            return self._open(job, job.result["mesh"]), fmt, f"{job.download_stem}.{fmt}"
 
-    def meta_file(self, job_id: str) -> Path:
+    def open_meta(self, job_id: str) -> BinaryIO:
+        """The open meta.json of a done job (the caller closes it)."""
         with self.lock:
             job = self._done(job_id)
-            return job.folder / job.result["meta"]
+            return self._open(job, job.result["meta"])
 
-    def view_file(self, job_id: str, name: str) -> Path:
-        """A preview image of the job; ApiError not_found for other names or views not written yet."""
+    def open_view(self, job_id: str, name: str) -> BinaryIO:
+        """An open preview image of the job (the caller closes it); ApiError not_found for other names or views not
+        written yet."""
         with self.lock:
             job = self._get(job_id)
             if not VIEW_NAME_RE.fullmatch(name):
                 raise ApiError("not_found", f"no view {name[:80]!r}: view names are <i>.png, <i>_<j>.png or "
                                             "input_256.png")
-            path = job.folder / "run" / (name if name == "input_256.png" else f"views/{name}")
-            if not path.is_file():
-                raise ApiError("not_found", f"job {job_id} has no view {name} (yet)")
-            return path
+            return self._open(job, f"run/{name}" if name == "input_256.png" else f"run/views/{name}",
+                              missing=f"job {job_id} has no view {name} (yet)")
+
+    def _open(self, job: Job, relative: str, missing: str | None = None) -> BinaryIO:
+        try:
+            return open_regular_inside(job.folder, relative)
+        except FileNotFoundError:
+            raise ApiError("not_found", missing or f"the file {relative} of job {job.id} is missing from its "
+                                                   "folder (or is not a plain file)") from None
+        except OSError as e:
+            raise storage_error(e, f"read {relative} of job {job.id}", self.jobs_dir) from None
 
     def retry_after_s(self) -> int:
         """Seconds a client should wait before submitting again: the expected time until a queue slot frees."""
@@ -319,14 +350,14 @@ class JobManager:
             job = Job(id=job_id, folder=self.jobs_dir / job_id, created=now_iso(), options=options,
                       input_file=f"input.{ext}", download_stem=download_stem)
             incoming = self.jobs_dir / f".incoming-{job.id}"
-            incoming.mkdir()
             try:
+                incoming.mkdir()
                 (incoming / job.input_file).write_bytes(image)
                 write_json_atomic(incoming / "status.json", job.to_record())
                 os.replace(incoming, job.folder)
-            except OSError:
+            except OSError as e:
                 shutil.rmtree(incoming, ignore_errors=True)
-                raise
+                raise storage_error(e, "store the new job", self.jobs_dir) from None
             self._jobs[job.id] = job
             self._queue.append(job)
             self._job_log(job, f"queued: input {job.input_file} ({len(image)} bytes), options {json.dumps(options)}")
@@ -345,11 +376,16 @@ class JobManager:
                 job.cancel.set()
                 self._job_log(job, "cancel requested")
             else:
-                del self._jobs[job.id]
                 trash = self.jobs_dir / f".deleted-{job.id}"
-                os.replace(job.folder, trash)  # the id disappears at once; removing the files may take a while
-                shutil.rmtree(trash, ignore_errors=True)
-                return None
+                try:
+                    # One rename makes the deletion durable at once (a restart drops .deleted-* folders); only
+                    # then does the job leave memory, so a disk that refuses the rename loses nothing.
+                    os.replace(job.folder, trash)
+                except OSError as e:
+                    raise storage_error(e, f"delete job {job.id}", self.jobs_dir) from None
+                del self._jobs[job.id]
+                shutil.rmtree(trash, ignore_errors=True)  # removing the files may take a while; a leftover is
+                return None                               # removed at the next start
         job.finished.wait(self.config.cancel_wait_s)
         with self.lock:
             return job.to_public()
@@ -391,12 +427,13 @@ class JobManager:
             if folder.name.startswith((".incoming-", ".deleted-")):
                 shutil.rmtree(folder, ignore_errors=True)  # left over from a crash mid-submit or mid-delete
                 continue
-            if not (JOB_ID_RE.fullmatch(folder.name) and folder.is_dir()):
-                continue
+            if not JOB_ID_RE.fullmatch(folder.name) or folder.is_symlink() or not folder.is_dir():
+                continue  # a link named like a job is not followed: it could lead anywhere
             try:
-                job = Job.from_record(folder, json.loads((folder / "status.json").read_text(encoding="utf-8")))
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                log.warning("ignoring job folder %s: unreadable status.json (%s)", folder, e)
+                with open_regular_inside(folder, "status.json") as f:
+                    job = Job.from_record(folder, json.loads(f.read().decode("utf-8")))
+            except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+                log.warning("ignoring job folder %s: unusable status.json (%s)", folder, e)
                 continue
             if job.state not in FINISHED:
                 was = job.state
@@ -430,7 +467,8 @@ class JobManager:
     def _run(self, job: Job) -> None:
         """Run one job to its end; every outcome is recorded in its status, nothing escapes."""
         handler = _thread_file_handler(job.folder / "log.txt")
-        logging.getLogger().addHandler(handler)
+        if handler is not None:
+            logging.getLogger().addHandler(handler)
         result: dict[str, Any] | None = None
         error: dict[str, Any] | None = None
         try:
@@ -448,15 +486,22 @@ class JobManager:
                                "server with --device cpu")
         except One2345Error as e:
             self._job_file_log(job, traceback.format_exc())
-            error = error_dict(e.kind, e.message, e.fix)
+            error = error_dict(e.kind, self._public(e.message), e.fix and self._public(e.fix))
+        except OSError as e:
+            # The disk failed under the run (full, read-only, gone): the job's own kind, with no server path.
+            self._job_file_log(job, traceback.format_exc())
+            failure = storage_error(e, "write the job's files", self.jobs_dir)
+            error = error_dict(failure.kind, failure.message, failure.fix)
         except Exception as e:
             # A bug or an unexpected library failure: the job fails, the worker and the server live on.
             self._job_file_log(job, traceback.format_exc())
             log.exception("job %s failed", job.id)
-            error = error_dict("internal", f"{type(e).__name__}: {e}", f"see {job.folder / 'log.txt'}")
+            error = error_dict("internal", self._public(f"{type(e).__name__}: {e}"),
+                               f"see log.txt in the job's folder ({job.id}/log.txt in the server's jobs folder)")
         finally:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
+            if handler is not None:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
         if error is not None and error["kind"] == "out_of_memory":
             # Only now, with the exception and its frames gone, can the failed run's tensors be released; the job
             # is reported failed after that, so the next job finds the memory free.
@@ -516,6 +561,13 @@ class JobManager:
                 "faces": int(out.faces), "mesh": Path(out.mesh_path).relative_to(job.folder).as_posix(),
                 "meta": Path(out.meta_path).relative_to(job.folder).as_posix()}
 
+    def _public(self, text: str) -> str:
+        """``text`` fit for a client: the jobs folder's absolute path removed (paths become ``<id>/…``) and the home
+        folder shown as ``~``."""
+        for root, shown in ((self.jobs_dir, ""), (Path.home(), "~/")):
+            text = text.replace(f"{root}{os.sep}", shown)
+        return text
+
     def _finish(self, job: Job, state: str, error: dict[str, Any] | None) -> None:
         """Record a final state (lock held)."""
         if job.started_at is not None:
@@ -544,16 +596,21 @@ class JobManager:
     def _job_file_log(job: Job, text: str) -> None:
         """Append to the job's log.txt only (tracebacks: the server's log gets the one-line outcome)."""
         try:
-            with open(job.folder / "log.txt", "a", encoding="utf-8") as f:
-                f.write(f"{now_iso()} {text.rstrip()}\n")
+            append_text_no_follow(job.folder / "log.txt", f"{now_iso()} {text.rstrip()}\n")
         except OSError as e:
             log.error("cannot write the log of job %s: %s", job.id, e)
 
 
-def _thread_file_handler(path: Path) -> logging.Handler:
+def _thread_file_handler(path: Path) -> logging.Handler | None:
     """A handler appending the records of the calling thread (the worker, running one job) to ``path``, so the
-    pipeline's own log lines land in the job's log.txt."""
-    handler = logging.FileHandler(path, encoding="utf-8")
+    pipeline's own log lines land in the job's log.txt; None when the file cannot be opened (a full or read-only disk
+    must fail the job, not the worker)."""
+    try:
+        append_text_no_follow(path, "")  # creates it, refusing a link planted in its place
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as e:
+        log.error("cannot open the job log %s: %s", path.name, e.strerror)
+        return None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     ident = threading.get_ident()
     handler.addFilter(lambda record: record.thread == ident and record.name != __name__)

@@ -35,10 +35,26 @@ Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): called as work advances; stages are named as in :func:`reconstruct_mesh`."""
 
 
+MAX_VIEW_PIXELS = 16_000_000
+"""Largest view accepted (16 MP, far above the 256² views the pipeline writes): the size is read from the header, so
+an oversized or bomb file is refused before it is decoded."""
+
+
 def read_rgb(path: Path) -> np.ndarray:
-    """Any image Pillow reads → uint8 [H, W, 3]; transparency is composited on white (as the reference does)."""
+    """Any image Pillow reads → uint8 [H, W, 3]; transparency is composited on white (as the reference does).
+
+    Raises:
+        BadInputError: missing, a folder, not an image, truncated or corrupt, or over :data:`MAX_VIEW_PIXELS`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"view {path} does not exist or is not a file")
     try:
         with Image.open(path) as im:
+            width, height = im.size
+            if width * height > MAX_VIEW_PIXELS:
+                raise BadInputError(f"{path} is {width}×{height} px; views may have at most "
+                                    f"{MAX_VIEW_PIXELS / 1e6:g} MP (the pipeline writes 256×256)")
             im.load()
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
@@ -47,8 +63,10 @@ def read_rgb(path: Path) -> np.ndarray:
             elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
-        raise BadInputError(f"{path} is not a readable image ({e})") from e
+    except UnidentifiedImageError:
+        raise BadInputError(f"{path} is not a readable image (no image format Pillow knows)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise BadInputError(f"{path} is not a readable image ({e})") from None
 
 
 @dataclass

@@ -10,8 +10,9 @@ channel a parent process reads.
 
 Token: ``ONE2345_TOKEN`` when set; otherwise a random token is written to a new file that only the user can read
 (mode 0600, created exclusively so no other process can slip in a file of its own) and removed at exit. Binding an
-address other than loopback requires ``ONE2345_TOKEN``, so a server reachable from the network never runs with a
-token that only sits in a local file.
+address other than loopback requires ``ONE2345_TOKEN`` of at least :data:`MIN_REMOTE_TOKEN_LENGTH` characters, so a
+server reachable from the network never runs with a guessable token or one that only sits in a local file. A token
+is printable ASCII without spaces (it travels in an HTTP header, where surrounding spaces would be stripped).
 
 SIGTERM and SIGINT stop the server cleanly: uvicorn stops accepting requests, the running job is cancelled (it ends
 "cancelled" on disk), queued jobs are cancelled, and the process exits with status 0.
@@ -23,6 +24,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -38,6 +40,7 @@ import uvicorn
 
 from server import __version__
 from server.errors import BadInputError, One2345Error
+from server.fsutil import check_folder_path
 
 log = logging.getLogger("server.serve")  # also when run as __main__
 
@@ -45,6 +48,10 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 TOKEN_ENV = "ONE2345_TOKEN"
 JOBS_DIR_ENV = "ONE2345_JOBS_DIR"
+MIN_REMOTE_TOKEN_LENGTH = 16
+"""Shortest ONE2345_TOKEN accepted for a bind other than loopback."""
+MAX_UPLOAD_MB = 1024.0
+"""Largest --max-upload-mb: the upload is held in memory while it is checked."""
 
 
 def default_jobs_dir() -> Path:
@@ -81,6 +88,18 @@ class ServeSettings:
     max_upload_mb: float = 20.0
     """Largest accepted image file in MiB (larger uploads are answered 413)."""
 
+    def check(self) -> ServeSettings:
+        """Raise BadInputError naming the first setting out of range."""
+        if not 0 <= self.port <= 65535:
+            raise BadInputError(f"--port {self.port} is not a TCP port: use 0 (pick a free one) or 1…65535")
+        if not 1 <= self.max_queue <= 10_000:
+            raise BadInputError(f"--max-queue {self.max_queue} is outside 1…10000")
+        if not (math.isfinite(self.max_upload_mb) and 0 < self.max_upload_mb <= MAX_UPLOAD_MB
+                and self.max_upload_mb * 2**20 >= 1024):
+            raise BadInputError(f"--max-upload-mb {self.max_upload_mb:g} is outside 0.001…{MAX_UPLOAD_MB:g} (MiB; "
+                                "the default is 20)")
+        return self
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeSettings:
         return cls(host=args.host, port=args.port, preset=args.preset, device=args.device,
@@ -105,11 +124,23 @@ def resolve_token(host: str) -> tuple[str, Path | None]:
         BadInputError: a non-loopback ``host`` without ``ONE2345_TOKEN`` set.
     """
     token = os.environ.get(TOKEN_ENV, "")
-    if token:
+    if token:  # set and not empty (an empty one means "not set")
+        if not all("!" <= c <= "~" for c in token):
+            raise BadInputError(f"{TOKEN_ENV} must be printable ASCII without spaces; its {len(token)} "
+                                "character(s) include a space, tab or other character that an HTTP header cannot "
+                                "carry unchanged",
+                                fix=f"export {TOKEN_ENV}=$(python3 -c 'import secrets; print(secrets.token_urlsafe("
+                                    "32))'), or unset it to get a random token in a file")
+        if not is_loopback(host) and len(token) < MIN_REMOTE_TOKEN_LENGTH:
+            raise BadInputError(f"refusing to bind {host} (not loopback) with a {len(token)}-character "
+                                f"{TOKEN_ENV}; at least {MIN_REMOTE_TOKEN_LENGTH} characters are required",
+                                fix=f"export {TOKEN_ENV}=$(python3 -c 'import secrets; print(secrets.token_urlsafe("
+                                    "32))')")
         return token, None
     if not is_loopback(host):
         raise BadInputError(f"refusing to bind {host} (not loopback) without {TOKEN_ENV} set",
-                            fix=f"export {TOKEN_ENV}=<a long random secret>, or bind 127.0.0.1")
+                            fix=f"export {TOKEN_ENV}=<a random secret of at least {MIN_REMOTE_TOKEN_LENGTH} "
+                                "characters>, or bind 127.0.0.1")
     token = secrets.token_urlsafe(32)
     fd, name = tempfile.mkstemp(prefix="one2345-token-", suffix=".txt")  # O_EXCL, mode 0600
     with os.fdopen(fd, "w") as f:
@@ -139,9 +170,7 @@ def serve(settings: ServeSettings, stdout: TextIO | None = None) -> int:
         stdout: where the ready line goes (default: the real stdout).
     """
     stdout = stdout or sys.stdout
-    if settings.max_queue < 1 or settings.max_upload_mb <= 0:
-        raise BadInputError(f"--max-queue {settings.max_queue} and --max-upload-mb {settings.max_upload_mb:g} must "
-                            "be positive")
+    settings.check()
     token, token_file = resolve_token(settings.host)  # before the heavy imports: a refusal is immediate
 
     from server.app import AppConfig, create_app
@@ -153,7 +182,7 @@ def serve(settings: ServeSettings, stdout: TextIO | None = None) -> int:
         if settings.preset not in PRESETS:
             raise BadInputError(f"unknown preset {settings.preset!r}; choose one of {', '.join(PRESETS)}")
         device = resolve_device(settings.device)
-        jobs_dir = (settings.jobs_dir or default_jobs_dir()).expanduser().resolve()
+        jobs_dir = check_folder_path((settings.jobs_dir or default_jobs_dir()).expanduser().resolve(), "--jobs-dir")
 
         def load() -> One2345Pipeline:
             log.info("loading the %s models on %s", settings.preset, device)

@@ -15,15 +15,13 @@ Loading is strict: a missing, unexpected or mis-shaped key is an error listing a
 from __future__ import annotations
 
 import json
-import pickle
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from server.errors import CheckpointError, MissingWeightsError
+from server.errors import BadInputError, CheckpointError, MissingWeightsError
 from server.fsutil import replace_dir
 from server.reconstruction.model import PRESETS, ReconstructionConfig, ReconstructionModel
 
@@ -89,22 +87,30 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
 def _torch_load(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}); the file is "
-                              "truncated, corrupt or not a checkpoint",
-                              fix="download it again: one2345 weights download --only reconstruction") from e
+    except Exception as e:
+        # torch.load on damaged bytes fails in whatever its unpickler or zip reader trips over first (IndexError,
+        # KeyError, UnicodeDecodeError, … as well as UnpicklingError and BadZipFile): every one means "not readable".
+        first_line = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {first_line}); the "
+                              "file is truncated, corrupt or not a checkpoint",
+                              fix="download it again: one2345 weights download --only reconstruction") from None
 
 
 def official_state(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """Read an official checkpoint: (state dict per network, bookkeeping such as ``iter_step``)."""
     data = _torch_load(path)
     if not isinstance(data, dict) or not all(k in data for k in OFFICIAL_NETWORKS):
-        found = sorted(data)[:12] if isinstance(data, dict) else type(data).__name__
+        found = sorted(map(repr, data))[:12] if isinstance(data, dict) else type(data).__name__
         hint = ""
         if isinstance(data, dict) and "state_dict" in data:
             hint = " It looks like a PyTorch Lightning checkpoint (Zero123 or LoFTR), not the reconstruction network."
         raise CheckpointError(f"{path} is not a One-2-3-45 reconstruction checkpoint: it needs the top-level keys "
                               f"{list(OFFICIAL_NETWORKS)}, found {found}.{hint}")
+    for name in OFFICIAL_NETWORKS:
+        state = data[name]
+        if not (isinstance(state, dict) and all(isinstance(k, str) for k in state)):
+            raise CheckpointError(f"{path}: entry {name!r} is not a state dict (a mapping of parameter names to "
+                                  f"tensors) but a {type(state).__name__}")
     nets = {name: data[name] for name in OFFICIAL_NETWORKS}
     extra = {k: v for k, v in data.items() if k not in OFFICIAL_NETWORKS}
     return nets, extra
@@ -145,16 +151,25 @@ def read_config(folder: Path) -> tuple[ReconstructionConfig, dict]:
         raise CheckpointError(f"{folder} has no {CONFIG_FILE}; a reconstruction checkpoint folder holds "
                               f"{CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
-        meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{config_path} is not valid UTF-8 JSON: {str(e)[:200]}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{config_path} is not a {FORMAT_NAME} config (format = "
                               f"{meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{config_path} has format_version {meta['format_version']}; this version reads up to "
+    version = meta.get("format_version", 0)
+    if type(version) is not int or version < 0:
+        raise CheckpointError(f"{config_path} has format_version {version!r}; it must be an integer (this version "
+                              f"writes {FORMAT_VERSION})")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{config_path} has format_version {version}; this version reads up to "
                               f"{FORMAT_VERSION}", fix="upgrade one2345")
-    return ReconstructionConfig.from_dict(meta["config"]), meta
+    if "config" not in meta:
+        raise CheckpointError(f"{config_path} has no \"config\" entry (the network's architecture)")
+    try:
+        return ReconstructionConfig.from_dict(meta["config"]), meta
+    except BadInputError as e:
+        raise CheckpointError(f"{config_path}: {e.message}") from None
 
 
 def load_checkpoint(folder: str | Path) -> ReconstructionModel:
@@ -169,8 +184,8 @@ def load_checkpoint(folder: str | Path) -> ReconstructionModel:
         raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}")
     try:
         state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read {weights}: {e} (truncated or corrupt)") from e
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {weights}: {str(e)[:200]} (truncated or corrupt)") from None
     model = ReconstructionModel(config)
     load_state_strict(model, state, str(weights))
     return model

@@ -6,6 +6,7 @@ from ``ckpt_215000.pth`` unchanged and our own checkpoints use the same flat key
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -52,11 +53,35 @@ class ReconstructionConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ReconstructionConfig:
+        """A config from JSON data (a checkpoint's config.json), every field checked before any network is built:
+        a config is read from files that may be damaged, and a width of 10⁹ would allocate before any check."""
+        if not isinstance(data, dict):
+            raise BadInputError(f"a reconstruction config is a JSON object, not {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise BadInputError(f"unknown reconstruction config fields {unknown}; known fields: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        config = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        for name, (lo, hi) in _INT_RANGES.items():
+            value = getattr(config, name)
+            values = value if isinstance(value, tuple) else (value,)
+            width = len(getattr(cls(), name)) if isinstance(getattr(cls(), name), tuple) else 1
+            if len(values) != width or not all(type(v) is int and lo <= v <= hi for v in values):
+                raise BadInputError(f"reconstruction config {name}={value!r}: expected "
+                                    f"{f'{width} integers' if width > 1 else 'an integer'} in [{lo}, {hi}]")
+        for name in ("sphere_radius", "variance_init"):
+            value = getattr(config, name)
+            if type(value) not in (int, float) or not math.isfinite(value):
+                raise BadInputError(f"reconstruction config {name}={value!r}: expected a finite number")
+        for name in ("anti_alias_pooling", "batch_statistics"):
+            if not isinstance(getattr(config, name), bool):
+                raise BadInputError(f"reconstruction config {name}={getattr(config, name)!r}: expected true or false")
+        return config
+
+
+_INT_RANGES = {"feature_channels": (1, 1024), "compress_channels": (1, 1024), "costreg_channels": (1, 1024),
+               "volume_dims": (8, 256), "sdf_hidden": (2, 4096), "num_freqs": (0, 16)}
+"""Bounds far outside any sensible network, checked so that a damaged config cannot ask for absurd allocations."""
 
 
 PRESETS: dict[str, ReconstructionConfig] = {

@@ -174,6 +174,6 @@ def test_cli_generate_argument_errors(photo, tmp_path, capsys):
     assert main(["generate", str(photo), str(photo), "-o", str(tmp_path / "a.glb"), "--preset", "tiny"]) == 2
     assert "use --out-dir" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "missing.png"), "-o", str(tmp_path / "a.glb"), "--preset", "tiny"]) == 2
-    assert "not found" in capsys.readouterr().err
+    assert "missing.png' does not exist" in capsys.readouterr().err
     assert main(["generate", str(photo), "-o", str(tmp_path / "a.fbx"), "--preset", "tiny"]) == 2
     assert "must end in .ply, .glb or .obj" in capsys.readouterr().err
