@@ -488,13 +488,13 @@ def create_app(manager: JobManager, config: AppConfig) -> FastAPI:
         return Response(status_code=204) if status is None else JSONResponse(status)
 
     app.include_router(router)
-    _install_error_handlers(app)
+    _install_error_handlers(app, router)
     app.add_middleware(Guard, token=config.token, max_body=config.max_upload_bytes + _FORM_SLACK_BYTES)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, api: APIRouter) -> None:
     @app.exception_handler(One2345Error)
     async def on_error(_: Request, e: One2345Error) -> JSONResponse:
         return error_response(e.kind, e.message, e.fix, getattr(e, "headers", None))
@@ -519,7 +519,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         if e.status_code == 405:
             # The router names the methods of the first route whose path matched; a path served by several routes
             # (GET and DELETE /v1/jobs/{id}) allows the methods of all of them.
-            allowed = sorted({m for route in app.router.routes if route.matches(request.scope)[0] != Match.NONE
+            allowed = sorted({m for route in api.routes if route.matches(request.scope)[0] != Match.NONE
                               for m in getattr(route, "methods", None) or ()})
             headers["Allow"] = ", ".join(allowed)
             message = f"{message}; this path allows {headers['Allow']}"

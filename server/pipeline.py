@@ -19,6 +19,7 @@ stage on a CPU, a sphere-like coloured mesh — for trying the tool and for test
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -47,7 +48,7 @@ from server.multiview.zero123 import (
     stage1b_deltas,
     tiny_zero123,
 )
-from server.reconstruct import load_views, reconstruct_mesh
+from server.reconstruct import load_views, reconstruct_mesh, reconstruction_fraction
 from server.reconstruction.model import ReconstructionModel, build_model
 
 PRESETS = ("paper", "tiny")
@@ -90,8 +91,8 @@ class GenerateOptions:
         def is_int(v: object) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        def is_num(v: object) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+        def is_num(v: object) -> bool:  # an int is always finite (and may be too large for a float)
+            return is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
         lo, hi = ELEVATION_RANGE
         if self.elevation is not None and not (is_num(self.elevation) and lo <= self.elevation <= hi):
@@ -186,6 +187,7 @@ class _Tracker:
         norm = sum(self.weights.values())
         self.weights = {k: v / norm for k, v in self.weights.items()}
         self.done = 0.0
+        self.reported = 0.0
         self.progress = progress
         self.should_cancel = should_cancel
 
@@ -196,7 +198,9 @@ class _Tracker:
     def report(self, stage: str, step: int, total: int, message: str = "", preview: Path | None = None) -> None:
         if self.progress is not None:
             frac = self.done + self.weights[stage] * (step / max(total, 1))
-            self.progress(Progress(stage, step, total, min(frac, 1.0), message, preview))
+            # Never backwards: a stage whose total grows as it learns more (coarse-to-fine SDF levels) would dip.
+            self.reported = max(self.reported, min(frac, 1.0))
+            self.progress(Progress(stage, step, total, self.reported, message, preview))
 
     def finish(self, stage: str, message: str = "") -> None:
         self.report(stage, 1, 1, message)
@@ -318,8 +322,10 @@ class One2345Pipeline:
 
         # 7. Reconstruction: cost volume → SDF → marching cubes → vertex colours (spec §5).
         def on_reconstruct(stage: str, done: int, total: int) -> None:
+            # Sub-stages report their own done/total; the run's progress weighs them by their typical cost.
             tracker.check_cancel()
-            tracker.report("reconstruct", done, total, message=stage)
+            permille = round(1000 * reconstruction_fraction(stage, done, total, self.device))
+            tracker.report("reconstruct", permille, 1000, message=stage)
 
         out = reconstruct_mesh(self.models.reconstruction, load_views(views_dir),
                                replace(self.meshing, resolution=options.resolution), self.device, on_reconstruct)

@@ -34,6 +34,24 @@ _NEARBY_ID = re.compile(r"^\d+_[0-3]\.png$")
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): called as work advances; stages are named as in :func:`reconstruct_mesh`."""
 
+STAGE_COST: dict[str, dict[str, float]] = {
+    # Shares of the reconstruction's time per stage, from `python -m server.benchmarks.reconstruct --preset paper
+    # --resolution 256`: 2 CPU cores (22.0 s in all) and one H200 (1.13 s in all; features + volume ≈ 0.05 s).
+    "cpu": {"features": 1.4, "volume": 4.9, "sdf": 3.9, "marching_cubes": 0.5, "colors": 11.3},
+    "cuda": {"features": 0.02, "volume": 0.03, "sdf": 0.39, "marching_cubes": 0.62, "colors": 0.07},
+}
+"""Relative cost of each stage of :func:`reconstruct_mesh` by device type, so progress moves in proportion to time."""
+
+
+def reconstruction_fraction(stage: str, done: int, total: int, device: str | torch.device) -> float:
+    """How much of the reconstruction is done when ``stage`` reports ``done`` of ``total`` (stages run in the order
+    of :data:`STAGE_COST`; all earlier ones are complete). Returns a value in [0, 1]."""
+    costs = STAGE_COST["cuda" if torch.device(device).type == "cuda" else "cpu"]
+    names = list(costs)
+    before = sum(costs[n] for n in names[: names.index(stage)])
+    part = costs[stage] * min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
+    return (before + part) / sum(costs.values())
+
 
 MAX_VIEW_PIXELS = 16_000_000
 """Largest view accepted (16 MP, far above the 256² views the pipeline writes): the size is read from the header, so

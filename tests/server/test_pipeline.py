@@ -17,6 +17,7 @@ from server.errors import BadInputError, CancelledError
 from server.meshing import load_mesh
 from server.multiview.ddim import ddim_timesteps
 from server.pipeline import GenerateOptions, One2345Pipeline
+from server.reconstruct import STAGE_COST, reconstruction_fraction
 
 FAST = dict(steps_stage1=2, steps_stage2=3, resolution=32)
 
@@ -77,6 +78,32 @@ def test_progress_is_ordered_monotone_and_ends_at_one(run):
     previews = [e.preview for e in events if e.preview is not None]
     assert previews[0].name == "input_256.png" and len(previews) == 1 + 4 + 4 + 4
     assert all(p.is_file() for p in previews)
+
+
+def test_progress_moves_through_reconstruction_by_its_sub_stages(run):
+    # Regression: each sub-stage's own done/total was reported as the whole stage's, so the job sat at 99.6 % for
+    # the whole reconstruction. Now the sub-stages advance the fraction by their measured shares of its time.
+    _, events = run
+    recon = [e for e in events if e.stage == "reconstruct"]
+    reached = {e.message: e.fraction for e in recon}  # the last fraction reported by each sub-stage
+    assert list(reached) == ["features", "volume", "sdf", "marching_cubes", "colors", ""]
+    start = [e for e in events if e.stage == "stage2b"][-1].fraction  # where reconstruction began
+    end = recon[-1].fraction
+    costs = STAGE_COST["cpu"]
+    total = sum(costs.values())
+    for name in ("features", "volume", "sdf", "marching_cubes"):  # "colors" is reported once, on completion
+        share_done = sum(costs[n] for n in list(costs)[: list(costs).index(name) + 1]) / total
+        assert reached[name] == pytest.approx(start + (end - start) * share_done, abs=0.01), name
+    assert (reached["sdf"] - reached["volume"]) > 0.1 * (end - start)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_reconstruction_fraction_spans_zero_to_one_in_stage_order(device):
+    names = list(STAGE_COST[device])
+    points = [reconstruction_fraction(n, d, 4, device) for n in names for d in range(5)]
+    assert points[0] == 0.0 and points[-1] == pytest.approx(1.0)
+    assert all(b >= a for a, b in itertools.pairwise(points))
+    assert reconstruction_fraction("sdf", 7, 0, device) == reconstruction_fraction("sdf", 0, 5, device)
 
 
 def test_stage2_runs_as_one_batch(run):
