@@ -4,11 +4,11 @@ Schemathesis generates requests for every operation of ``/openapi.json`` — sch
 broken ones (wrong types, missing parts, odd strings in paths) — sends them with the right token, and runs its
 checks on every answer. Bounded: a fixed number of examples, a fixed seed, and a wall-clock budget.
 
-Checked: no 5xx at all (no allowance is needed: the only documented 5xx, 503 missing_weights, cannot occur with the
-weight-free ``tiny`` preset), every status code and content type is one the schema declares, every JSON body matches
-its declared schema, malformed requests are refused with 4xx, auth is enforced; and afterwards ``/v1/health`` still
-answers 200. Not checked: ``positive_data_acceptance`` — a schema-valid upload is any byte string, which is (rightly)
-refused unless it happens to be an image.
+Checked: no 5xx at all (no allowance is needed: the documented 5xx, 503 missing_weights and 507 storage, cannot occur
+with the weight-free ``tiny`` preset on a healthy disk), every status code and content type is one the schema
+declares, every JSON body matches its declared schema, malformed requests are refused with 4xx, auth is enforced; and
+afterwards ``/v1/health`` still answers 200. Not checked: ``positive_data_acceptance`` — a schema-valid upload is any
+byte string, which is (rightly) refused unless it happens to be an image.
 """
 
 from __future__ import annotations
