@@ -2,8 +2,9 @@
 
 It runs on a background thread inside Blender, so it never touches ``bpy``. Every failure becomes a
 :class:`ServerError` carrying the server's error ``kind`` (``bad_input``, ``unauthorized``, ``not_found``,
-``conflict``, ``too_large``, ``queue_full``, ``missing_weights``, ``out_of_memory``, ``cancelled``, ``internal``) or
-one of the add-on's own kinds for failures that happen before the server can answer (``unreachable``, ``protocol``).
+``conflict``, ``too_large``, ``queue_full``, ``missing_weights``, ``out_of_memory``, ``storage``, ``cancelled``,
+``internal``) or one of the add-on's own kinds for failures that happen before the server can answer (``unreachable``,
+``protocol``).
 """
 
 from __future__ import annotations
