@@ -130,6 +130,9 @@ class JobResult(BaseModel):
     elevation: float = Field(description="degrees above the horizon of the input view")
     vertices: int
     faces: int
+    elevation_uncertain: bool = Field(description="the elevation was estimated without confidence (or fell back to "
+                                                  "0°): the mesh may be wrong; set the elevation by hand")
+    elevation_confidence: float | None = Field(description="0–1 confidence of the estimate; null when given")
 
 
 class JobStatus(BaseModel):

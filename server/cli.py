@@ -173,6 +173,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"{image}: elevation {result.elevation:.0f}° ({result.elevation_source}), background "
               f"{result.background}, {result.vertices:,} vertices; intermediates in {result.views_dir.parent}",
               file=sys.stderr)
+        if result.elevation_uncertain:
+            print(f"{image}: warning: elevation uncertain (confidence {result.elevation_confidence:.2f}); used "
+                  f"{result.elevation:.0f}°. If the mesh looks wrong, set it by hand: --elevation DEG",
+                  file=sys.stderr)
         print(out)
     return EXIT_FAILED if failures else 0
 
@@ -191,16 +195,12 @@ def cmd_weights_download(args: argparse.Namespace) -> int:
 def cmd_elevation(args: argparse.Namespace) -> int:
     import json
 
-    from server.elevation import SiftMatcher, available_matcher, estimate_elevation
+    from server.elevation import ElevationEstimator, available_matchers
     from server.reconstruct import read_rgb
 
-    matcher = SiftMatcher() if args.matcher == "sift" else available_matcher(args.weights_dir, prefer="loftr")
-    if args.matcher == "loftr" and matcher.name != "loftr":
-        from server.weights import resolve
-
-        resolve("loftr", args.weights_dir)  # raises MissingWeightsError naming the file and the download command
-    result = estimate_elevation([read_rgb(Path(v)) for v in args.views], matcher)
-    print(json.dumps({"polar": result.polar, "elevation": 90 - result.polar, "matcher": result.matcher}))
+    images = [read_rgb(Path(v)) for v in args.views]
+    estimator = ElevationEstimator(available_matchers(args.weights_dir, prefer=args.matcher))
+    print(json.dumps(estimator(images).to_json()))
     return 0
 
 
@@ -278,11 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("elevation", help="estimate the polar angle from the four nearby views of view 0",
-                       description="Print a JSON line {polar, elevation, matcher}: the views are ordered as spec §4 "
-                                   "(polar −10, polar +10, azimuth −10, azimuth +10 around the input view).")
+                       description="Print a JSON line {polar, elevation, matcher, confidence, uncertain, inliers, "
+                                   "source, note}: the views are ordered as spec §4 (polar −10, polar +10, azimuth "
+                                   "−10, azimuth +10 around the input view). When no fit is confident the "
+                                   "reference's polar 90 is printed with source 'fallback' and uncertain true.")
     e.add_argument("views", nargs=4, help="the four nearby views 0_0.png 0_1.png 0_2.png 0_3.png")
-    e.add_argument("--matcher", choices=["auto", "loftr", "sift"], default="auto",
-                   help="auto: LoFTR when its weights are present, else SIFT; loftr: LoFTR or a clear error; sift")
+    e.add_argument("--matcher", choices=["auto", "loftr", "flow", "sift"], default="auto",
+                   help="auto: every available matcher pooled (LoFTR when its weights are present, dense flow, "
+                        "SIFT), then each alone; loftr: LoFTR or a clear error; flow; sift")
     _add_weights_dir(e)
     e.set_defaults(func=cmd_elevation)
 

@@ -184,7 +184,9 @@ class Job:
         if self.result is not None:
             result = {"url": f"{base}/result", "format": self.result["format"], "meta_url": f"{base}/meta",
                       "elevation": self.result["elevation"], "vertices": self.result["vertices"],
-                      "faces": self.result["faces"]}
+                      "faces": self.result["faces"],
+                      "elevation_uncertain": bool(self.result.get("elevation_uncertain", False)),
+                      "elevation_confidence": self.result.get("elevation_confidence")}
         return {
             "id": self.id, "state": self.state, "stage": self.stage, "step": self.step, "total": self.total,
             "fraction": self.fraction, "elapsed_s": round(elapsed, 3),
@@ -556,8 +558,11 @@ class JobManager:
         out = pipe(job.folder / job.input_file, run_dir, options, progress=on_progress,
                    should_cancel=job.cancel.is_set)
         self._job_log(job, f"done: {out.vertices} vertices, {out.faces} faces, elevation {out.elevation:.1f}° "
-                           f"({getattr(out, 'elevation_source', '?')}), timings {json.dumps(out.timings)}")
+                           f"({out.elevation_source}{', uncertain' if out.elevation_uncertain else ''}), "
+                           f"timings {json.dumps(out.timings)}")
         return {"format": options.format, "elevation": float(out.elevation), "vertices": int(out.vertices),
+                "elevation_uncertain": bool(out.elevation_uncertain),
+                "elevation_confidence": out.elevation_confidence,
                 "faces": int(out.faces), "mesh": Path(out.mesh_path).relative_to(job.folder).as_posix(),
                 "meta": Path(out.meta_path).relative_to(job.folder).as_posix()}
 

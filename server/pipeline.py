@@ -36,7 +36,7 @@ from PIL import Image
 from server import __version__
 from server.cameras import PoseFile
 from server.devices import resolve_device
-from server.elevation import Matcher, SiftMatcher, available_matcher, estimate_elevation
+from server.elevation import ElevationEstimator, ElevationResult, FlowMatcher, SiftMatcher, available_matchers
 from server.errors import BadInputError, CancelledError
 from server.fsutil import write_json_atomic
 from server.meshing import MeshingConfig, export_mesh
@@ -56,8 +56,6 @@ FORMATS = ("ply", "glb", "obj")
 ELEVATION_RANGE = (-60.0, 70.0)
 """Allowed user elevations (degrees above the horizon). Polar = 90 − elevation must leave room for the ±30° second
 ring and ±10° nearby views inside (0°, 180°); the reference's estimator searches polar 20…149."""
-FALLBACK_POLAR = 90.0
-"""Polar used when elevation estimation fails, as the reference does."""
 
 
 @dataclass(frozen=True)
@@ -148,7 +146,7 @@ class GenerateResult:
     """Degrees above the horizon of the input view."""
     polar: float
     elevation_source: str
-    """"given", "estimated" or "fallback" (estimation failed; polar 90 as the reference)."""
+    """"given", "estimated" or "fallback" (no confident estimate; polar 90 as the reference)."""
     background: str
     """How the object was separated: alpha, sam, foreground-estimate or none."""
     timings: dict[str, float]
@@ -156,6 +154,10 @@ class GenerateResult:
     vertices: int
     faces: int
     seed: int
+    elevation_uncertain: bool = False
+    """True when the elevation was estimated (or fell back) without confidence: the user should set it by hand."""
+    elevation_confidence: float | None = None
+    """The estimate's confidence (0–1); None when the elevation was given."""
 
 
 @dataclass
@@ -164,7 +166,7 @@ class PipelineModels:
 
     zero123: Zero123Model
     reconstruction: ReconstructionModel
-    matcher: Matcher
+    elevation: ElevationEstimator
     segmenter: Any | None = None
     """A :class:`server.preprocess.SamSegmenter`, or None for the weight-free foreground estimate."""
     descriptions: dict[str, str] = field(default_factory=dict)
@@ -298,7 +300,7 @@ class One2345Pipeline:
         lap("stage2")
 
         # 4. Elevation: given by the user, or estimated by matching the nearby views (spec §4).
-        polar, elevation_source, matcher_note = self._polar(near0, options)
+        polar, estimate = self._polar(near0, options)
         lap("elevation")
 
         # 5. Stage 1b: the second ring, 30° lower (polar ≤ 75) or higher (spec §1.3 step 6).
@@ -337,7 +339,9 @@ class One2345Pipeline:
             "version": __version__, "preset": self.preset, "device": self.device,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "options": asdict(options), "seed": seed, "polar": polar, "elevation": 90.0 - polar,
-            "elevation_source": elevation_source, "matcher": matcher_note, "background": pre.method,
+            "elevation_source": estimate.source if estimate else "given",
+            "elevation_estimate": estimate.to_json() if estimate else None,
+            "matcher": estimate.matcher if estimate else "none", "background": pre.method,
             "vertices": len(out.mesh.vertices), "faces": len(out.mesh.faces), "mesh": mesh_path.name,
             "frame": "ply: z-up pose.json world frame; glb/obj: y-up, (x, y, z) -> (x, z, -y)",
             "models": self.models_loaded(),
@@ -347,7 +351,10 @@ class One2345Pipeline:
         meta_path = write_json_atomic(run_dir / "meta.json", meta)
         lap("export")
         return GenerateResult(mesh_path=mesh_path, views_dir=views_dir, elevation=90.0 - polar, polar=polar,
-                              elevation_source=elevation_source, background=pre.method, timings=timings,
+                              elevation_source=estimate.source if estimate else "given",
+                              elevation_uncertain=bool(estimate and estimate.uncertain),
+                              elevation_confidence=estimate.confidence if estimate else None,
+                              background=pre.method, timings=timings,
                               meta_path=meta_path, vertices=len(out.mesh.vertices), faces=len(out.mesh.faces),
                               seed=seed)
 
@@ -361,22 +368,21 @@ class One2345Pipeline:
                                     eta=self.zero123_config.eta, seed=seed % 2**63, callback=callback,
                                     should_cancel=tracker.should_cancel)
 
-    def _polar(self, near0: list[np.ndarray], options: GenerateOptions) -> tuple[float, str, str]:
+    def _polar(self, near0: list[np.ndarray], options: GenerateOptions) -> tuple[float, ElevationResult | None]:
+        """The input's polar angle: given by the user, or estimated with the documented rule for low confidence
+        (:class:`server.elevation.ElevationEstimator`: another matcher, then the reference's polar 90)."""
         if options.elevation is not None:
-            return 90.0 - float(options.elevation), "given", "none"
-        try:
-            result = estimate_elevation(near0, self.models.matcher)
-        except BadInputError as e:
-            # The reference falls back to polar 90 when matching fails; we do the same, and say why in meta.json.
-            return FALLBACK_POLAR, "fallback", f"{self.models.matcher.name}: {e.message}"
-        return float(result.polar), "estimated", result.matcher
+            return 90.0 - float(options.elevation), None
+        estimate = self.models.elevation(near0)
+        return float(estimate.polar), estimate
 
 
 def _tiny_models() -> PipelineModels:
     return PipelineModels(
-        zero123=tiny_zero123(seed=0), reconstruction=build_model("tiny", seed=0), matcher=SiftMatcher(),
+        zero123=tiny_zero123(seed=0), reconstruction=build_model("tiny", seed=0),
+        elevation=ElevationEstimator([FlowMatcher(), SiftMatcher()]),
         descriptions={"zero123": "tiny random (no weights)", "reconstruction": "tiny random (no weights)",
-                      "matcher": "sift", "segmenter": "weight-free foreground estimate"})
+                      "matcher": "flow+sift", "segmenter": "weight-free foreground estimate"})
 
 
 def _paper_models(device: str, weights_dir: str | Path | None, download_missing: bool) -> PipelineModels:
@@ -392,8 +398,8 @@ def _paper_models(device: str, weights_dir: str | Path | None, download_missing:
     zero123_dir = ensure_converted(resolve("zero123-xl", root), root / "converted")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     descriptions = {"zero123": f"zero123-xl ({zero123_dir.name})", "reconstruction": "ckpt_215000"}
-    matcher = available_matcher(root)
-    descriptions["matcher"] = matcher.name
+    elevation = ElevationEstimator(available_matchers(root))
+    descriptions["matcher"] = elevation.name
     try:
         segmenter = SamSegmenter.from_checkpoint(resolve("sam", root), device)
         descriptions["segmenter"] = "sam vit_h"
@@ -402,4 +408,4 @@ def _paper_models(device: str, weights_dir: str | Path | None, download_missing:
         descriptions["segmenter"] = "weight-free foreground estimate (SAM weights absent)"
     return PipelineModels(zero123=load_zero123(zero123_dir, device, dtype),
                           reconstruction=load_reconstruction_model(resolve("reconstruction", root)),
-                          matcher=matcher, segmenter=segmenter, descriptions=descriptions)
+                          elevation=elevation, segmenter=segmenter, descriptions=descriptions)

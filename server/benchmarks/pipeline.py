@@ -23,7 +23,7 @@ from torch import nn
 from server.benchmarks.reconstruct import print_report
 from server.cameras import PoseFile
 from server.devices import resolve_device
-from server.elevation import SiftMatcher
+from server.elevation import ElevationEstimator, SiftMatcher
 from server.pipeline import GenerateOptions, One2345Pipeline, PipelineModels
 from server.reconstruction.model import build_model
 from server.synthetic import render_views
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe = One2345Pipeline.from_preset("tiny", device=device)
     else:
         models = PipelineModels(zero123=random_paper_zero123(), reconstruction=build_model("paper"),
-                                matcher=SiftMatcher(), descriptions={"zero123": "paper architecture, random weights"})
+                                elevation=ElevationEstimator([SiftMatcher()]),
+                                descriptions={"zero123": "paper architecture, random weights"})
         models.zero123.to(device=device, dtype=torch.float16 if device.startswith("cuda") else torch.float32)
         models.reconstruction.to(device)
         pipe = One2345Pipeline(models, "paper", device)

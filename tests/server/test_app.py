@@ -143,7 +143,8 @@ def test_job_round_trip(client, tmp_path):
     box = trimesh.creation.box()
     assert status["result"] == {"url": f"/v1/jobs/{body['id']}/result", "format": "ply",
                                 "meta_url": f"/v1/jobs/{body['id']}/meta", "elevation": 12.5,
-                                "vertices": len(box.vertices), "faces": len(box.faces)}
+                                "vertices": len(box.vertices), "faces": len(box.faces),
+                                "elevation_uncertain": False, "elevation_confidence": None}
     assert [p["name"] for p in status["previews"]] == ["input_256.png", "0.png"]
 
     r = client.get(status["result"]["url"], headers=AUTH)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from server.cameras import PoseFile
 from server.cli import main
-from server.elevation import Matches
+from server.elevation import ElevationEstimator, Matches
 from server.errors import BadInputError, CancelledError
 from server.meshing import load_mesh
 from server.multiview.ddim import ddim_timesteps
@@ -136,14 +136,16 @@ def test_failed_matching_falls_back_to_polar_90(pipe, photo, tmp_path):
         def __call__(self, image0, image1):
             return Matches.empty()
 
-    original = pipe.models.matcher
-    pipe.models.matcher = NoMatches()
+    original = pipe.models.elevation
+    pipe.models.elevation = ElevationEstimator([NoMatches()])
     try:
         result = pipe(photo, tmp_path / "fb", GenerateOptions(seed=2, **FAST))
     finally:
-        pipe.models.matcher = original
-    assert result.polar == 90 and result.elevation_source == "fallback"
-    assert "has no foreground matches" in json.loads(result.meta_path.read_text())["matcher"]
+        pipe.models.elevation = original
+    assert result.polar == 90 and result.elevation_source == "fallback" and result.elevation_uncertain
+    meta = json.loads(result.meta_path.read_text())
+    assert meta["elevation_source"] == "fallback" and meta["elevation_estimate"]["uncertain"] is True
+    assert "too few matches" in meta["elevation_estimate"]["note"]
 
 
 def test_cancel_stops_between_denoising_steps(pipe, photo, tmp_path):
