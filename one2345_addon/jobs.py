@@ -92,6 +92,8 @@ class JobResult:
     """The elevation the server used, in degrees."""
     vertices: int
     faces: int
+    elevation_uncertain: bool = False
+    """The server estimated the elevation without confidence (or fell back to 0°): the artist should set it."""
     pose: Path | None = None
     """pose.json of the job, when the server's job folder is on this machine."""
     server_job_dir: Path | None = None
@@ -358,9 +360,14 @@ class GenerateJob(Task):
             if found:
                 pose = Path(shutil.copyfile(found[0], self.job_dir / "pose.json"))
         views = tuple(sorted((self.job_dir / "views").glob("*.png")))
+        uncertain = bool(result.get("elevation_uncertain"))
+        if uncertain and result.get("elevation") is not None:
+            self.post("note", f"Elevation uncertain — set it by hand (Elevation: Manual); used "
+                              f"{float(result['elevation']):.0f}°.")
         return JobResult(job_id=status["id"], job_dir=self.job_dir, mesh=mesh, meta=meta, views=views, format=fmt,
                          elevation=result.get("elevation"), vertices=int(result.get("vertices") or 0),
-                         faces=int(result.get("faces") or 0), pose=pose, server_job_dir=server_dir)
+                         faces=int(result.get("faces") or 0), pose=pose, server_job_dir=server_dir,
+                         elevation_uncertain=uncertain)
 
 
 def _progress(status: dict[str, Any]) -> Progress:

@@ -191,3 +191,4 @@ def link_job(obj: bpy.types.Object, result: Any) -> None:
     obj["one2345_server_job_dir"] = str(result.server_job_dir or "")
     if result.elevation is not None:
         obj["one2345_elevation"] = float(result.elevation)
+        obj["one2345_elevation_uncertain"] = bool(result.elevation_uncertain)

@@ -290,6 +290,8 @@ def run(config: dict) -> None:
         calls = draw_panel()
         record["panel_operators"] = operator_ids(calls)
         record["panel_icons"] = sum(1 for c in calls if c["call"] == "template_icon")
+        record["panel_labels"] = [c["kwargs"].get("text", "") for c in calls if c["call"] == "label"]
+        record["server_uncertain"] = job.result.elevation_uncertain if job.result else None
 
     @scenario
     def undo(record):

@@ -277,6 +277,16 @@ def test_generate_mesh_imports_a_coloured_object(sessions, version):
             "to_node": "ShaderNodeBsdfPrincipled", "to_socket": "Base Color"} in material["links"]
     assert obj["render_color_index"] == 0
     assert "0.png" in record["previews"] and record["panel_icons"] >= 4  # generated views shown in the panel
+    # The elevation was left on Auto; the tiny preset's random-weight views give the estimator nothing to trust, so
+    # the server flags it, and the panel and the object say so with the value used.
+    meta = json.loads(Path(props["one2345_meta"]).read_text())
+    uncertain = meta["elevation_estimate"]["uncertain"]
+    assert record["server_uncertain"] is uncertain and props["one2345_elevation_uncertain"] == int(uncertain)
+    said = [n for n in record["notes"] if n.startswith("Elevation uncertain")]
+    assert said == ([f"Elevation uncertain — set it by hand (Elevation: Manual); used {meta['elevation']:.0f}°."]
+                    if uncertain else [])
+    if uncertain:
+        assert any("Elevation uncertain" in text for text in record["panel_labels"])
 
 
 def test_generate_is_undoable(sessions, version):
