@@ -9,8 +9,10 @@ point-to-point ICP — and then
   default, so τ = 0.04 for the renderer's extent-0.8 objects): harmonic mean of precision (share of predicted points
   within τ of the GT) and recall (share of GT points within τ of the prediction).
 
-Elevation: :func:`server.elevation.estimate_elevation` on the four GT nearby views of view 0 at the object's known
-polar angle; the report gives median and mean absolute error in degrees.
+Elevation: :class:`server.elevation.ElevationEstimator` on the four GT nearby views of view 0 at the object's known
+polar angle, as rendered and (``--degrade``) degraded like Zero123 output; the report gives median, 90th percentile
+and maximum absolute error and the share off by more than 10°, split by the estimator's flag
+(:mod:`training.elevation_eval`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from PIL import Image
 from scipy.spatial import cKDTree
 
 from server.errors import BadInputError, EmptySurfaceError
+from training.elevation_eval import Trial, markdown_table, run_trials, summarise, trials_from_renders
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Point sampling and metrics
@@ -279,10 +282,11 @@ def evaluate_checkpoint(checkpoint: Path, objects: Sequence[Path], out: Path, pr
 
 def markdown_report(results: Sequence[dict], threshold: float, elevation: dict | None = None) -> str:
     """The Markdown tables: per checkpoint the mean, then per object, then the elevation errors."""
-    lines = ["# Reconstruction evaluation", "",
-             f"F-score at τ = {threshold} × GT extent (largest bounding-box side); Chamfer = ½(pred→GT + GT→pred) mean "
-             "nearest distance, world units; after alignment (scale × z-rotation search, then ICP) unless stated.",
-             "", "| checkpoint | step | objects | F-score % | Chamfer |", "|---|---|---|---|---|"]
+    lines = ["# Evaluation"]
+    if results:
+        lines += ["", f"F-score at τ = {threshold} × GT extent (largest bounding-box side); Chamfer = ½(pred→GT + "
+                  "GT→pred) mean nearest distance, world units; after alignment (scale × z-rotation search, then ICP) "
+                  "unless stated.", "", "| checkpoint | step | objects | F-score % | Chamfer |", "|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {Path(r['checkpoint']).name} | {r['step']} | {len(r['objects'])} | "
                      f"{r['mean']['fscore']:.1f} | {r['mean']['chamfer']:.4f} |")
@@ -293,9 +297,9 @@ def markdown_report(results: Sequence[dict], threshold: float, elevation: dict |
             lines.append(f"| {o['uid']} | {o['fscore']:.1f} | {o['chamfer']:.4f} | "
                          f"![](renders/{Path(r['checkpoint']).name}/{o['uid']}.png) |")
     if elevation:
-        lines += ["", "## Elevation estimate", "", f"{elevation['count']} trials ({elevation['source']}, matcher "
-                  f"{elevation['matcher']}): median |error| {elevation['median_abs_error']:.2f}°, mean "
-                  f"{elevation['mean_abs_error']:.2f}°, failures {elevation['failures']}."]
+        lines += ["", "## Elevation estimate", "", f"Matchers {elevation['matcher']}; absolute polar error in degrees; "
+                  "flagged = the estimator said uncertain (the artist is asked to set the elevation).", "",
+                  markdown_table(elevation["settings"])]
     return "\n".join(lines) + "\n"
 
 
@@ -330,57 +334,48 @@ def textured_render(c2w: np.ndarray, size: int = 256, shape: str = "toy", seed: 
 
 
 def elevation_trials_synthetic(count: int, seed: int = 0, polar_range: tuple[int, int] = (45, 105),
-                               size: int = 256) -> list[tuple[float, list[np.ndarray]]]:
-    """(true polar, the 4 GT nearby views of view 0) for ``count`` random polar angles, textured synthetic object."""
+                               size: int = 256) -> list[Trial]:
+    """``count`` trials at random polar angles: the 4 GT nearby views of view 0 of the textured synthetic object."""
     from training.data import nearby_poses
 
     rng = np.random.default_rng(seed)
     trials = []
-    for _ in range(count):
+    for n in range(count):
         polar = float(rng.integers(polar_range[0], polar_range[1] + 1))
         azimuth = float(rng.uniform(0, 360))  # the object's orientation relative to the input view
-        trials.append((polar, [textured_render(c2w, size) for c2w in nearby_poses(polar, 30.0 + azimuth)]))
+        trials.append(Trial(f"synthetic-{n}", polar,
+                            [textured_render(c2w, size) for c2w in nearby_poses(polar, 30.0 + azimuth)]))
     return trials
-
-
-def elevation_trials_data(objects: Sequence[Path]) -> list[tuple[float, list[np.ndarray]]]:
-    """(true polar, view_0_{0..3}_10.png composited on white) for rendered objects; polar from pose.json."""
-    from server.reconstruct import read_rgb
-    from training.data import nearby_name, read_object
-
-    trials = []
-    for folder in objects:
-        obj = read_object(folder)
-        centre = obj.poses.c2ws[obj.reference_id][:3, 3]
-        polar = math.degrees(math.acos(centre[2] / np.linalg.norm(centre)))
-        images = [read_rgb(folder / nearby_name(0, j)) for j in range(4)]
-        trials.append((polar, images))
-    return trials
-
-
-def elevation_report(trials: Sequence[tuple[float, list[np.ndarray]]], matcher, source: str) -> dict:
-    """Median / mean absolute polar error (degrees) of :func:`estimate_elevation` over trials; failures (a pair
-    without matches) are counted, not scored."""
-    from server.elevation import estimate_elevation
-
-    errors, rows, failures = [], [], 0
-    for polar, images in trials:
-        try:
-            estimate = estimate_elevation(images, matcher).polar
-        except BadInputError:
-            failures += 1
-            rows.append({"polar": polar, "estimate": None})
-            continue
-        errors.append(abs(estimate - polar))
-        rows.append({"polar": polar, "estimate": estimate, "abs_error": abs(estimate - polar)})
-    return {"source": source, "matcher": matcher.name, "count": len(trials), "failures": failures,
-            "median_abs_error": float(np.median(errors)) if errors else math.nan,
-            "mean_abs_error": float(np.mean(errors)) if errors else math.nan, "trials": rows}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_elevation(args: argparse.Namespace, objects: Sequence[Path]) -> dict:
+    """The elevation report of :mod:`training.elevation_eval`: per setting (and degraded, with --degrade) the error
+    statistics, all and split by the estimator's flag; the rows of every trial."""
+    from server.elevation import ElevationEstimator, available_matchers
+
+    estimator = ElevationEstimator(available_matchers(args.weights_dir, prefer=args.matcher))
+    if args.elevation == "synthetic":
+        sets = {"synthetic textured 256²": elevation_trials_synthetic(args.elevation_trials, args.seed)}
+    else:
+        roots = args.elevation_data or ([args.data] if args.data else [])
+        if not roots:
+            raise BadInputError("--elevation data needs --elevation-data DIR (or --data) with rendered objects")
+        sets = {Path(root).name: trials_from_renders(root) for root in roots}
+    settings, rows = {}, {}
+    for name, trials in sets.items():
+        for degraded in (False, True) if args.degrade else (False,):
+            label = f"{name}, degraded" if degraded else name
+            rows[label] = run_trials(trials, estimator, degraded=degraded, seed=args.seed)
+            settings[label] = summarise(rows[label])
+            a, u = settings[label]["all"], settings[label]["unflagged"]
+            print(f"elevation, {label}: median {a['median']}°, p90 {a['p90']}°, max {a['max']}°, > 10°: "
+                  f"{a['over_10']} of {a['count']} ({u['over_10']} unflagged)")
+    return {"matcher": estimator.name, "settings": settings, "trials": rows}
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -405,18 +400,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             mean = results[-1]["mean"]
             print(f"{checkpoint}: F-score {mean['fscore']:.1f} %  Chamfer {mean['chamfer']:.4f}")
     if args.elevation:
-        from server.elevation import SiftMatcher, available_matcher
-
-        matcher = SiftMatcher() if args.matcher == "sift" else available_matcher(args.weights_dir)
-        if args.elevation == "synthetic":
-            trials, source = elevation_trials_synthetic(args.elevation_trials, args.seed), "synthetic textured"
-        else:
-            if not objects:
-                raise BadInputError("--elevation data needs --data with objects")
-            trials, source = elevation_trials_data(objects), f"renders of {args.data}"
-        elevation = elevation_report(trials, matcher, source)
-        print(f"elevation: median |error| {elevation['median_abs_error']:.2f}°, mean {elevation['mean_abs_error']:.2f}°"
-              f" over {elevation['count'] - elevation['failures']} of {elevation['count']} trials")
+        elevation = evaluate_elevation(args, objects)
     if not results and elevation is None:
         raise BadInputError("nothing to evaluate: give --checkpoint (with --data) and/or --elevation")
     report = {"threshold": args.threshold, "aligned": not args.no_align, "results": results, "elevation": elevation}
@@ -452,11 +436,18 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--points", type=int, default=20_000, help="surface samples per mesh (default 20000)")
     p.add_argument("--no-align", action="store_true", help="compare in the pose.json frame without alignment")
     p.add_argument("--elevation", choices=["synthetic", "data"],
-                   help="also report the elevation error: on textured synthetic renders or on --data's objects")
+                   help="also report the elevation error: on textured synthetic renders, or on rendered objects "
+                        "(--elevation-data, else --data)")
+    p.add_argument("--elevation-data", action="append",
+                   help="render root of elevation trials (one2345-train render --views elevation …); repeat for "
+                        "several settings, each reported on its own row")
+    p.add_argument("--degrade", action="store_true",
+                   help="also estimate every trial after Zero123-like degradation (blur, colour shift, jitter)")
     p.add_argument("--elevation-trials", type=int, default=20, help="random polar angles for --elevation synthetic")
-    p.add_argument("--matcher", choices=["sift", "auto"], default="sift",
-                   help="elevation matcher: sift (no weights) or auto (LoFTR when its weights are present)")
-    p.add_argument("--weights-dir", type=Path, default=None, help="weights folder for --matcher auto")
+    p.add_argument("--matcher", choices=["auto", "loftr", "flow", "sift"], default="auto",
+                   help="elevation matchers: auto (LoFTR when its weights are present, flow, SIFT, with the "
+                        "low-confidence rule), or one alone")
+    p.add_argument("--weights-dir", type=Path, default=None, help="weights folder (LoFTR for --matcher auto/loftr)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic elevation trials")
     p.add_argument("--device", default="cpu", help="device of the reconstruction (cpu, cuda, cuda:N)")
     p.set_defaults(handler=run_evaluate, func=run_evaluate)

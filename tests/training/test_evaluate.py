@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+import cv2
 import numpy as np
 import pytest
 import trimesh
 
-from server.elevation import SiftMatcher
+from server.elevation import ElevationEstimator, FlowMatcher, SiftMatcher
+from training.elevation_eval import degrade, run_trials, summarise
 from training.evaluate import (
     AlignConfig,
     add_evaluate_parser,
-    elevation_report,
     elevation_trials_synthetic,
     markdown_report,
     mesh_metrics,
@@ -77,18 +78,31 @@ def test_splat_and_markdown(sphere):
     assert 0.2 < red.mean() < 0.8 and (image[0, 0] == 255).all()
     report = {"checkpoint": "run/checkpoints/step_0000100", "step": 100, "mean": {"fscore": 50.0, "chamfer": 0.01},
               "objects": [{"uid": "a", "fscore": 50.0, "chamfer": 0.01}]}
-    text = markdown_report([report], 0.05, {"count": 2, "source": "x", "matcher": "sift", "median_abs_error": 1.0,
-                                            "mean_abs_error": 1.5, "failures": 0})
-    assert "| step_0000100 | 100 | 1 | 50.0 | 0.0100 |" in text and "median |error| 1.00°" in text
+    rows = [{"abs_error": e, "uncertain": u} for e, u in ((0.0, False), (2.0, False), (40.0, True))]
+    text = markdown_report([report], 0.05, {"matcher": "flow+sift", "settings": {"renders": summarise(rows)}})
+    assert "| step_0000100 | 100 | 1 | 50.0 | 0.0100 |" in text
+    assert "| renders | 3 | 2.0 | 32.4 | 40.0 | 1 | 2 | 2.0 | 0 | 1 | 1 |" in text
 
 
-def test_elevation_report_on_textured_renders():
+def test_elevation_trials_on_textured_renders_clean_and_degraded():
     trials = elevation_trials_synthetic(2, seed=1)
-    report = elevation_report(trials, SiftMatcher(), "synthetic")
-    assert report["count"] == 2 and report["failures"] == 0
-    assert report["median_abs_error"] <= 3.0
-    truth = [t[0] for t in trials]
-    assert [row["polar"] for row in report["trials"]] == truth
+    estimator = ElevationEstimator([FlowMatcher(), SiftMatcher()])
+    for degraded, tolerance in ((False, 1.0), (True, 5.0)):
+        rows = run_trials(trials, estimator, degraded=degraded)
+        assert [row["polar"] for row in rows] == [t.polar for t in trials]
+        assert all(row["abs_error"] <= tolerance or row["uncertain"] for row in rows), rows
+    assert not any(row["uncertain"] for row in run_trials(trials, estimator))
+
+
+def test_degrade_changes_the_object_not_the_background():
+    trial = elevation_trials_synthetic(1, seed=3)[0]
+    before, after = trial.images[0], degrade(trial.images, np.random.default_rng(0))[0]
+    background = (before > 245).all(axis=-1)
+    inner = cv2.erode(background.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)  # away from the edge
+    assert (after[inner] >= 250).all()
+    diff = np.abs(after.astype(int) - before.astype(int))[~background]
+    assert 2 < diff.mean() < 40  # visibly changed, still the same object
+    assert after.shape == before.shape and after.dtype == np.uint8
 
 
 def test_evaluate_parser_help():
