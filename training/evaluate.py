@@ -286,7 +286,8 @@ def markdown_report(results: Sequence[dict], threshold: float, elevation: dict |
     if results:
         lines += ["", f"F-score at τ = {threshold} × GT extent (largest bounding-box side); Chamfer = ½(pred→GT + "
                   "GT→pred) mean nearest distance, world units; after alignment (scale × z-rotation search, then ICP) "
-                  "unless stated.", "", "| checkpoint | step | objects | F-score % | Chamfer |", "|---|---|---|---|---|"]
+                  "unless stated.", "", "| checkpoint | step | objects | F-score % | Chamfer |",
+                  "|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {Path(r['checkpoint']).name} | {r['step']} | {len(r['objects'])} | "
                      f"{r['mean']['fscore']:.1f} | {r['mean']['chamfer']:.4f} |")
