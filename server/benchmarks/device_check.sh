@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one run (issues #11 and #16), sized for ≤ 6 minutes wall on a bare H200:
+# the CUDA tests, then the benchmarks, each printing one JSON line. Prepare the wheels first, here, with
+# server/benchmarks/device_wheels.sh; then, through the device tool, from the repository root:
+#
+#     bash server/benchmarks/device_check.sh            # carry: [".whl"]
+#
+# On a machine without CUDA, ONE2345_DEVICE=cpu runs the same steps small (tiny presets, few steps), which is how
+# the script itself is checked before device time is spent on it.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+DEVICE=${ONE2345_DEVICE:-cuda}
+PY=${PYTHON:-python3}
+start=$(date +%s)
+
+if [ "$DEVICE" = cuda ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # cp312 wheels, for the device
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo '{"step": "install", "ok": false}'; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+"$PY" -c 'import json, torch; print(json.dumps({"step": "environment", "torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}))'
+
+# step NAME SECONDS COMMAND…: run with a time limit; a failure prints a JSON line instead of stopping the script.
+step() {
+  local name=$1 limit=$2; shift 2
+  local t0; t0=$(date +%s)
+  timeout "$limit" "$@"
+  local rc=$?
+  echo "{\"step\": \"$name\", \"ok\": $([ $rc -eq 0 ] && echo true || echo false), \"rc\": $rc, \"seconds\": $(( $(date +%s) - t0 ))}"
+}
+
+if [ "$DEVICE" = cuda ]; then
+  gpu_tests=$(grep -rl "mark.gpu" tests --include='test_*.py' | sort)
+  step gpu-tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu $gpu_tests
+  step reconstruct 90 "$PY" -m server.benchmarks.reconstruct --preset paper --resolution 256 --device cuda --repeats 2
+  step pipeline 150 "$PY" -m server.benchmarks.pipeline --preset paper --device cuda --repeats 2
+  if [ -f training/benchmarks/fit.py ]; then
+    step fit 90 "$PY" -m training.benchmarks.fit --preset paper --device cuda --steps 200
+  fi
+else
+  step reconstruct 300 "$PY" -m server.benchmarks.reconstruct --preset tiny --resolution 64 --device cpu --repeats 1
+  step pipeline 300 "$PY" -m server.benchmarks.pipeline --preset tiny --device cpu --steps-stage1 2 --steps-stage2 2 \
+    --resolution 32
+  if [ -f training/benchmarks/fit.py ]; then
+    step fit 300 "$PY" -m training.benchmarks.fit --preset tiny --device cpu --steps 5
+  fi
+fi
+echo "{\"step\": \"total\", \"seconds\": $(( $(date +%s) - start ))}"
