@@ -42,6 +42,7 @@ from PIL import Image
 from server.cameras import NEARBY_DELTAS, PoseFile, ReconstructionCameras, calc_pose, normalise_cameras
 from server.errors import BadInputError
 from server.reconstruct import read_rgb
+from training.render.layout import require_full_views
 
 META_NAME = "meta.json"
 """The renderer's done marker; folders without it are unfinished and skipped."""
@@ -103,9 +104,11 @@ def read_object(folder: str | os.PathLike[str]) -> ObjectViews:
     shared ``One2345_training_pose.json`` two folders above ``zero12345_narrow/<folder_id>/<uid>/``.
 
     Raises:
-        BadInputError: no poses, not 8 stage-1 ids, a stage-1 id without its 4 nearby ids, or missing images.
+        BadInputError: an elevation-only render (``--views elevation``), no poses, not 8 stage-1 ids, a stage-1 id
+            without its 4 nearby ids, or missing images.
     """
     folder = Path(folder)
+    require_full_views(folder)
     own = folder / "pose.json"
     poses = PoseFile.read(own) if own.is_file() else official_poses(folder.parent.parent.parent / OFFICIAL_POSE_FILE)
     targets = tuple(i for i in poses.c2ws if _STAGE1_ID.match(i))

@@ -22,7 +22,9 @@ import pytest
 import trimesh
 from PIL import Image
 
-from training.cli import main
+from server.errors import BadInputError
+from training.cli import build_parser, main
+from training.render import driver
 
 REPO = Path(__file__).resolve().parents[2]
 BPY42 = Path(os.environ.get("ONE2345_BPY42_PYTHON") or REPO / ".venv-bpy42" / "bin" / "python")
@@ -378,3 +380,93 @@ def test_a_broken_file_is_logged_and_skipped(tmp_path: Path, caplog: pytest.LogC
         assert main(args) == 0
     assert len(_manifest(out)) == 2
     assert "0 object(s) to render, 1 already done, 1 failed before" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --views elevation, --surface
+# ---------------------------------------------------------------------------------------------------------------------
+
+ELEVATION_IDS = ["0.png", "0_0.png", "0_1.png", "0_2.png", "0_3.png"]
+ELEVATION_IMAGES = {"view_0.png", "view_0_depth_mm.png"} | {f"view_0_{j}_10.png" for j in range(4)}
+
+
+def _elevation_args(out: Path, *extra: str) -> list[str]:
+    """The settings of the `rendered` fixture (same objects, polars and image size) with --views elevation."""
+    args = ["render", "--source", "procedural", "--count", "2", "--out", str(out), "--size", str(SIZE)]
+    return [*args, "--samples", "4", "--polar", "50:100", "--threads", "2", "--views", "elevation", *extra]
+
+
+@pytest.fixture(scope="module")
+def rendered_elevation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The two objects of `rendered`, rendered with --views elevation."""
+    out = tmp_path_factory.mktemp("render-elevation")
+    assert main(_elevation_args(out)) == 0
+    return out
+
+
+def test_elevation_views_are_the_full_renders_view_0_and_its_nearby_views(
+    rendered: Path, rendered_elevation: Path
+) -> None:
+    objects = _objects(rendered_elevation)
+    assert [p.name for p in objects] == ["proc-000000", "proc-000001"]
+    for folder in objects:
+        full = rendered / folder.parent.name / folder.name
+        meta, full_meta = json.loads((folder / "meta.json").read_text()), json.loads((full / "meta.json").read_text())
+        assert meta["views"] == meta["settings"]["views"] == "elevation" and full_meta["views"] == "all"
+        assert meta["polar"] == full_meta["polar"]
+        assert {p.name for p in folder.iterdir()} == ELEVATION_IMAGES | {"pose.json", "mesh.ply", "meta.json"}
+
+        # pose.json: the full file's format and cameras, for just the five ids.
+        pose, full_pose = json.loads((folder / "pose.json").read_text()), json.loads((full / "pose.json").read_text())
+        assert list(pose) == ["intrinsics", "near_far", "c2ws"] and list(pose["c2ws"]) == ELEVATION_IDS
+        assert pose["intrinsics"] == full_pose["intrinsics"] and pose["near_far"] == full_pose["near_far"]
+        angles = _spec_angles(meta["polar"])
+        for view_id, c2w in pose["c2ws"].items():
+            assert c2w == full_pose["c2ws"][view_id], view_id
+            np.testing.assert_allclose(c2w, _spec_c2w(*angles[view_id]), atol=1e-9, err_msg=view_id)
+        assert meta["files"] == {view_id: full_meta["files"][view_id] for view_id in ELEVATION_IDS}
+
+        # The same cameras, normalisation and light: the same mesh and (up to sampling noise) the same pixels.
+        assert (folder / "mesh.ply").read_bytes() == (full / "mesh.ply").read_bytes()
+        for name in sorted(ELEVATION_IMAGES):
+            image, full_image = Image.open(folder / name), Image.open(full / name)
+            assert image.mode == full_image.mode and image.size == (SIZE, SIZE)
+            difference = np.abs(np.asarray(image).astype(np.int64) - np.asarray(full_image).astype(np.int64))
+            assert difference.mean() < 0.5, (folder.name, name, difference.mean())
+        alpha, depth = _read_view(folder, 0)
+        np.testing.assert_array_equal(alpha > 0, depth > 0)
+
+
+def test_elevation_renders_resume_and_are_refused_as_training_data(
+    rendered_elevation: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="training.render"):
+        assert main(_elevation_args(rendered_elevation)) == 0
+    assert "0 object(s) to render, 2 already done, 0 failed before" in caplog.text
+    # The full layout is not done: `render` without --views elevation would render both again, in full.
+    full = build_parser().parse_args(_elevation_args(rendered_elevation)[:-2])
+    assert [job.uid for job in driver.plan_jobs(full).jobs] == ["proc-000000", "proc-000001"]
+
+    from training.data import read_object
+
+    folder = _objects(rendered_elevation)[0]
+    with pytest.raises(BadInputError, match="holds only the elevation views") as caught:
+        read_object(folder)
+    assert str(folder) in str(caught.value)
+
+
+def test_surface_flat_changes_only_the_paint(rendered_elevation: Path, tmp_path: Path) -> None:
+    out = tmp_path / "flat"
+    args = _elevation_args(out, "--surface", "flat")
+    args[args.index("--count") + 1] = "1"
+    assert main(args) == 0
+    folder, mixed = out / "000-000" / "proc-000000", rendered_elevation / "000-000" / "proc-000000"
+    assert json.loads((folder / "meta.json").read_text())["settings"]["surface"] == "flat"
+    assert (folder / "mesh.ply").read_bytes() == (mixed / "mesh.ply").read_bytes()  # the same shapes
+    assert (folder / "pose.json").read_bytes() == (mixed / "pose.json").read_bytes()
+    flat_rgba, mixed_rgba = (np.asarray(Image.open(f / "view_0.png")).astype(np.int64) for f in (folder, mixed))
+    silhouette = (flat_rgba[..., 3] > 0) & (mixed_rgba[..., 3] > 0)
+    assert silhouette.sum() / max((flat_rgba[..., 3] > 0).sum(), (mixed_rgba[..., 3] > 0).sum()) > 0.99
+    # Seed 0's textured parts (a cone and a sphere) are flat-coloured now.
+    change = np.abs(flat_rgba[..., :3] - mixed_rgba[..., :3])[silhouette].mean()
+    assert change > 3, change

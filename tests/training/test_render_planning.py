@@ -132,6 +132,72 @@ def test_settings_round_trip_through_the_command_line() -> None:
         layout.RenderSettings(size=8)
 
 
+def test_views_and_surface_settings_round_trip() -> None:
+    defaults = layout.RenderSettings()
+    assert (defaults.views, defaults.surface) == ("all", "mixed")
+    parser = argparse.ArgumentParser()
+    layout.add_settings_arguments(parser)
+    for views in layout.VIEW_SETS:
+        for surface in procedural.SURFACES:
+            settings = layout.RenderSettings(size=64, samples=8, views=views, surface=surface)
+            assert layout.settings_from_args(parser.parse_args(settings.to_argv())) == settings
+            assert settings.to_json()["views"] == views and settings.to_json()["surface"] == surface
+            json.dumps(settings.to_json())  # meta.json stores it
+    # The `one2345-train render` command line of the elevation evaluation.
+    command = ["--source", "procedural", "--count", "4", "--out", "x", "--views", "elevation", "--surface", "flat"]
+    settings = layout.settings_from_args(_render_args(*command, "--size", "64", "--samples", "8", "--polar", "45:120"))
+    assert (settings.views, settings.surface, settings.size, settings.samples) == ("elevation", "flat", 64, 8)
+    assert str(settings.polar) == "45:120"
+    assert layout.settings_from_args(_render_args("--source", "procedural", "--out", "x")) == layout.RenderSettings()
+    with pytest.raises(BadInputError, match=r"--views 'some'.*all, elevation"):
+        layout.RenderSettings(views="some")
+    with pytest.raises(BadInputError, match=r"--surface 'shiny'.*mixed, textured, flat"):
+        layout.RenderSettings(surface="shiny")
+    with pytest.raises(SystemExit):  # argparse's choices: "invalid choice: 'some' (choose from 'all', 'elevation')"
+        _render_args("--source", "procedural", "--out", "x", "--views", "some")
+
+
+def test_elevation_views_are_view_0_and_its_nearby_views_of_the_full_layout() -> None:
+    for polar in (50, 75, 76, 110):
+        full_names, names = layout.view_file_names(polar), layout.view_file_names(polar, "elevation")
+        assert names == {
+            "0.png": "view_0.png",
+            "0_0.png": "view_0_0_10.png",
+            "0_1.png": "view_0_1_10.png",
+            "0_2.png": "view_0_2_10.png",
+            "0_3.png": "view_0_3_10.png",
+        }
+        assert all(full_names[view_id] == name for view_id, name in names.items())
+        full, elevation = layout.pose_file_for(polar, 64), layout.pose_file_for(polar, 64, "elevation")
+        assert elevation.view_ids == list(names)
+        np.testing.assert_array_equal(elevation.intrinsics, full.intrinsics)
+        assert elevation.near_far == full.near_far
+        for view_id in names:
+            np.testing.assert_array_equal(elevation.c2ws[view_id], full.c2ws[view_id])
+    with pytest.raises(BadInputError, match="views 'some'"):
+        layout.view_file_names(60, "some")
+
+
+def test_done_depends_on_the_views_asked_for(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    full, elevation = ObjectJob("proc-000000", "000-000", seed=0), ObjectJob("proc-000001", "000-000", seed=1)
+    for job, meta in [(full, {"views": "all"}), (elevation, {"views": "elevation"})]:
+        layout.object_dir(out, job).mkdir(parents=True)
+        (layout.object_dir(out, job) / layout.META_NAME).write_text(json.dumps(meta))
+    assert layout.is_done(out, full) and layout.is_done(out, full, "elevation")  # a full object has the five views
+    assert not layout.is_done(out, elevation) and layout.is_done(out, elevation, "elevation")
+    base = ["--source", "procedural", "--count", "3", "--out", str(out)]
+    assert [j.uid for j in driver.plan_jobs(_render_args(*base)).jobs] == ["proc-000001", "proc-000002"]
+    plan = driver.plan_jobs(_render_args(*base, "--views", "elevation"))
+    assert [j.uid for j in plan.jobs] == ["proc-000002"] and plan.done == 2
+
+    layout.require_full_views(layout.object_dir(out, full))
+    layout.require_full_views(tmp_path)  # no meta.json (official layout, older renders): full
+    with pytest.raises(BadInputError, match=r"proc-000001 holds only the elevation views") as caught:
+        layout.require_full_views(layout.object_dir(out, elevation))
+    assert "--views elevation" in str(caught.value)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Procedural objects
 # ---------------------------------------------------------------------------------------------------------------------
@@ -158,6 +224,84 @@ def test_procedural_objects_are_seeded_closed_and_painted() -> None:
             volume = np.einsum("ij,ij->i", corners[:, 0], np.cross(corners[:, 1], corners[:, 2])).sum() / 6
             assert volume > 0, part.name
     assert kinds == set(procedural.PRIMITIVES)
+
+
+# Today's (pre-`surface`) output of seeds 0–2: part names, whether textured, and roughness — the last draw of each
+# part, so equal roughness values mean the random stream was consumed exactly as before.
+MIXED_GOLDEN = {
+    0: [
+        ("cone-0", True, 0.5333528543874623),
+        ("cylinder-1", False, 0.7031969267738156),
+        ("sphere-2", False, 0.4394237517835823),
+        ("sphere-3", True, 0.7035159803501216),
+        ("box-4", False, 0.5933076216775559),
+    ],
+    1: [
+        ("cylinder-0", True, 0.6792810705001002),
+        ("cone-1", True, 0.4878287152919626),
+        ("torus-2", False, 0.4533034983132339),
+    ],
+    2: [
+        ("sphere-0", True, 0.8457798060506521),
+        ("box-1", True, 0.6630954992556215),
+        ("sphere-2", False, 0.876317256552333),
+        ("cylinder-3", False, 0.5924540370507466),
+        ("torus-4", False, 0.596013453565551),
+    ],
+}
+
+
+def _make(seed: int, surface: str) -> list[procedural.MeshPart]:
+    return procedural.make_object(seed, procedural.ProceduralConfig(surface=surface))
+
+
+def _assert_same_shape(a: procedural.MeshPart, b: procedural.MeshPart) -> None:
+    assert a.name == b.name and a.roughness == b.roughness
+    for name in ("vertices", "faces", "corner_uvs"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=f"{a.name} {name}")
+
+
+def _assert_same_part(a: procedural.MeshPart, b: procedural.MeshPart) -> None:
+    _assert_same_shape(a, b)
+    for name in ("texture", "corner_colors"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), (a.name, name)
+        if x is not None:
+            np.testing.assert_array_equal(x, y, err_msg=f"{a.name} {name}")
+
+
+def test_mixed_surface_is_todays_output() -> None:
+    for seed, golden in MIXED_GOLDEN.items():
+        parts = procedural.make_object(seed)
+        assert [(p.name, p.texture is not None, p.roughness) for p in parts] == golden
+        for a, b in zip(parts, _make(seed, "mixed"), strict=True):
+            _assert_same_part(a, b)
+
+
+def test_textured_and_flat_surfaces_paint_the_same_shapes() -> None:
+    forced = 0
+    for seed in range(20):
+        mixed, textured, flat = procedural.make_object(seed), _make(seed, "textured"), _make(seed, "flat")
+        assert all(p.texture is not None and p.corner_colors is None for p in textured)
+        assert all(p.texture is None and p.corner_colors is not None for p in flat)
+        for m, t, f in zip(mixed, textured, flat, strict=True):
+            _assert_same_shape(m, t)
+            _assert_same_shape(m, f)
+            assert t.texture.shape == (64, 64, 3) and t.texture.dtype == np.uint8
+            assert f.corner_colors.shape == (len(f.faces), 3, 4) and f.corner_colors.dtype == np.float32
+            # A part whose mixed draw already fits the mode keeps its paint; the others are repainted.
+            if m.texture is not None:
+                np.testing.assert_array_equal(m.texture, t.texture)
+            else:
+                np.testing.assert_array_equal(m.corner_colors, f.corner_colors)
+                forced += 1
+        # Deterministic per seed in every mode.
+        for surface, parts in [("textured", textured), ("flat", flat)]:
+            for a, b in zip(parts, _make(seed, surface), strict=True):
+                _assert_same_part(a, b)
+    assert forced > 10  # the seeds do exercise repainting
+    with pytest.raises(BadInputError, match=r"surface 'shiny'.*mixed, textured, flat"):
+        procedural.ProceduralConfig(surface="shiny")
 
 
 def test_primitive_volumes_match_closed_forms() -> None:

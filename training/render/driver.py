@@ -5,10 +5,11 @@ Runs in the main environment (no ``bpy``, no torch needed). The work itself happ
 script :mod:`training.render.render_views` in-process through :mod:`training.render.launch_inprocess`. One process per
 shard renders all its objects, so Blender's start-up is paid once.
 
-Resumability: an object whose final folder holds ``meta.json`` is done and never planned again; objects recorded as
-failed in a manifest are skipped too unless ``--retry-failed``. If the Blender process dies (a crash inside Blender
-on a pathological file), the object it was rendering is recorded as failed and a new process continues with the
-rest. The Blender process's own output goes to ``<out>/logs/shard-<i>-of-<N>.log``.
+Resumability: an object whose final folder holds ``meta.json`` is done and never planned again (an elevation-only
+object is not done for ``--views all``: it is rendered again in full); objects recorded as failed in a manifest are
+skipped too unless ``--retry-failed``. If the Blender process dies (a crash inside Blender on a pathological file),
+the object it was rendering is recorded as failed and a new process continues with the rest. The Blender process's
+own output goes to ``<out>/logs/shard-<i>-of-<N>.log``.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def plan_jobs(args: argparse.Namespace, objaverse: sources.ObjaverseSource | Non
     def keep(job: ObjectJob) -> bool:
         if layout.shard_of(job.uid, shard_count) != shard_index:
             return False
-        if layout.is_done(out, job):
+        if layout.is_done(out, job, args.views):
             counts["done"] += 1
             return False
         if job.uid in failed and not args.retry_failed:

@@ -22,6 +22,12 @@ nearby id ``<i>_<j>.png`` is ``view_{k}_{j}_10.png``. So for polar ≤ 75 the na
 ``view_0_1_10.png``), and for polar > 75 ``8.png`` ↔ ``view_4.png`` and ``8_2.png`` ↔ ``view_4_2_10.png``.
 :func:`view_file_names` gives the map; ``meta.json`` stores it too.
 
+Elevation-only objects (``--views elevation``, for evaluating the elevation estimator) hold the same files for just
+five cameras: the first stage-1 view (``0.png`` ↔ ``view_0.png``, with its depth) and its four nearby views
+(``0_<j>.png`` ↔ ``view_0_<j>_10.png``), with exactly the poses the full layout gives them; ``pose.json`` lists those
+five ids and ``meta.json`` records ``"views": "elevation"``. They are not training objects (see
+:func:`require_full_views`).
+
 Mask and depth agree exactly: alpha > 0 ⇔ depth > 0 (see :func:`reconcile_alpha_depth`).
 """
 
@@ -41,6 +47,7 @@ import numpy as np
 
 from server.cameras import FOCAL, IMAGE_SIZE, NEAR_FAR, PoseFile, calc_pose, stage1_indices, view_angles
 from server.errors import BadInputError
+from training.render.procedural import SURFACES
 
 META_NAME = "meta.json"
 """Written last into an object's folder: its presence marks the object as done."""
@@ -53,6 +60,9 @@ EVENT_PREFIX = "@@one2345-render "
 
 OBJECTS_PER_FOLDER = 1000
 """Objects per ``folder_id`` bucket for sources without their own buckets (procedural, local folders)."""
+
+VIEW_SETS: tuple[str, ...] = ("all", "elevation")
+"""Values of ``--views``: all 40 cameras, or the 5 of the elevation estimator (stage-1 view 0 and its nearby views)."""
 
 _UID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -136,6 +146,13 @@ class RenderSettings:
     """Write ``mesh.ply``, the normalised object in the pose.json frame."""
     threads: int = 0
     """Cycles CPU threads; 0 = all cores (a Slurm task or Ray actor should pass what it reserved)."""
+    views: str = "all"
+    """Which cameras to render, one of :data:`VIEW_SETS`: ``all`` (8 targets + 32 nearby views, the training layout)
+    or ``elevation`` (stage-1 view 0 and its 4 nearby views only — what the elevation estimator reads — 8× fewer
+    images; such objects are refused as training data)."""
+    surface: str = "mixed"
+    """How procedural objects are painted, one of :data:`~training.render.procedural.SURFACES` (see
+    :attr:`training.render.procedural.ProceduralConfig.surface`); mesh files keep their own materials."""
 
     def __post_init__(self) -> None:
         if not 16 <= self.size <= 2048:
@@ -150,13 +167,17 @@ class RenderSettings:
             raise BadInputError(f"--ambient {self.ambient} / --light-energy {self.light_energy} must be ≥ 0")
         if self.threads < 0:
             raise BadInputError(f"--threads {self.threads} is not usable: need ≥ 0 (0 = all cores)")
+        if self.views not in VIEW_SETS:
+            raise BadInputError(f"--views {self.views!r} is not usable: choose one of {', '.join(VIEW_SETS)}")
+        if self.surface not in SURFACES:
+            raise BadInputError(f"--surface {self.surface!r} is not usable: choose one of {', '.join(SURFACES)}")
 
     def to_argv(self) -> list[str]:
         """Command-line arguments of :func:`add_settings_arguments` that reproduce these settings."""
         argv = ["--size", str(self.size), "--polar", str(self.polar), "--extent", repr(self.extent)]
         argv += ["--samples", str(self.samples), "--ambient", repr(self.ambient)]
         argv += ["--light-energy", repr(self.light_energy), "--view-transform", self.view_transform]
-        argv += ["--threads", str(self.threads)]
+        argv += ["--threads", str(self.threads), "--views", self.views, "--surface", self.surface]
         argv += [] if self.denoise else ["--no-denoise"]
         argv += ["--exr-depth"] if self.exr_depth else []
         argv += [] if self.export_mesh else ["--no-mesh"]
@@ -184,6 +205,18 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--exr-depth", action="store_true", help="also write float32 EXR depth in metres")
     group.add_argument("--no-mesh", dest="export_mesh", action="store_false", help="do not write mesh.ply")
     group.add_argument("--threads", type=int, default=d.threads, help="Cycles CPU threads, 0 = all cores")
+    group.add_argument(
+        "--views",
+        default=d.views,
+        choices=VIEW_SETS,
+        help="cameras per object: all 40, or elevation: view 0 and its 4 nearby views (default all)",
+    )
+    group.add_argument(
+        "--surface",
+        default=d.surface,
+        choices=SURFACES,
+        help="procedural parts: mixed (each textured with p=0.5), textured, or flat colours (default mixed)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> RenderSettings:
@@ -200,6 +233,8 @@ def settings_from_args(args: argparse.Namespace) -> RenderSettings:
         exr_depth=args.exr_depth,
         export_mesh=args.export_mesh,
         threads=args.threads,
+        views=args.views,
+        surface=args.surface,
     )
 
 
@@ -280,9 +315,38 @@ def object_dir(out: str | os.PathLike[str], job: ObjectJob) -> Path:
     return Path(out) / job.folder_id / job.uid
 
 
-def is_done(out: str | os.PathLike[str], job: ObjectJob) -> bool:
-    """Whether the object's final folder holds its ``meta.json`` (written last, then the folder renamed into place)."""
-    return (object_dir(out, job) / META_NAME).is_file()
+def is_done(out: str | os.PathLike[str], job: ObjectJob, views: str = "all") -> bool:
+    """Whether the object's final folder holds its ``meta.json`` (written last, then the folder renamed into place)
+    and the cameras ``views`` asks for: a full object serves ``elevation`` too, an elevation-only one is not done for
+    ``all`` (rendering it replaces the folder)."""
+    folder = object_dir(out, job)
+    if not (folder / META_NAME).is_file():
+        return False
+    return views == "elevation" or rendered_views(folder) == "all"
+
+
+def rendered_views(folder: str | os.PathLike[str]) -> str:
+    """The ``--views`` an object folder was rendered with, from its ``meta.json``: ``"all"`` when the file or the key
+    is missing or unreadable (renders from before the option, the official layout, synthetic objects)."""
+    try:
+        meta = json.loads((Path(folder) / META_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "all"
+    views = meta.get("views", "all") if isinstance(meta, dict) else "all"
+    return views if isinstance(views, str) else "all"
+
+
+def require_full_views(folder: str | os.PathLike[str]) -> None:
+    """Raise BadInputError if the object folder was rendered with ``--views elevation`` (it lacks 35 of the 40
+    views), so that training and evaluation refuse it instead of failing on a missing file."""
+    views = rendered_views(folder)
+    if views != "all":
+        raise BadInputError(
+            f"{folder} holds only the {views} views (rendered with --views {views}: view 0 and its 4 nearby views), "
+            "not the 40 views of a training object",
+            fix="use it for the elevation evaluation only, or render it in full: one2345-train render with the "
+            "same --out and without --views elevation re-renders such objects",
+        )
 
 
 def write_jobs(path: str | os.PathLike[str], jobs: Iterable[ObjectJob]) -> Path:
@@ -366,24 +430,38 @@ def intrinsics_for_size(size: int) -> np.ndarray:
     return np.array([[FOCAL * scale, 0.0, half], [0.0, FOCAL * scale, half], [0.0, 0.0, 1.0]])
 
 
-def pose_file_for(polar: float, size: int) -> PoseFile:
-    """pose.json contents for an object rendered at ``polar`` with ``size``² images (spec §3.3)."""
+def pose_file_for(polar: float, size: int, views: str = "all") -> PoseFile:
+    """pose.json contents for an object rendered at ``polar`` with ``size``² images (spec §3.3); with ``views`` =
+    ``"elevation"`` only the cameras of :func:`view_file_names` for it, each exactly as in the full file."""
     angles = view_angles(polar)
     poses = calc_pose(np.array([a[0] for a in angles.values()]), np.array([a[1] for a in angles.values()]))
-    return PoseFile(intrinsics_for_size(size), NEAR_FAR, dict(zip(angles, poses, strict=True)))
+    c2ws = dict(zip(angles, poses, strict=True))
+    if views != "all":
+        c2ws = {view_id: c2ws[view_id] for view_id in view_file_names(polar, views)}
+    return PoseFile(intrinsics_for_size(size), NEAR_FAR, c2ws)
 
 
-def view_file_names(polar: float) -> dict[str, str]:
+def view_file_names(polar: float, views: str = "all") -> dict[str, str]:
     """pose.json id → file name, in pose.json order (see the module docstring).
 
+    Args:
+        polar: polar angle of the object's ring.
+        views: one of :data:`VIEW_SETS`.
+
     Returns:
-        40 entries: ``"0.png" → "view_0.png"`` …, then ``"<i>_<j>.png" → "view_<k>_<j>_10.png"``.
+        ``all``: 40 entries, ``"0.png" → "view_0.png"`` …, then ``"<i>_<j>.png" → "view_<k>_<j>_10.png"``;
+        ``elevation``: the first stage-1 id and its 4 nearby ids (``0.png``, ``0_0.png`` … ``0_3.png``).
     """
+    if views not in VIEW_SETS:
+        raise BadInputError(f"views {views!r} is not usable: choose one of {', '.join(VIEW_SETS)}")
     indices = stage1_indices(polar)
     names = {f"{i}.png": f"view_{k}.png" for k, i in enumerate(indices)}
     for k, i in enumerate(indices):
         for j in range(4):
             names[f"{i}_{j}.png"] = f"view_{k}_{j}_10.png"
+    if views == "elevation":
+        first = indices[0]
+        names = {view_id: names[view_id] for view_id in [f"{first}.png"] + [f"{first}_{j}.png" for j in range(4)]}
     return names
 
 

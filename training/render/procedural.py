@@ -3,7 +3,8 @@
 For offline work and tests, where Objaverse is out of reach. An object is 2–5 parts — boxes, UV spheres, capped
 cylinders, cones and tori — each randomly scaled, rotated and placed so that they overlap into one compound, and each
 either image-textured (checkerboard, stripes or smooth noise made with numpy, mapped through per-corner UVs) or
-coloured per vertex or per face. The same seed gives the same object on every machine (numpy's PCG64).
+coloured per vertex or per face (:attr:`ProceduralConfig.surface` forces one or the other for every part). The same
+seed gives the same object on every machine (numpy's PCG64), and the same shapes in every surface mode.
 
 The arrays are built here; :mod:`training.render.scene_bpy` turns them into Blender meshes and materials.
 """
@@ -15,8 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server.errors import BadInputError
+
 PRIMITIVES: tuple[str, ...] = ("box", "sphere", "cylinder", "cone", "torus")
 """Kinds of parts the generator draws from."""
+
+SURFACES: tuple[str, ...] = ("mixed", "textured", "flat")
+"""Values of :attr:`ProceduralConfig.surface` (and of ``one2345-train render --surface``)."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,15 @@ class ProceduralConfig:
     """Side in pixels of generated texture images."""
     segments: int = 24
     """Subdivisions around curved primitives (spheres, cylinders, cones, tori)."""
+    surface: str = "mixed"
+    """How parts are painted, one of :data:`SURFACES`: ``mixed`` image-textures each part with probability 0.5 and
+    colours the others per vertex or per face; ``textured`` image-textures every part; ``flat`` colours every part
+    per corner (no image textures). For a seed, shapes, placement, roughness and the parts whose mixed draw already
+    matches the mode are identical in all three modes; only the other parts' paint differs."""
+
+    def __post_init__(self) -> None:
+        if self.surface not in SURFACES:
+            raise BadInputError(f"surface {self.surface!r} is not usable: choose one of {', '.join(SURFACES)}")
 
 
 @dataclass(frozen=True)
@@ -229,8 +244,20 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def make_part(rng: np.random.Generator, kind: str, index: int, config: ProceduralConfig) -> MeshPart:
-    """One randomly shaped, placed and painted primitive of the given kind."""
+def make_part(
+    rng: np.random.Generator,
+    kind: str,
+    index: int,
+    config: ProceduralConfig,
+    surface_rng: np.random.Generator | None = None,
+) -> MeshPart:
+    """One randomly shaped, placed and painted primitive of the given kind.
+
+    Args:
+        rng: draws the shape, placement, roughness and the ``mixed`` paint — the same draws in every surface mode.
+        surface_rng: draws the paint of a part that :attr:`ProceduralConfig.surface` forces away from its mixed draw
+            (default ``rng``, after all of this part's other draws).
+    """
     if kind == "box":
         vertices, faces, uvs = box()
     elif kind == "sphere":
@@ -245,15 +272,24 @@ def make_part(rng: np.random.Generator, kind: str, index: int, config: Procedura
         raise ValueError(f"unknown primitive {kind!r}; known: {', '.join(PRIMITIVES)}")
     scale = rng.uniform(0.2, 0.6, size=3)
     vertices = (vertices * scale) @ _random_rotation(rng).T + rng.uniform(-0.45, 0.45, size=3)
+    # The mixed paint is always drawn from ``rng``, so its stream — hence every later part — is the same in all modes.
     textured = rng.random() < 0.5
+    corner_colors = None if textured else _corner_colors(rng, vertices, faces)
+    texture = make_texture(rng, config.texture_size) if textured else None
+    roughness = float(rng.uniform(0.3, 0.9))
+    forced = {"mixed": textured, "textured": True, "flat": False}[config.surface]
+    if forced != textured:
+        repaint = rng if surface_rng is None else surface_rng
+        corner_colors = None if forced else _corner_colors(repaint, vertices, faces)
+        texture = make_texture(repaint, config.texture_size) if forced else None
     return MeshPart(
         name=f"{kind}-{index}",
         vertices=vertices,
         faces=faces.astype(np.int64),
         corner_uvs=uvs.astype(np.float32),
-        corner_colors=None if textured else _corner_colors(rng, vertices, faces),
-        texture=make_texture(rng, config.texture_size) if textured else None,
-        roughness=float(rng.uniform(0.3, 0.9)),
+        corner_colors=corner_colors,
+        texture=texture,
+        roughness=roughness,
     )
 
 
@@ -261,14 +297,17 @@ def make_object(seed: int, config: ProceduralConfig | None = None) -> list[MeshP
     """The procedural object of this seed: 2–5 overlapping parts, centred near the origin (not normalised).
 
     Args:
-        seed: any non-negative integer; the same seed gives the same object everywhere.
-        config: generator ranges (defaults: :class:`ProceduralConfig`).
+        seed: any non-negative integer; the same seed gives the same object everywhere (and the same shapes for
+            every :attr:`ProceduralConfig.surface`).
+        config: generator ranges and surface mode (defaults: :class:`ProceduralConfig`).
 
     Returns:
         The parts (at least :attr:`ProceduralConfig.min_parts`).
     """
     config = config or ProceduralConfig()
     rng = np.random.default_rng(int(seed))
+    # Forced paint comes from a child stream of the seed, so it never shifts the main stream's shapes.
+    surface_rng = np.random.default_rng(np.random.SeedSequence(int(seed)).spawn(1)[0])
     count = int(rng.integers(config.min_parts, config.max_parts + 1))
     kinds = rng.choice(len(PRIMITIVES), size=count)
-    return [make_part(rng, PRIMITIVES[k], i, config) for i, k in enumerate(kinds)]
+    return [make_part(rng, PRIMITIVES[k], i, config, surface_rng) for i, k in enumerate(kinds)]

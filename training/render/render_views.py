@@ -6,6 +6,7 @@ import blenderproc as bproc  # noqa: I001  (`blenderproc run` requires this impo
 # pose.json around it (8 target views of the stage-1 layout at the object's polar angle and the 4 nearby ±10° views of
 # each), light it, render RGBA + z-depth with Cycles, and write <out>/<folder_id>/<uid>/ in the layout described in
 # training/render/layout.py (view PNGs, millimetre depth PNGs, pose.json in the inference format, mesh.ply, meta.json).
+# With --views elevation only 5 of the 40 cameras are rendered: view 0 and its 4 nearby views.
 #
 # Users with internet:
 #     blenderproc run training/render/render_views.py --out renders --object chair.glb --object lamp.obj
@@ -78,11 +79,12 @@ def configure_renderer(settings: RenderSettings) -> object:
     return scene_bpy.make_key_light()
 
 
-def load_object(job: ObjectJob) -> list:
+def load_object(job: ObjectJob, settings: RenderSettings) -> list:
     """Import or build the object; returns every object it added to the scene."""
     before = scene_bpy.snapshot_objects()
     if job.seed is not None:
-        scene_bpy.add_procedural(procedural.make_object(job.seed), job.uid)
+        config = procedural.ProceduralConfig(surface=settings.surface)
+        scene_bpy.add_procedural(procedural.make_object(job.seed, config), job.uid)
     else:
         scene_bpy.import_file(job.path)
     return scene_bpy.added_objects(before)
@@ -106,8 +108,8 @@ def write_object(
     folder: Path, data: dict, pose_file: PoseFile, polar: int, settings: RenderSettings, meshes: list
 ) -> dict:
     """Write the images, depths, pose.json and mesh.ply of one object into ``folder``; returns the file map."""
-    names = layout.view_file_names(polar)
-    targets = list(names)[:8]
+    names = layout.view_file_names(polar, settings.views)
+    targets = [view_id for view_id in names if "_" not in view_id]  # stage-1 ids ("<i>.png"): get depth maps
     for frame, view_id in enumerate(pose_file.c2ws):
         rgba = np.asarray(data["colors"][frame], dtype=np.uint8)
         if view_id in targets:
@@ -135,12 +137,12 @@ def render_object(job: ObjectJob, settings: RenderSettings, out: Path, light: ob
     temp.mkdir(parents=True)
     baseline = scene_bpy.snapshot_objects()  # camera and key light: everything else goes after this object
     try:
-        added, meshes = scene_bpy.prepare_imported(load_object(job))
+        added, meshes = scene_bpy.prepare_imported(load_object(job, settings))
         normalisation = scene_bpy.normalise(added, meshes, settings.extent)
         loaded = time.time()
 
         polar = settings.polar.for_uid(job.uid)
-        pose_file = layout.pose_file_for(polar, settings.size)
+        pose_file = layout.pose_file_for(polar, settings.size, settings.views)
         add_cameras(pose_file)
         scene_bpy.place_key_light(light, light_direction(job.uid), settings.light_energy)
         data = bproc.renderer.render()
@@ -155,7 +157,8 @@ def render_object(job: ObjectJob, settings: RenderSettings, out: Path, light: ob
             "polar": polar,
             "seconds": {"load": loaded - started, "render": rendered - loaded, "write": time.time() - rendered},
         }
-        meta = {**record, "normalisation": normalisation, "files": names, "settings": settings.to_json()}
+        meta = {**record, "views": settings.views, "normalisation": normalisation, "files": names}
+        meta["settings"] = settings.to_json()
         (temp / layout.META_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         if final.exists():  # an incomplete folder (no meta.json) from a copy or an older tool
             shutil.rmtree(final)
@@ -179,7 +182,7 @@ def main(argv: list[str]) -> int:
     print(layout.format_event({"event": "start", "objects": len(jobs)}), flush=True)
 
     for job in jobs:
-        if layout.is_done(out, job):
+        if layout.is_done(out, job, settings.views):
             print(layout.format_event({"event": "skipped", "uid": job.uid}), flush=True)
             continue
         started = time.time()
