@@ -470,3 +470,23 @@ def test_surface_flat_changes_only_the_paint(rendered_elevation: Path, tmp_path:
     # Seed 0's textured parts (a cone and a sphere) are flat-coloured now.
     change = np.abs(flat_rgba[..., :3] - mixed_rgba[..., :3])[silhouette].mean()
     assert change > 3, change
+
+
+def test_the_elevation_report_runs_on_rendered_objects(
+    rendered: Path, rendered_elevation: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    argv = ["evaluate", "--elevation", "data", "--elevation-data", str(rendered_elevation), "--elevation-data",
+            str(rendered), "--degrade", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())["elevation"]
+    names = [rendered_elevation.name, f"{rendered_elevation.name}, degraded",
+             rendered.name, f"{rendered.name}, degraded"]
+    assert list(report["settings"]) == names
+    truth = sorted(json.loads((f / "meta.json").read_text())["polar"] for f in _objects(rendered_elevation))
+    for name in names:
+        rows = report["trials"][name]
+        assert sorted(round(r["polar"]) for r in rows) == truth  # the true polar comes from each object's pose.json
+        assert all(r["abs_error"] == pytest.approx(abs(r["estimate"] - r["polar"])) for r in rows)
+        assert report["settings"][name]["all"]["count"] == 2
+    assert f"| {rendered_elevation.name}, degraded | 2 |" in (out / "report.md").read_text()
