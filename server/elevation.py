@@ -547,7 +547,7 @@ class RobustFitConfig:
     """Candidates within this of the minimum belong to its basin; the best candidate outside it is the runner-up."""
     agreement_deg: float = 5.0
     """A pair agrees when its own minimum lies within this of the joint one."""
-    distinct_full: float = 0.25
+    distinct_full: float = 0.4
     """Relative depth of the minimum below the runner-up ((runner-up − min) / runner-up) that counts as fully
     distinct; shallower minima lower the confidence in proportion."""
     min_inliers: int = 24
@@ -555,6 +555,8 @@ class RobustFitConfig:
     full support."""
     confident: float = 0.5
     """Confidence below which the estimate is flagged ``uncertain``."""
+    stable_deg: float = 3.0
+    """Leaving out any one pair may move the minimum this far at full confidence; twice as far gives none."""
     min_pair_matches: int = 8
     """A pair with fewer matches takes no part in the fit."""
     max_pair_matches: int = 1000
@@ -729,11 +731,15 @@ def fit_polar(
     distinct = min(1.0, max(0.0, (runner_up - float(cost[best])) / max(runner_up, 1e-12)) / config.distinct_full)
     inliers = int(sum((residuals[p][best] < tau).sum() for p in pairs))
     support = min(1.0, inliers / (2.0 * config.min_inliers))
+    # Leave each pair out in turn: an answer that moves when one pair goes is held up by that pair alone.
+    shifts = [abs(int(polars[int(np.argmin((cost * total - pair_cost[p] * sizes[p]) / (total - sizes[p])))]) - polar)
+              for p in pairs]
+    stability = min(1.0, max(0.0, (config.stable_deg * 2 - max(shifts)) / config.stable_deg))
     minima = {p: int(polars[int(np.argmin(pair_cost[p]))]) for p in pairs}
     # A pair left out as static counts as disagreeing: its views carry no evidence for this answer.
     agreement = sum(sizes[p] for p in pairs if abs(minima[p] - polar) <= config.agreement_deg) / total
     agreement *= len(pairs) / (len(pairs) + len(static))
-    confidence = round(distinct * support * agreement, 3)
+    confidence = round(distinct * support * agreement * stability, 3)
     uncertain = confidence < config.confident or inliers < config.min_inliers
     return PolarFit(polar=polar, confidence=confidence, uncertain=uncertain, inliers=inliers, matches=total,
                     pair_minima=minima, curve=np.stack([polars, cost], axis=1))

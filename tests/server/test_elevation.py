@@ -433,7 +433,7 @@ def with_outliers(matches: dict, share: float, rng: np.random.Generator) -> dict
 def test_robust_fit_recovers_the_polar_with_30_percent_wrong_matches(polar):
     rng = np.random.default_rng(polar)
     fit = fit_polar(with_outliers(synthetic_matches(polar, rng), 0.3, rng))
-    assert abs(fit.polar - polar) <= 1 and not fit.uncertain and fit.confidence > 0.8
+    assert abs(fit.polar - polar) <= 1 and not fit.uncertain and fit.confidence > 0.7
     assert all(abs(p - polar) <= 2 for p in fit.pair_minima.values())
     assert fit.curve.shape == (151 - 20, 2) and fit.curve[:, 0].min() == 20 and fit.curve[:, 0].max() == 150
 
