@@ -146,7 +146,8 @@ class GenerateResult:
     """Degrees above the horizon of the input view."""
     polar: float
     elevation_source: str
-    """"given", "estimated" or "fallback" (no confident estimate; polar 90 as the reference)."""
+    """"given", "estimated" (see ``elevation_uncertain``) or "fallback" (no fit was possible; polar 90 as the
+    reference)."""
     background: str
     """How the object was separated: alpha, sam, foreground-estimate or none."""
     timings: dict[str, float]

@@ -491,7 +491,7 @@ class FixedMatcher:
         return Matches(m[:, 0:2], m[:, 2:4], m[:, 4])
 
 
-def test_low_confidence_tries_each_matcher_then_falls_back_to_polar_90():
+def test_low_confidence_tries_each_matcher_then_keeps_the_best_guess_flagged():
     rng = np.random.default_rng(11)
     good = FixedMatcher("good", synthetic_matches(70, rng))
     noise = FixedMatcher("noise", {p: np.c_[rng.uniform(40, 216, (3000, 4)), np.ones(3000)] for p in PAIRS})
@@ -504,9 +504,12 @@ def test_low_confidence_tries_each_matcher_then_falls_back_to_polar_90():
     result = ElevationEstimator([noise, good])(images)  # 1. pooled: uncertain → 2. each alone: "good" is confident
     assert (result.polar, result.matcher, result.source, result.uncertain) == (70, "good", "estimated", False)
     assert "noise+good" in result.note and "good: polar 70" in result.note
-    fallback = ElevationEstimator([noise])(images)  # nothing confident → 3. the reference's polar 90, flagged
-    assert (fallback.polar, fallback.source, fallback.uncertain, fallback.matcher) == (90, "fallback", True, "none")
-    assert fallback.to_json()["elevation"] == 0 and "every fit was uncertain" in fallback.note
+    guess = ElevationEstimator([noise])(images)  # nothing confident → 3. the most confident fit, flagged
+    assert (guess.source, guess.uncertain, guess.matcher) == ("estimated", True, "noise")
+    assert guess.confidence < 0.5 and "every fit was uncertain" in guess.note
+    nothing = ElevationEstimator([FixedMatcher("empty", {})])(images)  # no fit at all → 4. the reference's polar 90
+    assert (nothing.polar, nothing.source, nothing.uncertain, nothing.matcher) == (90, "fallback", True, "none")
+    assert nothing.to_json()["elevation"] == 0 and "no fit was possible" in nothing.note
 
 
 def test_textureless_views_fall_back_flagged():
@@ -544,3 +547,9 @@ def test_cli_prints_the_confidence_fields(renders_75, tmp_path, capsys):
     assert set(printed) == {"polar", "elevation", "matcher", "confidence", "uncertain", "inliers", "source", "note"}
     assert abs(printed["polar"] - 75) <= 1 and printed["uncertain"] is False and printed["matcher"] == "flow+sift"
     assert printed["inliers"] > 100 and 0.5 <= printed["confidence"] <= 1
+
+
+def test_small_views_are_matched_at_256(renders_75):
+    small = [cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA) for image in renders_75]
+    result = estimate_elevation(small, [FlowMatcher(), SiftMatcher()])
+    assert abs(result.polar - 75) <= 2 and not result.uncertain
