@@ -89,7 +89,8 @@ def depth_loss(depth: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) ->
 def total_loss(step: int, config: LossConfig, color: torch.Tensor, target: torch.Tensor, valid_rays: torch.Tensor,
                gradient_error: torch.Tensor, valid_samples: torch.Tensor, sdf_samples: torch.Tensor,
                sdf_random: torch.Tensor, weights_sum: torch.Tensor, mask: torch.Tensor, depth: torch.Tensor,
-               target_depth: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+               target_depth: torch.Tensor, background: float | None = None,
+               tensor_logs: bool = False) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
     """The weighted sum and its parts (for logging).
 
     Args:
@@ -98,6 +99,10 @@ def total_loss(step: int, config: LossConfig, color: torch.Tensor, target: torch
         gradient_error, valid_samples, sdf_samples: [R, N] per render sample.
         sdf_random: [P] SDF at uniform random points of the volume.
         weights_sum, mask, depth, target_depth: [R].
+        background: share of background rays if already known (counted on the host, :class:`training.data.RayBatch`);
+            None counts it from ``mask``, which waits for a GPU.
+        tensor_logs: log the terms as detached 0-d tensors instead of floats, so that nothing waits for a GPU (the
+            loop converts them when it logs).
 
     Returns:
         (loss, {name: value}) with every term unweighted plus the weights in use.
@@ -111,7 +116,8 @@ def total_loss(step: int, config: LossConfig, color: torch.Tensor, target: torch
         "fgbg": fgbg_loss(weights_sum, mask),
         "depth": depth_loss(depth, target_depth, mask),
     }
-    background = 1.0 - float((mask > 0).float().mean())
+    if background is None:
+        background = 1.0 - float((mask > 0).float().mean())
     weights = {
         "color": config.color_weight,
         "eikonal": config.eikonal_weight,
@@ -120,7 +126,8 @@ def total_loss(step: int, config: LossConfig, color: torch.Tensor, target: torch
         "depth": config.depth_weight,
     }
     loss = sum(weights[k] * v for k, v in terms.items())
-    log = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
+    value = (lambda t: t.detach()) if tensor_logs else (lambda t: float(t.detach()))
+    log = {f"loss/{k}": value(v) for k, v in terms.items()}
     log.update({f"weight/{k}": w for k, w in weights.items()})
-    log["loss/total"] = float(loss.detach())
+    log["loss/total"] = value(loss)
     return loss, log

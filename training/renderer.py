@@ -165,7 +165,8 @@ class VolumeRenderer:
         device = origins.device
         z = near + (far - near) * torch.linspace(0.0, 1.0, cfg.n_samples, device=device).expand(rays, -1)
         if cfg.perturb and generator is not None:
-            jitter = torch.rand(rays, 1, generator=generator).to(device) - 0.5
+            # Drawn on the host generator (checkpointed, device-independent); the copy does not wait for the GPU.
+            jitter = torch.rand(rays, 1, generator=generator).to(device, non_blocking=True) - 0.5
             z = z + jitter * (far - near) / cfg.n_samples
         if cfg.n_importance <= 0:
             return z

@@ -37,7 +37,7 @@ if [ "$DEVICE" = cuda ]; then
   step reconstruct 90 "$PY" -m server.benchmarks.reconstruct --preset paper --resolution 256 --device cuda --repeats 2
   step pipeline 150 "$PY" -m server.benchmarks.pipeline --preset paper --device cuda --repeats 2
   if [ -f training/benchmarks/fit.py ]; then
-    step fit 90 "$PY" -m training.benchmarks.fit --preset paper --device cuda --steps 200
+    step fit 240 "$PY" -m training.benchmarks.fit --preset paper --device cuda --steps 200
   fi
 else
   step reconstruct 300 "$PY" -m server.benchmarks.reconstruct --preset tiny --resolution 64 --device cpu --repeats 1

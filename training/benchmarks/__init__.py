@@ -1,0 +1,1 @@
+"""Benchmarks of the training code, each printing one JSON line (``python -m training.benchmarks.fit``)."""
