@@ -32,6 +32,7 @@ from server.errors import BadInputError
 from server.reconstruct import read_rgb
 from training.data import NUM_NEARBY, NUM_TARGETS, PREDICTION_DIR, find_objects, nearby_name
 from training.data import target_name as target_file
+from training.render.layout import require_full_views
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ def predict_objects(model, folders: Sequence[Path], steps: int, guidance: float,
 
     if not folders:
         return
+    for folder in folders:
+        require_full_views(folder)  # an elevation-only render has no targets 1–7 to predict from
     jobs = [(folder, k) for folder in folders for k in range(NUM_TARGETS)]
     batch = batch or len(jobs)
     tmps, sizes = {}, {}
