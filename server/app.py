@@ -9,6 +9,8 @@ The contract, shared with the Blender add-on, is versioned under ``/v1`` and des
     GET    /v1/jobs/{id}/result            the mesh (glb, ply or obj) as an attachment
     GET    /v1/jobs/{id}/meta              meta.json of the run (elevation, timings, options, versions)
     GET    /v1/jobs/{id}/views/{name}      a generated view (PNG)
+    POST   /v1/jobs/{id}/remesh            JSON {resolution, target_faces, texture_size, format} → 202: a new job
+                                           meshing the done job's views again (no Zero123; the source is kept)
     DELETE /v1/jobs/{id}                   cancel (queued/running, 200) or remove (finished, 204)
 
 Every error is ``{"error": {"kind", "message", "fix"}}`` with the status code of its kind (:data:`STATUS_OF_KIND`);
@@ -32,7 +34,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Annotated, Any, BinaryIO
 
@@ -49,7 +51,7 @@ from starlette.routing import Match
 
 from server import __version__
 from server.errors import BadInputError, One2345Error
-from server.jobs import MEDIA_TYPES, ApiError, JobManager
+from server.jobs import MEDIA_TYPES, REMESH_OPTIONS, ApiError, JobManager, check_options
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +135,16 @@ class JobResult(BaseModel):
     elevation_uncertain: bool = Field(description="the elevation was estimated without confidence (or fell back to "
                                                   "0°): the mesh may be wrong; set the elevation by hand")
     elevation_confidence: float | None = Field(description="0–1 confidence of the estimate; null when given")
+    textured: bool = Field(description="the GLB has a baked base-colour texture (and UVs) instead of vertex colours")
+    texture_size: int | None = Field(description="side of the texture in texels; null without one")
+    target_faces: int | None = Field(description="the polygon budget asked for; null: every marching-cubes face")
 
 
 class JobStatus(BaseModel):
     id: str
     state: str = Field(description="queued | running | done | failed | cancelled")
-    stage: str | None = Field(description="preprocess, stage1, stage2, elevation, stage1b, stage2b, reconstruct or "
-                                          "export; null while queued")
+    stage: str | None = Field(description="preprocess, stage1, stage2, elevation, stage1b, stage2b, reconstruct, "
+                                          "asset or export; null while queued")
     step: int
     total: int
     fraction: float = Field(description="overall fraction done, 0…1")
@@ -150,6 +155,7 @@ class JobStatus(BaseModel):
     previews: list[Preview]
     error: ErrorDetail | None
     result: JobResult | None
+    remesh_of: str | None = Field(description="the job whose views this one re-meshes; null for a generation")
 
 
 class JobList(BaseModel):
@@ -211,24 +217,30 @@ def parse_options(text: str | None) -> dict[str, Any]:
     """The ``options`` form field (a JSON object string) → validated options as a plain dict (all fields).
 
     Raises:
-        BadInputError: not JSON, not an object, an unknown field, or a value out of range.
+        BadInputError: not JSON, not an object, an unknown field, a value out of range, or a texture in a format
+            other than glb (:func:`server.jobs.check_options`).
     """
-    from server.pipeline import GenerateOptions
+    return check_options(parse_json(text, "options", _OPTIONS_EXAMPLE))
 
+
+def parse_json(text: str | bytes | None, what: str, example: str) -> Any:
+    """A JSON document from a client (empty → ``{}``); NaN, Infinity, huge integers and deep nesting are refused.
+
+    Raises:
+        BadInputError: naming ``what`` and showing ``example``.
+    """
     if text is None or not text.strip():
-        data: Any = {}
-    else:
-        try:
-            data = json.loads(text, parse_constant=_refuse_constant)
-        except RecursionError:
-            raise BadInputError("options is nested too deeply to be an options object",
-                                fix=_OPTIONS_EXAMPLE) from None
-        except ValueError as e:  # JSONDecodeError, an integer of over 4300 digits, NaN or Infinity
-            raise BadInputError(f"options is not valid JSON ({str(e)[:200]})", fix=_OPTIONS_EXAMPLE) from None
-    return asdict(GenerateOptions.from_dict(data))
+        return {}
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise BadInputError(f"{what} is nested too deeply to be an options object", fix=example) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits, NaN or Infinity
+        raise BadInputError(f"{what} is not valid JSON ({str(e)[:200]})", fix=example) from None
 
 
 _OPTIONS_EXAMPLE = 'send a JSON object, e.g. {"steps_stage1": 50, "format": "glb"}'
+_REMESH_EXAMPLE = 'send a JSON object, e.g. {"target_faces": 20000, "texture_size": 1024}'
 
 
 def _refuse_constant(name: str) -> Any:
@@ -482,6 +494,18 @@ def create_app(manager: JobManager, config: AppConfig) -> FastAPI:
                            **_errors(401, 404, 507)})
     def job_view(job_id: str, name: str) -> OpenFileResponse:
         return OpenFileResponse(manager.open_view(job_id, name), media_type="image/png")
+
+    @router.post("/jobs/{job_id}/remesh", status_code=202, response_model=JobCreated,
+                 summary="Mesh a done job's views again (no Zero123) as a new job",
+                 openapi_extra={"requestBody": {"content": {"application/json": {"schema": {
+                     "type": "object", "additionalProperties": False,
+                     "properties": {name: {} for name in REMESH_OPTIONS}}}}}},
+                 responses=_errors(400, 401, 404, 409, 429, 503, 507))
+    async def remesh(job_id: str, request: Request) -> JSONResponse:
+        overrides = parse_json(await request.body(), "the re-mesh body", _REMESH_EXAMPLE)
+        status = await run_in_threadpool(manager.submit_remesh, job_id, overrides)
+        return JSONResponse({"id": status["id"], "state": status["state"], "url": f"/v1/jobs/{status['id']}"},
+                            status_code=202)
 
     @router.delete("/jobs/{job_id}", response_model=JobStatus, summary="Cancel a job, or delete a finished one",
                    responses={204: {"description": "the finished job's folder was removed"},

@@ -64,25 +64,63 @@ def _load_model(args: argparse.Namespace):
     return load_reconstruction_model(resolve("reconstruction", args.weights_dir))
 
 
-def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from server.meshing import MeshingConfig, export_mesh
-    from server.reconstruct import load_views, reconstruct_mesh
+def _mesh_settings(args: argparse.Namespace):
+    from server.meshing import MeshingConfig
+    from server.remesh import MeshSettings
 
-    out = check_output_file(args.output)
     if not 32 <= args.resolution <= 1024:
         raise BadInputError(f"--resolution {args.resolution} is outside 32…1024 (the reference uses 256)")
+    return MeshSettings(resolution=args.resolution, target_faces=args.faces, texture_size=args.texture,
+                        meshing=MeshingConfig(coarse_to_fine=not args.dense))
+
+
+def _mesh_from_views(args: argparse.Namespace, views_dir: Path) -> int:
+    """reconstruct and remesh: one views folder → the mesh at -o, with the asset options."""
+    from server.reconstruct import load_views
+    from server.remesh import mesh_views
+
+    out = check_output_file(args.output)
+    settings = _mesh_settings(args).check(out.suffix)
     device = resolve_device(args.device)
     start = time.perf_counter()
-    views = load_views(args.views_dir)
+    load_views(views_dir)  # a broken folder is reported before the model loads
     model = _load_model(args)
-    result = reconstruct_mesh(model, views, MeshingConfig(resolution=args.resolution, coarse_to_fine=not args.dense),
-                              device=device, progress=_Bars())
-    path = export_mesh(result.mesh, out)
+    result = mesh_views(model, views_dir, [out], settings, device=device, progress=_Bars(),
+                        on_asset=lambda: print("asset stage: clean-up, polygon budget, texture…", file=sys.stderr))
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-    print(f"{len(result.mesh.vertices):,} vertices, {len(result.mesh.faces):,} faces in "
-          f"{time.perf_counter() - start:.1f}s ({stages})", file=sys.stderr)
-    print(path)
+    print(f"{result.vertices:,} vertices, {result.faces:,} faces in {time.perf_counter() - start:.1f}s ({stages})",
+          file=sys.stderr)
+    for extra in result.files[1:]:
+        print(f"also wrote {extra}", file=sys.stderr)
+    print(result.files[0])
     return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    return _mesh_from_views(args, Path(args.views_dir))
+
+
+def cmd_remesh(args: argparse.Namespace) -> int:
+    import json
+
+    from server.remesh import find_run
+
+    run = find_run(args.run_dir)
+    # Unless told otherwise, the network and resolution the run was made with (from its meta.json, if any).
+    try:
+        meta = json.loads((run / "meta.json").read_text(encoding="utf-8"))
+        meta = meta if isinstance(meta, dict) else {}
+    except (OSError, ValueError):
+        meta = {}
+    options = meta.get("options") if isinstance(meta.get("options"), dict) else {}
+    if args.resolution is None:
+        resolution = options.get("resolution")
+        args.resolution = resolution if isinstance(resolution, int) and not isinstance(resolution, bool) else 256
+    if args.preset is None and not args.checkpoint:
+        args.preset = meta.get("preset") if meta.get("preset") in ("paper", "tiny") else "paper"
+        print(f"re-meshing {run} with the {args.preset} reconstruction network at resolution {args.resolution}",
+              file=sys.stderr)
+    return _mesh_from_views(args, run / "views")
 
 
 def cmd_weights_verify(args: argparse.Namespace) -> int:
@@ -116,8 +154,6 @@ def _run_dir_for(mesh_path: Path) -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import shutil
-
     from tqdm import tqdm
 
     from server.pipeline import GenerateOptions, One2345Pipeline
@@ -134,7 +170,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_folder_path(args.out_dir, "--out-dir")
     options = GenerateOptions(elevation=args.elevation, seed=args.seed, steps_stage1=args.steps_stage1,
                               steps_stage2=args.steps_stage2, guidance=args.guidance, resolution=args.resolution,
-                              format=fmt, remove_background=not args.keep_background).check()
+                              format=fmt, remove_background=not args.keep_background, target_faces=args.faces,
+                              texture_size=args.texture).check()
     resolve_device(args.device)
     # Every image is read once now, so a bad one in a batch is reported before minutes of work on the others.
     unusable = []
@@ -161,15 +198,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"{p.stage} {p.step}/{p.total}", refresh=False)
 
         try:
-            result = pipe(image, _run_dir_for(out), options, progress=on_progress)
+            result = pipe(image, _run_dir_for(out), options, progress=on_progress, outputs=[out])
         except One2345Error as e:
             bar.close()
             print(f"one2345 generate: {image}: error: {e}", file=sys.stderr)
             failures += 1
             continue
         bar.close()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(result.mesh_path, out)
         print(f"{image}: elevation {result.elevation:.0f}° ({result.elevation_source}), background "
               f"{result.background}, {result.vertices:,} vertices; intermediates in {result.views_dir.parent}",
               file=sys.stderr)
@@ -209,6 +244,15 @@ def _add_weights_dir(parser: argparse.ArgumentParser, flag: str = "--weights-dir
                         help="weights folder (default: $ONE2345_WEIGHTS or ~/.cache/one2345/weights)")
 
 
+def _add_asset_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--faces", type=int, default=None, metavar="N",
+                        help="polygon budget: clean the mesh and decimate it to N triangles (1000…2000000; default: "
+                             "every marching-cubes face)")
+    parser.add_argument("--texture", type=int, default=None, metavar="SIZE",
+                        help="bake a SIZE×SIZE UV texture from the views (256…4096, e.g. 1024; glb or obj); default: "
+                             "vertex colours only")
+
+
 def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
 
@@ -234,7 +278,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.add_argument("--dense", action="store_true", help="evaluate the SDF on every grid point instead of coarse to "
                                                         "fine (slower; same mesh for well-behaved SDFs)")
+    _add_asset_options(p)
     p.set_defaults(func=cmd_reconstruct)
+
+    r = sub.add_parser("remesh", help="mesh a finished run again (resolution, polygon budget, texture) without "
+                                      "re-running Zero123",
+                       description="Re-run reconstruction, the asset stage and export on the views of a finished run: "
+                                   "RUN_DIR is the <mesh stem>.one2345/ folder `one2345 generate` wrote, or a server "
+                                   "job's folder. The run is not changed; the new mesh goes to -o.")
+    r.add_argument("run_dir", help="the run's folder (<mesh stem>.one2345/) or a server job's folder")
+    r.add_argument("-o", "--output", required=True, help="output mesh: .glb, .obj or .ply")
+    r.add_argument("--preset", choices=["paper", "tiny"], default=None,
+                   help="reconstruction network (default: the run's, from its meta.json)")
+    r.add_argument("--checkpoint", help="a reconstruction checkpoint; overrides --preset")
+    _add_weights_dir(r)
+    r.add_argument("--resolution", type=int, default=None,
+                   help="marching-cubes grid per axis (default: the run's, else 256)")
+    _add_device(r)
+    r.add_argument("--dense", action="store_true", help="evaluate the SDF on every grid point")
+    _add_asset_options(r)
+    r.set_defaults(func=cmd_remesh)
 
     w = sub.add_parser("weights", help="check and fetch model weights").add_subparsers(dest="weights_command",
                                                                                        required=True, metavar="ACTION")
@@ -272,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mesh format with --out-dir (with -o the suffix decides)")
     g.add_argument("--keep-background", action="store_true",
                    help="do not segment the object: use the whole image (RGBA alpha is still used)")
+    _add_asset_options(g)
     _add_device(g)
     _add_weights_dir(g)
     g.add_argument("--offline", action="store_true", help="never download weights; fail clearly if any is missing")

@@ -7,6 +7,9 @@ Every job is a folder under the jobs directory, named by its id (32 lowercase he
     <jobs_dir>/<id>/log.txt        what happened: options, stages, the outcome, tracebacks
     <jobs_dir>/<id>/run/           the pipeline's run folder (input_256.png, views/, mesh.<fmt>, meta.json)
 
+A re-mesh job (``POST /v1/jobs/<id>/remesh``) starts with a copy of its source's input, views and meta.json, and
+runs only reconstruction, the asset stage and export; the source job is never changed.
+
 A new job's folder is filled under a hidden temporary name and renamed into place, and ``status.json`` is always
 replaced atomically (temporary file + ``os.replace``), so a folder named like an id always holds a readable status.
 The worker keeps the pipeline loaded between jobs and runs one job at a time from a bounded FIFO queue. A client that
@@ -17,6 +20,7 @@ reads every job folder back; jobs that were queued or running when the previous 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -53,6 +57,8 @@ INPUT_FILE_RE = re.compile(r"input\.(?:png|jpg|webp|bmp|tif|gif)")
 RESULT_FILES_RE = {"mesh": re.compile(r"run/mesh\.(?:ply|glb|obj)"), "meta": re.compile(r"run/meta\.json")}
 """What a done job's ``result`` may name. status.json is read back from disk, so these are checked on load: a record
 edited to point elsewhere (``/etc/passwd``, ``../other``) is refused rather than served."""
+REMESH_OPTIONS = ("resolution", "target_faces", "texture_size", "format")
+"""What a re-mesh may change: everything else (elevation, seed, steps…) shaped the views, which it reuses."""
 _STATUS_WRITE_INTERVAL_S = 1.0
 """Progress reports arrive many times a second; status.json is rewritten at most this often (and at every stage
 change), which keeps the disk quiet while a restarted server still sees recent progress."""
@@ -82,6 +88,8 @@ class Pipeline(Protocol):
     def __call__(self, image: Any, run_dir: Any, options: Any = None, progress: Any = None,
                  should_cancel: Any = None) -> Any: ...
 
+    def remesh(self, run_dir: Any, options: Any, progress: Any = None, should_cancel: Any = None) -> Any: ...
+
 
 @dataclass(frozen=True)
 class JobsConfig:
@@ -94,6 +102,27 @@ class JobsConfig:
     to fetch the weights — and then loading is tried again."""
     cancel_wait_s: float = 2.0
     """How long DELETE of a running job waits for the pipeline to stop, so the answer usually says "cancelled"."""
+
+
+def check_options(data: Any) -> dict[str, Any]:
+    """Job options from JSON-like data → every field, validated (:meth:`server.pipeline.GenerateOptions.from_dict`),
+    plus the rule of the HTTP API that a textured result is a GLB: a job's result is one file.
+
+    Raises:
+        BadInputError: an unknown field, a value out of range, or a texture in another format.
+    """
+    from dataclasses import asdict
+
+    from server.errors import BadInputError
+    from server.pipeline import GenerateOptions
+
+    options = GenerateOptions.from_dict(data)
+    if options.texture_size is not None and options.format != "glb":
+        raise BadInputError(f"option format={options.format!r} cannot carry a texture over HTTP: a job's result is "
+                            "one file, and a textured OBJ is three (OBJ, MTL, PNG)",
+                            fix='use "format": "glb", or `one2345 generate --texture SIZE -o OUT.obj` on the command '
+                                "line")
+    return asdict(options)
 
 
 def now_iso() -> str:
@@ -128,8 +157,10 @@ class Job:
     previews: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
-    """``format``, ``elevation``, ``vertices``, ``faces``, and the files ``mesh`` and ``meta`` relative to the
-    job folder."""
+    """``format``, ``elevation``, ``vertices``, ``faces``, ``textured``, and the files ``mesh`` and ``meta``
+    relative to the job folder."""
+    remesh_of: str | None = None
+    """The id of the job whose views this one re-meshes, or None for a generation."""
     cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     finished: threading.Event = field(default_factory=threading.Event, repr=False)
     started_at: float | None = None
@@ -137,7 +168,9 @@ class Job:
 
     _RECORD_FIELDS: ClassVar[tuple[str, ...]] = (
         "id", "created", "options", "input_file", "download_stem", "state", "stage", "step", "total", "fraction",
-        "elapsed_s", "previews", "error", "result")
+        "elapsed_s", "previews", "error", "result", "remesh_of")
+    _OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = ("remesh_of",)
+    """Fields added after the first release: a status.json from before them reads back with their default."""
 
     def to_record(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._RECORD_FIELDS}
@@ -145,9 +178,12 @@ class Job:
     @classmethod
     def from_record(cls, folder: Path, record: dict[str, Any]) -> Job:
         """A job read back from its status.json; ValueError for a record that is not one this server wrote."""
-        job = cls(**{name: record[name] for name in cls._RECORD_FIELDS}, folder=folder)
+        job = cls(**{name: record[name] for name in cls._RECORD_FIELDS
+                     if name in record or name not in cls._OPTIONAL_FIELDS}, folder=folder)
         if job.id != folder.name or job.state not in STATES:
             raise ValueError(f"it names job {job.id!r} in state {job.state!r}")
+        if job.remesh_of is not None and not (isinstance(job.remesh_of, str) and JOB_ID_RE.fullmatch(job.remesh_of)):
+            raise ValueError(f"it re-meshes {job.remesh_of!r}, which is not a job id")
         if not (isinstance(job.input_file, str) and INPUT_FILE_RE.fullmatch(job.input_file)):
             raise ValueError(f"its input file {job.input_file!r} is not input.<ext>")
         if not isinstance(job.previews, list) or not all(isinstance(n, str) and VIEW_NAME_RE.fullmatch(n)
@@ -186,14 +222,17 @@ class Job:
                       "elevation": self.result["elevation"], "vertices": self.result["vertices"],
                       "faces": self.result["faces"],
                       "elevation_uncertain": bool(self.result.get("elevation_uncertain", False)),
-                      "elevation_confidence": self.result.get("elevation_confidence")}
+                      "elevation_confidence": self.result.get("elevation_confidence"),
+                      "textured": bool(self.result.get("textured", False)),
+                      "texture_size": self.result.get("texture_size"),
+                      "target_faces": self.result.get("target_faces")}
         return {
             "id": self.id, "state": self.state, "stage": self.stage, "step": self.step, "total": self.total,
             "fraction": self.fraction, "elapsed_s": round(elapsed, 3),
             "eta_s": None if eta is None else round(eta, 1), "created": self.created,
             "options": self.options,
             "previews": [{"name": name, "url": f"{base}/views/{name}"} for name in self.previews],
-            "error": self.error, "result": result,
+            "error": self.error, "result": result, "remesh_of": self.remesh_of,
         }
 
 
@@ -351,20 +390,56 @@ class JobManager:
             job_id = uuid.uuid4().hex
             job = Job(id=job_id, folder=self.jobs_dir / job_id, created=now_iso(), options=options,
                       input_file=f"input.{ext}", download_stem=download_stem)
-            incoming = self.jobs_dir / f".incoming-{job.id}"
-            try:
-                incoming.mkdir()
-                (incoming / job.input_file).write_bytes(image)
-                write_json_atomic(incoming / "status.json", job.to_record())
-                os.replace(incoming, job.folder)
-            except OSError as e:
-                shutil.rmtree(incoming, ignore_errors=True)
-                raise storage_error(e, "store the new job", self.jobs_dir) from None
-            self._jobs[job.id] = job
-            self._queue.append(job)
+            self._store(job, lambda incoming: (incoming / job.input_file).write_bytes(image))
             self._job_log(job, f"queued: input {job.input_file} ({len(image)} bytes), options {json.dumps(options)}")
-            self._wake.notify_all()
             return job.to_public()
+
+    def submit_remesh(self, source_id: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Queue a re-mesh of a done job: a new job with the source's options, ``overrides`` applied, that starts
+        from a copy of the source's input, views and meta.json. Returns the new job's public status.
+
+        Raises:
+            BadInputError: an override other than :data:`REMESH_OPTIONS`, or an invalid value.
+            ApiError: ``not_found`` / ``conflict`` for a missing or unfinished source, and as :meth:`submit`.
+        """
+        from server.errors import BadInputError
+
+        if not isinstance(overrides, dict):
+            raise BadInputError(f"the re-mesh options must be a JSON object, got {type(overrides).__name__}")
+        unknown = sorted(set(overrides) - set(REMESH_OPTIONS))
+        if unknown:
+            raise BadInputError(f"option(s) {unknown} cannot be changed by a re-mesh; allowed: "
+                                f"{list(REMESH_OPTIONS)}", fix="the others shaped the views; submit the image again "
+                                                               "to change them")
+        with self.lock:
+            source = self._done(source_id)
+            options = check_options({**source.options, **overrides})
+            self._refuse_if_unavailable()
+            job_id = uuid.uuid4().hex
+            job = Job(id=job_id, folder=self.jobs_dir / job_id, created=now_iso(), options=options,
+                      input_file=source.input_file, download_stem=source.download_stem, remesh_of=source.id)
+            self._store(job, lambda incoming: _copy_run(source.folder, incoming, source.input_file))
+            self._job_log(job, f"queued: re-mesh of {source.id}, options {json.dumps(overrides)}")
+            return job.to_public()
+
+    def _store(self, job: Job, fill: Callable[[Path], object]) -> None:
+        """Write a new job's folder under a hidden name (``fill`` adds its files), rename it into place, queue it
+        (lock held)."""
+        incoming = self.jobs_dir / f".incoming-{job.id}"
+        try:
+            incoming.mkdir()
+            fill(incoming)
+            write_json_atomic(incoming / "status.json", job.to_record())
+            os.replace(incoming, job.folder)
+        except OSError as e:
+            shutil.rmtree(incoming, ignore_errors=True)
+            raise storage_error(e, "store the new job", self.jobs_dir) from None
+        except BaseException:
+            shutil.rmtree(incoming, ignore_errors=True)
+            raise
+        self._jobs[job.id] = job
+        self._queue.append(job)
+        self._wake.notify_all()
 
     def cancel_or_delete(self, job_id: str) -> dict[str, Any] | None:
         """Cancel a queued or running job (returns its status) or delete a finished one's folder (returns None)."""
@@ -555,15 +630,20 @@ class JobManager:
                     last["stage"], last["write"] = p.stage, now
                     self._write_status(job)
 
-        out = pipe(job.folder / job.input_file, run_dir, options, progress=on_progress,
-                   should_cancel=job.cancel.is_set)
+        if job.remesh_of is not None:
+            out = pipe.remesh(run_dir, options, progress=on_progress, should_cancel=job.cancel.is_set)
+        else:
+            out = pipe(job.folder / job.input_file, run_dir, options, progress=on_progress,
+                       should_cancel=job.cancel.is_set)
         self._job_log(job, f"done: {out.vertices} vertices, {out.faces} faces, elevation {out.elevation:.1f}° "
                            f"({out.elevation_source}{', uncertain' if out.elevation_uncertain else ''}), "
                            f"timings {json.dumps(out.timings)}")
         return {"format": options.format, "elevation": float(out.elevation), "vertices": int(out.vertices),
                 "elevation_uncertain": bool(out.elevation_uncertain),
                 "elevation_confidence": out.elevation_confidence,
-                "faces": int(out.faces), "mesh": Path(out.mesh_path).relative_to(job.folder).as_posix(),
+                "faces": int(out.faces), "textured": options.texture_size is not None,
+                "texture_size": options.texture_size, "target_faces": options.target_faces,
+                "mesh": Path(out.mesh_path).relative_to(job.folder).as_posix(),
                 "meta": Path(out.meta_path).relative_to(job.folder).as_posix()}
 
     def _public(self, text: str) -> str:
@@ -604,6 +684,27 @@ class JobManager:
             append_text_no_follow(job.folder / "log.txt", f"{now_iso()} {text.rstrip()}\n")
         except OSError as e:
             log.error("cannot write the log of job %s: %s", job.id, e)
+
+
+def _copy_run(source: Path, dest: Path, input_file: str) -> None:
+    """Copy what a re-mesh needs from a job folder: the input, and of ``run/`` the preprocessed input, meta.json and
+    the views with pose.json. Only plain files with the pipeline's names are read, never through a link (the source
+    folder is not trusted more than any other)."""
+    names = [input_file, "run/input.png", "run/input_256.png", "run/meta.json", "run/views/pose.json"]
+    with contextlib.suppress(OSError):  # no views folder: pose.json is then missing too, which is reported below
+        names += [f"run/views/{n}" for n in sorted(os.listdir(source / "run" / "views")) if VIEW_NAME_RE.fullmatch(n)]
+    for name in names:
+        try:
+            with open_regular_inside(source, name) as f:
+                data = f.read()
+        except FileNotFoundError:
+            if name in ("run/meta.json", "run/views/pose.json"):
+                raise ApiError("conflict", f"job {source.name} has no {name}, so it cannot be re-meshed",
+                               fix="submit the image again") from None
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
 
 
 def _thread_file_handler(path: Path) -> logging.Handler | None:

@@ -3,13 +3,13 @@
     pipe = One2345Pipeline.from_preset("paper")          # models loaded once, kept warm
     result = pipe("photo.png", "runs/photo", GenerateOptions(format="glb"))
 
-Everything a run makes lands in its run folder, so any run can be inspected and re-meshed:
+Everything a run makes lands in its run folder, so any run can be inspected and re-meshed (:mod:`server.remesh`):
 
     run_dir/input.png          the image as given (re-encoded)
     run_dir/input_256.png      the preprocessed model input (object on white, 75 % fill)
     run_dir/views/             stage-1 views <i>.png, the 32 nearby views <i>_<j>.png, pose.json
                                (`one2345 reconstruct run_dir/views -o mesh.ply` re-runs the reconstruction)
-    run_dir/mesh.<fmt>         the result
+    run_dir/mesh.<fmt>         the result (an OBJ with a texture also writes mesh.mtl and mesh_texture.png)
     run_dir/meta.json          options, seed, elevation, timings, versions
 
 Presets: ``paper`` loads the official weights (Zero123-XL, the reconstruction checkpoint; SAM and LoFTR when present,
@@ -19,6 +19,7 @@ stage on a CPU, a sphere-like coloured mesh — for trying the tool and for test
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -39,7 +40,7 @@ from server.devices import resolve_device
 from server.elevation import ElevationEstimator, ElevationResult, FlowMatcher, SiftMatcher, available_matchers
 from server.errors import BadInputError, CancelledError
 from server.fsutil import write_json_atomic
-from server.meshing import MeshingConfig, export_mesh
+from server.meshing import MeshingConfig
 from server.multiview.zero123 import (
     Zero123Config,
     Zero123Model,
@@ -48,8 +49,9 @@ from server.multiview.zero123 import (
     stage1b_deltas,
     tiny_zero123,
 )
-from server.reconstruct import load_views, reconstruct_mesh, reconstruction_fraction
+from server.reconstruct import reconstruction_fraction
 from server.reconstruction.model import ReconstructionModel, build_model
+from server.remesh import MeshOutcome, MeshSettings, find_run, mesh_views
 
 PRESETS = ("paper", "tiny")
 FORMATS = ("ply", "glb", "obj")
@@ -79,6 +81,17 @@ class GenerateOptions:
     remove_background: bool = True
     """Segment the object (SAM, or a weight-free estimate for plain backgrounds); False uses the whole image. An
     image with a meaningful alpha channel is always used as is."""
+    target_faces: int | None = None
+    """Polygon budget of the asset stage (clean-up, then quadric decimation); None keeps the raw marching-cubes
+    surface, as the paper."""
+    texture_size: int | None = None
+    """Side of a UV texture baked from the views (glb or obj); None gives vertex colours only, as the paper."""
+
+    @property
+    def mesh_settings(self) -> MeshSettings:
+        """The options that shape the mesh file (all a re-mesh may change, with the format)."""
+        return MeshSettings(resolution=self.resolution, target_faces=self.target_faces,
+                            texture_size=self.texture_size)
 
     def check(self) -> GenerateOptions:
         """Validate every field; raise BadInputError naming the field, the value and what is allowed."""
@@ -109,6 +122,7 @@ class GenerateOptions:
             raise bad("format", f"one of {', '.join(FORMATS)}")
         if not isinstance(self.remove_background, bool):
             raise bad("remove_background", "true or false")
+        self.mesh_settings.check(f".{self.format}")
         return self
 
     @classmethod
@@ -128,7 +142,7 @@ class Progress:
     """One progress report."""
 
     stage: str
-    """preprocess, stage1, stage2, elevation, stage1b, stage2b, reconstruct or export."""
+    """preprocess, stage1, stage2, elevation, stage1b, stage2b, reconstruct, asset or export."""
     step: int
     total: int
     fraction: float
@@ -155,6 +169,8 @@ class GenerateResult:
     vertices: int
     faces: int
     seed: int
+    mesh_files: list[Path] = field(default_factory=list)
+    """Every file of the mesh in the run folder: ``mesh_path`` first, then an OBJ's material and texture."""
     elevation_uncertain: bool = False
     """True when the elevation was estimated (or fell back) without confidence: the user should set it by hand."""
     elevation_confidence: float | None = None
@@ -174,25 +190,40 @@ class PipelineModels:
 
 
 class _Tracker:
-    """Turns per-stage steps into an overall fraction and relays cancellation.
+    """Turns per-stage steps into an overall fraction, times the stages and relays cancellation.
 
-    Work is counted in UNet image-evaluations (the bulk of the run); preprocessing, elevation, reconstruction and
-    export get fixed shares measured on typical runs.
+    Work is counted in UNet image-evaluations (the bulk of the run); preprocessing, elevation, reconstruction, the
+    asset stage and export get fixed shares measured on typical runs. A re-mesh (``remesh=True``) has only the last
+    three.
     """
 
     def __init__(self, options: GenerateOptions, progress: Callable[[Progress], None] | None,
-                 should_cancel: Callable[[], bool] | None) -> None:
+                 should_cancel: Callable[[], bool] | None, remesh: bool = False) -> None:
         s1, s2 = options.steps_stage1 + 1, max(options.steps_stage2 - 1, 1)
         diffusion = {"stage1": 4 * s1, "stage2": 4 * s2, "stage1b": 4 * s1, "stage2b": 28 * s2}
         total = sum(diffusion.values())
-        self.weights = {"preprocess": 0.01 * total, **diffusion, "elevation": 0.01 * total,
-                        "reconstruct": 0.25 * total, "export": 0.005 * total}
+        front = 0.0 if remesh else 1.0
+        # The bake of a ~100 k-face mesh takes about 0.6× the CPU reconstruction (server.asset; docs/benchmarks.md).
+        asset = 0.15 * total if options.mesh_settings.asset else 0.0
+        self.weights = {"preprocess": front * 0.01 * total, **{k: front * v for k, v in diffusion.items()},
+                        "elevation": front * 0.01 * total, "reconstruct": 0.25 * total, "asset": asset,
+                        "export": 0.005 * total}
         norm = sum(self.weights.values())
         self.weights = {k: v / norm for k, v in self.weights.items()}
         self.done = 0.0
         self.reported = 0.0
         self.progress = progress
         self.should_cancel = should_cancel
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        """End ``stage``: record its time (since the previous lap), count its work done, honour a cancel."""
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self._clock
+        self._clock = now
+        self.finish(stage)
+        self.check_cancel()
 
     def check_cancel(self) -> None:
         if self.should_cancel is not None and self.should_cancel():
@@ -257,28 +288,33 @@ class One2345Pipeline:
         options: GenerateOptions | None = None,
         progress: Callable[[Progress], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        outputs: Sequence[str | Path] = (),
     ) -> GenerateResult:
+        """Run every stage on one image; everything is written under ``run_dir`` (module docstring).
+
+        Args:
+            image: a path, PIL image, [H, W, 3|4] uint8 array or encoded bytes.
+            run_dir: the run folder (created).
+            options: see :class:`GenerateOptions`.
+            progress: called with a :class:`Progress` as work advances.
+            should_cancel: polled between steps; True stops the run with CancelledError.
+            outputs: further paths to write the mesh at (e.g. the user's ``-o``), each in the format of its suffix.
+        """
         from server.preprocess import load_image, preprocess
 
         # 0. Check everything that can be checked before any model runs.
         options = (options or GenerateOptions()).check()
+        outputs = [Path(o) for o in outputs]
+        for out in outputs:
+            options.mesh_settings.check(out.suffix)
         source = load_image(image)
         run_dir = Path(run_dir)
         views_dir = run_dir / "views"
         views_dir.mkdir(parents=True, exist_ok=True)
         seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**32)
         tracker = _Tracker(options, progress, should_cancel)
+        lap = tracker.lap
         cfg = self.zero123_config
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(stage: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[stage] = timings.get(stage, 0.0) + now - clock
-            clock = now
-            tracker.finish(stage)
-            tracker.check_cancel()
 
         # 1. Preprocess: segment, recentre to 75 % fill, 256², on white (spec §1.2).
         _write_png(run_dir / "input.png", np.asarray(source))
@@ -323,19 +359,11 @@ class One2345Pipeline:
         PoseFile.for_polar(polar).write(views_dir / "pose.json")
         lap("stage2b")
 
-        # 7. Reconstruction: cost volume → SDF → marching cubes → vertex colours (spec §5).
-        def on_reconstruct(stage: str, done: int, total: int) -> None:
-            # Sub-stages report their own done/total; the run's progress weighs them by their typical cost.
-            tracker.check_cancel()
-            permille = round(1000 * reconstruction_fraction(stage, done, total, self.device))
-            tracker.report("reconstruct", permille, 1000, message=stage)
+        # 7. Reconstruction (cost volume → SDF → marching cubes → vertex colours, spec §5), the asset stage when asked
+        #    (clean-up, polygon budget, UV texture) and the mesh files: server.remesh, shared with re-meshing.
+        outcome = self._mesh(views_dir, [run_dir / f"mesh.{options.format}", *outputs], options, tracker)
 
-        out = reconstruct_mesh(self.models.reconstruction, load_views(views_dir),
-                               replace(self.meshing, resolution=options.resolution), self.device, on_reconstruct)
-        lap("reconstruct")
-
-        # 8. Export the mesh and the run's record.
-        mesh_path = export_mesh(out.mesh, run_dir / f"mesh.{options.format}")
+        # 8. The run's record.
         meta = {
             "version": __version__, "preset": self.preset, "device": self.device,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -343,21 +371,84 @@ class One2345Pipeline:
             "elevation_source": estimate.source if estimate else "given",
             "elevation_estimate": estimate.to_json() if estimate else None,
             "matcher": estimate.matcher if estimate else "none", "background": pre.method,
-            "vertices": len(out.mesh.vertices), "faces": len(out.mesh.faces), "mesh": mesh_path.name,
+        }
+        return self._finish_run(run_dir, meta, outcome, tracker)
+
+    def remesh(
+        self,
+        run_dir: str | Path,
+        options: GenerateOptions,
+        progress: Callable[[Progress], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> GenerateResult:
+        """Mesh a finished run's views again (no Zero123): reconstruction, asset stage and export with ``options``'
+        resolution, polygon budget, texture and format.
+
+        Writes ``run_dir/mesh.<format>`` and rewrites ``run_dir/meta.json`` with the new options, counts and timings
+        (the elevation, seed and views of the run stay what they were).
+
+        Args:
+            run_dir: a run folder (see :func:`server.remesh.find_run`) with its meta.json.
+            options: the options of the re-mesh; only resolution, target_faces, texture_size and format matter.
+        """
+        options = options.check()
+        run_dir = find_run(run_dir)
+        meta_file = run_dir / "meta.json"
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict) or not all(k in meta for k in ("polar", "seed", "background")):
+                raise ValueError("it lacks polar, seed or background")
+        except (OSError, ValueError) as e:
+            raise BadInputError(f"{meta_file} is not the record of a run ({e})",
+                                fix="re-mesh a folder written by `one2345 generate` or the server") from None
+        tracker = _Tracker(options, progress, should_cancel, remesh=True)
+        outcome = self._mesh(run_dir / "views", [run_dir / f"mesh.{options.format}"], options, tracker)
+        meta.update(version=__version__, preset=self.preset, device=self.device, options=asdict(options),
+                    remeshed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        return self._finish_run(run_dir, meta, outcome, tracker)
+
+    def _mesh(self, views_dir: Path, outputs: Sequence[Path], options: GenerateOptions,
+              tracker: _Tracker) -> MeshOutcome:
+        """Stage 7 for a run or a re-mesh, with its progress: reconstruct, then (timed apart) the asset stage."""
+        def on_reconstruct(stage: str, done: int, total: int) -> None:
+            # Sub-stages report their own done/total; the run's progress weighs them by their typical cost.
+            tracker.check_cancel()
+            permille = round(1000 * reconstruction_fraction(stage, done, total, self.device))
+            tracker.report("reconstruct", permille, 1000, message=stage)
+
+        def on_asset() -> None:
+            tracker.lap("reconstruct")
+            tracker.report("asset", 0, 1, message="clean-up, polygon budget, texture")
+
+        settings = replace(options.mesh_settings, meshing=self.meshing)
+        outcome = mesh_views(self.models.reconstruction, views_dir, outputs, settings, self.device, on_reconstruct,
+                             on_asset)
+        tracker.lap("asset" if options.mesh_settings.asset else "reconstruct")
+        return outcome
+
+    def _finish_run(self, run_dir: Path, meta: dict[str, Any], outcome: MeshOutcome,
+                    tracker: _Tracker) -> GenerateResult:
+        """Write meta.json (``meta`` plus the mesh's counts, files and timings) and describe the run."""
+        mesh_path = outcome.files[0]
+        meta.update({
+            "vertices": outcome.vertices, "faces": outcome.faces, "mesh": mesh_path.name,
+            "files": [f.name for f in outcome.files], "textured": meta["options"]["texture_size"] is not None,
+            "asset": outcome.asset,
             "frame": "ply: z-up pose.json world frame; glb/obj: y-up, (x, y, z) -> (x, z, -y)",
             "models": self.models_loaded(),
-        }
-        meta["timings"] = {**{k: round(v, 3) for k, v in timings.items()},
-                           **{f"reconstruct.{k}": round(v, 3) for k, v in out.timings.items()}}
+        })
+        meta["timings"] = {**{k: round(v, 3) for k, v in tracker.timings.items()},
+                           **{k: round(v, 3) for k, v in outcome.timings.items()}}
         meta_path = write_json_atomic(run_dir / "meta.json", meta)
-        lap("export")
-        return GenerateResult(mesh_path=mesh_path, views_dir=views_dir, elevation=90.0 - polar, polar=polar,
-                              elevation_source=estimate.source if estimate else "given",
-                              elevation_uncertain=bool(estimate and estimate.uncertain),
-                              elevation_confidence=estimate.confidence if estimate else None,
-                              background=pre.method, timings=timings,
-                              meta_path=meta_path, vertices=len(out.mesh.vertices), faces=len(out.mesh.faces),
-                              seed=seed)
+        tracker.lap("export")
+        estimate = meta.get("elevation_estimate") or {}
+        return GenerateResult(mesh_path=mesh_path, views_dir=run_dir / "views", elevation=float(meta["elevation"]),
+                              polar=float(meta["polar"]), elevation_source=meta["elevation_source"],
+                              elevation_uncertain=bool(estimate.get("uncertain", False)),
+                              elevation_confidence=estimate.get("confidence"),
+                              background=meta["background"], timings=dict(tracker.timings), meta_path=meta_path,
+                              vertices=outcome.vertices, faces=outcome.faces, seed=int(meta["seed"]),
+                              mesh_files=list(outcome.files))
 
     def _views(self, stage: str, images: Sequence[np.ndarray], deltas: Sequence[list[tuple[float, float]]],
                steps: int, seed: int, options: GenerateOptions, tracker: _Tracker) -> list[list[np.ndarray]]:

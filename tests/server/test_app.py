@@ -144,7 +144,9 @@ def test_job_round_trip(client, tmp_path):
     assert status["result"] == {"url": f"/v1/jobs/{body['id']}/result", "format": "ply",
                                 "meta_url": f"/v1/jobs/{body['id']}/meta", "elevation": 12.5,
                                 "vertices": len(box.vertices), "faces": len(box.faces),
-                                "elevation_uncertain": False, "elevation_confidence": None}
+                                "elevation_uncertain": False, "elevation_confidence": None,
+                                "textured": False, "texture_size": None, "target_faces": None}
+    assert status["remesh_of"] is None
     assert [p["name"] for p in status["previews"]] == ["input_256.png", "0.png"]
 
     r = client.get(status["result"]["url"], headers=AUTH)
@@ -350,8 +352,10 @@ def test_view_names_are_validated(client):
 
 def test_openapi_documents_the_api(client):
     schema = client.get("/openapi.json").json()
+    weights = {p for p in schema["paths"] if p.startswith("/v1/weights")}  # tested in test_weights_api.py
     assert set(schema["paths"]) == {"/v1/health", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/result",
-                                    "/v1/jobs/{job_id}/meta", "/v1/jobs/{job_id}/views/{name}"}
+                                    "/v1/jobs/{job_id}/meta", "/v1/jobs/{job_id}/views/{name}",
+                                    "/v1/jobs/{job_id}/remesh", *weights}
     post = schema["paths"]["/v1/jobs"]["post"]
     assert {"202", "400", "401", "413", "429", "503"} <= set(post["responses"])
     assert "422" not in json.dumps(schema["paths"])
