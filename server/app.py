@@ -4,18 +4,24 @@ The contract, shared with the Blender add-on, is versioned under ``/v1`` and des
 
     GET    /v1/health                      no token; status, version, device, models loaded, queue length
     POST   /v1/jobs                        multipart: image (+ options JSON) → 202 {"id", "state", "url"}
-    GET    /v1/jobs                        every job, newest first (including those found on disk at start)
+    GET    /v1/jobs?limit=N&after=ID       a page of jobs, newest first (including those found on disk at start)
     GET    /v1/jobs/{id}                   state, stage, step/total, fraction, elapsed, ETA, previews, error, result
     GET    /v1/jobs/{id}/result            the mesh (glb, ply or obj) as an attachment
     GET    /v1/jobs/{id}/meta              meta.json of the run (elevation, timings, options, versions)
     GET    /v1/jobs/{id}/views/{name}      a generated view (PNG)
     POST   /v1/jobs/{id}/remesh            JSON {resolution, target_faces, texture_size, format} → 202: a new job
                                            meshing the done job's views again (no Zero123; the source is kept)
-    DELETE /v1/jobs/{id}                   cancel (queued/running, 200) or remove (finished, 204)
+    POST   /v1/jobs/{id}/reroll            JSON {views: [1, 5], seed?} → a job in review re-rolls those views
+    POST   /v1/jobs/{id}/continue          JSON {elevation?} → a job in review goes on to the mesh
+    PUT    /v1/jobs/{id}/pin               keep the job when the jobs folder is over its size limit (DELETE: unpin)
+    DELETE /v1/jobs/{id}                   cancel (queued/running/review, 200) or remove (finished, 204)
+    GET    /v1/weights                     the weight files (state, size, checksum, licence); POST/GET/DELETE
+                                           /v1/weights/download: the download job (server/weights_api.py)
 
 Every error is ``{"error": {"kind", "message", "fix"}}`` with the status code of its kind (:data:`STATUS_OF_KIND`);
 no message names a server path (files are named relative to their job). The only 5xx answers by design are 503
-``missing_weights`` and 507 ``storage`` (the disk refused a write); a 500 ``internal`` is a bug, and even then the
+``missing_weights`` (and ``offline``: a weights download under HF_HUB_OFFLINE) and 507 ``storage`` (the disk refused
+a write, or lacks the space a weights download needs); a 500 ``internal`` is a bug, and even then the
 connection is kept and the message shows no internals. Everything under ``/v1`` except the health check needs
 ``Authorization: Bearer <token>``; the schema and the docs pages (``/openapi.json``, ``/docs``, ``/redoc``) are public
 because they hold no data. Authentication and the body size limit are enforced by an ASGI middleware in front of the
@@ -30,6 +36,7 @@ import hmac
 import io
 import json
 import logging
+import mimetypes
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -50,15 +57,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from server import __version__
-from server.errors import BadInputError, One2345Error
+from server.errors import BadInputError, One2345Error, only_query
 from server.jobs import MEDIA_TYPES, REMESH_OPTIONS, ApiError, JobManager, check_options
+from server.weights_api import WeightsHealth, WeightsManager, weights_router
 
 log = logging.getLogger(__name__)
 
 STATUS_OF_KIND = {
     "bad_input": 400, "unauthorized": 401, "not_found": 404, "conflict": 409, "too_large": 413,
     "queue_full": 429, "internal": 500, "missing_weights": 503, "out_of_memory": 507, "storage": 507,
-    "cancelled": 409,
+    "cancelled": 409, "offline": 503,
 }
 """HTTP status of each error kind. ``cancelled`` and ``out_of_memory`` normally appear only inside a job's status
 (the job failed, the request did not); the codes are used if such an error ever reaches a response directly."""
@@ -94,7 +102,7 @@ class AppConfig:
 
 class ErrorDetail(BaseModel):
     kind: str = Field(description="bad_input | unauthorized | not_found | conflict | too_large | queue_full | "
-                                  "missing_weights | out_of_memory | storage | cancelled | internal")
+                                  "missing_weights | offline | out_of_memory | storage | cancelled | internal")
     message: str = Field(description="what went wrong, naming the offending value and what is allowed")
     fix: str | None = Field(description="a short instruction that resolves the problem, if one exists")
 
@@ -112,6 +120,9 @@ class Health(BaseModel):
                                                       "(or --preload)")
     queue_length: int = Field(description="jobs waiting behind the running one")
     running: str | None = Field(description="id of the running job, or null")
+    weights: WeightsHealth | None = Field(None, description="which weight files are missing (GET /v1/weights "
+                                                            "for details); null when the server has no weights "
+                                                            "manager")
 
 
 class JobCreated(BaseModel):
@@ -140,9 +151,27 @@ class JobResult(BaseModel):
     target_faces: int | None = Field(description="the polygon budget asked for; null: every marching-cubes face")
 
 
+class ReviewView(BaseModel):
+    name: str = Field(description="the stage-1 view's file name, e.g. 5.png")
+    url: str
+
+
+class Review(BaseModel):
+    views: list[ReviewView] = Field(description="the 8 stage-1 views: 0–3 and 4–7 (or 8–11, by the elevation)")
+    revision: int = Field(description="bumped by every re-roll: fetch the views again when it changes")
+    elevation: float = Field(description="degrees above the horizon that the rest of the run will use")
+    elevation_source: str = Field(description="estimated, fallback or given")
+    elevation_uncertain: bool
+    elevation_confidence: float | None
+    seed: int = Field(description="the run's seed")
+    view_seeds: dict[str, int] = Field(description="re-rolled views → the seed each was last generated with")
+    notes: list[str]
+    expires_in_s: float | None = Field(description="seconds until the review expires; null unless in review")
+
+
 class JobStatus(BaseModel):
     id: str
-    state: str = Field(description="queued | running | done | failed | cancelled")
+    state: str = Field(description="queued | running | review | done | failed | cancelled | expired")
     stage: str | None = Field(description="preprocess, stage1, stage2, elevation, stage1b, stage2b, reconstruct, "
                                           "asset or export; null while queued")
     step: int
@@ -156,10 +185,15 @@ class JobStatus(BaseModel):
     error: ErrorDetail | None
     result: JobResult | None
     remesh_of: str | None = Field(description="the job whose views this one re-meshes; null for a generation")
+    pinned: bool = Field(description="kept by the jobs folder's size-limit clean-up")
+    review: Review | None = Field(description="the views and elevation to review (option review: true); null "
+                                              "otherwise")
 
 
 class JobList(BaseModel):
     jobs: list[JobStatus]
+    total: int = Field(description="jobs in all")
+    next: str | None = Field(description="pass as ?after= for the next page; null on the last page")
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -413,14 +447,19 @@ def _content_length(scope: Scope) -> int | None:
 # -- the app ----------------------------------------------------------------------------------------------------------
 
 
-def create_app(manager: JobManager, config: AppConfig) -> FastAPI:
+def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager | None = None) -> FastAPI:
     """The FastAPI app serving ``manager``'s jobs. Its lifespan starts the worker and, at shutdown, cancels the
     running job and waits for the worker to end.
 
     Args:
         manager: the job store and worker (loaded from its jobs dir, not yet started).
         config: token, limits and what /v1/health reports.
+        weights: the weights folder and its download job (``/v1/weights``); jobs are refused while it lacks a file
+            the preset needs, and a finished download lifts a missing-weights refusal at once.
     """
+    if weights is not None:
+        manager.preflight = weights.require_ready
+        weights.on_complete(manager.weights_changed)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -428,6 +467,8 @@ def create_app(manager: JobManager, config: AppConfig) -> FastAPI:
         try:
             yield
         finally:
+            if weights is not None:
+                await run_in_threadpool(weights.stop)
             await run_in_threadpool(manager.stop)
 
     app = FastAPI(title="One2345 inference server", version=__version__, lifespan=lifespan,
@@ -439,7 +480,8 @@ def create_app(manager: JobManager, config: AppConfig) -> FastAPI:
     def health() -> dict[str, Any]:
         pipe = manager.pipeline
         return {"status": "ok", "version": __version__, "device": pipe.device if pipe else config.device,
-                "preset": pipe.preset if pipe else config.preset, **manager.health()}
+                "preset": pipe.preset if pipe else config.preset, **manager.health(),
+                "weights": weights.health() if weights is not None else None}
 
     @router.post("/jobs", status_code=202, response_model=JobCreated, summary="Submit an image",
                  responses=_errors(400, 401, 413, 429, 503, 507))
@@ -451,7 +493,9 @@ def create_app(manager: JobManager, config: AppConfig) -> FastAPI:
                                                         "seed (null or 0…2³²−1), steps_stage1 (2…200), "
                                                         "steps_stage2 (2…200), guidance (1…20), resolution "
                                                         "(32…512), format (ply|glb|obj), remove_background "
-                                                        "(bool)")] = None,
+                                                        "(bool), target_faces (null or 1000…2000000), "
+                                                        "texture_size (null or 256…4096, glb only), review (bool), "
+                                                        "view_seeds (null or {view: seed})")] = None,
     ) -> JSONResponse:
         form = await request.form()  # already parsed for the parameters above; checked for stray parts here
         unknown = sorted(set(form.keys()) - {"image", "options"})
@@ -466,9 +510,11 @@ def create_app(manager: JobManager, config: AppConfig) -> FastAPI:
         return JSONResponse({"id": status["id"], "state": status["state"], "url": f"/v1/jobs/{status['id']}"},
                             status_code=202)
 
-    @router.get("/jobs", response_model=JobList, summary="All jobs, newest first", responses=_errors(401))
-    def list_jobs() -> dict[str, Any]:
-        return {"jobs": manager.list_jobs()}
+    @router.get("/jobs", response_model=JobList, summary="Jobs, newest first, a page at a time",
+                responses=_errors(400, 401, 404))
+    def list_jobs(request: Request, limit: int | None = None, after: str | None = None) -> dict[str, Any]:
+        only_query(request.query_params, "limit", "after")
+        return manager.list_jobs(limit, after)
 
     @router.get("/jobs/{job_id}", response_model=JobStatus, summary="A job's state and progress",
                 responses=_errors(401, 404))
@@ -489,6 +535,13 @@ def create_app(manager: JobManager, config: AppConfig) -> FastAPI:
     def job_meta(job_id: str) -> OpenFileResponse:
         return OpenFileResponse(manager.open_meta(job_id), media_type="application/json")
 
+    @router.get("/jobs/{job_id}/input", response_class=OpenFileResponse, summary="The uploaded image, byte for byte",
+                responses={200: {"content": {"image/*": {}}, "description": "the input image"},
+                           **_errors(401, 404, 507)})
+    def job_input(job_id: str) -> OpenFileResponse:
+        file, name = manager.open_input(job_id)
+        return OpenFileResponse(file, media_type=mimetypes.guess_type(name)[0] or "application/octet-stream")
+
     @router.get("/jobs/{job_id}/views/{name}", response_class=OpenFileResponse, summary="A generated view",
                 responses={200: {"content": {"image/png": {}}, "description": "the view"},
                            **_errors(401, 404, 507)})
@@ -507,6 +560,28 @@ def create_app(manager: JobManager, config: AppConfig) -> FastAPI:
         return JSONResponse({"id": status["id"], "state": status["state"], "url": f"/v1/jobs/{status['id']}"},
                             status_code=202)
 
+    @router.post("/jobs/{job_id}/reroll", status_code=202, response_model=JobStatus,
+                 summary="Re-roll some stage-1 views of a job in review", responses=_errors(400, 401, 404, 409, 429))
+    async def reroll(job_id: str, request: Request) -> dict[str, Any]:
+        body = parse_json(await request.body(), "the re-roll body", 'send e.g. {"views": [1, 5], "seed": 7}')
+        return await run_in_threadpool(manager.reroll, job_id, body)
+
+    @router.post("/jobs/{job_id}/continue", status_code=202, response_model=JobStatus,
+                 summary="Go on from review to the mesh", responses=_errors(400, 401, 404, 409, 429))
+    async def continue_job(job_id: str, request: Request) -> dict[str, Any]:
+        body = parse_json(await request.body(), "the continue body", 'send {} or e.g. {"elevation": 20}')
+        return await run_in_threadpool(manager.continue_job, job_id, body)
+
+    @router.put("/jobs/{job_id}/pin", response_model=JobStatus, summary="Keep a job through size-limit clean-ups",
+                responses=_errors(401, 404))
+    def pin(job_id: str) -> dict[str, Any]:
+        return manager.set_pinned(job_id, True)
+
+    @router.delete("/jobs/{job_id}/pin", response_model=JobStatus, summary="Let size-limit clean-ups remove a job",
+                   responses=_errors(401, 404))
+    def unpin(job_id: str) -> dict[str, Any]:
+        return manager.set_pinned(job_id, False)
+
     @router.delete("/jobs/{job_id}", response_model=JobStatus, summary="Cancel a job, or delete a finished one",
                    responses={204: {"description": "the finished job's folder was removed"},
                               **_errors(401, 404, 507)})
@@ -514,6 +589,8 @@ def create_app(manager: JobManager, config: AppConfig) -> FastAPI:
         status = manager.cancel_or_delete(job_id)
         return Response(status_code=204) if status is None else JSONResponse(status)
 
+    if weights is not None:
+        router.include_router(weights_router(weights))
     app.include_router(router)
     _install_error_handlers(app, router)
     app.add_middleware(Guard, token=config.token, max_body=config.max_upload_bytes + _FORM_SLACK_BYTES)

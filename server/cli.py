@@ -227,6 +227,29 @@ def cmd_weights_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights_list(args: argparse.Namespace) -> int:
+    """``one2345 weights list``: every weight file's state (what the server's GET /v1/weights lists)."""
+    import json
+
+    from server.weights import _human_size, default_weights_dir, inspect_weights, missing_bytes
+
+    states = inspect_weights(args.dir, verify=args.verify)
+    if args.json:
+        print(json.dumps([s.to_json() for s in states], indent=2))
+        return 0
+    for s in states:
+        size = f"{_human_size(s.bytes_on_disk)} / {'' if s.size_exact else '~'}{_human_size(s.expected_bytes)}"
+        print(f"{s.name:<15} {s.state:<8} {size:<20} {s.checksum or '-':<12} "
+              f"{'required' if s.required else 'optional':<9} {s.filename}")
+        if s.problem:
+            print(f"{'':<15} {s.problem}")
+    left = missing_bytes(states)
+    folder = args.dir if args.dir is not None else default_weights_dir()
+    print(f"weights folder: {folder}; " + (f"~{_human_size(left)} still to download (one2345 weights download)"
+                                           if left else "every file is present"))
+    return 0
+
+
 def cmd_elevation(args: argparse.Namespace) -> int:
     import json
 
@@ -313,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_weights_dir(d, "--dir")
     d.add_argument("--offline", action="store_true", help="never touch the network: only report what is missing")
     d.set_defaults(func=cmd_weights_download)
+
+    ls = w.add_parser("list", help="every weight file: state (present/partial/missing/corrupt), size, checksum")
+    _add_weights_dir(ls, "--dir")
+    ls.add_argument("--verify", action="store_true",
+                    help="hash the files not hashed yet (about a minute for 15 GB; digests are remembered)")
+    ls.add_argument("--json", action="store_true", help="print the states as JSON")
+    ls.set_defaults(func=cmd_weights_list)
 
     g = sub.add_parser("generate", help="image(s) → vertex-coloured mesh(es): the whole One-2-3-45 pipeline",
                        description="Run preprocessing, Zero123 multi-view generation, elevation estimation and "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -108,3 +109,17 @@ def relative_name(path: str | os.PathLike[str] | bytes | int, root: Path | None)
         except ValueError:
             pass
     return Path(text).name
+
+
+def only_query(params: Iterable[str], *allowed: str) -> None:
+    """Refuse query parameters a route does not take (FastAPI ignores them; a typo must not go unnoticed).
+
+    Args:
+        params: the request's query parameter names (``request.query_params``).
+
+    Raises:
+        BadInputError: naming the unknown parameters and the allowed ones.
+    """
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise BadInputError(f"unknown query parameter(s) {[u[:40] for u in unknown[:5]]}; allowed: {list(allowed)}")

@@ -10,6 +10,11 @@ Every job is a folder under the jobs directory, named by its id (32 lowercase he
 A re-mesh job (``POST /v1/jobs/<id>/remesh``) starts with a copy of its source's input, views and meta.json, and
 runs only reconstruction, the asset stage and export; the source job is never changed.
 
+Review (the option ``review``): the job stops after the 8 stage-1 views in the state ``review`` — nothing of it on
+the GPU, the worker free for other jobs — until ``POST /v1/jobs/<id>/reroll`` (queued again, back in review after),
+``POST /v1/jobs/<id>/continue`` (queued for the rest of the run) or the review timeout (state ``expired``). Each step
+is a task of the same worker queue, run from the job's files alone, so a review survives a restart.
+
 A new job's folder is filled under a hidden temporary name and renamed into place, and ``status.json`` is always
 replaced atomically (temporary file + ``os.replace``), so a folder named like an id always holds a readable status.
 The worker keeps the pipeline loaded between jobs and runs one job at a time from a bounded FIFO queue. A client that
@@ -49,8 +54,8 @@ JOB_ID_RE = re.compile(r"[0-9a-f]{32}")
 """A job id: ``uuid4().hex``. Anything else is rejected before it can reach the filesystem."""
 VIEW_NAME_RE = re.compile(r"(?:\d{1,2}(?:_\d{1,2})?|input_256)\.png")
 """Names of preview images: stage-1 views ``<i>.png``, nearby views ``<i>_<j>.png`` and ``input_256.png``."""
-STATES = ("queued", "running", "done", "failed", "cancelled")
-FINISHED = frozenset({"done", "failed", "cancelled"})
+STATES = ("queued", "running", "review", "done", "failed", "cancelled", "expired")
+FINISHED = frozenset({"done", "failed", "cancelled", "expired"})
 MEDIA_TYPES = {"glb": "model/gltf-binary", "ply": "application/octet-stream", "obj": "text/plain"}
 INPUT_FILE_RE = re.compile(r"input\.(?:png|jpg|webp|bmp|tif|gif)")
 """The uploaded image's name inside a job folder."""
@@ -102,6 +107,11 @@ class JobsConfig:
     to fetch the weights — and then loading is tried again."""
     cancel_wait_s: float = 2.0
     """How long DELETE of a running job waits for the pipeline to stop, so the answer usually says "cancelled"."""
+    review_timeout_s: float = 3600.0
+    """How long a job waits in review for a re-roll or continue before it expires (its files stay)."""
+    max_jobs_bytes: int | None = 20 * 2**30
+    """Size limit of the jobs folder: beyond it the oldest finished jobs are deleted, never a pinned one, one that
+    is queued, running or in review, nor the newest; None for no limit."""
 
 
 def check_options(data: Any) -> dict[str, Any]:
@@ -161,6 +171,18 @@ class Job:
     relative to the job folder."""
     remesh_of: str | None = None
     """The id of the job whose views this one re-meshes, or None for a generation."""
+    review: dict[str, Any] | None = None
+    """While paused for review (and after): the views, the elevation and its source, the re-roll seeds, the
+    revision (bumped by each re-roll) and ``deadline`` (Unix time it expires)."""
+    pinned: bool = False
+    """Kept by the size limit's clean-up (a client has an object made from it)."""
+    pending: dict[str, Any] | None = field(default=None, repr=False)
+    """The task the worker runs next for this queued job: ``{"action": "reroll", "views", "seed"}`` or
+    ``{"action": "continue"}``; None for the job's first task (not persisted: a queued job fails on restart)."""
+    size_bytes: int = field(default=0, repr=False)
+    """Bytes of the job's folder, as of its last finished task (not persisted)."""
+    elapsed_before: float = field(default=0.0, repr=False)
+    """Seconds the job ran in its earlier tasks (review), when the current one started (not persisted)."""
     cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     finished: threading.Event = field(default_factory=threading.Event, repr=False)
     started_at: float | None = None
@@ -168,8 +190,8 @@ class Job:
 
     _RECORD_FIELDS: ClassVar[tuple[str, ...]] = (
         "id", "created", "options", "input_file", "download_stem", "state", "stage", "step", "total", "fraction",
-        "elapsed_s", "previews", "error", "result", "remesh_of")
-    _OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = ("remesh_of",)
+        "elapsed_s", "previews", "error", "result", "remesh_of", "review", "pinned")
+    _OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = ("remesh_of", "review", "pinned")
     """Fields added after the first release: a status.json from before them reads back with their default."""
 
     def to_record(self) -> dict[str, Any]:
@@ -184,6 +206,10 @@ class Job:
             raise ValueError(f"it names job {job.id!r} in state {job.state!r}")
         if job.remesh_of is not None and not (isinstance(job.remesh_of, str) and JOB_ID_RE.fullmatch(job.remesh_of)):
             raise ValueError(f"it re-meshes {job.remesh_of!r}, which is not a job id")
+        if not isinstance(job.pinned, bool) or not (job.review is None or (
+                isinstance(job.review, dict) and isinstance(job.review.get("views"), list)
+                and isinstance(job.review.get("deadline"), float | int))):
+            raise ValueError("its review or pinned field is malformed")
         if not (isinstance(job.input_file, str) and INPUT_FILE_RE.fullmatch(job.input_file)):
             raise ValueError(f"its input file {job.input_file!r} is not input.<ext>")
         if not isinstance(job.previews, list) or not all(isinstance(n, str) and VIEW_NAME_RE.fullmatch(n)
@@ -198,9 +224,9 @@ class Job:
         return job
 
     def elapsed(self) -> float:
-        """Seconds spent running: live while running, fixed once finished."""
+        """Seconds spent running, over all its tasks: live while running, fixed between tasks and once finished."""
         if self.state == "running" and self.started_at is not None:
-            return time.monotonic() - self.started_at
+            return self.elapsed_before + time.monotonic() - self.started_at
         return self.elapsed_s
 
     def eta(self, elapsed: float) -> float | None:
@@ -232,8 +258,19 @@ class Job:
             "eta_s": None if eta is None else round(eta, 1), "created": self.created,
             "options": self.options,
             "previews": [{"name": name, "url": f"{base}/views/{name}"} for name in self.previews],
-            "error": self.error, "result": result, "remesh_of": self.remesh_of,
+            "error": self.error, "result": result, "remesh_of": self.remesh_of, "pinned": self.pinned,
+            "review": self._public_review(),
         }
+
+    def _public_review(self) -> dict[str, Any] | None:
+        if self.review is None:
+            return None
+        base = f"/v1/jobs/{self.id}/views"
+        review = {k: v for k, v in self.review.items() if k != "deadline"}
+        review["views"] = [{"name": f"{v}.png", "url": f"{base}/{v}.png"} for v in self.review["views"]]
+        review["expires_in_s"] = (round(max(self.review["deadline"] - time.time(), 0.0), 1)
+                                  if self.state == "review" else None)
+        return review
 
 
 def check_job_id(job_id: str) -> str:
@@ -268,6 +305,9 @@ class JobManager:
         self._thread: threading.Thread | None = None
         self._load_failure: tuple[float, One2345Error] | None = None
         self._durations: deque[float] = deque(maxlen=10)
+        self.preflight: Callable[[], None] | None = None
+        """Run before a job is accepted while the models are not loaded; raises to refuse it (the weights
+        manager's ``require_ready``: 503 missing_weights naming the download endpoint)."""
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._load_from_disk()
 
@@ -320,11 +360,30 @@ class JobManager:
         with self.lock:
             return self._get(job_id).to_public()
 
-    def list_jobs(self) -> list[dict[str, Any]]:
-        """Every job, newest first."""
+    def list_jobs(self, limit: int | None = None, after: str | None = None) -> dict[str, Any]:
+        """A page of jobs, newest first: ``{"jobs", "next", "total"}``; ``next`` is the ``after`` of the next page
+        (the last id of this one), or None on the last page.
+
+        Raises:
+            BadInputError: a limit outside 1…1000.
+            ApiError: not_found for an ``after`` that names no job.
+        """
+        from server.errors import BadInputError
+
+        if limit is not None and not 1 <= limit <= 1000:
+            raise BadInputError(f"limit {limit} is not allowed: an integer in [1, 1000]")
         with self.lock:
             jobs = sorted(self._jobs.values(), key=lambda j: (j.created, j.id), reverse=True)
-            return [job.to_public() for job in jobs]
+            start = 0
+            if after is not None:
+                start = next((i + 1 for i, j in enumerate(jobs) if j.id == after), None)
+                if start is None:
+                    raise ApiError("not_found", f"no job {after[:80]!r} to page after (it may have been deleted)",
+                                   fix="start again from the first page")
+            end = len(jobs) if limit is None else start + limit
+            page = jobs[start:end]
+            return {"jobs": [job.to_public() for job in page], "total": len(jobs),
+                    "next": page[-1].id if page and end < len(jobs) else None}
 
     # Files are opened while the lock is held: a DELETE (which takes the lock to move the folder away) then cannot
     # come between the check and the open, and the open file stays readable while the folder is removed. Nothing in
@@ -343,6 +402,12 @@ class JobManager:
         with self.lock:
             job = self._done(job_id)
             return self._open(job, job.result["meta"])
+
+    def open_input(self, job_id: str) -> tuple[BinaryIO, str]:
+        """The open uploaded image of a job, byte for byte, and its file name (the caller closes it)."""
+        with self.lock:
+            job = self._get(job_id)
+            return self._open(job, job.input_file), job.input_file
 
     def open_view(self, job_id: str, name: str) -> BinaryIO:
         """An open preview image of the job (the caller closes it); ApiError not_found for other names or views not
@@ -422,6 +487,84 @@ class JobManager:
             self._job_log(job, f"queued: re-mesh of {source.id}, options {json.dumps(overrides)}")
             return job.to_public()
 
+    def reroll(self, job_id: str, body: Any) -> dict[str, Any]:
+        """Queue a re-roll of some stage-1 views of a job in review: ``{"views": [1, 5], "seed": 7}`` (seed
+        optional). Only those views change; the job comes back to review. Returns its status.
+
+        Raises:
+            BadInputError: a malformed body, a view that is not one of the job's stage-1 views, a bad seed.
+            ApiError: conflict unless the job is in review; queue_full as :meth:`submit`.
+        """
+        from server.errors import BadInputError
+
+        with self.lock:
+            job = self._in_review(job_id)
+            allowed = job.review["views"]
+            if not isinstance(body, dict) or set(body) - {"views", "seed"} or "views" not in body:
+                raise BadInputError(f"a re-roll is a JSON object {{\"views\": [...], \"seed\": N}}, got "
+                                    f"{json.dumps(body)[:120]}", fix='e.g. {"views": [1, 5], "seed": 7}')
+            views, seed = body["views"], body.get("seed")
+            if not (isinstance(views, list) and views and all(
+                    isinstance(v, int) and not isinstance(v, bool) and v in allowed for v in views)):
+                raise BadInputError(f"views {json.dumps(views)[:120]} cannot be re-rolled; allowed: a non-empty list "
+                                    f"of this job's stage-1 view numbers {allowed} (as in their file names)")
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
+                raise BadInputError(f"seed {json.dumps(seed)[:40]} is not allowed: null (draw one) or an integer in "
+                                    "[0, 2**32)")
+            return self._requeue(job, {"action": "reroll", "views": sorted(set(views)), "seed": seed},
+                                 f"re-roll of views {sorted(set(views))} queued (seed {seed})")
+
+    def continue_job(self, job_id: str, body: Any) -> dict[str, Any]:
+        """Queue the rest of a reviewed job (stage 2b → mesh): ``{}`` or ``{"elevation": 20}`` to replace the
+        estimate. Returns its status.
+
+        Raises:
+            BadInputError: a malformed body or an elevation out of range.
+            ApiError: conflict unless the job is in review; queue_full as :meth:`submit`.
+        """
+        from server.errors import BadInputError
+
+        with self.lock:
+            job = self._in_review(job_id)
+            if not isinstance(body, dict) or set(body) - {"elevation"}:
+                raise BadInputError(f"continue takes a JSON object with at most 'elevation', got "
+                                    f"{json.dumps(body)[:120]}", fix='send {} or e.g. {"elevation": 20}')
+            options = job.options
+            if body.get("elevation") is not None:
+                options = check_options({**job.options, "elevation": body["elevation"]})
+            status = self._requeue(job, {"action": "continue"}, f"continue queued (elevation "
+                                                                 f"{options['elevation']})")
+            del status
+            job.options = options
+            self._write_status(job)
+            return job.to_public()
+
+    def set_pinned(self, job_id: str, pinned: bool) -> dict[str, Any]:
+        """Pin a job (the size limit's clean-up keeps it) or unpin it; returns its status."""
+        with self.lock:
+            job = self._get(job_id)
+            job.pinned = pinned
+            self._write_status(job)
+            return job.to_public()
+
+    def _in_review(self, job_id: str) -> Job:
+        job = self._get(job_id)
+        if job.state != "review":
+            raise ApiError("conflict", f"job {job_id} is {job.state}, not in review",
+                           fix="submit with the option \"review\": true, and re-roll or continue while its state is "
+                               "review" if job.state in FINISHED else "wait until its state is review")
+        return job
+
+    def _requeue(self, job: Job, task: dict[str, Any], note: str) -> dict[str, Any]:
+        """Put a job in review back in the queue for ``task`` (lock held)."""
+        self._refuse_if_unavailable()
+        job.state, job.pending, job.error = "queued", task, None
+        self._queue.append(job)
+        self._write_status(job)
+        self._job_log(job, note)
+        self._wake.notify_all()
+        return job.to_public()
+
     def _store(self, job: Job, fill: Callable[[Path], object]) -> None:
         """Write a new job's folder under a hidden name (``fill`` adds its files), rename it into place, queue it
         (lock held)."""
@@ -448,6 +591,9 @@ class JobManager:
             if job.state == "queued":
                 self._queue.remove(job)
                 self._finish(job, "cancelled", error_dict("cancelled", "the job was cancelled before it ran"))
+                return job.to_public()
+            if job.state == "review":
+                self._finish(job, "cancelled", error_dict("cancelled", "the job was cancelled during its review"))
                 return job.to_public()
             if job.state == "running":
                 job.cancel.set()
@@ -491,12 +637,20 @@ class JobManager:
             raise ApiError("queue_full", f"{len(self._queue)} jobs are already waiting (the limit is "
                                          f"{self.config.max_queue})", fix=f"retry in about {wait} s",
                            headers={"Retry-After": str(wait)})
+        if self.pipeline is None and self.preflight is not None:
+            self.preflight()
         if self._load_failure is not None:
             when, error = self._load_failure
             left = self.config.missing_weights_retry_s - (time.monotonic() - when)
             if left > 0:
                 raise ApiError(error.kind, error.message, fix=error.fix,
                                headers={"Retry-After": str(max(1, round(left)))})
+            self._load_failure = None
+
+    def weights_changed(self) -> None:
+        """Weight files were just completed: forget a model load that failed for missing weights, so the next job
+        loads the models at once rather than after the refusal's Retry-After."""
+        with self.lock:
             self._load_failure = None
 
     def _load_from_disk(self) -> None:
@@ -512,14 +666,16 @@ class JobManager:
             except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
                 log.warning("ignoring job folder %s: unusable status.json (%s)", folder, e)
                 continue
-            if job.state not in FINISHED:
+            if job.state not in FINISHED and job.state != "review":  # a review waits on disk; the rest was cut short
                 was = job.state
                 job.state = "failed"
                 job.error = error_dict("internal", f"the server stopped while this job was {was}; its run did not "
                                                    "finish", "submit the image again")
                 write_json_atomic(folder / "status.json", job.to_record())
                 self._job_log(job, f"found {was} after a restart: marked failed")
-            job.finished.set()
+            if job.state in FINISHED:
+                job.finished.set()
+            job.size_bytes = _folder_bytes(folder)
             self._jobs[job.id] = job
         if self._jobs:
             log.info("%d job(s) found in %s", len(self._jobs), self.jobs_dir)
@@ -527,12 +683,15 @@ class JobManager:
     def _work(self) -> None:
         while True:
             with self.lock:
-                while not self._queue and not self._stopping:
-                    self._wake.wait()
+                while True:
+                    wait = self._expire_reviews()  # also while the queue is busy: a review's clock runs on
+                    if self._queue or self._stopping:
+                        break
+                    self._wake.wait(wait)
                 if self._stopping:
                     return
                 job = self._queue.popleft()
-                job.state, job.started_at = "running", time.monotonic()
+                job.state, job.started_at, job.elapsed_before = "running", time.monotonic(), job.elapsed_s
                 self._running = job
                 self._write_status(job)
             try:
@@ -540,6 +699,22 @@ class JobManager:
             finally:
                 with self.lock:
                     self._running = None
+
+    def _expire_reviews(self) -> float | None:
+        """Expire the jobs whose review outlived its deadline (lock held); seconds until the next deadline, or None.
+        """
+        now, next_deadline = time.time(), None
+        for job in self._jobs.values():
+            if job.state == "review":
+                deadline = job.review["deadline"]
+                if deadline <= now:
+                    self._finish(job, "expired", error_dict(
+                        "cancelled", f"no re-roll or continue within the review time "
+                                     f"({self.config.review_timeout_s:g} s); the views are kept in the job's folder",
+                        "submit the image again (with the same seed, the same views come back)"))
+                else:
+                    next_deadline = deadline if next_deadline is None else min(next_deadline, deadline)
+        return None if next_deadline is None else max(next_deadline - now, 0.01)
 
     def _run(self, job: Job) -> None:
         """Run one job to its end; every outcome is recorded in its status, nothing escapes."""
@@ -584,7 +759,10 @@ class JobManager:
             # is reported failed after that, so the next job finds the memory free.
             _free_gpu_memory()
         with self.lock:
-            if error is None:
+            job.pending = None
+            if error is None and "review" in result:
+                self._pause(job, result["review"])
+            elif error is None:
                 job.result = result
                 job.stage, job.fraction = "export", 1.0
                 self._finish(job, "done", None)
@@ -630,8 +808,18 @@ class JobManager:
                     last["stage"], last["write"] = p.stage, now
                     self._write_status(job)
 
+        action = (job.pending or {}).get("action")
         if job.remesh_of is not None:
             out = pipe.remesh(run_dir, options, progress=on_progress, should_cancel=job.cancel.is_set)
+        elif action == "reroll":
+            record = pipe.reroll(run_dir, options, job.pending["views"], job.pending["seed"], progress=on_progress,
+                                 should_cancel=job.cancel.is_set)
+            return {"review": record}
+        elif action == "continue":
+            out = pipe.finish(run_dir, options, progress=on_progress, should_cancel=job.cancel.is_set)
+        elif options.review:
+            return {"review": pipe.generate_views(job.folder / job.input_file, run_dir, options,
+                                                  progress=on_progress, should_cancel=job.cancel.is_set)}
         else:
             out = pipe(job.folder / job.input_file, run_dir, options, progress=on_progress,
                        should_cancel=job.cancel.is_set)
@@ -653,16 +841,68 @@ class JobManager:
             text = text.replace(f"{root}{os.sep}", shown)
         return text
 
+    def _pause(self, job: Job, record: Any) -> None:
+        """A job's views are ready for review (lock held): record what the client needs, start the timeout, and
+        free the GPU memory of the step (the warm models stay)."""
+        from server.pipeline import Zero123Config
+
+        estimate = record.estimate or {}
+        job.review = {
+            "views": record.views(Zero123Config()), "revision": record.revision,
+            "elevation": round(90.0 - record.polar, 3), "elevation_source": record.elevation_source,
+            "elevation_uncertain": bool(estimate.get("uncertain", False)) and record.elevation_source != "given",
+            "elevation_confidence": estimate.get("confidence"), "seed": record.seed,
+            "view_seeds": dict(record.view_seeds), "notes": list(record.notes),
+            "deadline": time.time() + self.config.review_timeout_s,
+        }
+        job.elapsed_s = job.elapsed()
+        job.started_at = None
+        job.state = "review"
+        job.size_bytes = _folder_bytes(job.folder)
+        self._write_status(job)
+        self._job_log(job, f"in review: views {job.review['views']}, revision {record.revision}, elevation "
+                           f"{job.review['elevation']:.1f}° ({record.elevation_source})")
+        self._wake.notify_all()  # the worker's wait now has a deadline
+        _free_gpu_memory()
+
     def _finish(self, job: Job, state: str, error: dict[str, Any] | None) -> None:
         """Record a final state (lock held)."""
         if job.started_at is not None:
-            job.elapsed_s = time.monotonic() - job.started_at
+            job.elapsed_s = job.elapsed()
+            job.started_at = None
             if state == "done":
                 self._durations.append(job.elapsed_s)
         job.state, job.error = state, error
         self._write_status(job)
         self._job_log(job, state if error is None else f"{state} ({error['kind']}): {error['message']}")
         job.finished.set()
+        job.size_bytes = _folder_bytes(job.folder)
+        self._enforce_size_limit()
+
+    def _enforce_size_limit(self) -> None:
+        """Delete the oldest finished, unpinned jobs while the jobs folder is over its limit (lock held). The newest
+        job is always kept, so a single large result never deletes itself."""
+        limit = self.config.max_jobs_bytes
+        if limit is None:
+            return
+        total = sum(j.size_bytes for j in self._jobs.values())
+        newest = max(self._jobs.values(), key=lambda j: (j.created, j.id), default=None)
+        for job in sorted(self._jobs.values(), key=lambda j: (j.created, j.id)):
+            if total <= limit:
+                break
+            if job.state not in FINISHED or job.pinned or job is newest:
+                continue
+            trash = self.jobs_dir / f".deleted-{job.id}"
+            try:
+                os.replace(job.folder, trash)
+            except OSError as e:
+                log.warning("size limit: cannot delete job %s: %s", job.id, e)
+                continue
+            del self._jobs[job.id]
+            total -= job.size_bytes
+            log.info("size limit (%d MB): deleted the oldest finished job %s (%d MB)", limit // 2**20, job.id,
+                     job.size_bytes // 2**20)
+            shutil.rmtree(trash, ignore_errors=True)
 
     def _write_status(self, job: Job) -> None:
         try:
@@ -684,6 +924,16 @@ class JobManager:
             append_text_no_follow(job.folder / "log.txt", f"{now_iso()} {text.rstrip()}\n")
         except OSError as e:
             log.error("cannot write the log of job %s: %s", job.id, e)
+
+
+def _folder_bytes(folder: Path) -> int:
+    """Bytes of the plain files under ``folder`` (links not followed; 0 for what cannot be read)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
 
 
 def _copy_run(source: Path, dest: Path, input_file: str) -> None:

@@ -19,6 +19,7 @@ stage on a CPU, a sphere-like coloured mesh — for trying the tool and for test
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -54,6 +55,8 @@ from server.reconstruction.model import ReconstructionModel, build_model
 from server.remesh import MeshOutcome, MeshSettings, find_run, mesh_views
 
 PRESETS = ("paper", "tiny")
+STAGE1_VIEWS = tuple(str(i) for i in range(12))
+"""Names of stage-1 views: 0–3 (ring 1) and 4–7 or 8–11 (ring 2, lower or higher by the elevation)."""
 FORMATS = ("ply", "glb", "obj")
 ELEVATION_RANGE = (-60.0, 70.0)
 """Allowed user elevations (degrees above the horizon). Polar = 90 − elevation must leave room for the ±30° second
@@ -86,6 +89,11 @@ class GenerateOptions:
     surface, as the paper."""
     texture_size: int | None = None
     """Side of a UV texture baked from the views (glb or obj); None gives vertex colours only, as the paper."""
+    view_seeds: dict[str, int] | None = None
+    """Stage-1 views re-rolled after the first pass, by view number ("5") → the seed each was last generated with
+    (alone). A run's recipe carries them, so Regenerate repeats a reviewed run exactly."""
+    review: bool = False
+    """Pause after the 8 stage-1 views for review (server jobs only; the CLI and batches never wait)."""
 
     @property
     def mesh_settings(self) -> MeshSettings:
@@ -123,6 +131,14 @@ class GenerateOptions:
         if not isinstance(self.remove_background, bool):
             raise bad("remove_background", "true or false")
         self.mesh_settings.check(f".{self.format}")
+        if not isinstance(self.review, bool):
+            raise bad("review", "true or false")
+        if self.view_seeds is not None and not (
+                isinstance(self.view_seeds, dict) and len(self.view_seeds) <= 8
+                and all(isinstance(k, str) and k in STAGE1_VIEWS and is_int(v) and 0 <= v < 2**32
+                        for k, v in self.view_seeds.items())):
+            raise bad("view_seeds", 'null or an object of at most 8 stage-1 view numbers ("0"…"11") → seeds in '
+                                    "[0, 2**32), e.g. {\"5\": 7}")
         return self
 
     @classmethod
@@ -178,6 +194,53 @@ class GenerateResult:
 
 
 @dataclass
+class ViewsRecord:
+    """What stages 1–5 of a run decided, kept in ``run_dir/stage1.json``: a run can pause there for review, re-roll
+    views and be finished later (by another process, after a restart) from its files alone."""
+
+    FILE: ClassVar[str] = "stage1.json"
+
+    seed: int
+    """The run's seed: stage 1a uses it, stage 2 +1, stage 1b +2, stage 2b +3."""
+    polar: float
+    elevation_source: str
+    estimate: dict[str, Any] | None
+    """:meth:`server.elevation.ElevationResult.to_json` of the latest estimate; None when the elevation was given."""
+    background: str
+    input_sha256: str
+    """SHA-256 of the run's input.png."""
+    timings: dict[str, float]
+    view_seeds: dict[str, int] = field(default_factory=dict)
+    """Re-rolled stage-1 views → the seed each was last generated with, alone."""
+    notes: list[str] = field(default_factory=list)
+    revision: int = 0
+    """Counts re-rolls, so a client knows when to fetch the views again."""
+
+    def views(self, config: Zero123Config) -> list[int]:
+        """This run's stage-1 view numbers: 0–3 and the ring-2 side its polar angle chose."""
+        return [0, 1, 2, 3, *stage1b_deltas(self.polar, config)[0]]
+
+    def write(self, run_dir: Path) -> Path:
+        return write_json_atomic(run_dir / self.FILE, asdict(self))
+
+    @classmethod
+    def read(cls, run_dir: Path) -> ViewsRecord:
+        """The record of a run folder; BadInputError when it has none or it is damaged."""
+        path = Path(run_dir) / cls.FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            record = cls(**data)
+            if not (isinstance(record.seed, int) and isinstance(record.polar, float | int)
+                    and isinstance(record.view_seeds, dict)):
+                raise TypeError("seed, polar or view_seeds has the wrong type")
+        except (OSError, ValueError, TypeError) as e:
+            raise BadInputError(f"{path.name} of run {Path(run_dir).name} is missing or damaged ({e})",
+                                fix="generate the views again") from None
+        record.polar = float(record.polar)
+        return record
+
+
+@dataclass
 class PipelineModels:
     """Everything loaded once and kept warm."""
 
@@ -193,25 +256,32 @@ class _Tracker:
     """Turns per-stage steps into an overall fraction, times the stages and relays cancellation.
 
     Work is counted in UNet image-evaluations (the bulk of the run); preprocessing, elevation, reconstruction, the
-    asset stage and export get fixed shares measured on typical runs. A re-mesh (``remesh=True``) has only the last
-    three.
+    asset stage and export get fixed shares measured on typical runs. A run in parts counts each part against the
+    whole: ``phase`` "views" (stages 1–5, then the review pause) ends at their share, "finish" starts there; a
+    re-mesh ("remesh") has only the last three stages, a re-roll ("reroll") only itself.
     """
 
+    PHASES = ("all", "views", "finish", "remesh", "reroll")
+    _VIEW_STAGES = ("preprocess", "stage1", "stage2", "elevation", "stage1b", "reroll")
+
     def __init__(self, options: GenerateOptions, progress: Callable[[Progress], None] | None,
-                 should_cancel: Callable[[], bool] | None, remesh: bool = False) -> None:
+                 should_cancel: Callable[[], bool] | None, phase: str = "all", rerolls: int = 0) -> None:
         s1, s2 = options.steps_stage1 + 1, max(options.steps_stage2 - 1, 1)
         diffusion = {"stage1": 4 * s1, "stage2": 4 * s2, "stage1b": 4 * s1, "stage2b": 28 * s2}
         total = sum(diffusion.values())
-        front = 0.0 if remesh else 1.0
         # The bake of a ~100 k-face mesh takes about 0.6× the CPU reconstruction (server.asset; docs/benchmarks.md).
         asset = 0.15 * total if options.mesh_settings.asset else 0.0
-        self.weights = {"preprocess": front * 0.01 * total, **{k: front * v for k, v in diffusion.items()},
-                        "elevation": front * 0.01 * total, "reconstruct": 0.25 * total, "asset": asset,
+        self.weights = {"preprocess": 0.01 * total, **diffusion, "elevation": 0.01 * total,
+                        "reroll": rerolls * (s1 + s2), "reconstruct": 0.25 * total, "asset": asset,
                         "export": 0.005 * total}
+        if phase == "remesh":
+            self.weights = {k: 0.0 if k in (*self._VIEW_STAGES, "stage2b") else v for k, v in self.weights.items()}
+        elif phase == "reroll":
+            self.weights = {k: 1.0 if k == "reroll" else 0.0 for k in self.weights}
         norm = sum(self.weights.values())
         self.weights = {k: v / norm for k, v in self.weights.items()}
-        self.done = 0.0
-        self.reported = 0.0
+        self.done = sum(self.weights[k] for k in self._VIEW_STAGES) if phase == "finish" else 0.0
+        self.reported = self.done
         self.progress = progress
         self.should_cancel = should_cancel
         self.timings: dict[str, float] = {}
@@ -292,29 +362,98 @@ class One2345Pipeline:
     ) -> GenerateResult:
         """Run every stage on one image; everything is written under ``run_dir`` (module docstring).
 
+        The same as :meth:`generate_views` then :meth:`finish` (the parts a reviewed run is split into), and the
+        same files.
+
         Args:
             image: a path, PIL image, [H, W, 3|4] uint8 array or encoded bytes.
             run_dir: the run folder (created).
-            options: see :class:`GenerateOptions`.
+            options: see :class:`GenerateOptions`; its ``view_seeds`` are re-rolled before stage 2b.
             progress: called with a :class:`Progress` as work advances.
             should_cancel: polled between steps; True stops the run with CancelledError.
             outputs: further paths to write the mesh at (e.g. the user's ``-o``), each in the format of its suffix.
         """
-        from server.preprocess import load_image, preprocess
-
-        # 0. Check everything that can be checked before any model runs.
         options = (options or GenerateOptions()).check()
         outputs = [Path(o) for o in outputs]
         for out in outputs:
             options.mesh_settings.check(out.suffix)
-        source = load_image(image)
+        tracker = _Tracker(options, progress, should_cancel, rerolls=len(options.view_seeds or {}))
+        self._generate_views(image, Path(run_dir), options, tracker)
+        return self._finish(Path(run_dir), options, tracker, outputs)
+
+    def generate_views(
+        self,
+        image: str | Path | Image.Image | np.ndarray | bytes,
+        run_dir: str | Path,
+        options: GenerateOptions | None = None,
+        progress: Callable[[Progress], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> ViewsRecord:
+        """Stages 1–5 only: the preprocessed input, the 8 stage-1 views, view 0's nearby views and the elevation,
+        recorded in ``run_dir/stage1.json``. Review them, :meth:`reroll` any, then :meth:`finish`."""
+        options = (options or GenerateOptions()).check()
+        tracker = _Tracker(options, progress, should_cancel, phase="views", rerolls=len(options.view_seeds or {}))
+        return self._generate_views(image, Path(run_dir), options, tracker)
+
+    def reroll(
+        self,
+        run_dir: str | Path,
+        options: GenerateOptions,
+        views: Sequence[int],
+        seed: int | None = None,
+        progress: Callable[[Progress], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> ViewsRecord:
+        """Generate the stage-1 ``views`` of a paused run again, each alone with ``seed`` (drawn when None); every
+        other view stays byte for byte. Re-rolling view 0 also renews its nearby views and, unless the elevation is
+        given, the estimate; should that move the input across polar 75°, ring 2 changes sides and is generated
+        anew from the run's seed (its re-rolls are dropped, with a note in the record).
+
+        Raises:
+            BadInputError: a view that is not a stage-1 view of this run, or a seed out of range.
+        """
+        options = options.check()
         run_dir = Path(run_dir)
+        record = ViewsRecord.read(run_dir)
+        wanted = sorted(set(views)) if isinstance(views, (list, tuple)) else views
+        allowed = record.views(self.zero123_config)
+        if not wanted or not isinstance(wanted, list) or any(
+                isinstance(v, bool) or not isinstance(v, int) or v not in allowed for v in wanted):
+            raise BadInputError(f"views {views!r} cannot be re-rolled; allowed: a non-empty list of this run's "
+                                f"stage-1 view numbers {allowed}")
+        if seed is None:
+            seed = random.SystemRandom().randrange(2**32)
+        elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise BadInputError(f"seed {seed!r} is not allowed: null (draw one) or an integer in [0, 2**32)")
+        tracker = _Tracker(options, progress, should_cancel, phase="reroll", rerolls=len(wanted))
+        return self._reroll(run_dir, options, record, {v: seed for v in wanted}, tracker)
+
+    def finish(
+        self,
+        run_dir: str | Path,
+        options: GenerateOptions,
+        progress: Callable[[Progress], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        outputs: Sequence[str | Path] = (),
+    ) -> GenerateResult:
+        """Stages 6–8 of a run whose views :meth:`generate_views` made: the 28 other nearby views, reconstruction,
+        the asset stage and export. ``options.elevation``, when given, replaces the estimate (ring 2 is generated
+        again if that moves it across polar 75°)."""
+        options = options.check()
+        tracker = _Tracker(options, progress, should_cancel, phase="finish")
+        return self._finish(Path(run_dir), options, tracker, [Path(o) for o in outputs])
+
+    def _generate_views(self, image: Any, run_dir: Path, options: GenerateOptions,
+                        tracker: _Tracker) -> ViewsRecord:
+        from server.preprocess import load_image, preprocess
+
+        # 0. Check everything that can be checked before any model runs.
+        source = load_image(image)
         views_dir = run_dir / "views"
         views_dir.mkdir(parents=True, exist_ok=True)
         seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**32)
-        tracker = _Tracker(options, progress, should_cancel)
-        lap = tracker.lap
         cfg = self.zero123_config
+        lap = tracker.lap
 
         # 1. Preprocess: segment, recentre to 75 % fill, 256², on white (spec §1.2).
         _write_png(run_dir / "input.png", np.asarray(source))
@@ -330,10 +469,7 @@ class One2345Pipeline:
         lap("stage1")
 
         # 3. Stage 2 for view 0: its four nearby views, used to estimate the elevation.
-        near0 = self._views("stage2", [prepare_stage2_input(stage1[0])], [list(cfg.stage2_deltas)],
-                            options.steps_stage2, seed + 1, options, tracker)[0]
-        for j, view in enumerate(near0):
-            tracker.report("stage2", 1, 1, preview=_write_png(views_dir / f"0_{j}.png", view))
+        near0 = self._near0(views_dir, stage1[0], seed + 1, options, tracker, "stage2")
         lap("stage2")
 
         # 4. Elevation: given by the user, or estimated by matching the nearby views (spec §4).
@@ -341,36 +477,111 @@ class One2345Pipeline:
         lap("elevation")
 
         # 5. Stage 1b: the second ring, 30° lower (polar ≤ 75) or higher (spec §1.3 step 6).
-        indices, deltas = stage1b_deltas(polar, cfg)
-        ring2 = self._views("stage1b", [pre.image], [deltas], options.steps_stage1, seed + 2, options, tracker)[0]
-        for i, view in zip(indices, ring2, strict=True):
-            tracker.report("stage1b", 1, 1, preview=_write_png(views_dir / f"{i}.png", view))
-            stage1.append(view)
+        self._ring2(views_dir, pre.image, polar, seed, options, tracker, "stage1b")
         lap("stage1b")
+        record = ViewsRecord(seed=seed, polar=polar, elevation_source=estimate.source if estimate else "given",
+                             estimate=estimate.to_json() if estimate else None, background=pre.method,
+                             input_sha256=hashlib.sha256((run_dir / "input.png").read_bytes()).hexdigest(),
+                             timings=dict(tracker.timings))
+        record.write(run_dir)
+        if options.view_seeds:  # a recipe's re-rolls: view 0 first, as its nearby views decide the ring-2 side
+            record = self._reroll(run_dir, options, record, {int(k): v for k, v in options.view_seeds.items()},
+                                  tracker)
+        return record
+
+    def _reroll(self, run_dir: Path, options: GenerateOptions, record: ViewsRecord, seeds: dict[int, int],
+                tracker: _Tracker) -> ViewsRecord:
+        """Re-roll each view of ``seeds`` alone with its seed (view 0 first); update and write the record."""
+        from server.reconstruct import read_rgb
+
+        cfg = self.zero123_config
+        views_dir = run_dir / "views"
+        # PNG is lossless: this is the very array stage 1 was conditioned on.
+        pre = np.array(read_rgb(run_dir / "input_256.png"))
+        for done, view in enumerate(sorted(seeds)):
+            deltas = dict(enumerate(cfg.stage1a_deltas)) | dict(zip(*stage1b_deltas(record.polar, cfg), strict=True))
+            if view not in deltas:  # ring 2 moved to the other side earlier in this loop
+                record.notes.append(f"view {view} was not re-rolled: ring 2 moved to views "
+                                    f"{stage1b_deltas(record.polar, cfg)[0]}")
+                continue
+            seed = seeds[view]
+            image = self._views("reroll", [pre], [[deltas[view]]], options.steps_stage1, seed, options, tracker)[0][0]
+            tracker.report("reroll", done, len(seeds), preview=_write_png(views_dir / f"{view}.png", image))
+            record.view_seeds[str(view)] = seed
+            if view == 0:
+                near0 = self._near0(views_dir, image, seed + 1, options, tracker, "reroll")
+                if options.elevation is None:
+                    polar, estimate = self._polar(near0, options)
+                    record.estimate, record.elevation_source = estimate.to_json(), estimate.source
+                    self._move_polar(run_dir, record, polar, pre, options, tracker)
+        before = tracker.timings.get("reroll", 0.0)
+        tracker.lap("reroll")
+        record.timings["reroll"] = record.timings.get("reroll", 0.0) + tracker.timings["reroll"] - before
+        record.revision += 1
+        record.write(run_dir)
+        return record
+
+    def _move_polar(self, run_dir: Path, record: ViewsRecord, polar: float, pre: np.ndarray,
+                    options: GenerateOptions, tracker: _Tracker) -> None:
+        """Set the record's polar; when ring 2 changes sides, generate it anew there from the run's seed."""
+        cfg = self.zero123_config
+        old = stage1b_deltas(record.polar, cfg)[0]
+        record.polar = polar
+        new = stage1b_deltas(polar, cfg)[0]
+        if new != old:
+            for view in old:
+                (run_dir / "views" / f"{view}.png").unlink(missing_ok=True)
+                record.view_seeds.pop(str(view), None)
+            self._ring2(run_dir / "views", pre, polar, record.seed, options, tracker, "reroll")
+            record.notes.append(f"the elevation moved to {90 - polar:.1f}°, so ring 2 moved from views {old} to {new} "
+                                "and was generated anew")
+
+    def _finish(self, run_dir: Path, options: GenerateOptions, tracker: _Tracker,
+                outputs: Sequence[Path]) -> GenerateResult:
+        from server.reconstruct import read_rgb
+
+        cfg = self.zero123_config
+        views_dir = run_dir / "views"
+        record = ViewsRecord.read(run_dir)
+        if options.elevation is not None and 90.0 - float(options.elevation) != record.polar:
+            # An elevation set during review replaces the estimate (kept in the record for reference).
+            pre = np.array(read_rgb(run_dir / "input_256.png"))
+            self._move_polar(run_dir, record, 90.0 - float(options.elevation), pre, options, tracker)
+            record.elevation_source = "given"
+            record.write(run_dir)
+        polar, seed = record.polar, record.seed
 
         # 6. Stage 2 for the other 7 stage-1 views: 28 nearby views in one batch.
-        others = [1, 2, 3, *indices]
-        conds = [prepare_stage2_input(stage1[k]) for k in range(1, 8)]
+        others = [1, 2, 3, *stage1b_deltas(polar, cfg)[0]]
+        conds = [prepare_stage2_input(read_rgb(views_dir / f"{k}.png")) for k in others]
         nearby = self._views("stage2b", conds, [list(cfg.stage2_deltas)] * 7, options.steps_stage2, seed + 3, options,
                              tracker)
         for i, views in zip(others, nearby, strict=True):
             for j, view in enumerate(views):
                 _write_png(views_dir / f"{i}_{j}.png", view)
         PoseFile.for_polar(polar).write(views_dir / "pose.json")
-        lap("stage2b")
+        tracker.lap("stage2b")
 
         # 7. Reconstruction (cost volume → SDF → marching cubes → vertex colours, spec §5), the asset stage when asked
         #    (clean-up, polygon budget, UV texture) and the mesh files: server.remesh, shared with re-meshing.
         outcome = self._mesh(views_dir, [run_dir / f"mesh.{options.format}", *outputs], options, tracker)
 
-        # 8. The run's record.
+        # 8. The run's record, with the recipe that repeats it (Regenerate) or varies it (a new seed).
+        estimate = record.estimate
+        recipe_options = {**asdict(options), "seed": seed, "view_seeds": dict(record.view_seeds) or None,
+                          "review": False}
+        tracker.timings = {**record.timings, **tracker.timings}
         meta = {
             "version": __version__, "preset": self.preset, "device": self.device,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "options": asdict(options), "seed": seed, "polar": polar, "elevation": 90.0 - polar,
-            "elevation_source": estimate.source if estimate else "given",
-            "elevation_estimate": estimate.to_json() if estimate else None,
-            "matcher": estimate.matcher if estimate else "none", "background": pre.method,
+            "elevation_source": record.elevation_source, "elevation_estimate": estimate,
+            "matcher": estimate["matcher"] if estimate else "none", "background": record.background,
+            "seeds": {"stage1": seed, "stage2": seed + 1, "stage1b": seed + 2, "stage2b": seed + 3},
+            "view_seeds": dict(record.view_seeds), "notes": list(record.notes),
+            "recipe": {"input_sha256": record.input_sha256, "options": recipe_options,
+                       "elevation": 90.0 - polar, "elevation_source": record.elevation_source,
+                       "models": self.models_loaded(), "version": __version__},
         }
         return self._finish_run(run_dir, meta, outcome, tracker)
 
@@ -401,7 +612,7 @@ class One2345Pipeline:
         except (OSError, ValueError) as e:
             raise BadInputError(f"{meta_file} is not the record of a run ({e})",
                                 fix="re-mesh a folder written by `one2345 generate` or the server") from None
-        tracker = _Tracker(options, progress, should_cancel, remesh=True)
+        tracker = _Tracker(options, progress, should_cancel, phase="remesh")
         outcome = self._mesh(run_dir / "views", [run_dir / f"mesh.{options.format}"], options, tracker)
         meta.update(version=__version__, preset=self.preset, device=self.device, options=asdict(options),
                     remeshed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -441,7 +652,7 @@ class One2345Pipeline:
                            **{k: round(v, 3) for k, v in outcome.timings.items()}}
         meta_path = write_json_atomic(run_dir / "meta.json", meta)
         tracker.lap("export")
-        estimate = meta.get("elevation_estimate") or {}
+        estimate = (meta.get("elevation_estimate") or {}) if meta["elevation_source"] != "given" else {}
         return GenerateResult(mesh_path=mesh_path, views_dir=run_dir / "views", elevation=float(meta["elevation"]),
                               polar=float(meta["polar"]), elevation_source=meta["elevation_source"],
                               elevation_uncertain=bool(estimate.get("uncertain", False)),
@@ -449,6 +660,24 @@ class One2345Pipeline:
                               background=meta["background"], timings=dict(tracker.timings), meta_path=meta_path,
                               vertices=outcome.vertices, faces=outcome.faces, seed=int(meta["seed"]),
                               mesh_files=list(outcome.files))
+
+    def _near0(self, views_dir: Path, view0: np.ndarray, seed: int, options: GenerateOptions, tracker: _Tracker,
+               stage: str) -> list[np.ndarray]:
+        """Stage 2 for view 0: its four nearby views (written as ``0_<j>.png``), from which the elevation is
+        estimated."""
+        near0 = self._views(stage, [prepare_stage2_input(view0)], [list(self.zero123_config.stage2_deltas)],
+                            options.steps_stage2, seed, options, tracker)[0]
+        for j, view in enumerate(near0):
+            tracker.report(stage, 1, 1, preview=_write_png(views_dir / f"0_{j}.png", view))
+        return near0
+
+    def _ring2(self, views_dir: Path, pre: np.ndarray, polar: float, seed: int, options: GenerateOptions,
+               tracker: _Tracker, stage: str) -> None:
+        """Stage 1b: the second ring of four views, on the side the polar angle decides, from seed + 2."""
+        indices, deltas = stage1b_deltas(polar, self.zero123_config)
+        ring2 = self._views(stage, [pre], [deltas], options.steps_stage1, seed + 2, options, tracker)[0]
+        for i, view in zip(indices, ring2, strict=True):
+            tracker.report(stage, 1, 1, preview=_write_png(views_dir / f"{i}.png", view))
 
     def _views(self, stage: str, images: Sequence[np.ndarray], deltas: Sequence[list[tuple[float, float]]],
                steps: int, seed: int, options: GenerateOptions, tracker: _Tracker) -> list[list[np.ndarray]]:

@@ -34,13 +34,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import uvicorn
 
 from server import __version__
 from server.errors import BadInputError, One2345Error
 from server.fsutil import check_folder_path
+
+if TYPE_CHECKING:
+    from server.jobs import JobsConfig
 
 log = logging.getLogger("server.serve")  # also when run as __main__
 
@@ -87,6 +90,10 @@ class ServeSettings:
     """Jobs that may wait behind the running one (more are answered 429)."""
     max_upload_mb: float = 20.0
     """Largest accepted image file in MiB (larger uploads are answered 413)."""
+    review_timeout_min: float = 60.0
+    """Minutes a job waits in review before it expires."""
+    max_jobs_gb: float = 20.0
+    """Size limit of the jobs folder in GiB (oldest finished, unpinned jobs go first); 0 for no limit."""
 
     def check(self) -> ServeSettings:
         """Raise BadInputError naming the first setting out of range."""
@@ -98,13 +105,27 @@ class ServeSettings:
                 and self.max_upload_mb * 2**20 >= 1024):
             raise BadInputError(f"--max-upload-mb {self.max_upload_mb:g} is outside 0.001…{MAX_UPLOAD_MB:g} (MiB; "
                                 "the default is 20)")
+        if not (math.isfinite(self.review_timeout_min) and 0.1 <= self.review_timeout_min <= 7 * 24 * 60):
+            raise BadInputError(f"--review-timeout-min {self.review_timeout_min:g} is outside 0.1…10080 (minutes; "
+                                "the default is 60)")
+        if not (math.isfinite(self.max_jobs_gb) and 0 <= self.max_jobs_gb <= 1e6):
+            raise BadInputError(f"--max-jobs-gb {self.max_jobs_gb:g} is outside 0…1000000 (GiB, 0 for no limit; "
+                                "the default is 20)")
         return self
+
+    @property
+    def jobs_config(self) -> JobsConfig:
+        from server.jobs import JobsConfig  # imports torch: only when serving
+
+        return JobsConfig(max_queue=self.max_queue, review_timeout_s=self.review_timeout_min * 60.0,
+                          max_jobs_bytes=round(self.max_jobs_gb * 2**30) if self.max_jobs_gb > 0 else None)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeSettings:
         return cls(host=args.host, port=args.port, preset=args.preset, device=args.device,
                    weights_dir=args.weights_dir, jobs_dir=args.jobs_dir, preload=args.preload,
-                   max_queue=args.max_queue, max_upload_mb=args.max_upload_mb)
+                   max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
+                   review_timeout_min=args.review_timeout_min, max_jobs_gb=args.max_jobs_gb)
 
 
 def is_loopback(host: str) -> bool:
@@ -175,8 +196,9 @@ def serve(settings: ServeSettings, stdout: TextIO | None = None) -> int:
 
     from server.app import AppConfig, create_app
     from server.devices import resolve_device
-    from server.jobs import JobManager, JobsConfig
+    from server.jobs import JobManager
     from server.pipeline import PRESETS, One2345Pipeline
+    from server.weights_api import WeightsConfig, WeightsManager
 
     try:
         if settings.preset not in PRESETS:
@@ -188,12 +210,16 @@ def serve(settings: ServeSettings, stdout: TextIO | None = None) -> int:
             log.info("loading the %s models on %s", settings.preset, device)
             return One2345Pipeline.from_preset(settings.preset, device=device, weights_dir=settings.weights_dir)
 
-        manager = JobManager(jobs_dir, load, JobsConfig(max_queue=settings.max_queue))
-        if settings.preload:
+        manager = JobManager(jobs_dir, load, settings.jobs_config)
+        weights = WeightsManager(WeightsConfig.for_preset(settings.preset, settings.weights_dir))
+        missing = weights.health()["required_missing"]
+        if missing:  # the server starts anyway: /v1/health says what is missing, POST /v1/weights/download fetches it
+            log.warning("weight files missing: %s; jobs are refused until they are downloaded", ", ".join(missing))
+        elif settings.preload:
             manager.preload()
         config = AppConfig(token=token, device=device, preset=settings.preset,
                            max_upload_bytes=int(settings.max_upload_mb * 2**20))
-        app = create_app(manager, config)
+        app = create_app(manager, config, weights)
         sock = bind_socket(settings.host, settings.port)
         port = sock.getsockname()[1]
         host = f"[{settings.host.strip('[]')}]" if ":" in settings.host else settings.host
@@ -256,11 +282,18 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs-dir", type=Path, default=None,
                    help="folder of job folders (default: $ONE2345_JOBS_DIR or ~/.local/share/one2345/jobs)")
     p.add_argument("--preload", action="store_true",
-                   help="load the models before announcing ready (default: on the first job)")
+                   help="load the models before announcing ready (default: on the first job; skipped while "
+                        "weight files are missing)")
     p.add_argument("--max-queue", type=int, default=8,
                    help="jobs that may wait behind the running one; more are refused with 429 (default 8)")
     p.add_argument("--max-upload-mb", type=float, default=20.0,
                    help="largest accepted image file in MiB; larger uploads are refused with 413 (default 20)")
+    p.add_argument("--review-timeout-min", type=float, default=60.0,
+                   help="minutes a job submitted with review waits for re-roll or continue before it expires "
+                        "(default 60)")
+    p.add_argument("--max-jobs-gb", type=float, default=20.0,
+                   help="size limit of the jobs folder in GiB; the oldest finished jobs not pinned are deleted "
+                        "beyond it (default 20; 0: no limit)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -335,7 +335,7 @@ def test_token_is_required_except_for_health_and_schema(client, headers):
 
 @pytest.mark.parametrize("path", ["abc", "A" * 32, "a" * 31, "a" * 33, "..%2F..", "%2e%2e", "g" * 32])
 def test_ids_that_are_not_ids_are_404(client, path):
-    for suffix in ("", "/result", "/meta", "/views/0.png"):
+    for suffix in ("", "/result", "/meta", "/views/0.png", "/input"):
         r = client.get(f"/v1/jobs/{path}{suffix}", headers=AUTH)
         assert r.status_code == 404 and r.json()["error"]["kind"] == "not_found", (path, suffix)
     assert client.delete(f"/v1/jobs/{path}", headers=AUTH).status_code == 404
@@ -350,12 +350,21 @@ def test_view_names_are_validated(client):
     assert client.get(f"/v1/jobs/{job_id}/views/input_256.png", headers=AUTH).status_code == 200
 
 
+def test_the_uploaded_input_is_served_byte_for_byte(client):
+    """History and Regenerate in the add-on fetch the original upload (its SHA-256 is in the recipe)."""
+    job_id = submit(client).json()["id"]
+    r = client.get(f"/v1/jobs/{job_id}/input", headers=AUTH)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content == png_bytes()
+    assert client.get(f"/v1/jobs/{job_id}/input").status_code == 401
+
+
 def test_openapi_documents_the_api(client):
     schema = client.get("/openapi.json").json()
     weights = {p for p in schema["paths"] if p.startswith("/v1/weights")}  # tested in test_weights_api.py
     assert set(schema["paths"]) == {"/v1/health", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/result",
                                     "/v1/jobs/{job_id}/meta", "/v1/jobs/{job_id}/views/{name}",
-                                    "/v1/jobs/{job_id}/remesh", *weights}
+                                    "/v1/jobs/{job_id}/input", "/v1/jobs/{job_id}/remesh", "/v1/jobs/{job_id}/reroll",
+                                    "/v1/jobs/{job_id}/continue", "/v1/jobs/{job_id}/pin", *weights}
     post = schema["paths"]["/v1/jobs"]["post"]
     assert {"202", "400", "401", "413", "429", "503"} <= set(post["responses"])
     assert "422" not in json.dumps(schema["paths"])

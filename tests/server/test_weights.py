@@ -2,147 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
-import threading
+import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote
 
 import pytest
-from huggingface_hub import constants as hf_constants
 
 from server import weights
-from server.errors import BadInputError, CheckpointError, MissingWeightsError
+from server.errors import BadInputError, CancelledError, CheckpointError, MissingWeightsError
+from tests.server.fake_hub import FakeHub, payload, serve_hub
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
-
-
-@dataclass
-class FakeHub:
-    """Serves ``files`` (repo path → bytes) like huggingface.co: HEAD/GET on ``/{repo}/resolve/{rev}/{file}``.
-
-    Files named in ``lfs`` are served like LFS files on the real hub: the resolve HEAD answers 302 with
-    ``X-Linked-Etag``/``X-Linked-Size`` and a ``Location`` on a "CDN" path, where the bytes live. ``/api/...`` requests
-    (huggingface_hub's own telemetry) get a 404 and are counted apart.
-    """
-
-    files: dict[str, bytes]
-    lfs: set[str] = field(default_factory=set)
-    repo_id: str = weights.HUB_REPO_ID
-    requests: list[tuple[str, str, str | None]] = field(default_factory=list)
-    """(method, path, Range header) of every file request."""
-    api_requests: list[str] = field(default_factory=list)
-    cut_after: int | None = None
-    """When set, a GET without Range sends only this many bytes, then drops the connection; Range GETs get a 500."""
-    garbage_prefix: bool = False
-    """When set (with cut_after), the bytes sent before the cut are wrong."""
-    url: str = ""
-
-    def etag(self, name: str) -> str:
-        return hashlib.sha256(self.files[name]).hexdigest()
-
-
-def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:  # keep pytest output clean
-            pass
-
-        def _lookup(self) -> tuple[str, bool] | None:
-            path = unquote(self.path)
-            if path.startswith("/cdn/"):
-                return path.removeprefix("/cdn/"), True
-            m = RESOLVE.match(path)
-            if m is None or m["repo"] != hub.repo_id or m["rev"] != weights.HUB_REVISION:
-                return None
-            return m["file"], False
-
-        def _not_found(self) -> None:
-            self.send_response(404)
-            self.send_header("X-Error-Code", "EntryNotFound")
-            self.send_header("X-Repo-Commit", COMMIT)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def do_HEAD(self) -> None:
-            hub.requests.append(("HEAD", self.path, self.headers.get("Range")))
-            found = self._lookup()
-            if found is None or found[0] not in hub.files:
-                self._not_found()
-                return
-            name, on_cdn = found
-            data = hub.files[name]
-            if name in hub.lfs and not on_cdn:
-                self.send_response(302)
-                self.send_header("Location", f"{hub.url}/cdn/{name}")
-                self.send_header("X-Linked-Etag", f'"{hub.etag(name)}"')
-                self.send_header("X-Linked-Size", str(len(data)))
-                self.send_header("ETag", '"git-blob-of-the-lfs-pointer"')
-            else:
-                self.send_response(200)
-                self.send_header("ETag", f'"{hub.etag(name)}"')
-            self.send_header("X-Repo-Commit", COMMIT)
-            self.send_header("Accept-Ranges", "bytes")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-
-        def do_GET(self) -> None:
-            if self.path.startswith("/api/"):
-                hub.api_requests.append(self.path)
-                self._not_found()
-                return
-            range_header = self.headers.get("Range")
-            hub.requests.append(("GET", self.path, range_header))
-            found = self._lookup()
-            if found is None or found[0] not in hub.files:
-                self._not_found()
-                return
-            data = hub.files[found[0]]
-            if hub.cut_after is not None:
-                if range_header is not None:
-                    self.send_response(500)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                sent = data[: hub.cut_after]
-                self.wfile.write(bytes(255 - b for b in sent) if hub.garbage_prefix else sent)
-                self.wfile.flush()
-                self.close_connection = True
-                return
-            start = 0
-            if range_header is not None:
-                start = int(re.fullmatch(r"bytes=(\d+)-", range_header)[1])
-                self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-            else:
-                self.send_response(200)
-            self.send_header("Accept-Ranges", "bytes")
-            self.send_header("Content-Length", str(len(data) - start))
-            self.end_headers()
-            self.wfile.write(data[start:])
-
-    return Handler
-
-
-def _payload(n: int, seed: int) -> bytes:
-    """Deterministic, non-repeating bytes (so a resume at a wrong offset changes the hash)."""
-    out = bytearray()
-    block = seed.to_bytes(4, "little")
-    while len(out) < n:
-        block = hashlib.sha256(block).digest()
-        out += block
-    return bytes(out[:n])
-
-
-SAM_BYTES = _payload(3000, 1)
-LOFTR_BYTES = _payload(5000, 2)
-RECON_BYTES = _payload(40_000, 3)
+SAM_BYTES = payload(3000, 1)
+LOFTR_BYTES = payload(5000, 2)
+RECON_BYTES = payload(40_000, 3)
 
 
 @pytest.fixture
@@ -152,29 +24,8 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
         weights.REGISTRY["loftr"].filename: LOFTR_BYTES,
         weights.REGISTRY["reconstruction"].filename: RECON_BYTES,
     }
-    fake = FakeHub(files=files, lfs={weights.REGISTRY["reconstruction"].filename})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    # Every hub access of the code under test must land on the stand-in, even one that ignores `endpoint=`.
-    monkeypatch.setenv("HF_ENDPOINT", fake.url)
-    monkeypatch.setattr(hf_constants, "ENDPOINT", fake.url)
-    monkeypatch.setattr(
-        hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake.url + "/{repo_id}/resolve/{revision}/{filename}"
-    )
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    # Small chunks so that an interrupted transfer has written something (httpx drops a partly received chunk).
-    monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 512)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setattr(hf_constants, "AGENT_HARNESSES_PATH", str(tmp_path / "hf_home" / "agents.json"), raising=False)
-    yield fake
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    with serve_hub(monkeypatch, tmp_path, files, lfs={weights.REGISTRY["reconstruction"].filename}) as fake:
+        yield fake
 
 
 def test_download_two_files_to_repo_paths_then_skip(hub: FakeHub, tmp_path: Path) -> None:
@@ -308,3 +159,51 @@ def test_registry_matches_spec_table() -> None:
     }
     assert {w.name: w.filename for w in weights.WEIGHT_FILES} == expected
     assert all(w.repo_id == "One-2-3-45/code" and w.local_name == w.filename for w in weights.WEIGHT_FILES)
+
+
+def test_cli_list_shows_every_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import main
+
+    root = tmp_path / "weights"
+    (root / "sam_vit_h_4b8939.pth").parent.mkdir(parents=True)
+    (root / "sam_vit_h_4b8939.pth").write_bytes(SAM_BYTES)
+    partial = root / "elevation_estimate/utils/weights/indoor_ds_new.ckpt.etag.incomplete"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(LOFTR_BYTES[:100])
+
+    assert main(["weights", "list", "--dir", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines[:4]] == [
+        ["sam", "present"], ["zero123-xl", "missing"], ["loftr", "partial"], ["reconstruction", "missing"]]
+    assert "unavailable" in lines[0]  # copied by hand, and the table knows no SHA-256 for it
+    assert lines[-1].startswith(f"weights folder: {root}; ~15.6 GB still to download")
+
+    assert main(["weights", "list", "--dir", str(root), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(f["name"], f["state"], f["bytes_on_disk"]) for f in listed] == [
+        ("sam", "present", 3000), ("zero123-xl", "missing", 0), ("loftr", "partial", 100),
+        ("reconstruction", "missing", 0)]
+
+
+def test_download_reports_progress_and_cancels_keeping_the_partial(hub: FakeHub, tmp_path: Path) -> None:
+    root = tmp_path / "weights"
+    reports: list[weights.DownloadProgress] = []
+    with pytest.raises(CancelledError):
+        weights.download(["loftr", "reconstruction"], root, on_progress=reports.append,
+                         should_cancel=lambda: sum(r.transferred > 0 for r in reports) > 3)
+    assert reports[0].phase == "downloading" and reports[0].total == 45_000 and reports[0].files_total == 2
+    partial = next(root.rglob("*.incomplete"))
+    assert 0 < partial.stat().st_size < 5000 and partial.read_bytes() == LOFTR_BYTES[:partial.stat().st_size]
+
+    reports.clear()
+    weights.download(["loftr", "reconstruction"], root, on_progress=reports.append)
+    assert [(r.file, r.phase) for r in reports if r.phase != "downloading"] == [
+        ("loftr", "verifying"), ("loftr", "done"), ("reconstruction", "verifying"), ("reconstruction", "done")]
+    assert reports[-1].done == reports[-1].total == 45_000 and reports[-1].files_done == 2
+    assert reports[-1].transferred == 45_000 - partial_size_of(reports)
+
+
+def partial_size_of(reports: list[weights.DownloadProgress]) -> int:
+    """Bytes that were on disk before the first report of a resumed download."""
+    first = reports[0]
+    return first.done - first.transferred
