@@ -11,18 +11,18 @@ import atexit
 
 def register() -> None:
     """Register properties, preferences, operators, the panel and the ``one2345`` command-line command."""
-    from . import cli_command, operators, panels, preferences, properties, server_process
+    from . import cli_command, history, operators, panels, preferences, properties, server_process, weights_ops
 
-    for module in (properties, preferences, operators, panels, cli_command):
+    for module in (properties, preferences, operators, weights_ops, history, panels, cli_command):
         module.register()
     atexit.register(server_process.shutdown)
 
 
 def unregister() -> None:
     """Cancel the running job, stop the server this session started, and unregister everything."""
-    from . import cli_command, operators, panels, preferences, properties, server_process
+    from . import cli_command, history, operators, panels, preferences, properties, server_process, weights_ops
 
     atexit.unregister(server_process.shutdown)
-    for module in (cli_command, panels, operators, preferences, properties):
+    for module in (cli_command, panels, history, weights_ops, operators, preferences, properties):
         module.unregister()
     server_process.shutdown()

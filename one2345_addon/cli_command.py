@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--resolution", type=int, help="Mesh resolution (32…512).")
     opt.add_argument("--format", choices=("ply", "glb", "obj"), help="Mesh format.")
     opt.add_argument("--keep-background", action="store_true", help="Use the image's alpha; no background removal.")
+    opt.add_argument("--faces", type=int, help="Polygon budget: decimate to this many faces (1000…2000000).")
+    opt.add_argument("--texture", type=int, choices=(512, 1024, 2048, 4096),
+                     help="Bake a UV texture of this size instead of vertex colours (the mesh is glTF binary).")
     srv = gen.add_argument_group("server (default: the add-on preferences)")
     srv.add_argument("--server-python", help="Start the server with this Python.")
     srv.add_argument("--server-url", help="Use the server running at this URL instead.")
@@ -75,6 +78,11 @@ def request_options(args: argparse.Namespace, scene: bpy.types.Scene) -> dict[st
         values["mesh_format"] = args.format.upper()
     if args.keep_background:
         values["remove_background"] = False
+    if args.faces is not None:
+        values["target_faces"] = args.faces
+    if args.texture is not None:
+        values.update(colours="TEXTURE", texture_size=str(args.texture))
+    values["review"] = False  # a batch never waits for an artist
     return properties.to_request(SimpleNamespace(**values))
 
 

@@ -114,6 +114,50 @@ class Client:
         """``GET /v1/jobs``: every job's status, newest first."""
         return self._json("GET", "/v1/jobs")["jobs"]
 
+    def job_page(self, limit: int | None = None, after: str | None = None) -> dict[str, Any]:
+        """``GET /v1/jobs?limit&after``: a page of job statuses, newest first: ``{"jobs", "total", "next"}``."""
+        query = urllib.parse.urlencode({k: v for k, v in (("limit", limit), ("after", after)) if v is not None})
+        return self._json("GET", f"/v1/jobs?{query}" if query else "/v1/jobs")
+
+    def remesh(self, job_id: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/jobs/{id}/remesh``: a new job meshing a done job's views again; returns ``{"id", "state",
+        "url"}``."""
+        return self._post_json(f"/v1/jobs/{job_id}/remesh", overrides)
+
+    def reroll(self, job_id: str, views: list[int], seed: int | None = None) -> dict[str, Any]:
+        """``POST /v1/jobs/{id}/reroll``: regenerate some stage-1 views of a job in review; returns its status."""
+        return self._post_json(f"/v1/jobs/{job_id}/reroll", {"views": list(views)} | (
+            {} if seed is None else {"seed": int(seed)}))
+
+    def continue_job(self, job_id: str, elevation: float | None = None) -> dict[str, Any]:
+        """``POST /v1/jobs/{id}/continue``: go on from review to the mesh (optionally with another elevation)."""
+        return self._post_json(f"/v1/jobs/{job_id}/continue", {} if elevation is None else {
+            "elevation": float(elevation)})
+
+    def pin(self, job_id: str, pinned: bool = True) -> dict[str, Any]:
+        """``PUT`` / ``DELETE /v1/jobs/{id}/pin``: keep a job through the server's size-limit clean-ups (or not)."""
+        return self._json("PUT" if pinned else "DELETE", f"/v1/jobs/{job_id}/pin")
+
+    def meta(self, job_id: str) -> dict[str, Any]:
+        """``GET /v1/jobs/{id}/meta``: meta.json of a done job (its ``recipe``, timings, elevation)."""
+        return self._json("GET", f"/v1/jobs/{job_id}/meta")
+
+    def weights(self, verify: bool = False) -> dict[str, Any]:
+        """``GET /v1/weights``: every weight file's state, size, source and licence."""
+        return self._json("GET", "/v1/weights?verify=true" if verify else "/v1/weights")
+
+    def start_weights_download(self, files: list[str] | None = None) -> dict[str, Any]:
+        """``POST /v1/weights/download``: fetch the missing weight files (resumes partial ones)."""
+        return self._post_json("/v1/weights/download", {} if files is None else {"files": list(files)})
+
+    def weights_download(self) -> dict[str, Any]:
+        """``GET /v1/weights/download``: bytes done and total, rate, ETA, the current file."""
+        return self._json("GET", "/v1/weights/download")
+
+    def cancel_weights_download(self) -> dict[str, Any]:
+        """``DELETE /v1/weights/download``: stop the download; the partial file is kept for the next start."""
+        return self._json("DELETE", "/v1/weights/download")
+
     def cancel(self, job_id: str) -> dict[str, Any] | None:
         """``DELETE /v1/jobs/{id}``: cancels a queued/running job (returns its status) or removes a finished one."""
         body = self._request("DELETE", f"/v1/jobs/{job_id}")
@@ -133,6 +177,10 @@ class Client:
         return dest
 
     # -- plumbing ------------------------------------------------------------------------------------------------
+
+    def _post_json(self, path: str, payload: dict[str, Any]) -> Any:
+        return self._json("POST", path, body=json.dumps(payload).encode(), headers={
+            "Content-Type": "application/json"})
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         body = self._request(method, path, **kwargs)

@@ -10,7 +10,10 @@ the callbacks. Cancellation is an :class:`threading.Event` the worker checks bet
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import queue
+import secrets
 import shutil
 import threading
 import time
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import server_state
 from .client import Client, ServerError
 from .server_process import Connection
 
@@ -98,6 +102,31 @@ class JobResult:
     """pose.json of the job, when the server's job folder is on this machine."""
     server_job_dir: Path | None = None
     """The server's own folder for this job, when it is on this machine."""
+    input: Path | None = None
+    """The input image as uploaded (None for a re-mesh, which reuses its source's views)."""
+    textured: bool = False
+    """The mesh carries a baked UV texture instead of vertex colours."""
+    remesh_of: str | None = None
+    """The server job whose views this result re-meshed."""
+
+
+@dataclass(frozen=True)
+class ReviewState:
+    """A job paused for review (option ``review``): the eight stage-1 views downloaded, and what the server said."""
+
+    revision: int
+    """Bumped by the server at every re-roll; the view files of each revision live in their own folder."""
+    views: tuple[Path, ...]
+    """The downloaded stage-1 views, in the server's order (``0.png`` … ``7.png`` or ``8.png`` … ``11.png``)."""
+    numbers: tuple[int, ...]
+    """The view numbers (file stems) of :attr:`views`, as the re-roll request names them."""
+    elevation: float
+    elevation_source: str
+    elevation_uncertain: bool
+    seed: int
+    view_seeds: dict[str, int]
+    notes: tuple[str, ...] = ()
+    expires_in_s: float | None = None
 
 
 class Task(ABC):
@@ -120,7 +149,9 @@ class Task(ABC):
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
         self._callbacks: dict[str, list[Callable[..., None]]] = {"progress": [], "preview": [], "note": [],
-                                                                 "done": []}
+                                                                 "review": [], "done": []}
+        self.review: ReviewState | None = None
+        """Set while a generation waits for the artist's review (drained from the worker's ``review`` event)."""
 
     # -- main thread ---------------------------------------------------------------------------------------------
 
@@ -165,16 +196,20 @@ class Task(ABC):
                 self.previews.append(payload)
             elif kind == "note":
                 self.notes.append(payload)
+            elif kind == "review":
+                self.review = payload
             elif kind == "finish":
                 self.state, self.result, self.error = payload
                 kind, payload = "done", self
             for callback in self._callbacks[kind]:
                 callback(payload)
 
-    def wait(self, timeout: float | None = None, interval: float = 0.05) -> bool:
-        """Drain until finished (background mode); Ctrl+C cancels the task. Returns :attr:`finished`."""
+    def wait(self, timeout: float | None = None, interval: float = 0.05,
+             until: Callable[[], bool] | None = None) -> bool:
+        """Drain until finished, or until ``until()`` holds (background mode); Ctrl+C cancels the task.
+        Returns :attr:`finished` (True also when ``until`` ended the wait)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.drain():
+        while not self.drain() and not (until is not None and until()):
             if deadline is not None and time.monotonic() > deadline:
                 return False
             try:
@@ -240,29 +275,58 @@ class FunctionTask(Task):
 class GenerateJob(Task):
     """Image → mesh on the server: connect, submit, poll progress and previews, download the result.
 
+    With the option ``review`` the server pauses after the eight stage-1 views; the worker downloads them, posts a
+    ``review`` event and keeps polling, sending the artist's :meth:`reroll` and :meth:`proceed` requests (queued on
+    the main thread) until the job goes on to its mesh.
+
     Args:
-        image: the input image file (already inside ``job_dir``).
-        options: request options, from :func:`properties.to_request`.
+        image: the input image file (already inside ``job_dir``); None for a re-mesh.
+        options: request options, from :func:`properties.to_request` (or a recipe's options).
         job_dir: the add-on's folder for this job (created if missing).
         connect: returns a live :class:`Connection` (starts the local server when needed); runs on the worker.
         server_exit_code: returns the local server's exit code once it has died, else None; tells a crash apart
             from a network hiccup.
         mesh_name: the mesh file's stem (default: the image's stem); also the imported object's name.
         poll_interval: seconds between status requests.
+        remesh_of: a done server job to re-mesh (``POST /v1/jobs/{id}/remesh`` with ``options`` as the overrides)
+            instead of submitting ``image``.
+        existing: a server job to follow and import instead of submitting one (History's Import).
+        recipe_of: a done server job whose input and recipe to run again (History's Regenerate); ``variation``
+            takes a new seed.
     """
 
-    def __init__(self, image: Path, options: dict[str, Any], job_dir: Path, connect: Callable[[], Connection],
+    def __init__(self, image: Path | None, options: dict[str, Any], job_dir: Path, connect: Callable[[], Connection],
                  server_exit_code: Callable[[], int | None] = lambda: None, mesh_name: str | None = None,
-                 poll_interval: float = POLL_INTERVAL_S) -> None:
-        super().__init__("generation")
-        self.image = Path(image)
+                 poll_interval: float = POLL_INTERVAL_S, remesh_of: str | None = None, existing: str | None = None,
+                 recipe_of: str | None = None, variation: bool = False) -> None:
+        super().__init__("re-mesh" if remesh_of else "import" if existing else "generation")
+        self.existing, self.recipe_of, self.variation = existing, recipe_of, variation
+        self.image = Path(image) if image is not None else None
         self.options = dict(options)
         self.job_dir = Path(job_dir)
-        self.mesh_name = mesh_name or self.image.stem
+        self.mesh_name = mesh_name or (self.image.stem if self.image else "mesh")
+        self.remesh_of = remesh_of
         self.server_job_id: str | None = None
         self._connect = connect
         self._server_exit_code = server_exit_code
         self._poll_interval = poll_interval
+        self._requests: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        self.followed = False
+        """A modal operator follows this job and imports its result (else whoever continues a review does)."""
+
+    # -- main thread: the artist's answers to a review ----------------------------------------------------------
+
+    def reroll(self, views: list[int], seed: int | None = None) -> None:
+        """Ask for new versions of some stage-1 views (their numbers as in :attr:`ReviewState.numbers`)."""
+        self._requests.put(("reroll", {"views": list(views), "seed": seed}))
+        self.review = None  # until the server shows the next revision
+
+    def proceed(self, elevation: float | None = None) -> None:
+        """Accept the views and go on to the mesh, with ``elevation`` (degrees) replacing the estimate if given."""
+        self._requests.put(("continue", {"elevation": elevation}))
+        self.review = None
+
+    # -- worker thread -------------------------------------------------------------------------------------------
 
     def work(self) -> JobResult:
         """Run the job on the worker thread."""
@@ -273,14 +337,33 @@ class GenerateJob(Task):
             self.post("note", connection.note)
         self.check_cancelled()
         client = connection.client()
-        self.post("progress", Progress(stage="Uploading image"))
-        self.server_job_id = self._submit(client)["id"]
+        with contextlib.suppress(ServerError):  # for the panel's pre-flight line and Generate's poll()
+            server_state.STATE.health = client.health()
+        server_state.STATE.jobs_dir = connection.jobs_dir if connection.local else None
+        if self.existing or self.recipe_of:
+            self._fetch_source(client, self.existing or self.recipe_of)
+        if self.existing:
+            self.server_job_id = self.existing
+        else:
+            self.post("progress", Progress(stage="Uploading image" if self.image else "Asking for a re-mesh"))
+            self.server_job_id = self._submit(client)["id"]
         status = self._follow(client, self.server_job_id)
         return self._collect(client, connection, status)
+
+    def _fetch_source(self, client: Client, job_id: str) -> None:
+        """Download a server job's input image (and, to run it again, its recipe's options) into the job folder."""
+        self.post("progress", Progress(stage="Fetching the job's image"))
+        status = client.status(job_id)
+        self.image = client.download(f"/v1/jobs/{job_id}/input", self.job_dir / "input.png")
+        if status.get("state") == "done" and not self.existing:
+            self.options = recipe_options(parse_recipe(client.meta(job_id).get("recipe") or {}),
+                                          variation=self.variation)
 
     def _submit(self, client: Client) -> dict[str, Any]:
         while True:
             try:
+                if self.remesh_of is not None:
+                    return client.remesh(self.remesh_of, self.options)
                 return client.submit(self.image, self.options)
             except ServerError as exc:
                 if exc.kind != "queue_full":
@@ -290,10 +373,11 @@ class GenerateJob(Task):
                 self.check_cancelled()
 
     def _follow(self, client: Client, job_id: str) -> dict[str, Any]:
-        """Poll until the job ends; forward progress and previews; cancel on request."""
+        """Poll until the job ends; forward progress, previews and reviews; cancel on request."""
         cancel_deadline = None
         unreachable_since = None
         seen: set[str] = set()
+        revision = shown = None
         while True:
             try:
                 status = client.status(job_id)
@@ -320,12 +404,19 @@ class GenerateJob(Task):
             state = status["state"]
             if state == "done":
                 return status
-            if state == "failed":
+            if state in ("failed", "expired"):
                 error = status.get("error") or {}
                 raise JobFailed(JobError(error.get("kind", "internal"), error.get("message", "The job failed."),
                                          error.get("fix")))
             if state == "cancelled":
                 raise JobFailed(JobError("cancelled", "Generation was cancelled."))
+            if state == "review" and cancel_deadline is None:
+                review = status.get("review") or {}
+                if review.get("revision") != revision:
+                    revision = review.get("revision")
+                    shown = self._fetch_review(client, review)
+                    self.post("review", shown)
+                self._send_request(client, job_id, shown)
             if self.cancel_requested and cancel_deadline is None:
                 self.post("progress", Progress(stage="Cancelling", fraction=status.get("fraction") or 0.0))
                 with contextlib.suppress(ServerError):
@@ -334,6 +425,40 @@ class GenerateJob(Task):
             elif cancel_deadline is not None and time.monotonic() > cancel_deadline:
                 raise JobFailed(JobError("cancelled", "Generation was cancelled (the server did not confirm it)."))
             self.sleep(self._poll_interval if cancel_deadline is None else 0.2)
+
+    def _fetch_review(self, client: Client, review: dict[str, Any]) -> ReviewState:
+        """Download one revision's views into ``review/r<revision>/`` (a new path per revision, so the panel's
+        previews, cached by path, show the new pictures)."""
+        folder = self.job_dir / "review" / f"r{int(review.get('revision') or 0)}"
+        views = []
+        for view in review.get("views") or []:
+            views.append(client.download(view["url"], folder / view["name"]))
+        return ReviewState(
+            revision=int(review.get("revision") or 0), views=tuple(views),
+            numbers=tuple(int(Path(v["name"]).stem) for v in review.get("views") or []),
+            elevation=float(review.get("elevation") or 0.0),
+            elevation_source=str(review.get("elevation_source") or ""),
+            elevation_uncertain=bool(review.get("elevation_uncertain")), seed=int(review.get("seed") or 0),
+            view_seeds={str(k): int(v) for k, v in (review.get("view_seeds") or {}).items()},
+            notes=tuple(review.get("notes") or ()), expires_in_s=review.get("expires_in_s"))
+
+    def _send_request(self, client: Client, job_id: str, shown: ReviewState | None) -> None:
+        """Send the artist's next queued answer, if any. A refused one (a bad view number, a job that expired in
+        between) becomes a note; the job stays as the server says."""
+        try:
+            kind, args = self._requests.get_nowait()
+        except queue.Empty:
+            return
+        try:
+            if kind == "reroll":
+                client.reroll(job_id, args["views"], args["seed"])
+            else:
+                client.continue_job(job_id, args["elevation"])
+        except ServerError as exc:
+            if exc.kind not in ("bad_input", "conflict"):
+                raise
+            self.post("note", f"The server refused the {kind}: {exc.message}")
+            self.post("review", shown)  # the views on screen are still the job's
 
     def _fetch_preview(self, client: Client, preview: dict[str, str]) -> None:
         path = self.job_dir / "views" / preview["name"]
@@ -367,10 +492,77 @@ class GenerateJob(Task):
         return JobResult(job_id=status["id"], job_dir=self.job_dir, mesh=mesh, meta=meta, views=views, format=fmt,
                          elevation=result.get("elevation"), vertices=int(result.get("vertices") or 0),
                          faces=int(result.get("faces") or 0), pose=pose, server_job_dir=server_dir,
-                         elevation_uncertain=uncertain)
+                         elevation_uncertain=uncertain, input=self.image, textured=bool(result.get("textured")),
+                         remesh_of=status.get("remesh_of"))
+
+
+# -- recipes: how a result was made, to make it again ---------------------------------------------------------
+
+RECIPE_KEYS = ("input_sha256", "options")
+"""What a recipe (meta.json's ``recipe``) must hold for Regenerate."""
+
+
+def parse_recipe(text: str | dict[str, Any]) -> dict[str, Any]:
+    """A recipe from an object's custom property (JSON text) or meta.json, checked.
+
+    Raises:
+        JobFailed: ``bad_input`` when it is not a recipe (naming what is missing).
+    """
+    try:
+        recipe = json.loads(text) if isinstance(text, str) else dict(text)
+    except (ValueError, TypeError) as exc:
+        raise JobFailed(JobError("bad_input", f"The object's One2345 recipe is not valid JSON ({exc}).")) from exc
+    missing = [key for key in RECIPE_KEYS if key not in recipe]
+    if missing or not isinstance(recipe.get("options"), dict):
+        raise JobFailed(JobError("bad_input", f"The object's One2345 recipe lacks {missing or ['options']}; it was "
+                                              "made by an older version.", "Generate it again from its image"))
+    return recipe
+
+
+def recipe_options(recipe: dict[str, Any], variation: bool = False, seed: int | None = None) -> dict[str, Any]:
+    """The job options that make a recipe's result again: exactly its options (with their actual seed and the seeds
+    of re-rolled views), never pausing for review. A variation takes another seed (``seed``, else a random one) and
+    drops the per-view seeds, so every view is new."""
+    options = dict(recipe["options"])
+    options["review"] = False
+    if variation:
+        old = options.get("seed")
+        while seed is None or seed == old:
+            seed = secrets.randbelow(2**31)
+        options["seed"], options["view_seeds"] = int(seed), None
+    return options
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def recipe_input(source: Path, expected_sha256: str, job_dir: Path) -> Path:
+    """Copy an object's input image into ``job_dir``, after checking it is the very file the object was made from.
+
+    (The recipe's own ``input_sha256`` is of the server's re-encoded copy; the add-on records the upload's hash.)
+
+    Raises:
+        JobFailed: ``bad_input`` when the file is gone or has changed.
+    """
+    source = Path(source)
+    if not source.is_file():
+        raise JobFailed(JobError("bad_input", f"The input image of this object, {str(source)!r}, is gone.",
+                                 "Use History to regenerate it from the server's copy, or generate it again"))
+    digest = file_sha256(source)
+    if expected_sha256 and digest != expected_sha256:
+        raise JobFailed(JobError("bad_input", f"The input image {str(source)!r} has changed since the object was "
+                                              f"made (SHA-256 {digest[:12]}…, recorded {expected_sha256[:12]}…).",
+                                 "Generate it again from the image as it is now"))
+    job_dir.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(source, job_dir / source.name))
 
 
 def _progress(status: dict[str, Any]) -> Progress:
+    if status.get("state") == "review":
+        return Progress(stage="Waiting for your review", fraction=float(status.get("fraction") or 0.0),
+                        elapsed_s=float(status.get("elapsed_s") or 0.0))
     stage = str(status.get("stage") or status.get("state") or "")
     return Progress(stage=stage.replace("_", " ").capitalize(), step=int(status.get("step") or 0),
                     total=int(status.get("total") or 0), fraction=float(status.get("fraction") or 0.0),

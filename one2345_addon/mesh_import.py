@@ -9,11 +9,14 @@ Import decisions:
   scaled so its largest dimension equals the preference "Import Size" (1 m by default). The object is placed at the
   3D cursor with no rotation, so it stands upright on the cursor; its own scale stays 1.
 * The material is a Principled BSDF whose Base Color comes from a Color Attribute node reading that attribute, so the
-  colours show in Material Preview, EEVEE and Cycles.
+  colours show in Material Preview, EEVEE and Cycles. A textured result (glTF with a baked base-colour image and UVs,
+  no vertex colours) gets an Image Texture node reading the image instead; the image stays packed in the .blend.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import struct
 import zlib
@@ -104,8 +107,15 @@ def import_mesh(context: bpy.types.Context, path: Path, name: str, size: float =
     obj.matrix_world = Matrix.Translation(context.scene.cursor.location)
     obj.data.shade_smooth()
     attribute = _colour_attribute(obj.data)
+    image = _imported_texture(obj)
+    if image is not None:
+        image.name = f"One2345 {name}"
+    imported = [m for m in obj.data.materials if m is not None]
     obj.data.materials.clear()
-    obj.data.materials.append(colour_material(f"One2345 {name}", attribute))
+    for material in imported:  # the importer's own material is replaced by ours; drop it unless shared
+        if material.users == 0:
+            bpy.data.materials.remove(material)
+    obj.data.materials.append(colour_material(f"One2345 {name}", attribute, image))
     for other in context.view_layer.objects.selected:
         other.select_set(False)
     obj.select_set(True)
@@ -164,15 +174,33 @@ def _colour_attribute(mesh: bpy.types.Mesh) -> str | None:
     return attribute.name
 
 
-def colour_material(name: str, attribute: str | None) -> bpy.types.Material:
-    """A Principled BSDF material whose Base Color is wired to a Color Attribute node reading ``attribute``."""
+def _imported_texture(obj: bpy.types.Object) -> bpy.types.Image | None:
+    """The base-colour image of a textured import (the glTF importer wires it into its own material), or None."""
+    for material in obj.data.materials:
+        if material is None or material.node_tree is None:
+            continue
+        for node in material.node_tree.nodes:
+            if node.type == "TEX_IMAGE" and node.image is not None:
+                return node.image
+    return None
+
+
+def colour_material(name: str, attribute: str | None, image: bpy.types.Image | None = None) -> bpy.types.Material:
+    """A Principled BSDF material whose Base Color is wired to an Image Texture node reading ``image`` (a baked
+    texture, on the mesh's UV map) if given, else to a Color Attribute node reading ``attribute``."""
     material = bpy.data.materials.new(name)
     if not material.use_nodes:  # always True (and deprecated) from Blender 5.0
         material.use_nodes = True
     tree = material.node_tree
     bsdf = next(node for node in tree.nodes if node.type == "BSDF_PRINCIPLED")
     bsdf.inputs["Roughness"].default_value = 0.8
-    if attribute is not None:
+    if image is not None:
+        texture = tree.nodes.new("ShaderNodeTexImage")
+        texture.image = image
+        texture.interpolation = "Linear"
+        texture.location = (bsdf.location.x - 320, bsdf.location.y)
+        tree.links.new(texture.outputs["Color"], bsdf.inputs["Base Color"])
+    elif attribute is not None:
         colour = tree.nodes.new("ShaderNodeVertexColor")
         colour.layer_name = attribute
         colour.location = (bsdf.location.x - 300, bsdf.location.y)
@@ -180,8 +208,10 @@ def colour_material(name: str, attribute: str | None) -> bpy.types.Material:
     return material
 
 
-def link_job(obj: bpy.types.Object, result: Any) -> None:
-    """Record the job's files as custom properties (a :class:`jobs.JobResult`)."""
+def link_job(obj: bpy.types.Object, result: Any, name: str | None = None) -> None:
+    """Record the job's files, its recipe and its input as custom properties (a :class:`jobs.JobResult`); ``name``
+    is the result's base name (the object's may get a ``.001`` suffix)."""
+    name = name or obj.name
     obj["one2345_job_id"] = result.job_id
     obj["one2345_job_dir"] = str(result.job_dir)
     obj["one2345_mesh"] = str(result.mesh)
@@ -192,3 +222,24 @@ def link_job(obj: bpy.types.Object, result: Any) -> None:
     if result.elevation is not None:
         obj["one2345_elevation"] = float(result.elevation)
         obj["one2345_elevation_uncertain"] = bool(result.elevation_uncertain)
+    obj["one2345_name"] = name
+    obj["one2345_textured"] = bool(result.textured)
+    if result.remesh_of:
+        obj["one2345_remesh_of"] = result.remesh_of
+    if result.input is not None and Path(result.input).is_file():
+        obj["one2345_input"] = str(result.input)
+        obj["one2345_input_sha256"] = hashlib.sha256(Path(result.input).read_bytes()).hexdigest()
+    recipe = _read_recipe(result.meta)
+    if recipe is not None:  # JSON text: an ID property would turn nested nulls and lists into Blender's own types
+        obj["one2345_recipe"] = json.dumps(recipe, sort_keys=True)
+
+
+def _read_recipe(meta: Path | None) -> dict[str, Any] | None:
+    """meta.json's ``recipe``: everything that made the result (input hash, options, seeds, elevation, models)."""
+    if meta is None:
+        return None
+    try:
+        recipe = json.loads(Path(meta).read_text()).get("recipe")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recipe if isinstance(recipe, dict) else None

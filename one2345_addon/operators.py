@@ -4,16 +4,19 @@ actions the panel and the preferences offer.
 
 # No `from __future__ import annotations`: Blender reads property annotations as objects, not strings.
 
+import contextlib
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import bpy
-from bpy.props import EnumProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
-from . import jobs, mesh_import, preferences, properties, server_process
+from . import jobs, mesh_import, preferences, properties, server_process, server_state
+from .client import ServerError
 from .jobs import GenerateJob, JobError
 
 FIXES: dict[str, tuple[tuple[str, str, str], ...]] = {}
@@ -67,6 +70,29 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("._") or "image"
 
 
+def new_job_dir(tag: str = "") -> Path:
+    """A fresh folder for one job under the extension's user folder: ``jobs/<date-time-ms>[-tag]``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{int(time.time() * 1000) % 1000:03d}"
+    return preferences.user_dir() / "jobs" / (f"{stamp}-{tag}" if tag else stamp)
+
+
+def begin(job: GenerateJob) -> GenerateJob:
+    """Make ``job`` the active job, keep the review settings in step with it, and start it (main thread)."""
+    job.on("review", _on_review)
+    jobs.set_active(job)
+    return job.start()
+
+
+def _on_review(review: jobs.ReviewState | None) -> None:
+    """A new set of views to review: clear the re-roll checkboxes and show the elevation the run would use."""
+    if review is None:
+        return
+    settings = bpy.context.scene.one2345
+    settings.review_selected = (False,) * len(settings.review_selected)
+    settings.review_elevation = review.elevation
+    _redraw(bpy.context)
+
+
 def start_generation(context: bpy.types.Context, operator: bpy.types.Operator | None = None, filepath: str = "",
                      image_name: str = "") -> GenerateJob:
     """Start a generation job on a worker thread and make it the active job (main thread).
@@ -76,13 +102,10 @@ def start_generation(context: bpy.types.Context, operator: bpy.types.Operator | 
     """
     prefs = preferences.get(context)
     options = properties.to_request(context.scene.one2345, operator)
-    job_dir = preferences.user_dir() / "jobs" / time.strftime("%Y%m%d-%H%M%S")
-    job_dir = job_dir.with_name(f"{job_dir.name}-{int(time.time() * 1000) % 1000:03d}")
+    job_dir = new_job_dir()
     image, name = resolve_input(context, filepath, image_name, job_dir)
     connect, exit_code = preferences.connector(prefs)
-    job = GenerateJob(image, options, job_dir, connect, exit_code, mesh_name=name)
-    jobs.set_active(job)
-    return job.start()
+    return begin(GenerateJob(image, options, job_dir, connect, exit_code, mesh_name=name))
 
 
 def finish_generation(context: bpy.types.Context, job: GenerateJob) -> bpy.types.Object | None:
@@ -96,11 +119,32 @@ def finish_generation(context: bpy.types.Context, job: GenerateJob) -> bpy.types
         except (ValueError, RuntimeError) as exc:  # an unreadable file: the job is kept, the import failed
             job.state, job.error = "failed", JobError("bad_result", f"Could not import {job.result.mesh}: {exc}")
         else:
-            mesh_import.link_job(obj, job.result)
+            mesh_import.link_job(obj, job.result, job.mesh_name)
+            keep_job(prefs, job.result.job_id)
     manager = server_process.current_manager()
     if not prefs.keep_warm and manager is not None:
         manager.stop()
     return obj
+
+
+def keep_job(prefs: preferences.ONE2345_AP_preferences, *job_ids: str, start_server: bool = True) -> None:
+    """Pin server jobs that objects refer to, so the server's size-limit clean-up never deletes them (a thread:
+    a slow server must not stall the UI; a job the server no longer has is simply not pinned). With
+    ``start_server=False`` a local server that is not running is left alone (it cleans up only while running)."""
+    manager = server_process.current_manager()
+    local_idle = prefs.server_mode == "LOCAL" and (manager is None or not manager.running())
+    if not job_ids or (local_idle and not start_server):
+        return
+    connect, _ = preferences.connector(prefs)
+
+    def pin() -> None:
+        with contextlib.suppress(Exception):  # best effort: the object still has its own copy of the mesh
+            client = connect().client(timeout=10.0)
+            for job_id in job_ids:
+                with contextlib.suppress(ServerError):
+                    client.pin(job_id)
+
+    threading.Thread(target=pin, name="one2345-pin", daemon=True).start()
 
 
 def report_failure(operator: bpy.types.Operator, message: str) -> None:
@@ -131,44 +175,49 @@ def _redraw(context: bpy.types.Context) -> None:
                 area.tag_redraw()
 
 
-class ONE2345_OT_generate_mesh(bpy.types.Operator):
-    """Generate a coloured 3D mesh from the image with One-2-3-45 and import it"""
+def weights_block_reason() -> str | None:
+    """Why no job can run right now as far as the add-on knows (the last health/weights answer), or None."""
+    health = server_state.STATE.health
+    weights = (health or {}).get("weights") or {}
+    if weights and not weights.get("ready", True):
+        size = server_state.human_bytes(server_state.STATE.missing_bytes())
+        return (f"Model weights are missing ({', '.join(weights.get('required_missing') or [])}; {size}): "
+                "download them in Preferences > Add-ons > One2345")
+    return None
 
-    bl_idname = "one2345.generate_mesh"
-    bl_label = "Generate Mesh"
-    bl_options = {"REGISTER", "UNDO"}  # noqa: RUF012 - Blender reads a plain set; a ClassVar hint would be a property
 
-    __annotations__ = {
-        "filepath": StringProperty(name="Image File", subtype="FILE_PATH", options={"SKIP_SAVE"},
-                                   description="Input image (default: the panel's image)"),
-        "image_name": StringProperty(name="Image", options={"SKIP_SAVE"},
-                                     description="Name of an image datablock to use instead of a file"),
-        **properties.skip_save_options(),
-    }
+class _FollowJob:
+    """What Generate, Re-mesh and Regenerate share: start a job, then follow it modally (interactive) or wait for
+    it (background mode and scripts), then import the result. A job paused for review keeps the modal operator
+    running; in background mode the operator returns and ``one2345.continue_job`` finishes the job."""
 
     _job = None
     _timer = None
 
-    @classmethod
-    def poll(cls, context: bpy.types.Context) -> bool:
-        """Greyed out while a job runs."""
-        return jobs.active() is None
+    def make_job(self, context: bpy.types.Context) -> GenerateJob:
+        """Prepare and start the job (raise :class:`jobs.JobFailed` when it cannot start)."""
+        raise NotImplementedError
 
     def _start(self, context: bpy.types.Context) -> bool:
         try:
-            self._job = start_generation(context, self, self.filepath, self.image_name)
+            self._job = self.make_job(context)
         except jobs.JobFailed as exc:
-            jobs.set_last(jobs.failed("generation", exc.error))
+            jobs.set_last(jobs.failed(self.bl_label.lower(), exc.error))
             report_failure(self, str(exc.error))
             return False
         return True
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        """Run to completion (background mode and scripts); Ctrl+C cancels."""
+        """Run to completion (background mode and scripts), or until the job waits for review; Ctrl+C cancels."""
         if not self._start(context):
             return {"CANCELLED"}
-        self._job.wait()
-        return report_outcome(self, self._job, finish_generation(context, self._job))
+        job = self._job
+        job.wait(until=lambda: job.review is not None)
+        if job.review is not None and not job.finished:
+            self.report({"INFO"}, f"{len(job.review.views)} views are ready for review in {job.review.views[0].parent}"
+                                  "; re-roll some (one2345.reroll_views) or continue (one2345.continue_job).")
+            return {"FINISHED"}
+        return report_outcome(self, job, finish_generation(context, job))
 
     def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
         """Start the job and follow it with a timer, keeping the UI responsive."""
@@ -176,13 +225,14 @@ class ONE2345_OT_generate_mesh(bpy.types.Operator):
             return self.execute(context)
         if not self._start(context):
             return {"CANCELLED"}
+        self._job.followed = True
         self._timer = context.window_manager.event_timer_add(0.1, window=context.window)
         context.window_manager.modal_handler_add(self)
         return {"RUNNING_MODAL"}
 
     def modal(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
-        """Drain the job's events on the main thread; Esc cancels."""
-        if event.type == "ESC" and event.value == "PRESS":
+        """Drain the job's events on the main thread; Esc cancels (not while reviewing: Esc is for the panel)."""
+        if event.type == "ESC" and event.value == "PRESS" and self._job.review is None:
             self._job.cancel()
             return {"RUNNING_MODAL"}
         if event.type != "TIMER":
@@ -193,6 +243,183 @@ class ONE2345_OT_generate_mesh(bpy.types.Operator):
             return {"RUNNING_MODAL"}
         context.window_manager.event_timer_remove(self._timer)
         return report_outcome(self, self._job, finish_generation(context, self._job))
+
+
+class ONE2345_OT_generate_mesh(_FollowJob, bpy.types.Operator):
+    """Generate a coloured 3D mesh from the image with One-2-3-45 and import it"""
+
+    bl_idname = "one2345.generate_mesh"
+    bl_label = "Generate Mesh"
+    # UNDO without REGISTER: one undo step, but no "Adjust Last Operation" panel, whose every change would run the
+    # whole generation again, blocking Blender.
+    bl_options = {"UNDO"}  # noqa: RUF012 - Blender reads a plain set; a ClassVar hint would be a property
+
+    __annotations__ = {
+        "filepath": StringProperty(name="Image File", subtype="FILE_PATH", options={"SKIP_SAVE"},
+                                   description="Input image (default: the panel's image)"),
+        "image_name": StringProperty(name="Image", options={"SKIP_SAVE"},
+                                     description="Name of an image datablock to use instead of a file"),
+        **properties.skip_save_options(),
+    }
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        """Greyed out while a job runs, and (with the reason) while the server lacks weights it needs."""
+        if jobs.active() is not None:
+            cls.poll_message_set("A job is running; wait for it or cancel it")
+            return False
+        reason = weights_block_reason()
+        if reason:
+            cls.poll_message_set(reason)
+            return False
+        return True
+
+    def make_job(self, context: bpy.types.Context) -> GenerateJob:
+        return start_generation(context, self, self.filepath, self.image_name)
+
+
+def active_result(context: bpy.types.Context) -> bpy.types.Object | None:
+    """The active object if it came from a One2345 job (it has the job's custom properties)."""
+    obj = context.active_object
+    return obj if obj is not None and obj.get("one2345_job_id") else None
+
+
+class ONE2345_OT_remesh(_FollowJob, bpy.types.Operator):
+    """Mesh the active object's job again from its views (no diffusion: seconds), with the panel's resolution,
+    colours and target faces; the result is a new object next to it"""
+
+    bl_idname = "one2345.remesh"
+    bl_label = "Re-mesh"
+    bl_options = {"UNDO"}  # noqa: RUF012 - Blender reads a plain set; a ClassVar hint would be a property
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        """A One2345 object is active and no job runs."""
+        if active_result(context) is None:
+            cls.poll_message_set("Select an object made by One2345")
+            return False
+        return jobs.active() is None
+
+    def make_job(self, context: bpy.types.Context) -> GenerateJob:
+        obj = active_result(context)
+        request = properties.to_request(context.scene.one2345)
+        overrides = {name: request[name] for name in ("resolution", "target_faces", "texture_size", "format")}
+        connect, exit_code = preferences.connector(preferences.get(context))
+        name = f"{obj.get('one2345_name') or obj.name}_remesh"
+        return begin(GenerateJob(None, overrides, new_job_dir("remesh"), connect, exit_code, mesh_name=name,
+                                 remesh_of=str(obj["one2345_job_id"])))
+
+
+class ONE2345_OT_regenerate(_FollowJob, bpy.types.Operator):
+    """Run the active object's recipe again: the same image and settings give the same mesh; Variation uses a new
+    seed"""
+
+    bl_idname = "one2345.regenerate"
+    bl_label = "Regenerate"
+    bl_options = {"UNDO"}  # noqa: RUF012 - Blender reads a plain set; a ClassVar hint would be a property
+
+    variation: BoolProperty(name="Variation", description="A new seed (and no kept re-rolls) instead of the "
+                                                          "recipe's", default=False, options={"SKIP_SAVE"})
+    seed: IntProperty(name="Seed", description="The variation's seed (default: a random one)", min=0,
+                      options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        """A One2345 object with a recipe is active and no job runs."""
+        obj = active_result(context)
+        if obj is None or not obj.get("one2345_recipe"):
+            cls.poll_message_set("Select an object made by One2345 (it keeps the recipe it was made with)")
+            return False
+        return jobs.active() is None
+
+    def make_job(self, context: bpy.types.Context) -> GenerateJob:
+        obj = active_result(context)
+        recipe = jobs.parse_recipe(obj["one2345_recipe"])
+        seed = self.seed if self.properties.is_property_set("seed") else None
+        options = jobs.recipe_options(recipe, variation=self.variation, seed=seed)
+        job_dir = new_job_dir("variation" if self.variation else "regenerate")
+        image = jobs.recipe_input(Path(obj.get("one2345_input") or ""), obj.get("one2345_input_sha256", ""), job_dir)
+        connect, exit_code = preferences.connector(preferences.get(context))
+        return begin(GenerateJob(image, options, job_dir, connect, exit_code,
+                                 mesh_name=obj.get("one2345_name") or obj.name))
+
+
+# -- review ---------------------------------------------------------------------------------------------------------
+
+def reviewing_job() -> GenerateJob | None:
+    """The active job if it waits for review."""
+    job = jobs.active()
+    return job if job is not None and job.review is not None else None
+
+
+class ONE2345_OT_reroll_views(bpy.types.Operator):
+    """Generate the ticked views again with a new seed (the others are kept as they are)"""
+
+    bl_idname = "one2345.reroll_views"
+    bl_label = "Re-roll Selected"
+
+    views: StringProperty(name="Views", options={"SKIP_SAVE"},
+                          description="View numbers, e.g. '1,5' (default: the ticked views in the panel)")
+    seed: IntProperty(name="Seed", min=0, options={"SKIP_SAVE"},
+                      description="Seed of the re-rolled views (default: the panel's, else a random one)")
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        """Only while a job waits for review."""
+        if reviewing_job() is None:
+            cls.poll_message_set("No job is waiting for review")
+            return False
+        return True
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Send the re-roll; in background mode wait for the new views."""
+        job = reviewing_job()
+        settings = context.scene.one2345
+        review = job.review
+        if self.views.strip():
+            try:
+                numbers = [int(part) for part in self.views.replace(" ", "").split(",") if part]
+            except ValueError:
+                report_failure(self, f"Views {self.views!r} are not numbers; give e.g. '1,5' (views "
+                                     f"{', '.join(map(str, review.numbers))}).")
+                return {"CANCELLED"}
+        else:
+            numbers = [n for i, n in enumerate(review.numbers) if settings.review_selected[i]]
+        if not numbers:
+            report_failure(self, "No view is ticked: tick the views to re-roll first.")
+            return {"CANCELLED"}
+        seed = self.seed if self.properties.is_property_set("seed") else (settings.review_seed or None)
+        job.reroll(numbers, seed)
+        if bpy.app.background:
+            job.wait(until=lambda: job.review is not None and job.review.revision > review.revision)
+        self.report({"INFO"}, f"Re-rolling views {', '.join(map(str, numbers))}.")
+        return {"FINISHED"}
+
+
+class ONE2345_OT_continue_job(bpy.types.Operator):
+    """Accept the views and make the mesh (with the elevation shown in the panel)"""
+
+    bl_idname = "one2345.continue_job"
+    bl_label = "Continue"
+    bl_options = {"UNDO"}  # noqa: RUF012 - Blender reads a plain set; a ClassVar hint would be a property
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        """Only while a job waits for review."""
+        if reviewing_job() is None:
+            cls.poll_message_set("No job is waiting for review")
+            return False
+        return True
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Send Continue; when no modal operator follows the job (background mode), wait and import here."""
+        job = reviewing_job()
+        elevation = context.scene.one2345.review_elevation
+        job.proceed(None if abs(elevation - job.review.elevation) < 1e-3 else elevation)
+        if getattr(job, "followed", False):
+            return {"FINISHED"}
+        job.wait()
+        return report_outcome(self, job, finish_generation(context, job))
 
 
 class ONE2345_OT_cancel_job(bpy.types.Operator):
@@ -245,7 +472,10 @@ class ONE2345_OT_check_server(bpy.types.Operator):
             connect, _ = preferences.connector(prefs)
 
             def check(task: jobs.Task) -> str:
-                return server_process.describe_health(connect())
+                connection = connect()
+                with contextlib.suppress(ServerError):
+                    server_state.STATE.health = connection.client(timeout=10.0).health()
+                return server_process.describe_health(connection)
         else:
             settings = preferences.launch_settings(prefs)
             manager = server_process.manager(settings.state_dir)
@@ -253,7 +483,10 @@ class ONE2345_OT_check_server(bpy.types.Operator):
             def check(task: jobs.Task) -> str:
                 verdict = server_process.diagnose_python(settings.python)
                 if manager.running():
-                    verdict += " " + server_process.describe_health(manager.ensure(settings))
+                    connection = manager.ensure(settings)
+                    with contextlib.suppress(ServerError):
+                        server_state.STATE.health = connection.client(timeout=10.0).health()
+                    verdict += " " + server_process.describe_health(connection)
                 else:
                     verdict += " The server is not running; it starts with the first job."
                 return verdict
@@ -416,7 +649,7 @@ FIXES.update({
     "server_died": (("one2345.start_server", "Restart Server", "FILE_REFRESH"), _SERVER_LOG),
     "unreachable": (_START, _OPEN_PREFS),
     "unauthorized": (_OPEN_PREFS,),
-    "missing_weights": (_OPEN_PREFS, _SERVER_LOG),
+    "missing_weights": (("one2345.download_weights", "Download Weights", "IMPORT"), _OPEN_PREFS),
     "out_of_memory": (("one2345.lower_resolution", "Lower Mesh Resolution", "MOD_DECIM"),),
     "queue_full": (("one2345.generate_mesh", "Try Again", "FILE_REFRESH"),),
     "internal": (_SERVER_LOG,),
@@ -424,7 +657,8 @@ FIXES.update({
     "offline": (_OPEN_PREFS,),
 })
 
-CLASSES = (ONE2345_OT_generate_mesh, ONE2345_OT_cancel_job, ONE2345_OT_check_server, ONE2345_OT_start_server,
+CLASSES = (ONE2345_OT_generate_mesh, ONE2345_OT_remesh, ONE2345_OT_regenerate, ONE2345_OT_reroll_views,
+           ONE2345_OT_continue_job, ONE2345_OT_cancel_job, ONE2345_OT_check_server, ONE2345_OT_start_server,
            ONE2345_OT_stop_server, ONE2345_OT_setup_server_env, ONE2345_OT_open_log, ONE2345_OT_open_preferences,
            ONE2345_OT_lower_resolution)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import textwrap
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import bpy
 import bpy.utils.previews
 
-from . import jobs
+from . import history, jobs, server_state
 from .operators import FIXES
 
 MAIN_VIEW = re.compile(r"^\d+\.png$")
@@ -66,7 +67,51 @@ def draw_options(layout: bpy.types.UILayout, settings: bpy.types.PropertyGroup) 
         col.prop(settings, "guidance")
     col.prop(settings, "resolution")
     col.prop(settings, "remove_background")
-    col.prop(settings, "mesh_format")
+    col.prop(settings, "colours")
+    if settings.colours == "TEXTURE":
+        col.prop(settings, "texture_size")
+    else:
+        col.prop(settings, "mesh_format")
+    col.prop(settings, "target_faces")
+    col.prop(settings, "review")
+
+
+def draw_preflight(layout: bpy.types.UILayout) -> None:
+    """What the add-on knows before Generate: server, weights, device and memory, the time to expect."""
+    col = layout.column(align=True)
+    col.scale_y = 0.8
+    for ok, text in server_state.STATE.preflight():
+        col.label(text=text, icon="CHECKMARK" if ok else "ERROR")
+
+
+def draw_review(layout: bpy.types.UILayout, job: jobs.GenerateJob, settings: bpy.types.PropertyGroup) -> None:
+    """The views to judge, large, each with its re-roll checkbox; the elevation to use; Re-roll and Continue."""
+    review = job.review
+    box = layout.box()
+    box.label(text=f"Review the views (revision {review.revision}, seed {review.seed})", icon="HIDE_OFF")
+    grid = box.grid_flow(columns=4, even_columns=True, align=True)
+    for i, (path, number) in enumerate(zip(review.views, review.numbers, strict=True)):
+        cell = grid.column(align=True)
+        cell.template_icon(icon_value=preview_icon(path), scale=5.0)
+        rerolled = f" (seed {review.view_seeds[str(number)]})" if str(number) in review.view_seeds else ""
+        cell.prop(settings, "review_selected", index=i, text=f"View {number}{rerolled}")
+    col = box.column(align=True)
+    col.use_property_split = True
+    col.prop(settings, "review_elevation")
+    source = {"estimated": "estimated", "fallback": "fallback (no confident estimate)", "given": "given"}.get(
+        review.elevation_source, review.elevation_source)
+    col.label(text=f"Estimate {review.elevation:.1f}° ({source})",
+              icon="ERROR" if review.elevation_uncertain else "INFO")
+    col.prop(settings, "review_seed")
+    for note in review.notes:
+        wrapped_label(box, note, icon="INFO")
+    if review.expires_in_s is not None:
+        box.label(text=f"Waits {server_state.format_seconds(review.expires_in_s)} more, then expires", icon="TIME")
+    row = box.row(align=True)
+    row.scale_y = 1.3
+    row.operator("one2345.reroll_views", icon="FILE_REFRESH")
+    row.operator("one2345.continue_job", icon="PLAY")
+    box.operator("one2345.cancel_job", text="Cancel", icon="CANCEL")
 
 
 def draw_progress(layout: bpy.types.UILayout, job: jobs.GenerateJob) -> None:
@@ -131,16 +176,70 @@ class ONE2345_PT_generate(bpy.types.Panel):
         draw_image_source(layout, context, settings)
         draw_options(layout, settings)
         job = jobs.active()
-        if job is not None:
+        if job is not None and job.review is not None:
+            draw_review(layout, job, settings)
+        elif job is not None:
             draw_progress(layout, job)
         else:
+            draw_preflight(layout)
             row = layout.row()
             row.scale_y = 1.5
             row.operator("one2345.generate_mesh", icon="MESH_MONKEY")
             draw_outcome(layout, jobs.last())
 
 
-CLASSES = (ONE2345_PT_generate,)
+class ONE2345_PT_object(bpy.types.Panel):
+    """The active object's job: what made it, Re-mesh, Regenerate and Variation."""
+
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "One2345"
+    bl_label = "Active Object"
+    bl_parent_id = "ONE2345_PT_generate"
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        """Only for objects made by One2345."""
+        obj = context.active_object
+        return obj is not None and bool(obj.get("one2345_job_id"))
+
+    def draw(self, context: bpy.types.Context) -> None:
+        """The recipe in brief, and the actions on it."""
+        layout = self.layout
+        obj = context.active_object
+        recipe = obj.get("one2345_recipe")
+        kind = "texture" if obj.get("one2345_textured") else "vertex colours"
+        layout.label(text=f"{obj.name}: {len(obj.data.polygons) if obj.type == 'MESH' else 0} faces, {kind}",
+                     icon="OBJECT_DATA")
+        if recipe:
+            options = json.loads(recipe).get("options") or {}
+            layout.label(text=history.describe_options(options))
+        if obj.get("one2345_remesh_of"):
+            layout.label(text=f"Re-mesh of job {str(obj['one2345_remesh_of'])[:8]}", icon="MOD_REMESH")
+        layout.operator("one2345.remesh", icon="MOD_REMESH")
+        row = layout.row(align=True)
+        row.operator("one2345.regenerate", icon="FILE_REFRESH")
+        row.operator("one2345.regenerate", text="Variation", icon="SHADERFX").variation = True
+        layout.operator("wm.path_open", text="Open Job Folder", icon="FILE_FOLDER").filepath = str(
+            obj.get("one2345_job_dir", ""))
+
+
+class ONE2345_PT_history(bpy.types.Panel):
+    """Past jobs on the server."""
+
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "One2345"
+    bl_label = "History"
+    bl_parent_id = "ONE2345_PT_generate"
+    bl_options = {"DEFAULT_CLOSED"}  # noqa: RUF012 - Blender reads a plain set; a ClassVar hint would be a property
+
+    def draw(self, context: bpy.types.Context) -> None:
+        """The list and its actions."""
+        history.draw_history(self.layout, context)
+
+
+CLASSES = (ONE2345_PT_generate, ONE2345_PT_object, ONE2345_PT_history)
 
 
 def register() -> None:

@@ -102,6 +102,9 @@ class ONE2345_AP_preferences(bpy.types.AddonPreferences):
         elif self.status_text:
             for line in self.status_text.splitlines()[:8]:
                 box.label(text=line)
+        from .weights_ops import draw_weights  # imports operators, which import this module
+
+        draw_weights(layout)
         layout.prop(self, "show_advanced")
         if self.show_advanced:
             layout.prop(self, "preset")

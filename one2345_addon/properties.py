@@ -11,13 +11,22 @@ the panel edits the scene's copy. :func:`to_request` is the only place that maps
 from typing import Any
 
 import bpy
-from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
+from bpy.props import (
+    BoolProperty,
+    BoolVectorProperty,
+    EnumProperty,
+    FloatProperty,
+    IntProperty,
+    PointerProperty,
+    StringProperty,
+)
 
 QUALITY_STEPS = {"FAST": (25, 15), "BALANCED": (50, 30), "PAPER": (75, 50)}
 """Quality preset → (stage-1 DDIM steps, stage-2 DDIM steps). PAPER is the reference's 75/50 (spec §1)."""
 
 OPTION_NAMES = ("elevation_mode", "elevation", "use_random_seed", "seed", "quality", "steps_stage1", "steps_stage2",
-                "guidance", "resolution", "remove_background", "mesh_format")
+                "guidance", "resolution", "remove_background", "mesh_format", "colours", "texture_size",
+                "target_faces", "review")
 """Every option property; the operator overrides the scene's value for the ones a caller sets explicitly."""
 
 
@@ -57,6 +66,23 @@ class JobOptions:
         items=(("PLY", "PLY", "Vertex colours, z-up (recommended)"), ("GLB", "glTF Binary", "glTF 2.0 binary"),
                ("OBJ", "OBJ", "Wavefront OBJ with vertex colours")),
         default="PLY")
+    colours: EnumProperty(
+        name="Colours", description="How the mesh carries its colours",
+        items=(("VERTEX", "Vertex Colours", "A colour per vertex (the raw marching-cubes mesh keeps every detail)"),
+               ("TEXTURE", "Texture", "A UV texture baked from the generated views (a glTF file with an image)")),
+        default="VERTEX")
+    texture_size: EnumProperty(
+        name="Texture Size", description="Side of the baked texture in pixels",
+        items=(("512", "512", ""), ("1024", "1024", "The default"), ("2048", "2048", ""), ("4096", "4096", "")),
+        default="1024")
+    target_faces: IntProperty(
+        name="Target Faces", description="Polygon budget: decimate the mesh to this many faces (0 keeps every face; "
+                                         "else 1000…2000000)",
+        default=0, min=0, max=2_000_000, soft_max=200_000)
+    review: BoolProperty(
+        name="Review Views", description="Stop after the eight generated views so you can re-roll the ones you do "
+                                         "not like before the mesh is made",
+        default=False)
 
 
 def skip_save_options() -> dict[str, Any]:
@@ -81,6 +107,13 @@ class ONE2345_PG_settings(JobOptions, bpy.types.PropertyGroup):
         default="FILE")
     filepath: StringProperty(name="Image File", description="Input image file", subtype="FILE_PATH")
     image: PointerProperty(name="Image", description="Input image datablock", type=bpy.types.Image)
+    review_selected: BoolVectorProperty(
+        name="Re-roll", description="Views to generate again with a new seed", size=12, default=(False,) * 12)
+    review_elevation: FloatProperty(
+        name="Elevation (°)", description="The elevation the mesh will be made with (edit it before Continue)",
+        default=0.0, min=-60.0, max=70.0)
+    review_seed: IntProperty(name="Re-roll Seed", description="Seed for the re-rolled views (0: a new random one)",
+                             default=0, min=0)
 
 
 def option_values(settings: Any, override: Any = None) -> dict[str, Any]:
@@ -102,9 +135,12 @@ def to_request(settings: Any, override: Any = None) -> dict[str, Any]:
 
     Returns:
         ``{"elevation": float | None, "seed": int | None, "steps_stage1", "steps_stage2", "guidance",
-        "resolution", "format": "ply" | "glb" | "obj", "remove_background"}``.
+        "resolution", "format": "ply" | "glb" | "obj", "remove_background", "target_faces": int | None,
+        "texture_size": int | None, "review": bool}``. A textured result is always glTF binary (the one format of
+        the server's HTTP results that carries an image).
     """
     v = option_values(settings, override)
+    textured = v["colours"] == "TEXTURE"
     steps = (v["steps_stage1"], v["steps_stage2"]) if v["quality"] == "CUSTOM" else QUALITY_STEPS[v["quality"]]
     # Explicit step counts from a script win over the quality preset (nobody passes steps to be ignored).
     if override is not None:
@@ -117,8 +153,11 @@ def to_request(settings: Any, override: Any = None) -> dict[str, Any]:
         "steps_stage2": int(steps[1]),
         "guidance": float(v["guidance"]),
         "resolution": int(v["resolution"]),
-        "format": str(v["mesh_format"]).lower(),
+        "format": "glb" if textured else str(v["mesh_format"]).lower(),
         "remove_background": bool(v["remove_background"]),
+        "target_faces": int(v["target_faces"]) or None,
+        "texture_size": int(v["texture_size"]) if textured else None,
+        "review": bool(v["review"]),
     }
 
 

@@ -57,6 +57,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from server import __version__
+from server.devices import PEAK_MEMORY_BYTES, describe_device
 from server.errors import BadInputError, One2345Error, only_query
 from server.jobs import MEDIA_TYPES, REMESH_OPTIONS, ApiError, JobManager, check_options
 from server.weights_api import WeightsHealth, WeightsManager, weights_router
@@ -111,6 +112,13 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class DeviceInfo(BaseModel):
+    name: str = Field(description="e.g. NVIDIA H200, or the CPU's name")
+    kind: str = Field(description="cuda or cpu")
+    memory_free_bytes: int | None = Field(description="free device memory now (CUDA only)")
+    memory_total_bytes: int | None
+
+
 class Health(BaseModel):
     status: str = Field(description='always "ok" when the server answers')
     version: str
@@ -120,6 +128,12 @@ class Health(BaseModel):
                                                       "(or --preload)")
     queue_length: int = Field(description="jobs waiting behind the running one")
     running: str | None = Field(description="id of the running job, or null")
+    recent_job_s: float | None = Field(None, description="median seconds of the last (up to 5) finished "
+                                                         "generations: the add-on's time estimate; null before the "
+                                                         "first")
+    device_info: DeviceInfo | None = Field(None, description="the device's name and free memory")
+    run_needs_bytes: int | None = Field(None, description="peak device memory of one run of this preset, as "
+                                                          "measured; null when negligible or unknown")
     weights: WeightsHealth | None = Field(None, description="which weight files are missing (GET /v1/weights "
                                                             "for details); null when the server has no weights "
                                                             "manager")
@@ -479,8 +493,9 @@ def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager |
     @router.get("/health", response_model=Health, summary="Is the server up, and what is it doing")
     def health() -> dict[str, Any]:
         pipe = manager.pipeline
-        return {"status": "ok", "version": __version__, "device": pipe.device if pipe else config.device,
-                "preset": pipe.preset if pipe else config.preset, **manager.health(),
+        device, preset = (pipe.device, pipe.preset) if pipe else (config.device, config.preset)
+        return {"status": "ok", "version": __version__, "device": device, "preset": preset, **manager.health(),
+                "device_info": describe_device(device), "run_needs_bytes": PEAK_MEMORY_BYTES.get(preset),
                 "weights": weights.health() if weights is not None else None}
 
     @router.post("/jobs", status_code=202, response_model=JobCreated, summary="Submit an image",

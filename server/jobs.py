@@ -352,9 +352,13 @@ class JobManager:
 
     def health(self) -> dict[str, Any]:
         with self.lock:
+            done = sorted((j for j in self._jobs.values() if j.state == "done" and j.remesh_of is None),
+                          key=lambda j: j.created)[-5:]
+            seconds = sorted(j.to_public()["elapsed_s"] for j in done)
             return {"models_loaded": self.pipeline.models_loaded() if self.pipeline is not None else {},
                     "queue_length": len(self._queue),
-                    "running": self._running.id if self._running is not None else None}
+                    "running": self._running.id if self._running is not None else None,
+                    "recent_job_s": seconds[len(seconds) // 2] if seconds else None}
 
     def status(self, job_id: str) -> dict[str, Any]:
         with self.lock:

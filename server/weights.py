@@ -147,6 +147,33 @@ WEIGHT_FILES: tuple[WeightFile, ...] = (
 REGISTRY: dict[str, WeightFile] = {w.name: w for w in WEIGHT_FILES}
 
 
+TABLE_ENV = "ONE2345_WEIGHTS_TABLE"
+"""A JSON file replacing :data:`WEIGHT_FILES` in a server process: a test hook, so that clients (the add-on's
+download flow) can be tested end to end against a stand-in hub serving small files."""
+
+
+def install_table(path: Path) -> tuple[WeightFile, ...]:
+    """Replace :data:`WEIGHT_FILES` and :data:`REGISTRY` with the table in ``path``: a JSON list of objects with
+    ``name``, ``filename``, ``size_bytes`` and optionally ``required``, ``purpose``, ``licence``.
+
+    Raises:
+        BadInputError: the file is not such a table (naming the entry and key).
+    """
+    global WEIGHT_FILES, REGISTRY
+    try:
+        rows = json.loads(Path(path).read_text())
+        files = tuple(WeightFile(name=str(r["name"]), repo_id=HUB_REPO_ID, filename=str(r["filename"]),
+                                 local_name=str(r["filename"]), approx_size_bytes=int(r["size_bytes"]),
+                                 size_bytes=int(r["size_bytes"]), purpose=str(r.get("purpose", "test file")),
+                                 licence=str(r.get("licence", "test")), required=bool(r.get("required", True)))
+                      for r in rows)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise BadInputError(f"${TABLE_ENV}={str(path)!r} is not a weights table ({type(e).__name__}: {e}); it must "
+                            "be a JSON list of {name, filename, size_bytes[, required]}") from None
+    WEIGHT_FILES, REGISTRY = files, {w.name: w for w in files}
+    return files
+
+
 def default_weights_dir() -> Path:
     """The weights folder: ``$ONE2345_WEIGHTS`` if set and non-empty, else ``~/.cache/one2345/weights``."""
     configured = os.environ.get(WEIGHTS_DIR_ENV, "").strip()

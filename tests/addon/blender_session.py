@@ -36,6 +36,8 @@ LOW = {"steps_stage1": 2, "steps_stage2": 2, "resolution": 32, "seed": 0}
 """Options that keep a tiny-preset job short on a loaded CPU."""
 
 RESULTS: dict[str, dict] = {}
+NOT_PATHS = ("one2345_job_id", "one2345_recipe", "one2345_input_sha256", "one2345_name", "one2345_remesh_of")
+"""The object properties that are not file paths."""
 
 
 def scenario(function):
@@ -107,6 +109,25 @@ def draw_panel() -> list:
     return calls
 
 
+def draw_preferences() -> list:
+    calls: list = []
+
+    class Drawn:  # the real preferences, with a recording layout
+        layout = StubLayout(calls)
+
+        def __getattr__(self, name):
+            return getattr(prefs(), name)
+
+    type(prefs()).draw(Drawn(), bpy.context)
+    return calls
+
+
+def draw_object_panel() -> list:
+    calls: list = []
+    addon("panels").ONE2345_PT_object.draw(SimpleNamespace(layout=StubLayout(calls)), bpy.context)
+    return calls
+
+
 def operator_ids(calls: list) -> list[str]:
     return [c["args"][0] for c in calls if c["call"] == "operator"]
 
@@ -138,15 +159,7 @@ def run(config: dict) -> None:
 
     @scenario
     def preferences_draw(record):
-        calls: list = []
-
-        class Drawn:  # the real preferences, with a recording layout
-            layout = StubLayout(calls)
-
-            def __getattr__(self, name):
-                return getattr(prefs(), name)
-
-        type(prefs()).draw(Drawn(), bpy.context)
+        calls = draw_preferences()
         record["operators"] = operator_ids(calls)
         record["props"] = [c["args"][1] for c in calls if c["call"] == "prop"]
 
@@ -163,6 +176,10 @@ def run(config: dict) -> None:
                      "steps_stage1", "steps_stage2", "guidance"):
             settings.property_unset(name)
         record["reset"] = to_request(settings)
+        settings.colours, settings.texture_size, settings.target_faces, settings.review = "TEXTURE", "2048", 20000, True
+        record["asset"] = to_request(settings)
+        for name in ("colours", "texture_size", "target_faces", "review"):
+            settings.property_unset(name)
 
     @scenario
     def setup_offline(record):
@@ -285,7 +302,7 @@ def run(config: dict) -> None:
             record["object"] = describe(obj)
             record["props"] = {k: obj[k] for k in obj.keys() if k.startswith("one2345_")}  # noqa: SIM118
             record["files_exist"] = {k: Path(v).exists() for k, v in record["props"].items()
-                                     if isinstance(v, str) and v and k != "one2345_job_id"}
+                                     if isinstance(v, str) and v and k not in NOT_PATHS}
             record["meta_options"] = json.loads(Path(obj["one2345_meta"]).read_text())["options"]
         calls = draw_panel()
         record["panel_operators"] = operator_ids(calls)
@@ -349,6 +366,189 @@ def run(config: dict) -> None:
         connection = manager.ensure(addon("preferences").launch_settings(prefs()))
         record["server_state"] = connection.client().status(job.server_job_id)["state"]
         record["poll_after"] = bpy.ops.one2345.generate_mesh.poll()
+
+    @scenario
+    def redo_free(record):
+        cls = bpy.types.ONE2345_OT_generate_mesh
+        record["bl_options"] = sorted(cls.bl_options)
+
+    @scenario
+    def textured(record):
+        before = set(bpy.data.objects)
+        result = bpy.ops.one2345.generate_mesh(filepath=str(image), colours="TEXTURE", texture_size="512",
+                                               target_faces=1000, **LOW)
+        record["result"] = sorted(result)
+        job = addon("jobs").last()
+        record["error"] = job.error and str(job.error)
+        new = [o for o in bpy.data.objects if o not in before]
+        obj = new[0]
+        record["object"] = describe(obj)
+        record["props"] = {k: obj[k] for k in obj.keys() if k.startswith("one2345_")}  # noqa: SIM118
+        record["uv_layers"] = [uv.name for uv in obj.data.uv_layers]
+        images = [n.image for n in obj.data.materials[0].node_tree.nodes if n.type == "TEX_IMAGE"]
+        record["images"] = [{"size": list(i.size), "packed": i.packed_file is not None, "name": i.name}
+                            for i in images]
+        record["object_panel"] = operator_ids(draw_object_panel())
+        record.update(render_object(obj, Path(config["render"]).with_name(Path(config["render"]).stem
+                                                                          + "_textured.png")))
+
+    @scenario
+    def remesh(record):
+        source = bpy.data.objects[RESULTS["textured"]["object"]["name"]]
+        bpy.context.view_layer.objects.active = source
+        settings = bpy.context.scene.one2345
+        settings.colours, settings.mesh_format, settings.target_faces = "VERTEX", "PLY", 0
+        before = set(bpy.data.objects)
+        record["result"] = sorted(bpy.ops.one2345.remesh())
+        new = [o for o in bpy.data.objects if o not in before]
+        record["new_objects"] = [o.name for o in new]
+        obj = new[0]
+        record["object"] = describe(obj)
+        record["props"] = {k: obj[k] for k in obj.keys() if k.startswith("one2345_")}  # noqa: SIM118
+        record["source_job"] = source["one2345_job_id"]
+        record["source_still_there"] = source.name in bpy.data.objects
+
+    @scenario
+    def review(record):
+        jobs = addon("jobs")
+        settings = bpy.context.scene.one2345
+        result = bpy.ops.one2345.generate_mesh(filepath=str(image), review=True, **LOW)
+        record["result"] = sorted(result)
+        job = jobs.active()
+        record["paused"] = job is not None and job.review is not None and not job.finished
+        first = job.review
+        record["numbers"] = list(first.numbers)
+        record["elevation"] = first.elevation
+        before = {n: p.read_bytes() for n, p in zip(first.numbers, first.views, strict=True)}
+        calls = draw_panel()
+        record["panel_icons"] = sum(1 for c in calls if c["call"] == "template_icon")
+        record["panel_checkboxes"] = sum(1 for c in calls if c["call"] == "prop" and "review_selected" in c["args"])
+        record["panel_operators"] = operator_ids(calls)
+        record["generate_poll_in_review"] = bpy.ops.one2345.generate_mesh.poll()
+        record["reroll_without_selection"] = sorted(bpy.ops.one2345.reroll_views())
+        for index in (1, 5):
+            settings.review_selected[index] = True
+        record["reroll"] = sorted(bpy.ops.one2345.reroll_views(seed=7))
+        second = job.review
+        record["revision"] = second.revision
+        after = {n: p.read_bytes() for n, p in zip(second.numbers, second.views, strict=True)}
+        record["changed"] = sorted(n for n in before if before[n] != after[n])
+        record["view_seeds"] = second.view_seeds
+        record["selection_cleared"] = not any(settings.review_selected)
+        # An edit that keeps ring 2 on its side (elevation 15° is polar 75°, where the server moves it and
+        # regenerates its views, dropping their re-rolls; the server tests cover that case).
+        target = first.elevation - 5.0 if first.elevation < 15.0 else min(first.elevation + 5.0, 70.0)
+        record["target_elevation"] = settings.review_elevation = target
+        objects = set(bpy.data.objects)
+        record["continue"] = sorted(bpy.ops.one2345.continue_job())
+        new = [o for o in bpy.data.objects if o not in objects]
+        record["new_objects"] = [o.name for o in new]
+        obj = new[0]
+        record["props"] = {k: obj[k] for k in obj.keys() if k.startswith("one2345_")}  # noqa: SIM118
+        meta = json.loads(Path(obj["one2345_meta"]).read_text())
+        record["meta_elevation"] = meta["elevation"]
+        record["recipe"] = json.loads(obj["one2345_recipe"])
+        record["active_cleared"] = jobs.active() is None
+
+    @scenario
+    def regenerate(record):
+        source = bpy.data.objects[RESULTS["review"]["new_objects"][0]]
+        meshes = {}
+        for label, kwargs in (("regenerate", {}), ("variation", {"variation": True})):
+            bpy.context.view_layer.objects.active = source
+            before = set(bpy.data.objects)
+            record[f"{label}_result"] = sorted(bpy.ops.one2345.regenerate(**kwargs))
+            (obj,) = [o for o in bpy.data.objects if o not in before]
+            meshes[label] = obj["one2345_mesh"]
+            record[f"{label}_job"] = obj["one2345_job_id"]
+            record[f"{label}_seed"] = json.loads(obj["one2345_recipe"])["options"]["seed"]
+        record["source_mesh"] = source["one2345_mesh"]
+        record["meshes"] = meshes
+
+    @scenario
+    def history(record):
+        wm = bpy.context.window_manager
+        record["refresh"] = sorted(bpy.ops.one2345.refresh_history())
+        items = list(wm.one2345_history)
+        record["items"] = [{"job_id": i.job_id, "state": i.state, "settings": i.settings, "created": i.created,
+                            "thumbs": [bool(i.input_thumb) and Path(i.input_thumb).is_file(),
+                                       bool(i.view_thumb) and Path(i.view_thumb).is_file()]} for i in items]
+        review_job = RESULTS["review"]["props"]["one2345_job_id"]
+        wm.one2345_history_index = [i.job_id for i in items].index(review_job)
+        calls: list = []
+        addon("panels").ONE2345_PT_history.draw(SimpleNamespace(layout=StubLayout(calls)), bpy.context)
+        record["panel_operators"] = operator_ids(calls)
+        before = set(bpy.data.objects)
+        record["import"] = sorted(bpy.ops.one2345.history_job(action="IMPORT", job_id=review_job))
+        (obj,) = [o for o in bpy.data.objects if o not in before]
+        record["imported_mesh"] = obj["one2345_mesh"]
+        record["imported_recipe"] = bool(obj.get("one2345_recipe"))
+        before = set(bpy.data.objects)
+        record["history_regenerate"] = sorted(bpy.ops.one2345.history_job(action="REGENERATE", job_id=review_job))
+        (obj,) = [o for o in bpy.data.objects if o not in before]
+        record["regenerated_mesh"] = obj["one2345_mesh"]
+        doomed = RESULTS["regenerate"]["variation_job"]
+        record["delete"] = sorted(bpy.ops.one2345.delete_history_job(job_id=doomed))
+        record["after_delete"] = doomed in [i.job_id for i in wm.one2345_history]
+        connection = addon("server_process").current_manager().ensure(
+            addon("preferences").launch_settings(prefs()))
+        try:
+            connection.client().status(doomed)
+            record["server_after_delete"] = "still there"
+        except addon("client").ServerError as exc:
+            record["server_after_delete"] = exc.kind
+        record["pinned"] = connection.client().status(review_job)["pinned"]
+
+    @scenario
+    def weights(record):
+        server_process, preferences, operators = addon("server_process"), addon("preferences"), addon("operators")
+        weights_ops = addon("weights_ops")
+        server_process.current_manager().stop()
+        os.environ["ONE2345_WEIGHTS_TABLE"] = config["weights_table"]
+        os.environ["HF_ENDPOINT"] = config["hub_url"]
+        bpy.context.preferences.system.use_online_access = True
+        prefs().weights_dir = str(work / "weights")
+        record["refresh"] = sorted(bpy.ops.one2345.refresh_weights())
+        record["listing_states"] = {f["name"]: f["state"] for f in weights_ops.STATE.weights["files"]}
+        record["generate_poll"] = bpy.ops.one2345.generate_mesh.poll()
+        try:
+            bpy.ops.one2345.generate_mesh(filepath=str(image), **LOW)
+            record["generate_refusal"] = None
+        except RuntimeError as exc:  # poll() failed: Blender quotes poll_message_set's reason
+            record["generate_refusal"] = str(exc)
+        calls = draw_preferences()
+        record["prefs_buttons"] = [(c["args"][0], c["kwargs"].get("text")) for c in calls if c["call"] == "operator"]
+        connect, _ = preferences.connector(prefs())
+        task = weights_ops.WeightsDownload(connect, poll_interval=0.05)
+        weights_ops._DOWNLOAD[:] = [task]
+        task.start()
+        deadline = time.monotonic() + 60
+        fractions = []
+        while time.monotonic() < deadline and not task.drain():
+            fractions.append(task.progress.fraction)
+            if task.progress.fraction > 0.1:
+                break
+            time.sleep(0.05)
+        calls = []
+        weights_ops.draw_weights(StubLayout(calls))
+        record["progress_bar"] = [c["kwargs"].get("text") for c in calls if c["call"] == "progress"]
+        record["cancel"] = sorted(bpy.ops.one2345.cancel_weights_download())
+        task.wait(timeout=30)
+        record["fractions"] = [round(f, 3) for f in fractions]
+        record["after_cancel"] = task.state
+        record["states_after_cancel"] = {f["name"]: f["state"] for f in weights_ops.STATE.weights["files"]}
+        record["download"] = sorted(bpy.ops.one2345.download_weights())
+        record["download_state"] = weights_ops._DOWNLOAD[0].state
+        record["states_after_download"] = {f["name"]: f["state"] for f in weights_ops.STATE.weights["files"]}
+        record["generate_poll_after"] = bpy.ops.one2345.generate_mesh.poll()
+        before = set(bpy.data.objects)
+        record["generate"] = sorted(bpy.ops.one2345.generate_mesh(filepath=str(image), **LOW))
+        record["generated"] = len([o for o in bpy.data.objects if o not in before])
+        record["missing_weights_fix"] = [fix[0] for fix in operators.FIXES["missing_weights"]]
+        server_process.current_manager().stop()
+        del os.environ["ONE2345_WEIGHTS_TABLE"], os.environ["HF_ENDPOINT"]
+        bpy.context.preferences.system.use_online_access = False
+        prefs().weights_dir = ""
 
     @scenario
     def remote(record):

@@ -21,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.server.fake_hub import payload, run_hub
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "artifacts"
 VERSIONS = {"4.2": REPO_ROOT / ".venv-bpy42" / "bin" / "python", "5.0": REPO_ROOT / ".venv-bpy50" / "bin" / "python"}
 SESSION = Path(__file__).with_name("blender_session.py")
-SESSION_TIMEOUT_S = 480
+SESSION_TIMEOUT_S = 900
 CURSOR = np.array([1.0, 2.0, 0.5])
 
 
@@ -83,12 +85,30 @@ def sessions(built_zip: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         pytest.fail(f"bpy environment(s) missing: {', '.join(missing)}; run .ci/blender-envs")
     server_python = os.environ.get("ONE2345_SERVER_PYTHON") or sys.executable
     ARTIFACTS.mkdir(exist_ok=True)
+    table = tmp_path_factory.mktemp("weights-table") / "table.json"
+    table.write_text(json.dumps([{"name": name, "filename": filename, "size_bytes": len(data), "required": True}
+                                 for name, (filename, data) in HUB_FILES.items()]))
+    with run_hub({filename: data for filename, data in HUB_FILES.values()}) as hub:
+        # About 3 s for the big file. huggingface_hub reports (and checks for cancel) once per 10 MiB it writes, so
+        # the file spans three reports: cancelled after the first, it leaves a 10 MiB partial file to resume.
+        hub.delay_s, hub.chunk_bytes = 0.03, 262_144
+        return run_sessions(built_zip, tmp_path_factory, server_python, {"hub_url": hub.url,
+                                                                          "weights_table": str(table)}, hub)
+
+
+HUB_FILES = {"probe-big": ("probe/big.bin", payload(25_000_000, 1)), "probe-small": ("probe/small.bin",
+                                                                                     payload(30_000, 2))}
+"""The stand-in hub's weight files, which the Blender sessions' servers require (``ONE2345_WEIGHTS_TABLE``)."""
+
+
+def run_sessions(built_zip: Path, tmp_path_factory: pytest.TempPathFactory, server_python: str, extra: dict,
+                 hub) -> dict[str, dict]:
     procs = {}
     for version, python in VERSIONS.items():
         work = tmp_path_factory.mktemp(f"bpy{version.replace('.', '')}")
         config = {"zip": str(built_zip), "server_python": server_python, "work": str(work),
                   "render": str(ARTIFACTS / f"addon_render_bpy{version.replace('.', '')}.png"),
-                  "results": str(work / "results.json"), **make_inputs(work)}
+                  "results": str(work / "results.json"), **make_inputs(work), **extra}
         (work / "config.json").write_text(json.dumps(config))
         env = {**os.environ, "BLENDER_USER_RESOURCES": str(work / "blender-user")}
         log = open(work / "session.log", "w")  # noqa: SIM115 - closed after the process ends
@@ -108,6 +128,7 @@ def sessions(built_zip: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         results[version] = json.loads((work / "results.json").read_text())
         results[version]["_log"] = text
         results[version]["_config"] = json.loads((work / "config.json").read_text())
+    results["_hub_requests"] = list(hub.requests)
     return results
 
 
@@ -145,7 +166,8 @@ def test_panel_draws_image_options_and_generate(sessions, version):
 def test_preferences_draw_server_settings_and_buttons(sessions, version):
     record = observed(sessions, version, "preferences_draw")
     assert record["operators"] == ["one2345.check_server", "one2345.stop_server", "one2345.open_log",
-                                   "one2345.setup_server_env", "one2345.open_log"]
+                                   "one2345.setup_server_env", "one2345.open_log", "one2345.refresh_weights",
+                                   "one2345.download_weights"]  # the Weights box, not checked yet
     for prop in ("server_mode", "python_path", "weights_dir", "device", "keep_warm", "import_size"):
         assert prop in record["props"]
 
@@ -153,11 +175,15 @@ def test_preferences_draw_server_settings_and_buttons(sessions, version):
 def test_to_request_maps_settings_onto_the_contract(sessions, version):
     record = observed(sessions, version, "request_options")
     paper = {"elevation": None, "seed": 0, "steps_stage1": 75, "steps_stage2": 50, "guidance": 3.0,
-             "resolution": 256, "format": "ply", "remove_background": True}  # the reference's defaults (spec §1)
+             "resolution": 256, "format": "ply", "remove_background": True,  # the reference's defaults (spec §1)
+             "target_faces": None, "texture_size": None, "review": False}  # the raw mesh, no pause
     assert record["defaults"] == record["reset"] == paper
     assert record["changed"] == {**paper, "elevation": 15.0, "seed": None, "steps_stage1": 25, "steps_stage2": 15,
                                  "format": "glb", "remove_background": False}
     assert record["custom"] == {**record["changed"], "steps_stage1": 7, "steps_stage2": 5, "guidance": 4.5}
+    # a texture is always a GLB (the one HTTP result that carries an image), whatever the format says
+    assert record["asset"] == {**paper, "format": "glb", "texture_size": 2048, "target_faces": 20000,
+                               "review": True}
 
 
 def test_setup_environment_is_refused_offline(sessions, version):
@@ -352,3 +378,113 @@ def test_build_uses_blenders_validator(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "MANIFEST", bad)
     with pytest.raises(RuntimeError, match="punctuation"):
         build.build(tmp_path / "out")
+
+
+# -- #10 redo, #13 textured output and re-mesh, #15 review, recipes and history, #10 weights ----------------------
+
+def test_generate_has_no_redo_panel(sessions, version):
+    """Redo would run the whole generation again, blocking Blender: one undo step, no "Adjust Last Operation"."""
+    assert observed(sessions, version, "redo_free")["bl_options"] == ["UNDO"]
+
+
+def test_textured_result_imports_with_its_texture_wired_into_the_material(sessions, version):
+    import trimesh
+
+    record = observed(sessions, version, "textured")
+    assert record["result"] == ["FINISHED"], record["error"]
+    obj, props = record["object"], record["props"]
+    assert props["one2345_mesh"].endswith(".glb") and props["one2345_textured"] == 1
+    assert obj["attributes"] == [] and record["uv_layers"]  # UVs, no vertex colours
+    (image,) = record["images"]
+    assert image["size"] == [512, 512] and image["packed"]
+    (material,) = obj["materials"]
+    assert {"from_node": "ShaderNodeTexImage", "from_socket": "Color", "layer_name": None,
+            "to_node": "ShaderNodeBsdfPrincipled", "to_socket": "Base Color"} in material["links"]
+    assert len(material["links"]) == 2  # texture → base colour, BSDF → output: the importer's material is gone
+    glb = trimesh.load(props["one2345_mesh"], force="mesh", process=False)
+    assert glb.visual.material.baseColorTexture.size == (512, 512)
+    assert obj["faces"] <= 1010  # the 1000-face budget, give or take Blender splitting nothing
+    # Cycles shows the texture: the object is visible and not one flat colour
+    assert record["object_fraction"] > 0.02 and record["object_channel_spread"] > 0.005
+    assert {"one2345.remesh", "one2345.regenerate"} <= set(record["object_panel"])
+
+
+def test_remesh_makes_a_new_object_from_the_same_views(sessions, version):
+    import trimesh
+
+    record = observed(sessions, version, "remesh")
+    assert record["result"] == ["FINISHED"] and record["source_still_there"]
+    props = record["props"]
+    assert props["one2345_remesh_of"] == record["source_job"] != props["one2345_job_id"]
+    assert record["new_objects"][0].endswith("_remesh") and props["one2345_mesh"].endswith(".ply")
+    ply = trimesh.load(props["one2345_mesh"], process=False)
+    assert record["object"]["vertices"] == len(ply.vertices) > 100 and len(record["object"]["attributes"]) == 1
+
+
+def test_review_pauses_rerolls_only_the_ticked_views_then_continues(sessions, version):
+    record = observed(sessions, version, "review")
+    assert record["result"] == ["FINISHED"] and record["paused"]
+    assert len(record["numbers"]) == 8 and record["numbers"][:4] == [0, 1, 2, 3]
+    assert record["panel_icons"] == 8 and record["panel_checkboxes"] == 8
+    assert {"one2345.reroll_views", "one2345.continue_job", "one2345.cancel_job"} <= set(record["panel_operators"])
+    assert record["generate_poll_in_review"] is False
+    assert record["reroll_without_selection"] == ["CANCELLED"]  # nothing ticked: refused, the job waits on
+    assert record["reroll"] == ["FINISHED"] and record["revision"] == 1
+    ticked = [record["numbers"][1], record["numbers"][5]]  # 5 is view 9 when ring 2 goes up (low elevation)
+    assert record["changed"] == ticked  # the other six views are byte-identical
+    assert record["view_seeds"] == {str(n): 7 for n in ticked} and record["selection_cleared"]
+    assert record["continue"] == ["FINISHED"] and len(record["new_objects"]) == 1 and record["active_cleared"]
+    assert record["meta_elevation"] == pytest.approx(record["target_elevation"])  # as edited in the panel
+    recipe = record["recipe"]
+    assert recipe["options"]["view_seeds"] == {str(n): 7 for n in ticked} and recipe["options"]["review"] is False
+    assert recipe["options"]["seed"] == 0 and len(recipe["input_sha256"]) == 64
+    assert len(record["props"]["one2345_input_sha256"]) == 64
+
+
+def test_regenerate_reproduces_the_mesh_and_variation_changes_it(sessions, version):
+    record = observed(sessions, version, "regenerate")
+    assert record["regenerate_result"] == ["FINISHED"] and record["variation_result"] == ["FINISHED"]
+    source = Path(record["source_mesh"]).read_bytes()
+    assert Path(record["meshes"]["regenerate"]).read_bytes() == source
+    assert Path(record["meshes"]["variation"]).read_bytes() != source
+    assert record["regenerate_seed"] == 0 and record["variation_seed"] != 0
+
+
+def test_history_lists_imports_regenerates_and_deletes(sessions, version):
+    record = observed(sessions, version, "history")
+    assert record["refresh"] == ["FINISHED"]
+    items = record["items"]
+    review = observed(sessions, version, "review")["props"]["one2345_job_id"]
+    by_id = {item["job_id"]: item for item in items}
+    assert review in by_id and by_id[review]["state"] == "done" and by_id[review]["thumbs"] == [True, True]
+    assert "seed 0" in by_id[review]["settings"] and by_id[review]["created"][:2] == "20"
+    assert [item["created"] for item in items] == sorted((item["created"] for item in items), reverse=True)
+    assert {"one2345.history_job", "one2345.delete_history_job", "one2345.open_history_folder",
+            "one2345.refresh_history"} <= set(record["panel_operators"])
+    source = Path(observed(sessions, version, "review")["props"]["one2345_mesh"]).read_bytes()
+    assert record["import"] == ["FINISHED"] and Path(record["imported_mesh"]).read_bytes() == source
+    assert record["imported_recipe"]
+    assert record["history_regenerate"] == ["FINISHED"] and Path(record["regenerated_mesh"]).read_bytes() == source
+    assert record["delete"] == ["FINISHED"] and record["after_delete"] is False
+    assert record["server_after_delete"] == "not_found"
+    assert record["pinned"] is True  # an imported object's job is kept through size-limit clean-ups
+
+
+def test_weights_download_from_the_addon_then_generate(sessions, version):
+    record = observed(sessions, version, "weights")
+    assert record["listing_states"] == {"probe-big": "missing", "probe-small": "missing"}
+    assert record["generate_poll"] is False
+    assert "Model weights are missing" in record["generate_refusal"] and "Preferences" in record["generate_refusal"]
+    assert ["one2345.download_weights", "Download (≈ 25.0 MB)"] in record["prefs_buttons"]
+    assert record["progress_bar"] and "probe" in record["progress_bar"][0]
+    assert record["cancel"] == ["FINISHED"] and record["after_cancel"] == "cancelled"
+    assert record["states_after_cancel"]["probe-big"] == "partial" and max(record["fractions"]) < 1.0
+    assert record["download"] == ["FINISHED"] and record["download_state"] == "done"
+    assert record["states_after_download"] == {"probe-big": "present", "probe-small": "present"}
+    assert record["generate_poll_after"] is True and record["generate"] == ["FINISHED"] and record["generated"] == 1
+    assert record["missing_weights_fix"][0] == "one2345.download_weights"
+
+
+def test_the_weights_download_resumed_with_a_range_request(sessions):
+    ranged = [r for r in sessions["_hub_requests"] if r[0] == "GET" and r[2] is not None and "big.bin" in r[1]]
+    assert len(ranged) >= len(VERSIONS)  # each Blender resumed its cancelled download

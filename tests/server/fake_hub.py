@@ -149,16 +149,6 @@ def handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def _payload(n: int, seed: int) -> bytes:
-    """Deterministic, non-repeating bytes (so a resume at a wrong offset changes the hash)."""
-    out = bytearray()
-    block = seed.to_bytes(4, "little")
-    while len(out) < n:
-        block = hashlib.sha256(block).digest()
-        out += block
-    return bytes(out[:n])
-
-
 def payload(n: int, seed: int) -> bytes:
     """Deterministic, non-repeating bytes (so a resume at a wrong offset changes the hash)."""
     out = bytearray()

@@ -179,10 +179,15 @@ def test_progress_eta_and_health_while_running(client, fake):
     health = client.get("/v1/health").json()
     assert health["running"] == job_id and health["queue_length"] == 0 and health["status"] == "ok"
     assert health["models_loaded"] == {"fake": "test double"}
+    # The add-on's pre-flight line: the device, and no time estimate before a job has finished.
+    assert health["device_info"]["kind"] == "cpu" and health["device_info"]["memory_free_bytes"] is None
+    assert health["recent_job_s"] is None
     r = client.get(f"/v1/jobs/{job_id}/result", headers=AUTH)
     assert r.status_code == 409 and r.json()["error"]["kind"] == "conflict"
     fake.gate.set()
-    assert wait_state(client, job_id)["state"] == "done"
+    done = wait_state(client, job_id)
+    assert done["state"] == "done"
+    assert client.get("/v1/health").json()["recent_job_s"] == done["elapsed_s"] > 0
 
 
 def test_cuda_oom_fails_the_job_frees_memory_and_the_server_lives_on(client, fake, monkeypatch):

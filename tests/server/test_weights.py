@@ -207,3 +207,22 @@ def partial_size_of(reports: list[weights.DownloadProgress]) -> int:
     """Bytes that were on disk before the first report of a resumed download."""
     first = reports[0]
     return first.done - first.transferred
+
+
+def test_a_weights_table_replaces_the_files_for_client_tests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$ONE2345_WEIGHTS_TABLE (a test hook of `serve`): small stand-in files that the server then treats as its own."""
+    monkeypatch.setattr(weights, "WEIGHT_FILES", weights.WEIGHT_FILES)
+    monkeypatch.setattr(weights, "REGISTRY", weights.REGISTRY)
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps([{"name": "a", "filename": "dir/a.bin", "size_bytes": 10},
+                                 {"name": "b", "filename": "b.bin", "size_bytes": 3, "required": False}]))
+    files = weights.install_table(table)
+    assert [w.name for w in weights.WEIGHT_FILES] == ["a", "b"] and weights.weight_file("a").size_bytes == 10
+    assert [w.required for w in files] == [True, False]
+    (tmp_path / "w" / "dir").mkdir(parents=True)
+    (tmp_path / "w" / "dir" / "a.bin").write_bytes(b"0123456789")
+    states = {s.name: s.state for s in weights.inspect_weights(tmp_path / "w")}
+    assert states == {"a": "present", "b": "missing"}
+    table.write_text(json.dumps([{"name": "a"}]))
+    with pytest.raises(BadInputError, match=r"ONE2345_WEIGHTS_TABLE.*size_bytes"):
+        weights.install_table(table)
