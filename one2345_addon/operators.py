@@ -15,7 +15,7 @@ from pathlib import Path
 import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
-from . import jobs, mesh_import, preferences, properties, server_process, server_state
+from . import jobs, mesh_import, platform_compat, preferences, properties, server_process, server_state
 from .client import ServerError
 from .jobs import GenerateJob, JobError
 
@@ -71,9 +71,10 @@ def _safe_name(name: str) -> str:
 
 
 def new_job_dir(tag: str = "") -> Path:
-    """A fresh folder for one job under the extension's user folder: ``jobs/<date-time-ms>[-tag]``."""
+    """A fresh folder for one job under the extension's user folder: ``jobs/<date-time-ms>[-tag]`` (the tag cut
+    short: Windows paths stay under MAX_PATH)."""
     stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{int(time.time() * 1000) % 1000:03d}"
-    return preferences.user_dir() / "jobs" / (f"{stamp}-{tag}" if tag else stamp)
+    return preferences.user_dir() / "jobs" / (f"{stamp}-{tag[:16]}" if tag else stamp)
 
 
 def begin(job: GenerateJob) -> GenerateJob:
@@ -352,7 +353,19 @@ def reviewing_job() -> GenerateJob | None:
     return job if job is not None and job.review is not None else None
 
 
-class ONE2345_OT_reroll_views(bpy.types.Operator):
+class _InReview:
+    """Operators that answer a review."""
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        """Only while a job waits for review."""
+        if reviewing_job() is None:
+            cls.poll_message_set("No job is waiting for review")
+            return False
+        return True
+
+
+class ONE2345_OT_reroll_views(_InReview, bpy.types.Operator):
     """Generate the ticked views again with a new seed (the others are kept as they are)"""
 
     bl_idname = "one2345.reroll_views"
@@ -362,14 +375,6 @@ class ONE2345_OT_reroll_views(bpy.types.Operator):
                           description="View numbers, e.g. '1,5' (default: the ticked views in the panel)")
     seed: IntProperty(name="Seed", min=0, options={"SKIP_SAVE"},
                       description="Seed of the re-rolled views (default: the panel's, else a random one)")
-
-    @classmethod
-    def poll(cls, context: bpy.types.Context) -> bool:
-        """Only while a job waits for review."""
-        if reviewing_job() is None:
-            cls.poll_message_set("No job is waiting for review")
-            return False
-        return True
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         """Send the re-roll; in background mode wait for the new views."""
@@ -396,20 +401,12 @@ class ONE2345_OT_reroll_views(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class ONE2345_OT_continue_job(bpy.types.Operator):
+class ONE2345_OT_continue_job(_InReview, bpy.types.Operator):
     """Accept the views and make the mesh (with the elevation shown in the panel)"""
 
     bl_idname = "one2345.continue_job"
     bl_label = "Continue"
     bl_options = {"UNDO"}  # noqa: RUF012 - Blender reads a plain set; a ClassVar hint would be a property
-
-    @classmethod
-    def poll(cls, context: bpy.types.Context) -> bool:
-        """Only while a job waits for review."""
-        if reviewing_job() is None:
-            cls.poll_message_set("No job is waiting for review")
-            return False
-        return True
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         """Send Continue; when no modal operator follows the job (background mode), wait and import here."""
@@ -477,7 +474,12 @@ class ONE2345_OT_check_server(bpy.types.Operator):
                     server_state.STATE.health = connection.client(timeout=10.0).health()
                 return server_process.describe_health(connection)
         else:
-            settings = preferences.launch_settings(prefs)
+            try:
+                settings = preferences.launch_settings(prefs)
+            except ServerError as exc:
+                prefs.status_text = f"Problem: {exc}"
+                report_failure(self, str(exc))
+                return {"CANCELLED"}
             manager = server_process.manager(settings.state_dir)
 
             def check(task: jobs.Task) -> str:
@@ -561,20 +563,22 @@ class ONE2345_OT_setup_server_env(bpy.types.Operator):
             report_failure(self, str(error))
             return {"CANCELLED"}
         prefs = preferences.get(context)
-        venv_dir = preferences.user_dir() / "server-env"
+        # On Windows a short folder outside the user folder: torch's deepest file would pass MAX_PATH under it.
+        venv_dir = Path(platform_compat.default_venv_dir(preferences.user_dir()))
         log_path = preferences.user_dir() / "logs" / "setup.log"
         base, package = preferences.blender_python(), prefs.server_package
+        notes: list[str] = []
 
         def setup(task: jobs.Task) -> Path:
             return server_process.setup_environment(
                 venv_dir, base, package, log_path,
                 progress=lambda line, n: task.post("progress", jobs.Progress(stage=line[:80], step=n)),
-                cancelled=lambda: task.cancel_requested)
+                cancelled=lambda: task.cancel_requested, notes=notes)
 
         def done(task: jobs.Task) -> None:
             if task.state == "done":
                 preferences.get().python_path = str(task.result)
-            _show_status(task, f"Server environment ready: {task.result}")
+            _show_status(task, " ".join([f"Server environment ready: {task.result}.", *notes]))
 
         task = jobs.FunctionTask("server set-up", setup)
         jobs.set_last(task)
@@ -596,7 +600,9 @@ class ONE2345_OT_open_log(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         """Open the log with the system's viewer (its path is reported in background mode)."""
-        path = preferences.user_dir() / "logs" / f"{self.which}.log"
+        manager = server_process.current_manager()  # a second Blender's server has its own log
+        path = (manager.log_path if self.which == "server" and manager is not None
+                else preferences.user_dir() / "logs" / f"{self.which}.log")
         if not path.is_file():
             self.report({"WARNING"}, f"No {self.which} log yet ({path}).")
             return {"CANCELLED"}

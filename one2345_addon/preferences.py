@@ -2,7 +2,6 @@
 
 # No `from __future__ import annotations`: Blender reads property annotations as objects, not strings.
 
-import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +10,7 @@ import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, StringProperty
 
 from . import jobs, server_process
+from .client import ServerError
 
 PACKAGE = __package__
 """The add-on's module name (``bl_ext.<repository>.one2345`` when installed as an extension)."""
@@ -66,8 +66,9 @@ class ONE2345_AP_preferences(bpy.types.AddonPreferences):
     startup_timeout: FloatProperty(name="Start-up Timeout", default=180.0, min=5.0, soft_max=1200.0, unit="TIME",
                                    description="Seconds to wait for the server to report ready")
     server_package: StringProperty(
-        name="Server Package", default="one2345-blender[server]",
-        description="What 'Set Up Server Environment' installs with pip (a name, a path or a URL)")
+        name="Server Package", default="",
+        description="Empty: the server bundled with this add-on (recommended: the versions match). Otherwise what "
+                    "'Set Up Server Environment' installs with pip: a path, a wheel or a URL")
     status_text: StringProperty(name="Status", description="Result of the last check or set-up", options={"SKIP_SAVE"})
 
     def draw(self, context: bpy.types.Context) -> None:
@@ -118,7 +119,7 @@ def launch_settings(prefs: ONE2345_AP_preferences) -> server_process.LaunchSetti
     return server_process.LaunchSettings(
         python=bpy.path.abspath(prefs.python_path) if prefs.python_path else "", state_dir=user_dir(),
         preset=prefs.preset, device=prefs.device, weights_dir=bpy.path.abspath(prefs.weights_dir),
-        extra_args=tuple(shlex.split(prefs.extra_args)), startup_timeout=prefs.startup_timeout,
+        extra_args=tuple(server_process.split_args(prefs.extra_args)), startup_timeout=prefs.startup_timeout,
         offline=not bpy.app.online_access)
 
 
@@ -135,7 +136,15 @@ def connector(prefs: ONE2345_AP_preferences) -> tuple[Callable[[], server_proces
             return connection
 
         return connect_remote, lambda: None
-    settings = launch_settings(prefs)
+    try:
+        settings = launch_settings(prefs)
+    except ServerError as exc:  # e.g. unbalanced quotes in the extra arguments: the job reports it, not the UI
+        error = exc
+
+        def refuse() -> server_process.Connection:
+            raise error
+
+        return refuse, lambda: None
     manager = server_process.manager(settings.state_dir)
     return (lambda: manager.ensure(settings)), manager.exit_code
 

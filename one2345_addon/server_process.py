@@ -8,9 +8,15 @@ Lifecycle decisions:
   extension's user folder.
 * It is reused while alive and its launch settings are unchanged. When it has died, :meth:`ServerManager.ensure`
   starts it again once and says so in :attr:`Connection.note`; a second failure is reported, not retried.
-* A pid file in the user folder records the running server. A Blender that crashed leaves it behind; the next
-  session finds it, checks that the process still is a One2345 server, and stops it instead of starting a second one
-  next to it.
+* Several Blenders (or a ``blender -b -c one2345 generate`` batch) on one machine share the user folder. Each live
+  session owns one *slot*: a record file (``server.pid.json``, ``server-2.pid.json``, …) naming the owner (pid,
+  process start time, and which manager in that process) and its server (pid, start time, URL), with its own jobs
+  folder (``server-jobs``, ``server-jobs-2``, …) and log. A slot whose owner is alive is never touched by anyone
+  else; a slot whose owner is gone (a crashed Blender) is *stale*: the next session stops the server it left running
+  (after checking the pid still is that server) and reuses the slot, so a single-Blender user always gets
+  ``server-jobs`` and its history. Slots are claimed under a short cross-process lock file.
+* The add-on's version (its manifest) and the server's (the ready line, ``/v1/health``) are compared; a mismatch is
+  reported with the fix: run "Set Up Server Environment" again.
 * :meth:`ServerManager.stop` runs on add-on disable and at interpreter exit (``atexit``).
 """
 
@@ -20,22 +26,27 @@ import contextlib
 import json
 import os
 import queue
+import re
 import secrets
-import shlex
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from . import platform_compat, setup_env
 from .client import Client, ServerError
 
 LOG_TAIL_LINES = 15
+MAX_SLOTS = 16
+"""Concurrent local servers per user folder (one per live Blender session)."""
+CLAIM_LOCK_STALE_S = 30.0
+"""A claim lock older than this was left by a process that died while holding it."""
 
 
 @dataclass(frozen=True)
@@ -76,10 +87,56 @@ class Connection:
     """The server's jobs folder from its ready line (local servers)."""
     note: str | None = None
     """Something the user should be told, e.g. that a dead server was restarted."""
+    server_version: str | None = None
+    """The server's version from its ready line (local servers)."""
 
     def client(self, timeout: float = 30.0) -> Client:
         """A :class:`Client` for this connection."""
         return Client(self.url, self.token, timeout=timeout)
+
+
+# -- 1. versions ----------------------------------------------------------------------------------------------------
+
+_VERSION_LINE = re.compile(r'^version\s*=\s*"([^"]+)"', re.MULTILINE)
+
+
+def addon_version(package_dir: Path | None = None) -> str | None:
+    """The add-on's version: ``blender_manifest.toml`` next to ``__init__.py`` (the installed extension) or, in a
+    source checkout, the repository's; None when neither can be read."""
+    here = package_dir or Path(__file__).resolve().parent
+    for manifest in (here / "blender_manifest.toml", here.parent / "blender_manifest.toml"):
+        with contextlib.suppress(OSError):
+            text = manifest.read_text(encoding="utf-8")
+            # `version` is a top-level key, so it comes before the first [table]
+            found = _VERSION_LINE.search(text.split("\n[", 1)[0])
+            if found:
+                return found.group(1)
+    return None
+
+
+def version_note(server_version: str | None, addon: str | None = None) -> str | None:
+    """A sentence when the server's version differs from the add-on's, else None (also when either is unknown)."""
+    addon = addon if addon is not None else addon_version()
+    if not server_version or not addon or server_version == addon:
+        return None
+    return (f"The One2345 server is version {server_version} but the add-on is version {addon}: run Set Up Server "
+            "Environment again (Preferences > Add-ons > One2345) so they match.")
+
+
+def _join_notes(*notes: str | None) -> str | None:
+    return " ".join(n for n in notes if n) or None
+
+
+# -- 2. the interpreter and the command line ------------------------------------------------------------------------
+
+def split_args(text: str, platform: str | None = None) -> list[str]:
+    """Split "Extra Server Arguments" with the platform's rules (Windows: backslashes kept, as Windows programs
+    read their command line; POSIX: shell quoting). See ``platform_compat.split_args``.
+
+    Raises:
+        ServerError: ``server_not_configured`` for unbalanced quotes (POSIX).
+    """
+    return platform_compat.split_args(text, platform)
 
 
 def check_python(python: str) -> str:
@@ -125,22 +182,20 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+# -- 3. processes -----------------------------------------------------------------------------------------------------
+
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (and is not a zombie, where /proc tells)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    return True
+    """Whether a process with this id exists and has not exited (the platform's API; see platform_compat)."""
+    return platform_compat.pid_alive(pid)
+
+
+def terminate_pid(pid: int, timeout: float = 5.0) -> None:
+    """SIGTERM, wait up to ``timeout`` s, then SIGKILL; TerminateProcess (or ``taskkill /F``) on Windows."""
+    platform_compat.terminate_pid(pid, timeout)
 
 
 def _is_one2345_server(pid: int, url: str) -> bool:
-    """Guard against killing an unrelated process that reused a recorded pid."""
+    """Guard against killing an unrelated process that reused a recorded pid (records without a start time)."""
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.exists():
         with contextlib.suppress(OSError):
@@ -149,39 +204,138 @@ def _is_one2345_server(pid: int, url: str) -> bool:
             return any(a == "server.serve" or ((a in ("server", "one2345") or a.endswith("/one2345"))
                        and i + 1 < len(args) and args[i + 1] == "serve") for i, a in enumerate(args))
         return False
+    if not url:
+        return False
     try:  # No /proc (macOS, Windows): trust the pid only if a One2345 server still answers at the recorded URL.
         return Client(url, timeout=2.0).health().get("status") == "ok"
     except ServerError:
         return False
 
 
-def terminate_pid(pid: int, timeout: float = 5.0) -> None:
-    """SIGTERM, wait up to ``timeout`` s, then SIGKILL (TerminateProcess on Windows)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
+# -- 4. slots: who owns which server and jobs folder ----------------------------------------------------------------
+
+def slot_paths(state_dir: Path, slot: int) -> tuple[Path, Path, Path]:
+    """(record file, jobs folder, log file) of a slot; slot 1 keeps the names of a single-Blender set-up."""
+    suffix = "" if slot == 1 else f"-{slot}"
+    return (state_dir / f"server{suffix}.pid.json", state_dir / f"server-jobs{suffix}",
+            state_dir / "logs" / f"server{suffix}.log")
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A slot's record, or None when missing or unreadable (a half-written record counts as unreadable)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """Replace a record atomically (readers see the old or the new one, never half of one)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(record), encoding="utf-8")
+    for attempt in range(20):
+        try:
+            os.replace(tmp, path)
             return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+        except PermissionError:  # Windows: a reader has the target open for a moment
+            if attempt == 19:
+                raise
+            time.sleep(0.05)
+
+
+def owner_alive(record: dict[str, Any], own_id: str | None = None) -> bool:
+    """Whether the session that owns a record still runs.
+
+    A record without an owner (written by an older add-on) counts as gone. A record owned by *this* process but by
+    another :class:`ServerManager` is a leftover too: one Blender process uses one manager per user folder (the
+    module's singleton), so the other one was replaced without being stopped.
+    """
+    pid = record.get("owner_pid")
+    if not isinstance(pid, int):
+        return False
+    if pid == os.getpid():
+        return own_id is not None and record.get("owner_id") == own_id
+    return platform_compat.same_process(pid, record.get("owner_start"))
+
+
+def stop_recorded_server(record: dict[str, Any]) -> int | None:
+    """Stop the server a stale record names, if that process still is it; return its pid when stopped."""
+    try:
+        pid = int(record["pid"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if pid == os.getpid() or not platform_compat.pid_alive(pid):
+        return None
+    started, now = record.get("server_start"), platform_compat.process_start_time(pid)
+    if started and now is not None:
+        if now != started:
+            return None  # the pid now belongs to another process
+    elif not _is_one2345_server(pid, str(record.get("url", ""))):
+        return None
+    platform_compat.terminate_pid(pid)
+    launcher = record.get("launcher_pid")
+    if isinstance(launcher, int) and launcher != pid and platform_compat.same_process(
+            launcher, record.get("launcher_start")):
+        platform_compat.terminate_pid(launcher)
+    return pid
 
 
 def stop_stale_server(pid_file: Path) -> int | None:
-    """Stop a server recorded in ``pid_file`` by an earlier (crashed) Blender session; return its pid if stopped."""
-    try:
-        record = json.loads(pid_file.read_text())
-        pid, url = int(record["pid"]), str(record.get("url", ""))
-    except (OSError, ValueError, KeyError, TypeError):
-        pid_file.unlink(missing_ok=True)
+    """Stop the server of a record whose owner is gone and remove the record; return the stopped pid (or None).
+
+    A record whose owner is alive is left alone."""
+    record = read_record(pid_file)
+    if record is not None and owner_alive(record):
         return None
-    stopped = None
-    if pid != os.getpid() and pid_alive(pid) and _is_one2345_server(pid, url):
-        terminate_pid(pid)
-        stopped = pid
+    stopped = stop_recorded_server(record) if record is not None else None
     pid_file.unlink(missing_ok=True)
     return stopped
+
+
+class _ClaimLock:
+    """A short cross-process mutex (a file created exclusively) around reading and claiming slots."""
+
+    def __init__(self, state_dir: Path, timeout: float = 60.0) -> None:
+        self.path = state_dir / ".slots.lock"
+        self.timeout = timeout
+        self.held = False
+
+    def __enter__(self) -> _ClaimLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._holder_gone() or time.monotonic() > deadline:
+                    with contextlib.suppress(OSError):
+                        self.path.unlink()
+                    continue
+                time.sleep(0.02)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({"pid": os.getpid(), "start": platform_compat.process_start_time(os.getpid())}))
+            self.held = True
+            return self
+
+    def _holder_gone(self) -> bool:
+        try:
+            age = time.time() - self.path.stat().st_mtime
+            holder = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return False  # being written or just removed: look again
+        if age > CLAIM_LOCK_STALE_S:
+            return True
+        pid = holder.get("pid")
+        return (isinstance(pid, int) and pid != os.getpid()
+                and not platform_compat.same_process(pid, holder.get("start")))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.held:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            self.held = False
 
 
 class ServerManager:
@@ -193,14 +347,34 @@ class ServerManager:
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(state_dir)
-        self.log_path = self.state_dir / "logs" / "server.log"
-        self.pid_file = self.state_dir / "server.pid.json"
-        self.jobs_dir = self.state_dir / "server-jobs"
+        self.id = uuid.uuid4().hex
+        """Tells this manager's records from another manager's in the same process."""
         self._lock = threading.RLock()
+        self._slot: int | None = None
         self._proc: subprocess.Popen[str] | None = None
         self._log: IO[bytes] | None = None
         self._settings: LaunchSettings | None = None
         self._connection: Connection | None = None
+
+    @property
+    def slot(self) -> int | None:
+        """The slot this session holds (1 for the first Blender), or None while it runs no server."""
+        return self._slot
+
+    @property
+    def pid_file(self) -> Path:
+        """The record of this session's slot (slot 1's before any is held)."""
+        return slot_paths(self.state_dir, self._slot or 1)[0]
+
+    @property
+    def jobs_dir(self) -> Path:
+        """The jobs folder of this session's slot (slot 1's before any is held)."""
+        return slot_paths(self.state_dir, self._slot or 1)[1]
+
+    @property
+    def log_path(self) -> Path:
+        """The server log of this session's slot (slot 1's before any is held)."""
+        return slot_paths(self.state_dir, self._slot or 1)[2]
 
     @property
     def process(self) -> subprocess.Popen[str] | None:
@@ -229,31 +403,86 @@ class ServerManager:
             if self._proc is not None and self._proc.poll() is None:
                 if settings == self._settings and self._connection is not None:
                     return replace(self._connection, note=None)
-                self._stop_locked()
+                self._stop_locked(release=False)
                 note = "Restarted the One2345 server with the changed preferences."
             elif self._proc is not None:
                 code = self._proc.returncode
-                self._stop_locked()
+                self._stop_locked(release=False)
                 note = f"The One2345 server had stopped (exit code {code}); started it again."
-            else:
-                stale = stop_stale_server(self.pid_file)
-                if stale is not None:
-                    note = f"Stopped a One2345 server left running by an earlier Blender session (pid {stale})."
-            connection = self._start_locked(settings)
-            return replace(connection, note=note)
+            if self._slot is None:
+                note = _join_notes(note, self._claim_slot())
+            try:
+                connection = self._start_locked(settings)
+            except BaseException:
+                self._release_slot()
+                raise
+            return replace(connection, note=_join_notes(note, connection.note))
 
     def stop(self) -> None:
-        """Stop the server this session started (no-op when none) and remove the pid file."""
+        """Stop the server this session started (no-op when none) and give its slot back."""
         with self._lock:
             self._stop_locked()
 
     # -- internals -----------------------------------------------------------------------------------------------
 
+    def _owner(self) -> dict[str, Any]:
+        return {"owner_pid": os.getpid(), "owner_start": platform_compat.process_start_time(os.getpid()),
+                "owner_id": self.id}
+
+    def _claim_slot(self) -> str | None:
+        """Clean up stale slots, take the first free one; return a note for the user (or None)."""
+        stopped: list[int] = []
+        busy: list[int] = []
+        with _ClaimLock(self.state_dir):
+            free = None
+            for slot in range(1, MAX_SLOTS + 1):
+                path = slot_paths(self.state_dir, slot)[0]
+                record = read_record(path)
+                if record is None and path.exists() and time.time() - path.stat().st_mtime < 5:
+                    busy.append(slot)  # unreadable but fresh: being replaced right now
+                    continue
+                if record is not None and owner_alive(record, self.id):
+                    busy.append(slot)
+                    continue
+                if record is not None:
+                    pid = stop_recorded_server(record)
+                    if pid is not None:
+                        stopped.append(pid)
+                    path.unlink(missing_ok=True)
+                elif path.exists():
+                    path.unlink(missing_ok=True)
+                if free is None:
+                    free = slot
+            if free is None:
+                raise ServerError("server_start_failed", f"{MAX_SLOTS} Blender sessions already run their own One2345 "
+                                  f"server from {self.state_dir}.", "Close some of them, or use one remote server")
+            self._slot = free
+            write_record(slot_paths(self.state_dir, free)[0], {"slot": free, **self._owner(), "pid": None,
+                                                                "jobs_dir": str(self.jobs_dir)})
+        notes = []
+        if stopped:
+            notes.append("Stopped a One2345 server left running by an earlier Blender session "
+                         f"(pid {', '.join(map(str, stopped))}).")
+        if free > 1:
+            notes.append(f"Another Blender session runs its own One2345 server; this one keeps its jobs in "
+                         f"{self.jobs_dir.name}.")
+        return " ".join(notes) or None
+
+    def _release_slot(self) -> None:
+        if self._slot is None:
+            return
+        path = self.pid_file
+        record = read_record(path)
+        if record is not None and record.get("owner_id") == self.id and record.get("owner_pid") == os.getpid():
+            path.unlink(missing_ok=True)
+        self._slot = None
+
     def _start_locked(self, settings: LaunchSettings) -> Connection:
-        cmd = server_command(settings, self.jobs_dir)
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - stays open for the process's lifetime
+        jobs_dir, log_path, pid_file = self.jobs_dir, self.log_path, self.pid_file
+        cmd = server_command(settings, jobs_dir)
+        jobs_dir.mkdir(parents=True, exist_ok=True)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "ab")  # noqa: SIM115 - stays open for the process's lifetime
         self._log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
         self._log.flush()
         token = secrets.token_urlsafe(32)
@@ -261,26 +490,35 @@ class ServerManager:
         env.update(ONE2345_TOKEN=token, PYTHONUNBUFFERED="1")
         if settings.offline:
             env["HF_HUB_OFFLINE"] = "1"
-        popen_kwargs: dict = {"start_new_session": True} if os.name == "posix" else {
-            "creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log,
                                     cwd=self.state_dir, env=env, text=True, encoding="utf-8", errors="replace",
-                                    **popen_kwargs)
+                                    **platform_compat.popen_isolation())
         except OSError as exc:
+            self._log.close()
+            self._log = None
             raise ServerError("server_start_failed", f"Could not run {cmd[0]!r}: {exc.strerror or exc}.",
                               "Check 'Server Python' in the add-on preferences") from exc
         self._proc, self._settings = proc, settings
+        record = {"slot": self._slot, **self._owner(), "pid": proc.pid,
+                  "server_start": platform_compat.process_start_time(proc.pid), "python": cmd[0],
+                  "jobs_dir": str(jobs_dir), "started": time.time()}
+        write_record(pid_file, record)  # before the ready line: a crash of this Blender now still leaves a trace
         ready: queue.Queue[dict] = queue.Queue()
         threading.Thread(target=self._pump_stdout, args=(proc, ready), name="one2345-server-stdout",
                          daemon=True).start()
         line = self._wait_ready(proc, ready, settings.startup_timeout)
         url = str(line["url"]).rstrip("/")
         pid = int(line.get("pid") or proc.pid)
+        version = str(line["version"]) if line.get("version") else None
+        if pid != proc.pid:  # Windows venvs: Scripts\python.exe is a launcher whose child is the server
+            record.update(launcher_pid=proc.pid, launcher_start=record["server_start"],
+                          server_start=platform_compat.process_start_time(pid))
+        record.update(pid=pid, url=url, version=version)
+        write_record(pid_file, record)
         self._connection = Connection(url=url, token=token, local=True, pid=pid,
-                                      jobs_dir=line.get("jobs_dir") or str(self.jobs_dir))
-        self.pid_file.write_text(json.dumps({"pid": pid, "url": url, "python": cmd[0], "started": time.time()}))
-        return self._connection
+                                      jobs_dir=line.get("jobs_dir") or str(jobs_dir), server_version=version)
+        return replace(self._connection, note=version_note(version))
 
     def _wait_ready(self, proc: subprocess.Popen[str], ready: queue.Queue[dict], timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -292,12 +530,14 @@ class ServerManager:
             if proc.poll() is not None and ready.empty():
                 time.sleep(0.2)  # let the stdout pump flush the last lines into the log
                 code = proc.returncode
+                log_path = self.log_path
                 self._stop_locked()
                 raise ServerError("server_start_failed", f"The One2345 server exited during start-up (exit code "
-                                  f"{code}). Last lines of its log:\n{log_tail(self.log_path)}", _start_fix(self))
+                                  f"{code}). Last lines of its log:\n{log_tail(log_path)}", _start_fix(log_path))
+        log_path = self.log_path
         self._stop_locked()
         raise ServerError("server_start_failed", f"The One2345 server did not report ready within {timeout:.0f} s. "
-                          f"Last lines of its log:\n{log_tail(self.log_path)}",
+                          f"Last lines of its log:\n{log_tail(log_path)}",
                           "Raise the start-up timeout in the add-on preferences, or open the server log")
 
     def _pump_stdout(self, proc: subprocess.Popen[str], ready: queue.Queue[dict]) -> None:
@@ -319,21 +559,26 @@ class ServerManager:
                     log.write(f"[stdout] {line}\n".encode())
                     log.flush()
 
-    def _stop_locked(self) -> None:
+    def _stop_locked(self, release: bool = True) -> None:
         proc, self._proc, self._connection, self._settings = self._proc, None, None, None
         if proc is not None:
+            record = read_record(self.pid_file) or {}
             if proc.poll() is None:
-                terminate_pid(proc.pid)
+                server = record.get("pid")
+                if isinstance(server, int) and server != proc.pid and record.get("owner_id") == self.id:
+                    platform_compat.terminate_pid(server)  # the launcher's child (Windows venvs)
+                platform_compat.terminate_pid(proc.pid)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
-            self.pid_file.unlink(missing_ok=True)
         if self._log is not None:
             self._log.close()
             self._log = None
+        if release:
+            self._release_slot()
 
 
-def _start_fix(manager: ServerManager) -> str:
-    return (f"Open the server log ({manager.log_path}); if it says 'No module named server', install the server "
+def _start_fix(log_path: Path) -> str:
+    return (f"Open the server log ({log_path}); if it says 'No module named server', install the server "
             "into that Python or click 'Set Up Server Environment'")
 
 
@@ -380,15 +625,17 @@ def diagnose_python(python: str, timeout: float = 180.0) -> str:
                if str(found.get(name, "")).startswith("MISSING")]
     if missing:
         raise ServerError("server_start_failed", f"{path} cannot import: {', '.join(missing)}.",
-                          "Install the server into it (pip install 'one2345-blender[server]') or click "
-                          "'Set Up Server Environment'")
+                          "Click 'Set Up Server Environment' (it installs the server bundled with this add-on), "
+                          "or install the server into that Python yourself")
     gpu = {True: "a CUDA GPU is available", False: "no CUDA GPU (CPU only, slow)"}.get(found.get("cuda"), "")
-    return (f"Server Python OK: server {found['server']}, torch {found['torch']}, fastapi {found['fastapi']}; "
-            f"{gpu}.")
+    verdict = (f"Server Python OK: server {found['server']}, torch {found['torch']}, fastapi {found['fastapi']}; "
+               f"{gpu}.")
+    return _join_notes(verdict, version_note(str(found["server"]))) or verdict
 
 
 def describe_health(connection: Connection) -> str:
-    """Ask a running server for its health and check the token; return a verdict in words."""
+    """Ask a running server for its health and check the token; return a verdict in words (with a note when the
+    server's version differs from the add-on's)."""
     client = connection.client(timeout=10.0)
     health = client.health()
     try:
@@ -399,60 +646,40 @@ def describe_health(connection: Connection) -> str:
                               "Copy the server's ONE2345_TOKEN into the add-on preferences") from exc
         raise
     running = f", running job {health['running'][:8]}" if health.get("running") else ""
-    return (f"Server at {connection.url} is up: version {health.get('version')}, device {health.get('device')}, "
-            f"preset {health.get('preset')}, {health.get('queue_length', 0)} queued{running}.")
+    verdict = (f"Server at {connection.url} is up: version {health.get('version')}, device {health.get('device')}, "
+               f"preset {health.get('preset')}, {health.get('queue_length', 0)} queued{running}.")
+    return _join_notes(verdict, version_note(health.get("version"))) or verdict
 
 
 def setup_environment(venv_dir: Path, base_python: str, package: str, log_path: Path,
                       progress: Callable[[str, int], None] = lambda line, n: None,
-                      cancelled: Callable[[], bool] = lambda: False) -> Path:
-    """Create a virtual environment and pip-install the server package into it; return its Python.
+                      cancelled: Callable[[], bool] = lambda: False, *,
+                      torch: setup_env.TorchChoice | None = None, wheel_folder: Path | None = None,
+                      pip_options: Sequence[str] = (), notes: list[str] | None = None) -> Path:
+    """Create (or update) the server's virtual environment: PyTorch from the right index, then the server; return
+    the environment's Python.
 
     Args:
-        venv_dir: where the environment goes (inside the extension's user folder).
+        venv_dir: where the environment goes (``platform_compat.default_venv_dir``: the extension's user folder, on
+            Windows a short folder under %LOCALAPPDATA%).
         base_python: the interpreter that creates it (Blender's, which is never itself modified).
-        package: the pip requirement(s), e.g. ``one2345-blender[server]``, a folder or a URL.
-        log_path: every line of the tools' output is appended here.
-        progress: called with each output line and the line count.
+        package: empty for the server wheel bundled in this add-on's zip (add-on and server then match); otherwise
+            pip requirement words split like a command line, e.g. a path, a wheel or a URL.
+        log_path: every command and every line of the tools' output is appended here.
+        progress: called with each line (commands as ``$ ...``) and the line count.
         cancelled: polled between output lines; True stops pip.
+        torch: the PyTorch build; None detects it (nvidia-smi, platform; see ``setup_env.choose_torch``).
+        wheel_folder: where the bundled wheel lies (default: the add-on's ``server_wheel`` folder).
+        pip_options: more options for every ``pip install`` (tests point pip at a local folder).
+        notes: warnings the user must see afterwards are appended here (e.g. that the CPU build takes hours).
 
     Raises:
-        ServerError: ``setup_failed`` with the last lines of the log, or ``cancelled``.
+        ServerError: ``setup_failed`` with the last lines of the log (or a folder too long for Windows, or no bundled
+            wheel), or ``cancelled``.
     """
-    python = venv_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    steps = [] if python.exists() else [[base_python, "-m", "venv", str(venv_dir)]]
-    steps += [[str(python), "-m", "pip", "install", "--upgrade", *shlex.split(package)],
-              [str(python), "-c", "import server, torch, fastapi, uvicorn; print('server import OK')"]]
-    lines = 0
-    with open(log_path, "a", encoding="utf-8") as log:
-        for cmd in steps:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
-            log.flush()
-            env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, encoding="utf-8", errors="replace", env=env, cwd=log_path.parent)
-            _SETUP_PROCS.add(proc)
-            try:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    log.write(line)
-                    lines += 1
-                    progress(line.rstrip(), lines)
-                    if cancelled():
-                        proc.terminate()
-                        raise ServerError("cancelled", "Setting up the server environment was cancelled.")
-                code = proc.wait()
-            finally:
-                _SETUP_PROCS.discard(proc)
-                if proc.poll() is None:
-                    proc.kill()
-            if code != 0:
-                log.flush()
-                raise ServerError("setup_failed", f"'{' '.join(cmd[:4])} ...' failed (exit code {code}). Last lines "
-                                  f"of the log:\n{log_tail(log_path)}",
-                                  "Open the set-up log; check the package name and the network connection")
-    return python
+    return setup_env.run_setup(Path(venv_dir), base_python, package, Path(log_path), progress, cancelled,
+                               choice=torch, wheel_folder=wheel_folder or setup_env.WHEEL_FOLDER,
+                               pip_options=pip_options, notes=notes, processes=_SETUP_PROCS)
 
 
 _SETUP_PROCS: set[subprocess.Popen[str]] = set()

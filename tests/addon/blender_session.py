@@ -478,6 +478,8 @@ def run(config: dict) -> None:
         calls: list = []
         addon("panels").ONE2345_PT_history.draw(SimpleNamespace(layout=StubLayout(calls)), bpy.context)
         record["panel_operators"] = operator_ids(calls)
+        record["open_folder"] = sorted(bpy.ops.one2345.open_history_folder())
+        record["folder"] = str(Path(addon("server_state").STATE.jobs_dir) / review_job)
         before = set(bpy.data.objects)
         record["import"] = sorted(bpy.ops.one2345.history_job(action="IMPORT", job_id=review_job))
         (obj,) = [o for o in bpy.data.objects if o not in before]

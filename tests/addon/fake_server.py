@@ -5,18 +5,21 @@
 * Run as a program (``fake_server.py -m server serve --port 0 ...``) it imitates the real server's start-up for the
   process-lifecycle tests; ``FAKE_SERVER_MODE`` picks the behaviour: ``ready`` (print the ready line, answer
   ``/v1/health``, check the bearer token on ``/v1/jobs``), ``silent`` (never ready) or ``crash`` (exit during
-  start-up with an import error on stderr).
+  start-up with an import error on stderr). It reports the version in ``FAKE_SERVER_VERSION``, by default the
+  repository manifest's (the add-on's own), so a test can make the versions match or differ.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 Reply = tuple[int, dict[str, str], bytes]
@@ -67,8 +70,17 @@ class ScriptedServer:
         self.httpd.server_close()
 
 
+def manifest_version() -> str:
+    """The ``version`` of the repository's blender_manifest.toml (the add-on's version)."""
+    text = (Path(__file__).resolve().parents[2] / "blender_manifest.toml").read_text(encoding="utf-8")
+    found = re.search(r'^version\s*=\s*"([^"]+)"', text, re.MULTILINE)
+    assert found, "blender_manifest.toml has no version"
+    return found.group(1)
+
+
 def _serve_like_the_real_one(argv: list[str]) -> int:
     mode = os.environ.get("FAKE_SERVER_MODE", "ready")
+    version = os.environ.get("FAKE_SERVER_VERSION") or manifest_version()
     print(f"fake server starting with {argv}", file=sys.stderr, flush=True)
     if mode == "crash":
         print("ModuleNotFoundError: No module named 'server'", file=sys.stderr, flush=True)
@@ -81,14 +93,14 @@ def _serve_like_the_real_one(argv: list[str]) -> int:
 
     def handler(request: dict[str, Any]) -> Reply:
         if request["path"] == "/v1/health":
-            return json_reply(200, {"status": "ok", "version": "0.0-fake", "device": "cpu", "preset": "tiny",
+            return json_reply(200, {"status": "ok", "version": version, "device": "cpu", "preset": "tiny",
                                     "models_loaded": {}, "queue_length": 0, "running": None})
         if request["headers"].get("Authorization") != f"Bearer {token}":
             return json_reply(401, {"error": {"kind": "unauthorized", "message": "bad token", "fix": None}})
         return json_reply(200, {"jobs": []})
 
     with ScriptedServer(handler) as server:
-        print(json.dumps({"event": "ready", "url": server.url, "pid": os.getpid(), "version": "0.0-fake",
+        print(json.dumps({"event": "ready", "url": server.url, "pid": os.getpid(), "version": version,
                           "device": "cpu", "preset": "tiny", "token_file": None, "jobs_dir": jobs_dir}), flush=True)
         while True:
             time.sleep(1)
