@@ -570,6 +570,16 @@ class RobustFitConfig:
     static_share: float = 0.5
     """A pair whose matches mostly have not moved shows the same image twice (a symmetric or textureless object):
     it is left out of the fit, since identical views fit some polar angles' epipolar geometry by accident."""
+    shift_px: float = 0.0
+    """Prior scale of an unknown 2D shift of each view (generated views are not centred to the pixel): under each
+    candidate the four shifts are fitted to its inliers (ridge-regularised least squares, so a shift of this size
+    costs as much as one inlier at the truncation), and the cost is taken after them. 0 fits no shifts."""
+    shift_rounds: int = 2
+    """Refits of the shifts, each on the inliers under the previous ones."""
+    retry_shift_px: float = 1.0
+    """When the fit is uncertain, fit again on the same matches with this ``shift_px``, and use that fit if it is
+    confident. Clean renders need no shifts (fitting them always costs them a little accuracy), but a generated view
+    off by a pixel or so makes the plain fit doubt; 0 disables the retry."""
 
 
 INFORMATIVE_PAIRS: tuple[tuple[int, int], ...] = tuple(p for p in PAIRS if p != (0, 1))
@@ -652,6 +662,44 @@ def sampson_distances(F: np.ndarray, matches: np.ndarray) -> np.ndarray:
     return np.sqrt(numerator / np.maximum(denominator, 1e-300))
 
 
+def _after_view_shifts(residuals: dict[tuple[int, int], np.ndarray], pairs: dict[tuple[int, int], np.ndarray],
+                       poses: np.ndarray, K: np.ndarray, tau: float, prior_px: float,
+                       rounds: int) -> dict[tuple[int, int], np.ndarray]:
+    """Signed Sampson residuals [E, M] per pair after fitting one 2D shift per view under each candidate.
+
+    Linearised: shifting view i by s_i and view j by s_j changes the algebraic error x_jᵀ F x_i by
+    (Fᵀ x_j)₁₂·s_i + (F x_i)₁₂·s_j, so each residual is affine in the eight shift coordinates. Per candidate the
+    shifts minimise Σ_inliers r² / τ² + |s|² / prior² (its inliers: |r| < τ under the previous shifts), a few times.
+    Implausible matches (infinite residual) stay outliers.
+    """
+    E = len(poses)
+    parts = {}
+    for (i, j), m in pairs.items():
+        F = fundamental_matrices(poses, (i, j), K)
+        x0 = np.concatenate([m[:, 0:2], np.ones((len(m), 1))], axis=1)
+        x1 = np.concatenate([m[:, 2:4], np.ones((len(m), 1))], axis=1)
+        Fx0 = np.einsum("eab,mb->ema", F, x0)
+        Ftx1 = np.einsum("eba,mb->ema", F, x1)
+        d = np.sqrt(np.maximum(Fx0[..., 0] ** 2 + Fx0[..., 1] ** 2 + Ftx1[..., 0] ** 2 + Ftx1[..., 1] ** 2, 1e-300))
+        r0 = np.einsum("ma,ema->em", x1, Fx0) / d
+        J = np.zeros((E, len(m), 8))
+        J[..., 2 * i:2 * i + 2] = Ftx1[..., :2] / d[..., None]
+        J[..., 2 * j:2 * j + 2] = Fx0[..., :2] / d[..., None]
+        parts[(i, j)] = (np.where(np.isfinite(residuals[(i, j)]), r0, np.inf), J, m[:, 4])
+    shifts = np.zeros((E, 8))
+    for _ in range(rounds):
+        A = np.broadcast_to(np.eye(8) * (tau / prior_px) ** 2, (E, 8, 8)).copy()
+        b = np.zeros((E, 8))
+        for r0, J, w in parts.values():
+            r = r0 + np.einsum("emk,ek->em", J, shifts)
+            inlier = (np.abs(r) < tau) * w  # inf residuals are never inliers
+            r0_in = np.where(inlier > 0, r0, 0.0)
+            A += np.einsum("em,emk,eml->ekl", inlier, J, J)
+            b -= np.einsum("em,emk,em->ek", inlier, J, r0_in)
+        shifts = np.linalg.solve(A, b[..., None])[..., 0]
+    return {p: np.abs(r0 + np.einsum("emk,ek->em", J, shifts)) for p, (r0, J, _) in parts.items()}
+
+
 def fit_polar(
     matches: dict[tuple[int, int], np.ndarray],
     image_size: int = 256,
@@ -718,6 +766,8 @@ def fit_polar(
         r = sampson_distances(fundamental_matrices(poses, p, K), m)
         # A match that would have to lie behind a camera or far outside the object is wrong for that candidate.
         residuals[p] = np.where(plausible_depths(poses, p, K, m, config.object_radius), r, np.inf)
+    if config.shift_px > 0:
+        residuals = _after_view_shifts(residuals, pairs, poses, K, tau, config.shift_px * scale, config.shift_rounds)
     pair_cost = {p: (np.minimum(r, tau) ** 2 / tau**2 * pairs[p][:, 4]).sum(axis=1) / pairs[p][:, 4].sum()
                  for p, r in residuals.items()}
     sizes = {p: len(m) for p, m in pairs.items()}
@@ -862,18 +912,27 @@ def estimate_elevation(
             rows.append(np.concatenate([found.kpts0[keep], found.kpts1[keep], found.confidence[keep, None]], axis=1))
         matches[(i, j)] = np.concatenate(rows, axis=0)
     counts = {pair: len(m) for pair, m in matches.items()}
+    config = config or RobustFitConfig()
     try:
         fit = fit_polar(matches, image_size=size, focal=280.0 * size / 256.0, config=config)
     except BadInputError as e:
         raise BadInputError(f"matcher {name!r}: {e.message}") from None
+    note = f"{name}: polar {fit.polar}, confidence {fit.confidence:.2f}"
+    if fit.uncertain and config.retry_shift_px > 0 and config.shift_px == 0:
+        shifted = fit_polar(matches, image_size=size, focal=280.0 * size / 256.0,
+                            config=replace(config, shift_px=config.retry_shift_px))
+        note += f"; with view shifts: polar {shifted.polar}, confidence {shifted.confidence:.2f}"
+        if not shifted.uncertain:
+            fit = shifted
     return ElevationResult(fit.polar, name, counts, confidence=fit.confidence, uncertain=fit.uncertain,
-                           inliers=fit.inliers, note=f"{name}: polar {fit.polar}, confidence {fit.confidence:.2f}")
+                           inliers=fit.inliers, note=note)
 
 
 class ElevationEstimator:
     """The elevation estimate the pipeline uses, with the documented rule for low confidence:
 
-    1. All matchers' matches pooled into one robust fit (:func:`estimate_elevation`). Confident → done.
+    1. All matchers' matches pooled into one robust fit (:func:`estimate_elevation`); if it is uncertain, the same
+       matches are fitted again with a 2D shift per view (``retry_shift_px``). Confident → done.
     2. Otherwise each matcher alone, in the given order; the first confident fit is used.
     3. Otherwise the most confident of those fits, flagged ``uncertain``: it is still the best guess there is (on
        degraded renders most flagged fits are within a few degrees), and the UI asks for the elevation by hand.

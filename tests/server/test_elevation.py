@@ -29,6 +29,7 @@ from server.elevation import (
     LoFTRMatcher,
     Matcher,
     Matches,
+    RobustFitConfig,
     SiftMatcher,
     available_matcher,
     candidate_poses,
@@ -436,6 +437,31 @@ def test_robust_fit_recovers_the_polar_with_30_percent_wrong_matches(polar):
     assert abs(fit.polar - polar) <= 1 and not fit.uncertain and fit.confidence > 0.7
     assert all(abs(p - polar) <= 2 for p in fit.pair_minima.values())
     assert fit.curve.shape == (151 - 20, 2) and fit.curve[:, 0].min() == 20 and fit.curve[:, 0].max() == 150
+
+
+def shifted(matches: dict, shifts: np.ndarray) -> dict:
+    """The same matches with each view's keypoints moved by its own 2D shift (a generated view off-centre)."""
+    out = {}
+    for (i, j), m in matches.items():
+        m = m.copy()
+        m[:, 0:2] += shifts[i]
+        m[:, 2:4] += shifts[j]
+        out[(i, j)] = m
+    return out
+
+
+@pytest.mark.parametrize("polar", [60, 95])
+def test_view_shifts_are_fitted_away_and_the_plain_fit_is_kept_on_clean_matches(polar):
+    rng = np.random.default_rng(polar + 1)
+    clean = synthetic_matches(polar, rng)
+    offset = shifted(clean, np.array([[1.2, -0.8], [-1.0, 1.1], [0.9, 1.2], [-1.2, -0.9]]))
+    plain = fit_polar(offset)
+    fitted = fit_polar(offset, config=RobustFitConfig(shift_px=1.0))
+    # Shifts of about a pixel make the pairs disagree, so the plain fit doubts; with the shifts fitted they agree.
+    assert plain.uncertain and not fitted.uncertain and fitted.confidence > 0.9 and abs(fitted.polar - polar) <= 1
+    assert all(abs(p - polar) <= 1 for p in fitted.pair_minima.values())
+    # On matches without shifts the shift fit changes little: the prior keeps the shifts near zero.
+    assert abs(fit_polar(clean, config=RobustFitConfig(shift_px=1.0)).polar - fit_polar(clean).polar) <= 1
 
 
 def test_the_reference_search_is_pulled_off_by_the_same_outliers():
