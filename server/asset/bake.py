@@ -289,7 +289,7 @@ def bake_texture(
     weight_sum = np.zeros(texels.shape[0])
     samples = np.zeros(len(views.ids), dtype=np.int64)
     for v in range(len(views.ids)):
-        index, colour, weight = _view_samples(mesh, points, texel_normals, views.images[v], views.intrinsics[v],
+        index, colour, weight = view_samples(mesh, points, texel_normals, views.images[v], views.intrinsics[v],
                                               views.w2c[v], config, config.depth_tolerance * diagonal)
         colour_sum[index] += weight[:, None] * colour
         weight_sum[index] += weight
@@ -315,7 +315,7 @@ def bake_texture(
                         report=report)
 
 
-def _view_samples(
+def view_samples(
     mesh: Mesh,
     points: np.ndarray,
     normals: np.ndarray,

@@ -1,0 +1,174 @@
+"""Tests of the texture-bake evaluation (training/texture_eval.py).
+
+The ground truth is analytic and independent of the code under test: a sphere whose colour is a fine checkerboard in
+longitude and latitude, ray-cast exactly (box-filtered over 4×4 sub-pixel rays, linear-light averaging, straight
+alpha — what the unlit Cycles renders of training/render/texture_views.py hold) at the 40 cameras of the layout and
+at held-out cameras. The GT surface is a marching-cubes mesh of the sphere's SDF, as the pipeline's meshes are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.asset import BakeViews
+from server.cameras import PoseFile, calc_pose
+from server.errors import BadInputError
+from server.meshing import Mesh, extract_surface, linear_to_srgb, srgb_to_linear
+from training.cli import main
+from training.texture_eval import (
+    DENSE,
+    TEXTURE,
+    VERTEX,
+    EvalObject,
+    HeldOutViews,
+    TextureEvalConfig,
+    evaluate_object,
+    markdown_report,
+    psnr,
+    summarise,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SIZE = 96
+CENTRE, RADIUS = np.array([0.02, -0.01, 0.03]), 0.3
+CELLS = 24
+"""Checker cells around the equator: 15° cells, ~7 px in a 96² view, finer than a 500-face mesh's vertex spacing."""
+COLOURS = np.array([[200, 60, 40], [40, 160, 220]], dtype=np.float64)
+
+
+def checker(points: np.ndarray) -> np.ndarray:
+    """[N, 3] sRGB 0–255 of sphere points [N, 3]: a checkerboard in longitude (CELLS) and latitude (CELLS / 2)."""
+    n = (points - CENTRE) / RADIUS
+    longitude = np.arctan2(n[:, 1], n[:, 0])
+    latitude = np.arccos(np.clip(n[:, 2], -1.0, 1.0))
+    cell = np.floor(longitude / (2 * np.pi / CELLS)) + np.floor(latitude / (np.pi / (CELLS // 2)))
+    return COLOURS[(cell % 2).astype(int)]
+
+
+def ray_cast(c2w: np.ndarray, k: np.ndarray, size: int, sub: int = 4) -> np.ndarray:
+    """[size, size, 4] uint8 straight-alpha render of the sphere: sub×sub rays per pixel (a 1-pixel box filter),
+    colours averaged in linear light over the rays that hit, alpha = the share that hit. OpenGL c2w."""
+    offsets = (np.arange(sub) + 0.5) / sub
+    x = (np.arange(size)[:, None] + offsets).reshape(-1)
+    col, row = np.meshgrid(x, x)
+    camera = np.stack([(col - k[0, 2]) / k[0, 0], -(row - k[1, 2]) / k[1, 1], -np.ones_like(col)], axis=-1)
+    d = camera.reshape(-1, 3) @ c2w[:3, :3].T
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    oc = c2w[:3, 3] - CENTRE
+    b = d @ oc
+    disc = b * b - (oc @ oc - RADIUS**2)
+    hit = disc >= 0
+    t = -b[hit] - np.sqrt(disc[hit])
+    linear = np.zeros((d.shape[0], 3))
+    linear[hit] = srgb_to_linear(checker(c2w[:3, 3] + t[:, None] * d[hit]) / 255.0)
+    linear = linear.reshape(size, sub, size, sub, 3).sum(axis=(1, 3))
+    coverage = hit.reshape(size, sub, size, sub).mean(axis=(1, 3))
+    rgb = linear_to_srgb(linear / np.maximum(coverage * sub * sub, 1e-12)[..., None]) * 255.0
+    return np.concatenate([np.rint(rgb), np.rint(coverage * 255.0)[..., None]], axis=-1).astype(np.uint8)
+
+
+def on_white(rgba: np.ndarray) -> np.ndarray:
+    alpha = rgba[..., 3:4] / 255.0
+    return np.rint(rgba[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def sphere_object() -> EvalObject:
+    axis = np.linspace(-0.5, 0.5, 48)
+    grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1)
+    vertices, faces = extract_surface((np.linalg.norm(grid - CENTRE, axis=-1) - RADIUS).astype(np.float32))
+    poses = PoseFile.for_polar(75)
+    k = np.diag([SIZE / 256, SIZE / 256, 1.0]) @ poses.intrinsics
+    views = BakeViews.from_pose_file(poses, {i: on_white(ray_cast(c2w, k, SIZE)) for i, c2w in poses.c2ws.items()})
+    held = {f"h{n}.png": calc_pose(polar, azimuth) for n, (polar, azimuth) in enumerate([(70, 10), (95, 140),
+                                                                                          (110, 250)])}
+    held_poses = PoseFile(poses.intrinsics, poses.near_far, held)
+    heldout = HeldOutViews.from_pose_file(held_poses, {i: ray_cast(c2w, k, SIZE) for i, c2w in held.items()})
+    return EvalObject("sphere", Mesh((vertices * 0.5).astype(np.float32), faces), views, heldout)
+
+
+@pytest.fixture(scope="module")
+def rows(sphere_object: EvalObject) -> list:
+    return evaluate_object(sphere_object, TextureEvalConfig(face_counts=(500, 2000), texture_size=128,
+                                                            supersample=2))
+
+
+def test_the_evaluation_of_a_tiny_object_gives_finite_numbers(rows: list) -> None:
+    assert [(r.method, r.budget) for r in rows] == [(DENSE, None), (TEXTURE, 500), (VERTEX, 500), (TEXTURE, 2000),
+                                                    (VERTEX, 2000)]
+    for r in rows:
+        assert math.isfinite(r.psnr) and r.psnr > 8, r
+        # The evaluation's rasteriser and the ray caster agree on the silhouette: cameras and pixel centres match.
+        assert r.iou > 0.97, r
+        assert r.seconds > 0
+    assert [r.faces for r in rows[1:]] == [500, 500, 2000, 2000]
+    assert rows[1].coverage > 0.9 and set(rows[1].timings) >= {"unwrap", "rasterize", "views", "fill"}
+    summary = summarise(rows)
+    assert [s["budget"] for s in summary] == [500, 2000]
+    report = markdown_report(rows, TextureEvalConfig(face_counts=(500, 2000), texture_size=128), "test host")
+    assert "texture 128²" in report and "| 2000 | 1 |" in report
+
+
+def test_the_texture_beats_vertex_colours_on_fine_detail_at_a_low_face_count(rows: list) -> None:
+    """15° checker cells on a 500-face sphere: a vertex every ~16°, so per-vertex colours blur the board into mush,
+    while a 128² texture holds it. A broken bake (wrong UVs, projection or visibility) loses this margin."""
+    by = {(r.method, r.budget): r.psnr for r in rows}
+    assert by[(TEXTURE, 500)] >= by[(VERTEX, 500)] + 6.0, by
+    assert by[(TEXTURE, 2000)] >= by[(VERTEX, 2000)] + 3.0, by
+    assert by[(TEXTURE, 500)] >= 18.0, by  # ~21 dB; a texture with flipped UVs scores ~10
+    # More faces help vertex colours; the texture does not depend on them.
+    assert by[(VERTEX, 2000)] > by[(VERTEX, 500)]
+    assert abs(by[(TEXTURE, 2000)] - by[(TEXTURE, 500)]) < 2.0
+
+
+def test_psnr_known_values_masks_and_refusals() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (8, 8, 3)).astype(np.float64)
+    assert psnr(a, a) == math.inf
+    assert psnr(a, a + 16.0) == pytest.approx(20 * math.log10(255 / 16))
+    b = a.copy()
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[:4] = True
+    b[4:] += 100.0  # outside the mask: ignored
+    b[:4] += 4.0
+    assert psnr(a, b, mask) == pytest.approx(20 * math.log10(255 / 4))
+    with pytest.raises(BadInputError, match="shapes"):
+        psnr(a, a[:4])
+    with pytest.raises(BadInputError, match="no pixel"):
+        psnr(a, b, np.zeros((8, 8), dtype=bool))
+
+
+def test_config_refuses_bad_values() -> None:
+    for kwargs, match in (({"face_counts": ()}, "face counts"), ({"face_counts": (2,)}, "face counts"),
+                          ({"texture_size": 4}, "texture size"), ({"supersample": 0}, "supersample"),
+                          ({"jitter": -1.0}, "jitter")):
+        with pytest.raises(BadInputError, match=match):
+            TextureEvalConfig(**kwargs)
+
+
+def test_the_command_renders_with_blender_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """One procedural object through the whole command: the Blender script (unlit views, held-out cameras, the dense
+    GT surface), the evaluation and the report files, at toy sizes."""
+    bpy42 = Path(os.environ.get("ONE2345_BPY42_PYTHON") or REPO / ".venv-bpy42" / "bin" / "python")
+    if not bpy42.exists():
+        pytest.fail(f"{bpy42} is missing: run .ci/blender-envs (CI always has it)")
+    out = tmp_path / "report"
+    args = ["evaluate-texture", "--out", str(out), "--count", "1", "--first-seed", "3", "--size", "48",
+            "--samples", "4", "--held-out", "2", "--dense-voxel", "0.012", "--faces", "2000", "--texture-size", "128",
+            "--supersample", "2", "--threads", "2", "--export-glb", "2000"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| texeval-000003 | 2000 | texture 128² |" in printed
+    assert (out / "report.md").read_text() == printed
+    folder = out / "renders" / "000-000" / "texeval-000003"
+    assert sorted(p.name for p in (folder / "heldout").iterdir()) == ["h0.png", "h1.png", "pose.json"]
+    assert {p.name for p in (out / "glb").iterdir()} == {"texeval-000003-2000-texture.glb",
+                                                         "texeval-000003-2000-vertex-colours.glb"}
+    record = json.loads((out / "report.json").read_text())
+    assert all(math.isfinite(r["psnr"]) and r["iou"] > 0.9 for r in record["rows"]), record["rows"]

@@ -1,0 +1,698 @@
+"""Texture-bake quality on ground truth (#13): a baked texture against vertex colours at the same face count.
+
+Texture quality does not depend on the reconstruction's weights, so it is measured on ground truth: objects rendered
+by the #6 renderer's pieces (:mod:`training.render.texture_views`: the 40-view layout plus held-out cameras, unlit —
+the base colour through an emission shader, a 1-pixel box filter) are coloured in two ways from their 40 views and
+rendered at the held-out cameras, and each render is compared with the ground-truth render there.
+
+Per object, numbered as :func:`evaluate_object` runs:
+
+1. The GT surface is ``mesh_dense.ply``: the outer surface of the object's parts, voxel-remeshed at ~1 pixel by the
+   render script — the kind of surface the pipeline decimates (marching cubes of an SDF, nothing inside the object).
+   (``mesh.ply``, the parts as modelled, has a few hundred long slivers per part, on which quadric decimation stalls
+   far above 20 k faces.) Its vertex colours are sampled from the 40 views with the bake's own per-view sampler
+   (visibility by depth, cosine and edge weights — :func:`vertex_colors_from_views`): the best per-vertex colour the
+   views give, standing in for the reconstruction's blended vertex colours.
+2. For each face count, :func:`server.asset.decimate` brings the dense surface to the budget and carries the colours
+   to the new vertices exactly as the pipeline does for a vertex-coloured result with ``target_faces`` (nearest
+   original vertex), and :func:`server.asset.bake_texture` bakes a texture onto the same decimated mesh.
+3. Both are rendered at the held-out cameras by a supersampled z-buffer rasteriser (:func:`render_mesh`, built on
+   :func:`server.asset.raster.triangle_pixels`, with the bake's pixel convention) and compared with the GT renders:
+   PSNR over the object's foreground (:func:`psnr`), all held-out views pooled. LPIPS is left out: no maintained
+   LPIPS package is installed in the project's environment.
+
+Shading. The renders are unlit, so a pixel is the sRGB base colour averaged over the pixel (Cycles, Standard view
+transform). Colours are interpolated in linear light in both rasterisers, as Cycles and glTF viewers do (vertex
+colours are linear COLOR_0 in the pipeline's GLB; an sRGB texture is decoded before filtering). With lit renders
+(``--shading lit``) the texture carries the views' shading, which matches a new view except for its specular part.
+
+    one2345-train evaluate-texture --out report/texture --count 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from scipy.spatial import cKDTree
+
+from server.asset import BakeConfig, BakeViews, DecimateConfig, TexturedMesh, bake_texture, decimate
+from server.asset.bake import view_samples  # the bake's per-view sampler: vertex colours use the same one
+from server.asset.geometry import vertex_normals
+from server.asset.raster import triangle_pixels
+from server.cameras import PoseFile, opengl_to_opencv
+from server.errors import BadInputError
+from server.meshing import Mesh, linear_to_srgb, srgb_to_linear
+
+logger = logging.getLogger("training.texture_eval")
+
+HELDOUT_DIR = "heldout"
+"""Sub-folder of a rendered object with the held-out views and their pose.json
+(:mod:`training.render.texture_views`)."""
+
+DENSE_MESH = "mesh_dense.ply"
+"""The GT outer surface, voxel-remeshed (:func:`training.render.texture_views.dense_surface`)."""
+
+TEXTURE = "texture"
+VERTEX = "vertex colours"
+
+
+@dataclass(frozen=True)
+class TextureEvalConfig:
+    """Settings of :func:`evaluate_object`."""
+
+    face_counts: tuple[int, ...] = (5_000, 20_000, 100_000)
+    """Polygon budgets the GT mesh is decimated to (the issue's 5 k, 20 k and 100 k)."""
+    texture_size: int = 1024
+    """Side of the baked texture (the asset stage's default)."""
+    jitter: float = 1e-5
+    """Standard deviation of a seeded Gaussian displacement of the dense surface's vertices (pose.json units; 1e-5 is
+    1/400 pixel). The remeshed GT has large exactly planar patches (the parts' facets), on which the simplifier's
+    quadrics are singular: it then stalls near 20 k faces whatever the budget and cuts corners off the silhouette.
+    The pipeline's marching-cubes surfaces of a learnt SDF are never exactly planar; the jitter makes these behave
+    like them."""
+    bake_repeats: int = 1
+    """Times each bake runs; its timings are those of the fastest run (on a shared machine the others' load only
+    ever adds time, so the minimum is the estimate of the bake's own cost)."""
+    supersample: int = 4
+    """Evaluation renders use supersample² samples per pixel (box filter, as the GT renders)."""
+    bake: BakeConfig = field(default_factory=BakeConfig)
+    """How the texture is baked (and how vertex colours are sampled)."""
+    decimate: DecimateConfig = field(default_factory=DecimateConfig)
+    """How the budgets are reached."""
+
+    def __post_init__(self) -> None:
+        if not self.face_counts or any(isinstance(n, bool) or int(n) < 4 for n in self.face_counts):
+            raise BadInputError(f"face counts {self.face_counts!r} are invalid; allowed: one or more integers ≥ 4 "
+                                "(e.g. 5000, 20000, 100000)")
+        if self.texture_size < 8:
+            raise BadInputError(f"texture size {self.texture_size} is invalid; allowed: an integer ≥ 8 (e.g. 1024)")
+        if not (math.isfinite(self.jitter) and self.jitter >= 0):
+            raise BadInputError(f"jitter {self.jitter} is invalid; allowed: a length ≥ 0 (e.g. 1e-5)")
+        if self.bake_repeats < 1:
+            raise BadInputError(f"bake_repeats {self.bake_repeats} is invalid; allowed: an integer ≥ 1")
+        if self.supersample < 1:
+            raise BadInputError(f"supersample {self.supersample} is invalid; allowed: an integer ≥ 1 (e.g. 4)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class HeldOutViews:
+    """Ground-truth renders at cameras the bake does not see."""
+
+    ids: tuple[str, ...]
+    rgba: tuple[np.ndarray, ...]
+    """V arrays [H, W, 4] uint8: sRGB colour with straight alpha (0 = background)."""
+    intrinsics: np.ndarray
+    """[V, 3, 3] pixel intrinsics (pixel (i, j) centred at (j + 0.5, i + 0.5))."""
+    w2c: np.ndarray
+    """[V, 4, 4] OpenCV world-to-camera in the mesh's frame."""
+
+    @classmethod
+    def from_pose_file(cls, poses: PoseFile, rgba: dict[str, np.ndarray]) -> HeldOutViews:
+        """Held-out views from pose.json cameras and RGBA images keyed by id (intrinsics scaled to each image)."""
+        poses.require(rgba)
+        ids = tuple(i for i in poses.c2ws if i in rgba)
+        k = poses.intrinsics
+        intrinsics = [np.diag([rgba[i].shape[1] / (2 * k[0, 2]), rgba[i].shape[0] / (2 * k[1, 2]), 1.0]) @ k
+                      for i in ids]
+        w2c = np.linalg.inv(opengl_to_opencv(np.stack([poses.c2ws[i] for i in ids])))
+        return cls(ids, tuple(rgba[i] for i in ids), np.stack(intrinsics), w2c)
+
+
+@dataclass(frozen=True, eq=False)
+class EvalObject:
+    """One ground-truth object: its mesh, the 40 views the bake reads and the held-out views it is judged on."""
+
+    name: str
+    surface: Mesh
+    """The GT object's outer surface, densely and evenly meshed (~1 px edges: ``mesh_dense.ply``), pose.json frame."""
+    views: BakeViews
+    """The 40 views the bake and the vertex colours read."""
+    heldout: HeldOutViews
+    """The views both are judged on."""
+
+
+def _read_rgba(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGBA"))
+
+
+def load_rendered_object(folder: str | os.PathLike[str]) -> EvalObject:
+    """An object folder of :mod:`training.render.texture_views`: mesh.ply, the 40 views (composited on white, as
+    the pipeline reads its views) with pose.json, and ``heldout/``.
+
+    Raises:
+        BadInputError: a missing file, or a folder without held-out views.
+    """
+    from server.reconstruct import read_rgb
+    from training.render import layout
+
+    folder = Path(folder)
+    heldout_dir = folder / HELDOUT_DIR
+    if not (heldout_dir / "pose.json").is_file() or not (folder / DENSE_MESH).is_file():
+        raise BadInputError(f"{folder} is not an object of the texture evaluation ({DENSE_MESH}, heldout/); "
+                            "render one with one2345-train evaluate-texture (or training/render/texture_views.py)")
+    layout.require_full_views(folder)
+    meta = json.loads((folder / layout.META_NAME).read_text(encoding="utf-8"))
+    poses = PoseFile.read(folder / "pose.json")
+    images = {view_id: read_rgb(folder / name) for view_id, name in meta["files"].items()}
+    held = PoseFile.read(heldout_dir / "pose.json")
+    rgba = {view_id: _read_rgba(heldout_dir / view_id) for view_id in held.c2ws}
+    vertices, faces = layout.read_ply(folder / DENSE_MESH)
+    return EvalObject(folder.name, Mesh(vertices, faces), BakeViews.from_pose_file(poses, images),
+                      HeldOutViews.from_pose_file(held, rgba))
+
+
+def find_rendered_objects(root: str | os.PathLike[str]) -> list[Path]:
+    """Object folders under a render root (``<folder_id>/<uid>/``) that hold held-out views, sorted."""
+    return sorted(p.parent.parent for p in Path(root).glob(f"*/*/{HELDOUT_DIR}/pose.json")
+                  if (p.parent.parent / "meta.json").is_file())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Meshes and colours
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def vertex_colors_from_views(mesh: Mesh, views: BakeViews, config: BakeConfig | None = None) -> np.ndarray:
+    """Colour every vertex from posed views with the bake's per-view sampler: the weighted mean of the bilinear
+    samples of the views that see it (depth visibility, cosine^p and silhouette-edge weights, as for a texel).
+    Vertices no view sees take the colour of the nearest seen vertex.
+
+    Args:
+        mesh: vertices [V, 3], faces [F, 3] in the views' frame.
+        views: the posed sRGB views.
+        config: the bake's settings (visibility slack, weights); default :class:`BakeConfig`.
+
+    Returns:
+        [V, 3] uint8 sRGB.
+    """
+    config = config or BakeConfig()
+    points = np.asarray(mesh.vertices, dtype=np.float64)
+    normals = vertex_normals(mesh.vertices, mesh.faces).astype(np.float64)
+    diagonal = float(np.linalg.norm(points.max(axis=0) - points.min(axis=0)))
+    colour_sum = np.zeros((points.shape[0], 3))
+    weight_sum = np.zeros(points.shape[0])
+    for v in range(len(views.ids)):
+        index, colour, weight = view_samples(mesh, points, normals, views.images[v], views.intrinsics[v],
+                                              views.w2c[v], config, config.depth_tolerance * diagonal)
+        np.add.at(colour_sum, index, weight[:, None] * colour)
+        np.add.at(weight_sum, index, weight)
+    seen = weight_sum > 0
+    colours = np.full((points.shape[0], 3), 128.0)
+    colours[seen] = colour_sum[seen] / weight_sum[seen, None]
+    if seen.any() and not seen.all():
+        colours[~seen] = colours[seen][cKDTree(points[seen]).query(points[~seen], k=1)[1]]
+    return np.clip(np.rint(colours), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rendering and metrics
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def rasterize(
+    vertices: np.ndarray, faces: np.ndarray, intrinsics: np.ndarray, w2c: np.ndarray, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest triangle at every pixel centre and its perspective-correct barycentric coordinates.
+
+    Same camera and pixel conventions as :func:`server.asset.render_depth` (OpenCV w2c, pixel (i, j) centred at
+    (j + 0.5, i + 0.5)); triangles with a corner at or behind the camera plane are skipped.
+
+    Returns:
+        face: [H, W] int64, −1 where nothing is hit; bary: [H, W, 3] float64 (zeros where nothing is hit).
+    """
+    camera = np.asarray(vertices, dtype=np.float64) @ w2c[:3, :3].T + w2c[:3, 3]
+    z = camera[:, 2]
+    faces = np.asarray(faces, dtype=np.int64)
+    kept = np.flatnonzero((z[faces] > 1e-6).all(axis=1))
+    safe_z = np.where(z > 1e-6, z, 1.0)
+    pixels = np.stack([(intrinsics[0, 0] * camera[:, 0] + intrinsics[0, 1] * camera[:, 1]) / safe_z
+                       + intrinsics[0, 2], intrinsics[1, 1] * camera[:, 1] / safe_z + intrinsics[1, 2]], axis=1)
+    local, pixel, bary = triangle_pixels(pixels[faces[kept]], height, width)
+    face = kept[local]
+    inverse_z = bary / z[faces[face]]  # b_k / z_k: screen-space barycentrics → perspective-correct ones
+    depth_key = inverse_z.sum(axis=1)
+    order = np.lexsort((-depth_key, pixel))  # per pixel, the largest 1/z (nearest) first
+    first = order[np.r_[True, pixel[order][1:] != pixel[order][:-1]]] if order.size else order
+    face_map = np.full(height * width, -1, dtype=np.int64)
+    bary_map = np.zeros((height * width, 3))
+    face_map[pixel[first]] = face[first]
+    bary_map[pixel[first]] = inverse_z[first] / depth_key[first, None]
+    return face_map.reshape(height, width), bary_map.reshape(height, width, 3)
+
+
+def render_mesh(
+    mesh: Mesh | TexturedMesh, intrinsics: np.ndarray, w2c: np.ndarray, height: int, width: int, supersample: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unlit render of a textured or vertex-coloured mesh, composited on white.
+
+    Each pixel averages supersample² sub-pixel samples (a 1-pixel box filter). A sample's colour is the bilinear
+    texture lookup (UVs interpolated perspective-correctly; texel (i, j) centred at ((j + 0.5)/S, (i + 0.5)/S)) or the
+    interpolated vertex colour, both in linear light; the covered samples' mean is encoded to sRGB and blended over
+    white by the coverage, as a straight-alpha Cycles render composited on white.
+
+    Args:
+        mesh: :class:`TexturedMesh` (texture used) or :class:`~server.meshing.Mesh` with colours.
+        intrinsics: [3, 3] for the height×width image; w2c: [4, 4] OpenCV.
+
+    Returns:
+        rgb: [H, W, 3] float64 sRGB in [0, 255] on white; coverage: [H, W] float64 in [0, 1].
+    """
+    s = int(supersample)
+    k = np.diag([s, s, 1.0]) @ np.asarray(intrinsics, dtype=np.float64)
+    face, bary = rasterize(mesh.vertices, mesh.faces, k, w2c, height * s, width * s)
+    hit = face >= 0
+    corners = np.asarray(mesh.faces)[face[hit]]
+    linear = np.zeros((height * s, width * s, 3))
+    if isinstance(mesh, TexturedMesh):
+        size = mesh.texture.shape[0]
+        uv = np.einsum("nk,nkc->nc", bary[hit], np.asarray(mesh.uvs, dtype=np.float64)[corners])
+        texture = srgb_to_linear(mesh.texture / 255.0).astype(np.float32)
+        linear[hit] = _bilinear_lookup(texture, uv[:, 0] * size - 0.5, uv[:, 1] * size - 0.5)
+    else:
+        if mesh.colors is None:
+            raise BadInputError("the mesh has no vertex colours and no texture; allowed: a TexturedMesh or a Mesh "
+                                "with colours [V, 3] uint8")
+        colours = srgb_to_linear(np.asarray(mesh.colors) / 255.0)
+        linear[hit] = np.einsum("nk,nkc->nc", bary[hit], colours[corners])
+    covered = hit.reshape(height, s, width, s).mean(axis=(1, 3))
+    total = linear.reshape(height, s, width, s, 3).sum(axis=(1, 3))
+    mean = total / np.maximum(covered * s * s, 1e-12)[..., None]
+    rgb = linear_to_srgb(mean) * 255.0 * covered[..., None] + 255.0 * (1.0 - covered[..., None])
+    return rgb, covered
+
+
+def _bilinear_lookup(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """[N, 3] bilinear samples of an [H, W, 3] float32 image at index-space positions x, y [N], clamped at the
+    borders (cv2.remap, fed in rows because its maps must stay below 32767 rows)."""
+    count, row = x.shape[0], 4096
+    rows = -(-count // row)
+    map_x = np.zeros(rows * row, dtype=np.float32)
+    map_y = np.zeros(rows * row, dtype=np.float32)
+    map_x[:count], map_y[:count] = x, y
+    out = cv2.remap(image, map_x.reshape(rows, row), map_y.reshape(rows, row), cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_REPLICATE)
+    return out.reshape(-1, image.shape[2])[:count].astype(np.float64)
+
+
+def composite_on_white(rgba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[H, W, 4] uint8 straight-alpha sRGB → rgb [H, W, 3] float64 on white and alpha [H, W] float64 in [0, 1]."""
+    alpha = rgba[..., 3].astype(np.float64) / 255.0
+    return rgba[..., :3] * alpha[..., None] + 255.0 * (1.0 - alpha[..., None]), alpha
+
+
+def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, peak: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB of two images [..., 3] over the pixels of ``mask`` (all if None).
+
+    Returns:
+        10·log10(peak² / MSE); +inf for identical images.
+
+    Raises:
+        BadInputError: shapes that differ, or an empty mask.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise BadInputError(f"images of shapes {a.shape} and {b.shape} cannot be compared; allowed: equal shapes")
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if not mask.any():
+            raise BadInputError("the PSNR mask selects no pixel; allowed: a mask with at least one pixel")
+        a, b = a[mask], b[mask]
+    mse = float(np.mean((a - b) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(peak**2 / mse)
+
+
+@dataclass
+class ViewScore:
+    """Squared error of one method over the held-out views (pooled) and the silhouette agreement."""
+
+    squared_error: float = 0.0
+    values: int = 0
+    intersection: float = 0.0
+    union: float = 0.0
+
+    def add(self, render: np.ndarray, coverage: np.ndarray, gt: np.ndarray, gt_alpha: np.ndarray) -> None:
+        """One view: render and GT [H, W, 3] on white, coverage and GT alpha [H, W] in [0, 1]. The foreground is
+        every pixel either covers; the IoU is the soft one (Σ min / Σ max of the coverages), which a silhouette
+        pixel covered by a sliver does not swing."""
+        mask = (gt_alpha > 0) | (coverage > 0)
+        self.squared_error += float(((render[mask] - gt[mask]) ** 2).sum())
+        self.values += int(mask.sum()) * 3
+        self.intersection += float(np.minimum(gt_alpha, coverage).sum())
+        self.union += float(np.maximum(gt_alpha, coverage).sum())
+
+    @property
+    def psnr(self) -> float:
+        mse = self.squared_error / max(self.values, 1)
+        return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+    @property
+    def iou(self) -> float:
+        return self.intersection / max(self.union, 1e-12)
+
+
+def score_heldout(mesh: Mesh | TexturedMesh, heldout: HeldOutViews, supersample: int) -> ViewScore:
+    """Render ``mesh`` at every held-out camera and pool its error against the GT renders over their foreground
+    (GT alpha > 0 or covered by the render)."""
+    score = ViewScore()
+    for rgba, k, w2c in zip(heldout.rgba, heldout.intrinsics, heldout.w2c, strict=True):
+        gt, gt_alpha = composite_on_white(rgba)
+        render, coverage = render_mesh(mesh, k, w2c, rgba.shape[0], rgba.shape[1], supersample)
+        score.add(render, coverage, gt, gt_alpha)
+    return score
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalRow:
+    """One method on one object at one face budget."""
+
+    object: str
+    budget: int | None
+    """The requested face count; None for the dense reference row."""
+    faces: int
+    """Faces of the mesh rendered (the budget, or the dense surface's count when it has fewer)."""
+    method: str
+    """:data:`TEXTURE`, :data:`VERTEX`, or :data:`DENSE` (vertex colours on the undecimated dense surface: what the
+    views allow a per-vertex colour at ~1-pixel spacing, the ceiling of the vertex-colour rows)."""
+    psnr: float
+    """dB over the held-out views' foreground, all views pooled."""
+    iou: float
+    """Soft silhouette IoU of the render with the GT (a check of cameras and geometry: ~1 for every row)."""
+    seconds: float
+    """Colouring time: bake_texture (unwrap, rasterize, views, fill) for the texture; sampling the dense surface's
+    vertices from the 40 views for the vertex colours (once per object, shared by every budget; decimation carries
+    the colours)."""
+    cpu_seconds: float = 0.0
+    """The same work's CPU time (this process, all threads): on a shared machine the wall time depends on the load,
+    this much less."""
+    coverage: float | None = None
+    """Texture only: share of charted texels some view saw."""
+    timings: dict[str, float] | None = None
+    """Texture only: the bake's wall seconds per step."""
+
+
+DENSE = "vertex colours, dense"
+
+
+def evaluate_object(obj: EvalObject, config: TextureEvalConfig = TextureEvalConfig(),
+                    export_dir: Path | None = None, export_faces: Sequence[int] = ()) -> list[EvalRow]:
+    """The measurement of the module docstring on one object.
+
+    Args:
+        obj: GT surface, bake views and held-out views.
+        config: see :class:`TextureEvalConfig`.
+        export_dir, export_faces: for these budgets, write ``<name>-<budget>-texture.glb`` (no COLOR_0, as the
+            pipeline writes a textured GLB) and ``<name>-<budget>-vertex-colours.glb`` into ``export_dir``.
+
+    Returns:
+        The dense reference row, then per budget (in config order) a :data:`TEXTURE` and a :data:`VERTEX` row.
+    """
+    from server.asset import export_textured_mesh
+    from server.meshing import export_mesh
+
+    # 1. Vertex colours of the (jittered) dense GT surface from the 40 views.
+    rng = np.random.default_rng(0)
+    surface = Mesh((obj.surface.vertices + rng.normal(0.0, config.jitter, obj.surface.vertices.shape))
+                   .astype(np.float32), obj.surface.faces)
+    start, cpu = time.perf_counter(), time.process_time()
+    dense = Mesh(surface.vertices, surface.faces, vertex_colors_from_views(surface, obj.views, config.bake))
+    vertex_seconds, vertex_cpu = time.perf_counter() - start, time.process_time() - cpu
+    score = score_heldout(dense, obj.heldout, config.supersample)
+    rows = [EvalRow(obj.name, None, len(dense.faces), DENSE, score.psnr, score.iou, vertex_seconds, vertex_cpu)]
+    for target in config.face_counts:
+        # 2. The budget (colours follow the decimation, as in the pipeline), then the bake onto the same mesh.
+        mesh = decimate(dense, int(target), config.decimate)
+        best = None
+        for _ in range(config.bake_repeats):
+            start, cpu = time.perf_counter(), time.process_time()
+            textured = bake_texture(mesh, obj.views, config.texture_size, config.bake)
+            run = (time.perf_counter() - start, time.process_time() - cpu, textured)
+            best = run if best is None or run[0] < best[0] else best
+        bake_seconds, bake_cpu, textured = best
+        # 3. Both rendered at the held-out cameras against the GT.
+        score = score_heldout(textured, obj.heldout, config.supersample)
+        report = textured.report
+        rows.append(EvalRow(obj.name, int(target), len(mesh.faces), TEXTURE, score.psnr, score.iou, bake_seconds,
+                            bake_cpu, None if report is None else report.coverage,
+                            None if report is None else dict(report.timings)))
+        score = score_heldout(mesh, obj.heldout, config.supersample)
+        rows.append(EvalRow(obj.name, int(target), len(mesh.faces), VERTEX, score.psnr, score.iou, vertex_seconds,
+                            vertex_cpu))
+        logger.info("%s @ %d faces: texture %.2f dB, vertex colours %.2f dB (bake %.1f s)", obj.name,
+                    len(mesh.faces), rows[-2].psnr, rows[-1].psnr, bake_seconds)
+        if export_dir is not None and int(target) in {int(n) for n in export_faces}:
+            export_textured_mesh(textured, Path(export_dir) / f"{obj.name}-{int(target)}-texture.glb",
+                                 vertex_colors=False)
+            export_mesh(mesh, Path(export_dir) / f"{obj.name}-{int(target)}-vertex-colours.glb")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------------
+
+GOAL_DB = {20_000: 3.0, 100_000: 0.0}
+"""The issue's goals: texture − vertex colours PSNR ≥ 3 dB at 20 k faces and ≥ 0 dB at 100 k."""
+
+
+def summarise(rows: Sequence[EvalRow]) -> list[dict]:
+    """Per budget (ascending): objects, mean PSNR of each method, the texture's mean and smallest gain over vertex
+    colours, the issue's goal for the budget (None if it sets none) and whether the mean gain meets it, and the bake
+    seconds (mean, max) with the mean seconds of each bake step.
+
+    Raises:
+        BadInputError: a budget with a texture row but no vertex-colour row for the same object, or the reverse.
+    """
+    pairs: dict[int, dict[str, dict[str, EvalRow]]] = {}
+    for row in rows:
+        if row.method in (TEXTURE, VERTEX):
+            pairs.setdefault(int(row.budget), {}).setdefault(row.object, {})[row.method] = row
+    summary = []
+    for budget in sorted(pairs):
+        items = list(pairs[budget].items())
+        if any(set(methods) != {TEXTURE, VERTEX} for _, methods in items):
+            raise BadInputError(f"budget {budget}: every object needs a texture and a vertex-colour row")
+        texture = [methods[TEXTURE] for _, methods in items]
+        vertex = [methods[VERTEX] for _, methods in items]
+        gains = [t.psnr - v.psnr for t, v in zip(texture, vertex, strict=True)]
+        goal = GOAL_DB.get(budget)
+        steps = [t.timings or {} for t in texture]
+        summary.append({
+            "budget": budget,
+            "objects": len(items),
+            "texture_psnr": float(np.mean([t.psnr for t in texture])),
+            "vertex_psnr": float(np.mean([v.psnr for v in vertex])),
+            "gain_mean": float(np.mean(gains)),
+            "gain_min": float(np.min(gains)),
+            "goal": goal,
+            "met": None if goal is None else bool(np.mean(gains) >= goal),
+            "bake_mean_s": float(np.mean([t.seconds for t in texture])),
+            "bake_max_s": float(np.max([t.seconds for t in texture])),
+            "bake_cpu_mean_s": float(np.mean([t.cpu_seconds for t in texture])),
+            "bake_steps_s": {k: float(np.mean([t.get(k, 0.0) for t in steps]))
+                             for k in ("unwrap", "rasterize", "views", "fill")},
+        })
+    return summary
+
+
+def host_description() -> str:
+    """CPU model and core count of this machine (for the timing lines)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def markdown_report(rows: Sequence[EvalRow], config: TextureEvalConfig, host: str) -> str:
+    """Per-object table, the summary per budget against the goals, and the bake timings."""
+    label = {TEXTURE: f"texture {config.texture_size}²", VERTEX: VERTEX, DENSE: DENSE}
+    lines = ["| object | faces | method | PSNR (dB) | silhouette IoU | colouring s |",
+             "|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.object} | {r.faces} | {label[r.method]} | {r.psnr:.2f} | {r.iou:.4f} | {r.seconds:.1f} |")
+    summary = summarise(rows)
+    lines += ["", "| faces | objects | texture PSNR | vertex-colour PSNR | gain (mean) | gain (min) | goal | met |",
+              "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for s in summary:
+        goal = "—" if s["goal"] is None else f"≥ {s['goal']:g} dB"
+        met = "—" if s["met"] is None else ("yes" if s["met"] else "**no**")
+        lines.append(f"| {s['budget']} | {s['objects']} | {s['texture_psnr']:.2f} | {s['vertex_psnr']:.2f} | "
+                     f"{s['gain_mean']:+.2f} | {s['gain_min']:+.2f} | {goal} | {met} |")
+    dense = [r for r in rows if r.method == DENSE]
+    if dense:
+        lines += ["", f"Vertex colours on the undecimated dense surfaces ({np.mean([r.faces for r in dense]):.0f} "
+                      f"faces on average): {np.mean([r.psnr for r in dense]):.2f} dB."]
+    fastest = f", the fastest of {config.bake_repeats} runs" if config.bake_repeats > 1 else ""
+    lines += ["", f"Bake time per object, bake_texture at {config.texture_size}² on the CPU ({host}{fastest}): wall "
+                  "seconds (mean, max, mean per step) and CPU seconds of the process (mean):", "",
+              "| faces | wall s | max wall s | CPU s | unwrap | rasterize | views | fill |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in summary:
+        steps = s["bake_steps_s"]
+        lines.append(f"| {s['budget']} | {s['bake_mean_s']:.1f} | {s['bake_max_s']:.1f} | {s['bake_cpu_mean_s']:.1f} | "
+                     f"{steps['unwrap']:.1f} | {steps['rasterize']:.1f} | {steps['views']:.1f} | {steps['fill']:.1f} |")
+    if dense:
+        wall, cpu = np.mean([r.seconds for r in dense]), np.mean([r.cpu_seconds for r in dense])
+        lines += ["", f"Vertex colours of a dense surface from the 40 views: {wall:.1f} s wall, {cpu:.1f} s CPU per "
+                      "object (mean)."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+RENDER_SCRIPT = Path(__file__).resolve().parent / "render" / "texture_views.py"
+"""The Blender script that renders the evaluation's objects (run on the bpy 4.2 interpreter)."""
+
+
+def object_folder(root: Path, seed: int) -> Path:
+    """Where :mod:`training.render.texture_views` puts procedural seed ``seed`` (its uid ``texeval-<seed>``)."""
+    from training.render import layout
+
+    return Path(root) / layout.folder_id_for_index(seed) / f"texeval-{seed:06d}"
+
+
+def render_objects(args: argparse.Namespace, data: Path, seeds: Sequence[int], log_path: Path) -> None:
+    """Run :mod:`training.render.texture_views` for ``seeds`` into ``data`` (it skips objects already rendered with
+    the same settings); its output is appended to ``log_path``.
+
+    Raises:
+        BadInputError: no bpy 4.2 interpreter; RuntimeError: the render process failed.
+    """
+    from training.render import driver, layout
+
+    python = driver.bpy_python(args.blender_python)
+    command = [str(python), str(driver.LAUNCHER), str(RENDER_SCRIPT), "--out", str(data)]
+    for seed in seeds:
+        command += ["--procedural", str(seed)]
+    command += ["--size", str(args.size), "--samples", str(args.samples), "--held-out", str(args.held_out),
+                "--shading", args.shading, "--tiles", str(args.tiles), "--surface", args.surface,
+                "--polar", args.polar, "--dense-voxel", repr(args.dense_voxel), "--threads", str(args.threads)]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   errors="replace", env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        assert process.stdout is not None
+        for line in process.stdout:
+            log.write(line)
+            event = layout.parse_event(line)
+            if event and event.get("event") in ("done", "skipped", "failed"):
+                logger.info("render %s: %s%s", event.get("uid"), event["event"],
+                            f" ({event['error']})" if event.get("error") else "")
+        status = process.wait()
+    if status != 0:
+        raise RuntimeError(f"the render process exited with status {status}; see {log_path}")
+
+
+def config_from_args(args: argparse.Namespace) -> TextureEvalConfig:
+    """The evaluation settings of the command's options (BadInputError on unusable values)."""
+    try:
+        faces = tuple(int(n) for n in str(args.faces).split(",") if n.strip())
+    except ValueError:
+        raise BadInputError(f"--faces {args.faces!r} is not usable: give comma-separated integers, e.g. "
+                            "5000,20000,100000") from None
+    return TextureEvalConfig(face_counts=faces, texture_size=args.texture_size, supersample=args.supersample,
+                             bake_repeats=args.bake_repeats)
+
+
+def run_evaluate_texture(args: argparse.Namespace) -> int:
+    """The ``evaluate-texture`` subcommand; returns the exit status."""
+    config = config_from_args(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data) if args.data else out / "renders"
+    if args.no_render:
+        folders = find_rendered_objects(data)
+        if not folders:
+            raise BadInputError(f"{data} holds no rendered objects with held-out views; drop --no-render to render "
+                                "them")
+    else:
+        if args.count < 1:
+            raise BadInputError(f"--count {args.count} is not usable: render at least one object")
+        seeds = list(range(args.first_seed, args.first_seed + args.count))
+        started = time.perf_counter()
+        render_objects(args, data, seeds, out / "render.log")
+        logger.info("rendered in %.0f s", time.perf_counter() - started)
+        folders = [object_folder(data, seed) for seed in seeds]
+    rows: list[EvalRow] = []
+    for folder in folders:
+        rows += evaluate_object(load_rendered_object(folder), config, out / "glb", args.export_glb or ())
+    host = host_description()
+    report = markdown_report(rows, config, host)
+    (out / "report.md").write_text(report, encoding="utf-8")
+    record = {"host": host, "config": {"face_counts": list(config.face_counts), "texture_size": config.texture_size,
+                                       "supersample": config.supersample, "jitter": config.jitter,
+                                       "bake_repeats": config.bake_repeats},
+              "objects": [str(f) for f in folders], "rows": [asdict(r) for r in rows], "summary": summarise(rows)}
+    (out / "report.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    print(report, end="")
+    return 0
+
+
+def add_evaluate_texture_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``evaluate-texture`` on ``one2345-train``'s subparsers."""
+    p = subparsers.add_parser(
+        "evaluate-texture", help="texture bake vs vertex colours on ground-truth renders (PSNR at held-out views)",
+        description="Render procedural objects (40 layout views + held-out views, unlit), bake textures onto their "
+                    "GT surface decimated to each face count, colour the same meshes per vertex, and compare renders "
+                    "of both with the GT at the held-out cameras (training/texture_eval.py).")
+    p.add_argument("--out", required=True, help="report folder (report.md, report.json, render.log, glb/)")
+    p.add_argument("--data", help="render root of the objects (default <out>/renders)")
+    p.add_argument("--no-render", action="store_true", help="evaluate every object already under --data as it is")
+    p.add_argument("--count", type=int, default=4, help="procedural objects (default 4)")
+    p.add_argument("--first-seed", type=int, default=0, help="seed of the first object (default 0)")
+    p.add_argument("--faces", default="5000,20000,100000", help="face budgets (default 5000,20000,100000)")
+    p.add_argument("--texture-size", type=int, default=TextureEvalConfig.texture_size,
+                   help=f"baked texture side (default {TextureEvalConfig.texture_size})")
+    p.add_argument("--supersample", type=int, default=TextureEvalConfig.supersample,
+                   help=f"evaluation render samples per pixel and axis (default {TextureEvalConfig.supersample})")
+    p.add_argument("--bake-repeats", type=int, default=1,
+                   help="run each bake this many times and report the fastest (default 1)")
+    p.add_argument("--export-glb", type=int, action="append",
+                   help="also write <out>/glb/<object>-<N>-{texture,vertex-colours}.glb for budget N (repeatable)")
+    group = p.add_argument_group("rendering (training/render/texture_views.py)")
+    group.add_argument("--size", type=int, default=256, help="image side (default 256, the pipeline's views)")
+    group.add_argument("--samples", type=int, default=64, help="Cycles samples per pixel (default 64)")
+    group.add_argument("--held-out", type=int, default=8, help="held-out cameras per object (default 8)")
+    group.add_argument("--tiles", type=int, default=4, help="texture repeats per part and axis (default 4)")
+    group.add_argument("--surface", default="textured", choices=("textured", "mixed", "flat"),
+                       help="procedural paint (default textured)")
+    group.add_argument("--shading", default="unlit", choices=("unlit", "lit"),
+                       help="unlit: base colour only (default); lit: the renderer's lights and Filmic")
+    group.add_argument("--polar", default="45:105", help="ring polar per object: N or LOW:HIGH (default 45:105)")
+    group.add_argument("--dense-voxel", type=float, default=0.004, help="GT remesh voxel (default 0.004)")
+    group.add_argument("--threads", type=int, default=0, help="Cycles CPU threads, 0 = all cores")
+    group.add_argument("--blender-python", help="bpy 4.2 interpreter (default $ONE2345_BPY42_PYTHON or .venv-bpy42)")
+    p.set_defaults(handler=run_evaluate_texture)
+    return p
