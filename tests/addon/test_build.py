@@ -302,3 +302,27 @@ def test_the_wheel_holds_everything_the_server_imports():
     files = build.server_files()
     assert set(files) == {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "server").rglob("*.py")
                           if "__pycache__" not in p.parts}
+
+
+INSTALL_FROM_TEXT_EDITOR = """
+import bpy
+text = bpy.data.texts.load({script!r})
+with bpy.context.temp_override(edit_text=text):
+    bpy.ops.text.run_script()  # what Text Editor > Run Script does
+print("ENABLED", "bl_ext.user_default.one2345" in bpy.context.preferences.addons)
+"""
+
+
+@pytest.mark.parametrize("version", list(BPY_ENVS))
+def test_the_in_blender_installer_builds_installs_and_enables_without_a_terminal(version, tmp_path):
+    """The README's artist path: open one2345_addon/install.py in Blender's Text Editor and press Run Script."""
+    script = REPO_ROOT / "one2345_addon" / "install.py"
+    env = {**plain_env(), "BLENDER_USER_RESOURCES": str(tmp_path / "user")}
+    done = subprocess.run([str(bpy_python(version)), "-c", INSTALL_FROM_TEXT_EDITOR.format(script=str(script))],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "ENABLED True" in output, output[-3000:]
+    assert "[one2345 install] installed and enabled bl_ext.user_default.one2345" in output
+    installed = tmp_path / "user" / "extensions" / "user_default" / "one2345"
+    assert (installed / "__init__.py").is_file() and (installed / "server_wheel").is_dir()
+    assert not (installed / "install.py").exists() and not (installed / "build.py").exists()
