@@ -644,6 +644,20 @@ class ONE2345_OT_lower_resolution(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class ONE2345_OT_use_low_vram(bpy.types.Operator):
+    """Run the server in low-VRAM mode: only the model in use sits on the GPU (slower; the server restarts with
+    the next job)"""
+
+    bl_idname = "one2345.use_low_vram"
+    bl_label = "Use Low-VRAM Mode"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Turn the preference on; the changed launch settings restart the server at the next job."""
+        preferences.get(context).low_vram = True
+        self.report({"INFO"}, "Low-VRAM mode is on: the server restarts with it at the next job.")
+        return {"FINISHED"}
+
+
 _OPEN_PREFS = ("one2345.open_preferences", "Open Preferences", "PREFERENCES")
 _SETUP = ("one2345.setup_server_env", "Set Up Server Environment", "IMPORT")
 _SERVER_LOG = ("one2345.open_log", "Open Server Log", "TEXT")
@@ -656,7 +670,8 @@ FIXES.update({
     "unreachable": (_START, _OPEN_PREFS),
     "unauthorized": (_OPEN_PREFS,),
     "missing_weights": (("one2345.download_weights", "Download Weights", "IMPORT"), _OPEN_PREFS),
-    "out_of_memory": (("one2345.lower_resolution", "Lower Mesh Resolution", "MOD_DECIM"),),
+    "out_of_memory": (("one2345.use_low_vram", "Use Low-VRAM Mode", "MEMORY"),
+                      ("one2345.lower_resolution", "Lower Mesh Resolution", "MOD_DECIM")),
     "queue_full": (("one2345.generate_mesh", "Try Again", "FILE_REFRESH"),),
     "internal": (_SERVER_LOG,),
     "setup_failed": (("one2345.open_log", "Open Set-up Log", "TEXT"),),
@@ -666,7 +681,7 @@ FIXES.update({
 CLASSES = (ONE2345_OT_generate_mesh, ONE2345_OT_remesh, ONE2345_OT_regenerate, ONE2345_OT_reroll_views,
            ONE2345_OT_continue_job, ONE2345_OT_cancel_job, ONE2345_OT_check_server, ONE2345_OT_start_server,
            ONE2345_OT_stop_server, ONE2345_OT_setup_server_env, ONE2345_OT_open_log, ONE2345_OT_open_preferences,
-           ONE2345_OT_lower_resolution)
+           ONE2345_OT_lower_resolution, ONE2345_OT_use_low_vram)
 
 
 @bpy.app.handlers.persistent

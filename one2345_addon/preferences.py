@@ -52,6 +52,9 @@ class ONE2345_AP_preferences(bpy.types.AddonPreferences):
         name="Device", description="Where the models run",
         items=(("auto", "Auto", "CUDA when available, else CPU"), ("cuda", "GPU (CUDA)", ""), ("cpu", "CPU", "")),
         default="auto")
+    low_vram: BoolProperty(name="Low VRAM", default=False,
+                           description="Keep the models in main memory and move each to the GPU only for its stage "
+                                       "(for GPUs with little memory; slower, same result)")
     keep_warm: BoolProperty(name="Keep Server Warm", default=True,
                             description="Keep the server and its models loaded between jobs (faster next job)")
     import_size: FloatProperty(name="Import Size", default=1.0, min=0.0, soft_max=10.0, subtype="DISTANCE",
@@ -80,6 +83,7 @@ class ONE2345_AP_preferences(bpy.types.AddonPreferences):
             layout.prop(self, "python_path")
             layout.prop(self, "weights_dir")
             layout.prop(self, "device")
+            layout.prop(self, "low_vram")
             layout.prop(self, "keep_warm")
         else:
             layout.prop(self, "server_url")
@@ -120,7 +124,7 @@ def launch_settings(prefs: ONE2345_AP_preferences) -> server_process.LaunchSetti
         python=bpy.path.abspath(prefs.python_path) if prefs.python_path else "", state_dir=user_dir(),
         preset=prefs.preset, device=prefs.device, weights_dir=bpy.path.abspath(prefs.weights_dir),
         extra_args=tuple(server_process.split_args(prefs.extra_args)), startup_timeout=prefs.startup_timeout,
-        offline=not bpy.app.online_access)
+        offline=not bpy.app.online_access, low_vram=prefs.low_vram)
 
 
 def connector(prefs: ONE2345_AP_preferences) -> tuple[Callable[[], server_process.Connection],

@@ -69,6 +69,8 @@ class LaunchSettings:
     """Seconds to wait for the ready line (loading models on a slow disk takes a while)."""
     offline: bool = True
     """Blender's online access is off: the server must not download anything (``HF_HUB_OFFLINE=1``)."""
+    low_vram: bool = False
+    """``serve --low-vram``: only the model in use sits on the GPU (for GPUs with little memory)."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,8 @@ def server_command(settings: LaunchSettings, jobs_dir: Path) -> list[str]:
            "--preset", settings.preset, "--device", settings.device, "--jobs-dir", str(jobs_dir)]
     if settings.weights_dir.strip():
         cmd += ["--weights-dir", os.path.abspath(os.path.expanduser(settings.weights_dir.strip()))]
+    if settings.low_vram:
+        cmd.append("--low-vram")
     return cmd + list(settings.extra_args)
 
 

@@ -186,7 +186,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     print(f"loading the {args.preset} models…", file=sys.stderr)
     pipe = One2345Pipeline.from_preset(args.preset, device=args.device, weights_dir=args.weights_dir,
-                                       download_missing=not args.offline)
+                                       download_missing=not args.offline, low_vram=args.low_vram)
     failures = 0
     for image in args.images:
         out = Path(args.output) if args.output else Path(args.out_dir) / f"{Path(image).stem}.{fmt}"
@@ -369,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(g)
     _add_weights_dir(g)
     g.add_argument("--offline", action="store_true", help="never download weights; fail clearly if any is missing")
+    g.add_argument("--low-vram", action="store_true",
+                   help="keep the models in CPU memory and move each to the GPU only for its stage (for GPUs with "
+                        "little memory; slower, same result)")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("elevation", help="estimate the polar angle from the four nearby views of view 0",

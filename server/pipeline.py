@@ -19,13 +19,14 @@ stage on a CPU, a sphere-like coloured mesh — for trying the tool and for test
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -311,6 +312,22 @@ class _Tracker:
         self.done += self.weights[stage]
 
 
+@contextlib.contextmanager
+def resident(module: Any, device: str, low_vram: bool) -> Iterator[Any]:
+    """``module`` (an ``nn.Module``) on ``device`` for the block. In low-VRAM mode on CUDA it is moved there for the
+    block only and back to the CPU afterwards, with the allocator's cache freed, so only the model in use holds GPU
+    memory; otherwise the models stay where they are (on the device)."""
+    if not (low_vram and str(device).startswith("cuda")):
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to("cpu")
+        torch.cuda.empty_cache()
+
+
 def _write_png(path: Path, image: np.ndarray) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(image).save(tmp, format="PNG")
@@ -322,16 +339,18 @@ class One2345Pipeline:
     """Image → mesh. Construct with :meth:`from_preset`; call once per image (models stay loaded)."""
 
     def __init__(self, models: PipelineModels, preset: str, device: str, zero123_config: Zero123Config | None = None,
-                 meshing: MeshingConfig | None = None) -> None:
+                 meshing: MeshingConfig | None = None, low_vram: bool = False) -> None:
         self.models = models
         self.preset = preset
         self.device = device
+        self.low_vram = low_vram
+        """Keep the models on the CPU and move each to the GPU only for its stage (:func:`resident`)."""
         self.zero123_config = zero123_config or Zero123Config()
         self.meshing = meshing or MeshingConfig()
 
     @classmethod
     def from_preset(cls, preset: str = "paper", device: str = "auto", weights_dir: str | Path | None = None,
-                    download_missing: bool = False) -> One2345Pipeline:
+                    download_missing: bool = False, low_vram: bool = False) -> One2345Pipeline:
         """Build the pipeline and load its models.
 
         Args:
@@ -339,14 +358,19 @@ class One2345Pipeline:
             device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
             weights_dir: the weights folder (default: ``$ONE2345_WEIGHTS`` or ``~/.cache/one2345/weights``).
             download_missing: fetch absent weight files first (needs internet; respects ``HF_HUB_OFFLINE``).
+            low_vram: on CUDA, keep the models in CPU memory and move each to the GPU only while its stage runs
+                (slower: the weights cross the bus every run; the outputs are the same).
         """
         if preset not in PRESETS:
             raise BadInputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         device = resolve_device(device)
-        models = _tiny_models() if preset == "tiny" else _paper_models(device, weights_dir, download_missing)
-        models.zero123.to(device=device, dtype=torch.float16 if device.startswith("cuda") else torch.float32)
-        models.reconstruction.to(device)
-        return cls(models, preset, device)
+        home = "cpu" if low_vram else device  # where the models rest between stages
+        models = _tiny_models() if preset == "tiny" else _paper_models(device, weights_dir, download_missing, home)
+        models.zero123.to(device=home, dtype=torch.float16 if device.startswith("cuda") else torch.float32)
+        models.reconstruction.to(home)
+        if models.segmenter is not None and low_vram:
+            models.segmenter.model.to("cpu")
+        return cls(models, preset, device, low_vram=low_vram)
 
     def models_loaded(self) -> dict[str, str]:
         return dict(self.models.descriptions)
@@ -457,7 +481,9 @@ class One2345Pipeline:
 
         # 1. Preprocess: segment, recentre to 75 % fill, 256², on white (spec §1.2).
         _write_png(run_dir / "input.png", np.asarray(source))
-        pre = preprocess(source, remove_background=options.remove_background, segmenter=self.models.segmenter)
+        segmenter = self.models.segmenter
+        with resident(segmenter.model if segmenter is not None else torch.nn.Module(), self.device, self.low_vram):
+            pre = preprocess(source, remove_background=options.remove_background, segmenter=segmenter)
         tracker.report("preprocess", 1, 1, preview=_write_png(run_dir / "input_256.png", pre.image))
         lap("preprocess")
 
@@ -632,8 +658,8 @@ class One2345Pipeline:
             tracker.report("asset", 0, 1, message="clean-up, polygon budget, texture")
 
         settings = replace(options.mesh_settings, meshing=self.meshing)
-        outcome = mesh_views(self.models.reconstruction, views_dir, outputs, settings, self.device, on_reconstruct,
-                             on_asset)
+        with resident(self.models.reconstruction, self.device, self.low_vram) as model:
+            outcome = mesh_views(model, views_dir, outputs, settings, self.device, on_reconstruct, on_asset)
         tracker.lap("asset" if options.mesh_settings.asset else "reconstruct")
         return outcome
 
@@ -685,9 +711,10 @@ class One2345Pipeline:
         def callback(step: int, total: int) -> None:
             tracker.report(stage, step, total)
 
-        return generate_views_batch(self.models.zero123, images, deltas, num_steps=steps, guidance=options.guidance,
-                                    eta=self.zero123_config.eta, seed=seed % 2**63, callback=callback,
-                                    should_cancel=tracker.should_cancel)
+        with resident(self.models.zero123, self.device, self.low_vram) as model:
+            return generate_views_batch(model, images, deltas, num_steps=steps, guidance=options.guidance,
+                                        eta=self.zero123_config.eta, seed=seed % 2**63, callback=callback,
+                                        should_cancel=tracker.should_cancel)
 
     def _polar(self, near0: list[np.ndarray], options: GenerateOptions) -> tuple[float, ElevationResult | None]:
         """The input's polar angle: given by the user, or estimated with the documented rule for low confidence
@@ -706,7 +733,11 @@ def _tiny_models() -> PipelineModels:
                       "matcher": "flow+sift", "segmenter": "weight-free foreground estimate"})
 
 
-def _paper_models(device: str, weights_dir: str | Path | None, download_missing: bool) -> PipelineModels:
+def _paper_models(device: str, weights_dir: str | Path | None, download_missing: bool,
+                  load_device: str | None = None) -> PipelineModels:
+    """The official models, loaded onto ``load_device`` (default ``device``; the CPU in low-VRAM mode) in the
+    precision ``device`` computes in."""
+    load_device = load_device or device
     from server.multiview.convert import ensure_converted
     from server.multiview.zero123 import load_zero123
     from server.preprocess import SamSegmenter
@@ -722,11 +753,11 @@ def _paper_models(device: str, weights_dir: str | Path | None, download_missing:
     elevation = ElevationEstimator(available_matchers(root))
     descriptions["matcher"] = elevation.name
     try:
-        segmenter = SamSegmenter.from_checkpoint(resolve("sam", root), device)
+        segmenter = SamSegmenter.from_checkpoint(resolve("sam", root), load_device)
         descriptions["segmenter"] = "sam vit_h"
     except FileNotFoundError:
         segmenter = None
         descriptions["segmenter"] = "weight-free foreground estimate (SAM weights absent)"
-    return PipelineModels(zero123=load_zero123(zero123_dir, device, dtype),
+    return PipelineModels(zero123=load_zero123(zero123_dir, load_device, dtype),
                           reconstruction=load_reconstruction_model(resolve("reconstruction", root)),
                           elevation=elevation, segmenter=segmenter, descriptions=descriptions)

@@ -94,6 +94,8 @@ class ServeSettings:
     """Minutes a job waits in review before it expires."""
     max_jobs_gb: float = 20.0
     """Size limit of the jobs folder in GiB (oldest finished, unpinned jobs go first); 0 for no limit."""
+    low_vram: bool = False
+    """Only the model in use sits on the GPU (:func:`server.pipeline.resident`)."""
 
     def check(self) -> ServeSettings:
         """Raise BadInputError naming the first setting out of range."""
@@ -125,7 +127,8 @@ class ServeSettings:
         return cls(host=args.host, port=args.port, preset=args.preset, device=args.device,
                    weights_dir=args.weights_dir, jobs_dir=args.jobs_dir, preload=args.preload,
                    max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
-                   review_timeout_min=args.review_timeout_min, max_jobs_gb=args.max_jobs_gb)
+                   review_timeout_min=args.review_timeout_min, max_jobs_gb=args.max_jobs_gb,
+                   low_vram=args.low_vram)
 
 
 def is_loopback(host: str) -> bool:
@@ -209,7 +212,8 @@ def serve(settings: ServeSettings, stdout: TextIO | None = None) -> int:
 
         def load() -> One2345Pipeline:
             log.info("loading the %s models on %s", settings.preset, device)
-            return One2345Pipeline.from_preset(settings.preset, device=device, weights_dir=settings.weights_dir)
+            return One2345Pipeline.from_preset(settings.preset, device=device, weights_dir=settings.weights_dir,
+                                               low_vram=settings.low_vram)
 
         manager = JobManager(jobs_dir, load, settings.jobs_config)
         weights_config = WeightsConfig.for_preset(settings.preset, settings.weights_dir)
@@ -296,6 +300,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--review-timeout-min", type=float, default=60.0,
                    help="minutes a job submitted with review waits for re-roll or continue before it expires "
                         "(default 60)")
+    p.add_argument("--low-vram", action="store_true",
+                   help="keep the models in CPU memory and move each to the GPU only for its stage (for GPUs with "
+                        "little memory; slower, same result)")
     p.add_argument("--max-jobs-gb", type=float, default=20.0,
                    help="size limit of the jobs folder in GiB; the oldest finished jobs not pinned are deleted "
                         "beyond it (default 20; 0: no limit)")

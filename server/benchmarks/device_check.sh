@@ -36,6 +36,7 @@ if [ "$DEVICE" = cuda ]; then
   step gpu-tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu $gpu_tests
   step reconstruct 90 "$PY" -m server.benchmarks.reconstruct --preset paper --resolution 256 --device cuda --repeats 2
   step pipeline 150 "$PY" -m server.benchmarks.pipeline --preset paper --device cuda --repeats 2
+  step pipeline-low-vram 120 "$PY" -m server.benchmarks.pipeline --preset paper --device cuda --repeats 1 --low-vram
   if [ -f training/benchmarks/fit.py ]; then
     step fit 240 "$PY" -m training.benchmarks.fit --preset paper --device cuda --steps 200
   fi
@@ -43,6 +44,8 @@ else
   step reconstruct 300 "$PY" -m server.benchmarks.reconstruct --preset tiny --resolution 64 --device cpu --repeats 1
   step pipeline 300 "$PY" -m server.benchmarks.pipeline --preset tiny --device cpu --steps-stage1 2 --steps-stage2 2 \
     --resolution 32
+  step pipeline-low-vram 300 "$PY" -m server.benchmarks.pipeline --preset tiny --device cpu --steps-stage1 2 \
+    --steps-stage2 2 --resolution 32 --low-vram
   if [ -f training/benchmarks/fit.py ]; then
     step fit 300 "$PY" -m training.benchmarks.fit --preset tiny --device cpu --steps 5
   fi

@@ -373,6 +373,15 @@ def run(config: dict) -> None:
         record["bl_options"] = sorted(cls.bl_options)
 
     @scenario
+    def low_vram_fix(record):
+        operators, preferences = addon("operators"), addon("preferences")
+        record["oom_fixes"] = [fix[0] for fix in operators.FIXES["out_of_memory"]]
+        record["result"] = sorted(bpy.ops.one2345.use_low_vram())
+        record["pref"] = prefs().low_vram
+        record["launch"] = preferences.launch_settings(prefs()).low_vram
+        prefs().low_vram = False
+
+    @scenario
     def textured(record):
         before = set(bpy.data.objects)
         result = bpy.ops.one2345.generate_mesh(filepath=str(image), colours="TEXTURE", texture_size="512",

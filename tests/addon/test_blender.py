@@ -396,6 +396,12 @@ def test_generate_has_no_redo_panel(sessions, version):
     assert observed(sessions, version, "redo_free")["bl_options"] == ["UNDO"]
 
 
+def test_out_of_memory_offers_low_vram_mode(sessions, version):
+    record = observed(sessions, version, "low_vram_fix")
+    assert record["oom_fixes"][0] == "one2345.use_low_vram" and record["result"] == ["FINISHED"]
+    assert record["pref"] is True and record["launch"] is True
+
+
 def test_textured_result_imports_with_its_texture_wired_into_the_material(sessions, version):
     import trimesh
 

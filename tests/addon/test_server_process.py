@@ -361,3 +361,12 @@ def test_popen_flags_detach_the_server_per_platform():
     assert flags & platform_compat.CREATE_NEW_PROCESS_GROUP and flags & platform_compat.CREATE_NO_WINDOW
     assert platform_compat.join_args(["a b", "c"], "win32") == '"a b" c'
     assert platform_compat.join_args(["a b", "c"], "linux") == "'a b' c"
+
+
+def test_low_vram_and_the_weights_folder_reach_the_server_command(fake_python: Path, tmp_path: Path):
+    settings = LaunchSettings(python=str(fake_python), state_dir=tmp_path, preset="paper", device="cuda",
+                              weights_dir=str(tmp_path / "w"), low_vram=True, extra_args=("--max-queue", "4"))
+    cmd = server_process.server_command(settings, tmp_path / "jobs")
+    assert cmd[cmd.index("--weights-dir") + 1] == str(tmp_path / "w")
+    assert cmd[-3:] == ["--low-vram", "--max-queue", "4"]  # the user's extra arguments come last
+    assert "--low-vram" not in server_process.server_command(replace(settings, low_vram=False), tmp_path / "jobs")
