@@ -139,11 +139,13 @@ def keep_job(prefs: preferences.ONE2345_AP_preferences, *job_ids: str, start_ser
     connect, _ = preferences.connector(prefs)
 
     def pin() -> None:
-        with contextlib.suppress(Exception):  # best effort: the object still has its own copy of the mesh
+        try:  # best effort: the object still has its own copy of the mesh
             client = connect().client(timeout=10.0)
             for job_id in job_ids:
-                with contextlib.suppress(ServerError):
+                with contextlib.suppress(ServerError):  # a job the server no longer has
                     client.pin(job_id)
+        except ServerError as exc:  # no server to pin on: it cannot clean up either
+            print(f"One2345: could not pin jobs {', '.join(job_ids)} on the server: {exc}")
 
     threading.Thread(target=pin, name="one2345-pin", daemon=True).start()
 
@@ -190,14 +192,13 @@ def weights_block_reason() -> str | None:
 class _FollowJob:
     """What Generate, Re-mesh and Regenerate share: start a job, then follow it modally (interactive) or wait for
     it (background mode and scripts), then import the result. A job paused for review keeps the modal operator
-    running; in background mode the operator returns and ``one2345.continue_job`` finishes the job."""
+    running; in background mode the operator returns and ``one2345.continue_job`` finishes the job.
+
+    Each operator defines ``make_job(context) -> GenerateJob``, which prepares and starts its job (raising
+    :class:`jobs.JobFailed` when it cannot start)."""
 
     _job = None
     _timer = None
-
-    def make_job(self, context: bpy.types.Context) -> GenerateJob:
-        """Prepare and start the job (raise :class:`jobs.JobFailed` when it cannot start)."""
-        raise NotImplementedError
 
     def _start(self, context: bpy.types.Context) -> bool:
         try:
@@ -413,7 +414,7 @@ class ONE2345_OT_continue_job(_InReview, bpy.types.Operator):
         job = reviewing_job()
         elevation = context.scene.one2345.review_elevation
         job.proceed(None if abs(elevation - job.review.elevation) < 1e-3 else elevation)
-        if getattr(job, "followed", False):
+        if job.followed:
             return {"FINISHED"}
         job.wait()
         return report_outcome(self, job, finish_generation(context, job))

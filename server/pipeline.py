@@ -482,7 +482,8 @@ class One2345Pipeline:
         # 1. Preprocess: segment, recentre to 75 % fill, 256², on white (spec §1.2).
         _write_png(run_dir / "input.png", np.asarray(source))
         segmenter = self.models.segmenter
-        with resident(segmenter.model if segmenter is not None else torch.nn.Module(), self.device, self.low_vram):
+        with (resident(segmenter.model, self.device, self.low_vram) if segmenter is not None
+              else contextlib.nullcontext()):
             pre = preprocess(source, remove_background=options.remove_background, segmenter=segmenter)
         tracker.report("preprocess", 1, 1, preview=_write_png(run_dir / "input_256.png", pre.image))
         lap("preprocess")
