@@ -23,6 +23,11 @@ it cannot pull the minimum. All pairs but (0, 1) constrain the polar angle (the 
 rotation that is the same for every polar); each also gives its own minimum, and the whole curve is kept, so the
 confidence can say how distinct the minimum is, how many matches support it and how many pairs agree.
 
+Silhouettes. Texture-poor objects give few matches, so each pair's two epipolar tangencies of the silhouettes
+(:func:`frontier_points`) join the fit as two heavily weighted matches per candidate. On 30 clean 256² renders they
+alone gave a median error of 0.5° (max 5°); pooled with the matches they let a flat-shaded object be estimated
+instead of falling back to polar 90.
+
 Pixel frame: every keypoint in this module is (x, y) in the *continuous* frame in which the image spans [0, W]×[0, H]
 and the centre of pixel (row i, column j) is (j + 0.5, i + 0.5). It is the frame of the intrinsics (principal point
 (128, 128) for a 256² image, i.e. the image centre), of kornia's LoFTR keypoints (see ``kornia.feature.LoFTR``) and of
@@ -580,6 +585,9 @@ class RobustFitConfig:
     """When the fit is uncertain, fit again on the same matches with this ``shift_px``, and use that fit if it is
     confident. Clean renders need no shifts (fitting them always costs them a little accuracy), but a generated view
     off by a pixel or so makes the plain fit doubt; 0 disables the retry."""
+    silhouette_weight: float = 20.0
+    """Weight of each of a pair's two epipolar tangencies of the silhouettes (:func:`frontier_points`), in matches.
+    They make the fit work on objects without texture; 0 fits matches alone."""
 
 
 INFORMATIVE_PAIRS: tuple[tuple[int, int], ...] = tuple(p for p in PAIRS if p != (0, 1))
@@ -650,42 +658,113 @@ def plausible_depths(poses: np.ndarray, pair: tuple[int, int], K: np.ndarray, ma
     return (s > 0) & (t > 0) & (np.linalg.norm(point, axis=-1) < radius) & (1.0 - b**2 > 1e-12)
 
 
+def _epipolar_terms(F: np.ndarray, matches: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Algebraic errors x1ᵀ F x0 [E, M], the Sampson normaliser [E, M], F x0 and Fᵀ x1 [E, M, 3] of matches
+    [M, ≥4] (the same under every geometry) or [E, M, ≥4] (one set per geometry) under F [E, 3, 3]."""
+    m = np.broadcast_to(matches, (len(F), *matches.shape)) if matches.ndim == 2 else matches
+    ones = np.ones((*m.shape[:-1], 1))
+    x0 = np.concatenate([m[..., 0:2], ones], axis=-1)
+    x1 = np.concatenate([m[..., 2:4], ones], axis=-1)
+    Fx0 = np.einsum("eab,emb->ema", F, x0)
+    Ftx1 = np.einsum("eba,emb->ema", F, x1)
+    norm = np.sqrt(np.maximum(Fx0[..., 0] ** 2 + Fx0[..., 1] ** 2 + Ftx1[..., 0] ** 2 + Ftx1[..., 1] ** 2, 1e-300))
+    return (x1 * Fx0).sum(axis=-1), norm, Fx0, Ftx1
+
+
 def sampson_distances(F: np.ndarray, matches: np.ndarray) -> np.ndarray:
-    """[E, M] first-order geometric distances (pixels) of M matches [M, ≥4] (x0, y0, x1, y1, …) to E epipolar
-    geometries F [E, 3, 3]."""
-    x0 = np.concatenate([matches[:, 0:2], np.ones((len(matches), 1))], axis=1)
-    x1 = np.concatenate([matches[:, 2:4], np.ones((len(matches), 1))], axis=1)
-    Fx0 = np.einsum("eab,mb->ema", F, x0)
-    Ftx1 = np.einsum("eba,mb->ema", F, x1)
-    numerator = np.einsum("ma,ema->em", x1, Fx0) ** 2
-    denominator = Fx0[..., 0] ** 2 + Fx0[..., 1] ** 2 + Ftx1[..., 0] ** 2 + Ftx1[..., 1] ** 2
-    return np.sqrt(numerator / np.maximum(denominator, 1e-300))
+    """[E, M] first-order geometric distances (pixels) of M matches (x0, y0, x1, y1, …) — [M, ≥4], or [E, M, ≥4]
+    with one set per geometry — to E epipolar geometries F [E, 3, 3]."""
+    algebraic, norm, _, _ = _epipolar_terms(F, matches)
+    return np.abs(algebraic) / norm
 
 
-def _after_view_shifts(residuals: dict[tuple[int, int], np.ndarray], pairs: dict[tuple[int, int], np.ndarray],
-                       poses: np.ndarray, K: np.ndarray, tau: float, prior_px: float,
-                       rounds: int) -> dict[tuple[int, int], np.ndarray]:
-    """Signed Sampson residuals [E, M] per pair after fitting one 2D shift per view under each candidate.
+# Silhouettes. Where an epipolar line touches one view's silhouette, the corresponding line touches the other's: both
+# graze the object at the same surface point (a frontier point). The two outermost epipolar lines of each view are
+# therefore a correspondence that needs no texture at all (epipolar tangency; Wong & Cipolla, "Structure and motion
+# from silhouettes", 2001), and the fit scores them as two extra matches per pair under every candidate.
+
+
+def silhouette_outline(mask: np.ndarray, min_share: float = 0.02) -> np.ndarray:
+    """Outline of the object in a foreground mask, as the fit's silhouette evidence.
+
+    Args:
+        mask: [H, W] bool foreground.
+        min_share: pieces smaller than this share of the largest piece's area are specks, not the object.
+
+    Returns:
+        [N, 2] float64 boundary pixel centres (continuous frame), or [0, 2] when the mask is empty or touches the
+        image border (a silhouette cut off by the frame has tangents that are not the object's).
+    """
+    if not mask.any() or mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any():
+        return np.zeros((0, 2))
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    areas = np.array([cv2.contourArea(c) for c in contours])
+    kept = [c[:, 0, :] for c, area in zip(contours, areas, strict=True) if area >= min_share * areas.max()]
+    return np.concatenate(kept).astype(np.float64) + 0.5
+
+
+def epipoles(poses: np.ndarray, pair: tuple[int, int], K: np.ndarray) -> np.ndarray:
+    """[E, 2] pixel position in image i of camera j's centre, (i, j) = pair, under each candidate's poses
+    [E, 4, 4, 4]. The nearby cameras are 10–20° apart around the object, so it lies far outside the image but at a
+    finite distance."""
+    i, j = pair
+    w2c = np.linalg.inv(poses[:, i])
+    centre = np.einsum("eab,eb->ea", w2c[:, :3, :3], poses[:, j, :3, 3]) + w2c[:, :3, 3]
+    pix = centre @ K.T
+    return pix[:, :2] / pix[:, 2:3]
+
+
+def _tangent_points(outline: np.ndarray, epipole: np.ndarray) -> np.ndarray:
+    """[E, 2, 2] the outline points [N, 2] on the two lines through each epipole [E, 2] that bound the outline."""
+    rays = outline[None] - epipole[:, None]
+    centre = rays.mean(axis=1)
+    centre /= np.linalg.norm(centre, axis=-1, keepdims=True)
+    angle = np.arctan2(centre[:, None, 0] * rays[..., 1] - centre[:, None, 1] * rays[..., 0],
+                       (centre[:, None] * rays).sum(axis=-1))
+    return np.stack([outline[angle.argmin(axis=1)], outline[angle.argmax(axis=1)]], axis=1)
+
+
+def frontier_points(poses: np.ndarray, pair: tuple[int, int], K: np.ndarray, outline_i: np.ndarray,
+                    outline_j: np.ndarray) -> np.ndarray:
+    """The two epipolar tangencies of image pair (i, j) as matches, under each candidate's poses [E, 4, 4, 4].
+
+    Returns:
+        [E, 2, 5] (x_i, y_i, x_j, y_j, 1): the outline point of image i on each outermost epipolar line through its
+        epipole, with the outline point of image j on the corresponding outermost line. Their Sampson distance is
+        zero when the candidate's epipolar geometry is the true one.
+    """
+    F = fundamental_matrices(poses, pair, K)
+    in_i = _tangent_points(outline_i, epipoles(poses, pair, K))
+    in_j = _tangent_points(outline_j, epipoles(poses, pair[::-1], K))
+    # Which of image j's two tangents corresponds to image i's first: the one nearer its epipolar line.
+    line = np.einsum("eab,eb->ea", F, np.concatenate([in_i[:, 0], np.ones((len(F), 1))], axis=1))
+    near = [np.abs((line[:, :2] * in_j[:, k]).sum(axis=1) + line[:, 2]) for k in range(2)]
+    in_j = np.where((near[1] < near[0])[:, None, None], in_j[:, ::-1], in_j)
+    return np.concatenate([in_i, in_j, np.ones((len(F), 2, 1))], axis=-1)
+
+
+def _after_view_shifts(terms: dict[Any, tuple[tuple[int, int], np.ndarray, np.ndarray]], poses: np.ndarray,
+                       K: np.ndarray, tau: float, prior_px: float, rounds: int) -> dict[Any, np.ndarray]:
+    """Sampson residuals [E, M] per term after fitting one 2D shift per view under each candidate.
+
+    Args:
+        terms: {key: (pair, matches [M, 5] or [E, M, 5], residuals [E, M])}; a match with an infinite residual
+            (implausible under that candidate) stays an outlier.
 
     Linearised: shifting view i by s_i and view j by s_j changes the algebraic error x_jᵀ F x_i by
     (Fᵀ x_j)₁₂·s_i + (F x_i)₁₂·s_j, so each residual is affine in the eight shift coordinates. Per candidate the
-    shifts minimise Σ_inliers r² / τ² + |s|² / prior² (its inliers: |r| < τ under the previous shifts), a few times.
-    Implausible matches (infinite residual) stay outliers.
+    shifts minimise Σ_inliers w·r² / τ² + |s|² / prior² (w the match's weight, its inliers: |r| < τ under the
+    previous shifts), a few times.
     """
     E = len(poses)
     parts = {}
-    for (i, j), m in pairs.items():
-        F = fundamental_matrices(poses, (i, j), K)
-        x0 = np.concatenate([m[:, 0:2], np.ones((len(m), 1))], axis=1)
-        x1 = np.concatenate([m[:, 2:4], np.ones((len(m), 1))], axis=1)
-        Fx0 = np.einsum("eab,mb->ema", F, x0)
-        Ftx1 = np.einsum("eba,mb->ema", F, x1)
-        d = np.sqrt(np.maximum(Fx0[..., 0] ** 2 + Fx0[..., 1] ** 2 + Ftx1[..., 0] ** 2 + Ftx1[..., 1] ** 2, 1e-300))
-        r0 = np.einsum("ma,ema->em", x1, Fx0) / d
-        J = np.zeros((E, len(m), 8))
-        J[..., 2 * i:2 * i + 2] = Ftx1[..., :2] / d[..., None]
-        J[..., 2 * j:2 * j + 2] = Fx0[..., :2] / d[..., None]
-        parts[(i, j)] = (np.where(np.isfinite(residuals[(i, j)]), r0, np.inf), J, m[:, 4])
+    for key, ((i, j), m, residuals) in terms.items():
+        algebraic, norm, Fx0, Ftx1 = _epipolar_terms(fundamental_matrices(poses, (i, j), K), m)
+        J = np.zeros((*algebraic.shape, 8))
+        J[..., 2 * i:2 * i + 2] = Ftx1[..., :2] / norm[..., None]
+        J[..., 2 * j:2 * j + 2] = Fx0[..., :2] / norm[..., None]
+        weight = np.broadcast_to(m[..., 4], algebraic.shape)
+        parts[key] = (np.where(np.isfinite(residuals), algebraic / norm, np.inf), J, weight)
     shifts = np.zeros((E, 8))
     for _ in range(rounds):
         A = np.broadcast_to(np.eye(8) * (tau / prior_px) ** 2, (E, 8, 8)).copy()
@@ -697,7 +776,7 @@ def _after_view_shifts(residuals: dict[tuple[int, int], np.ndarray], pairs: dict
             A += np.einsum("em,emk,eml->ekl", inlier, J, J)
             b -= np.einsum("em,emk,em->ek", inlier, J, r0_in)
         shifts = np.linalg.solve(A, b[..., None])[..., 0]
-    return {p: np.abs(r0 + np.einsum("emk,ek->em", J, shifts)) for p, (r0, J, _) in parts.items()}
+    return {key: np.abs(r0 + np.einsum("emk,ek->em", J, shifts)) for key, (r0, J, _) in parts.items()}
 
 
 def fit_polar(
@@ -705,6 +784,7 @@ def fit_polar(
     image_size: int = 256,
     focal: float = 280.0,
     config: RobustFitConfig | None = None,
+    outlines: Sequence[np.ndarray] | None = None,
 ) -> PolarFit:
     """The polar angle that best explains the matches, robustly, with a confidence.
 
@@ -712,6 +792,8 @@ def fit_polar(
     each match m of pair p gets its Sampson distance r to the epipolar line under that pair's relative pose. The
     pair's cost is the confidence-weighted mean of min(r, τ)² / τ² (τ the truncation), the candidate's cost the
     match-count-weighted mean over the informative pairs, in [0, 1]. The minimum of the whole curve wins.
+    With ``outlines``, each pair's two silhouette tangencies count as two more matches of weight
+    ``silhouette_weight`` (their points depend on the candidate, see :func:`frontier_points`).
 
     Confidence = distinct × support × agreement: ``distinct`` is the depth of the minimum below the best candidate
     outside its basin, relative to that runner-up, over ``distinct_full`` (capped at 1) — a flat curve or two basins
@@ -724,9 +806,12 @@ def fit_polar(
         image_size: side of the square images, pixels.
         focal: focal length in pixels.
         config: search, loss and confidence settings.
+        outlines: optional, the four views' silhouette outlines [N, 2] (:func:`silhouette_outline`); an empty one
+            leaves that view's pairs to their matches.
 
     Raises:
-        BadInputError: fewer than two informative pairs have enough matches (nothing constrains the polar angle).
+        BadInputError: fewer than two informative pairs have enough matches or outlines (nothing constrains the
+            polar angle).
     """
     config = config or RobustFitConfig()
     scale = image_size / 256.0
@@ -754,43 +839,62 @@ def fit_polar(
             static.append((i, j))
             continue
         pairs[(i, j)] = found
-    if len(pairs) < 2:
+    outlined = []
+    if outlines is not None and config.silhouette_weight > 0:
+        if len(outlines) != NUM_VIEWS:
+            raise BadInputError(f"outlines must hold one [N, 2] outline per view ({NUM_VIEWS}); got {len(outlines)}.")
+        outlined = [p for p in INFORMATIVE_PAIRS if p not in static and all(len(outlines[k]) for k in p)]
+    if len(set(pairs) | set(outlined)) < 2:
         counts = {p: len(np.asarray(matches.get(p, ()))) for p in INFORMATIVE_PAIRS}
         why = f"; the views of {static} look the same (a symmetric or textureless object)" if static else ""
         raise BadInputError(f"too few matches to estimate the polar angle: at least two of the pairs "
-                            f"{list(INFORMATIVE_PAIRS)} need {config.min_pair_matches} matches each; got {counts}{why}")
+                            f"{list(INFORMATIVE_PAIRS)} need {config.min_pair_matches} matches each (or both "
+                            f"views' silhouettes inside the frame); got {counts}{why}")
 
     poses = candidate_poses(polars)
-    residuals = {}
+    # Every term is (pair, points [M, 5] or [E, M, 5] with their weights in column 4, residuals [E, M]). A pair's
+    # matches weigh 1 each on average (their confidences, normalised), its two frontier points silhouette_weight.
+    terms: dict[tuple[str, tuple[int, int]], tuple[tuple[int, int], np.ndarray, np.ndarray]] = {}
     for p, m in pairs.items():
+        m = np.concatenate([m[:, :4], m[:, 4:] / m[:, 4].mean()], axis=1)
         r = sampson_distances(fundamental_matrices(poses, p, K), m)
         # A match that would have to lie behind a camera or far outside the object is wrong for that candidate.
-        residuals[p] = np.where(plausible_depths(poses, p, K, m, config.object_radius), r, np.inf)
+        terms[("matches", p)] = (p, m, np.where(plausible_depths(poses, p, K, m, config.object_radius), r, np.inf))
+    for p in outlined:
+        f = frontier_points(poses, p, K, outlines[p[0]], outlines[p[1]])
+        f[..., 4] = config.silhouette_weight
+        terms[("outline", p)] = (p, f, sampson_distances(fundamental_matrices(poses, p, K), f))
     if config.shift_px > 0:
-        residuals = _after_view_shifts(residuals, pairs, poses, K, tau, config.shift_px * scale, config.shift_rounds)
-    pair_cost = {p: (np.minimum(r, tau) ** 2 / tau**2 * pairs[p][:, 4]).sum(axis=1) / pairs[p][:, 4].sum()
-                 for p, r in residuals.items()}
-    sizes = {p: len(m) for p, m in pairs.items()}
+        residuals = _after_view_shifts(terms, poses, K, tau, config.shift_px * scale, config.shift_rounds)
+    else:
+        residuals = {key: r for key, (_, _, r) in terms.items()}
+    used = sorted({p for _, p in terms})
+    weights = {k: np.broadcast_to(m[..., 4], residuals[k].shape) for k, (_, m, _) in terms.items()}
+    sizes = {p: sum(float(weights[k][0].sum()) for k in terms if k[1] == p) for p in used}
+    pair_cost = {p: sum((np.minimum(residuals[k], tau) ** 2 / tau**2 * weights[k]).sum(axis=1)
+                        for k in terms if k[1] == p) / sizes[p] for p in used}
     total = sum(sizes.values())
-    cost = sum(pair_cost[p] * sizes[p] for p in pairs) / total
+    cost = sum(pair_cost[p] * sizes[p] for p in used) / total
     best = int(np.argmin(cost))
     polar = int(polars[best])
 
     outside = np.abs(polars - polar) > config.basin_deg
     runner_up = float(cost[outside].min()) if outside.any() else float(cost[best])
     distinct = min(1.0, max(0.0, (runner_up - float(cost[best])) / max(runner_up, 1e-12)) / config.distinct_full)
-    inliers = int(sum((residuals[p][best] < tau).sum() for p in pairs))
-    support = min(1.0, inliers / (2.0 * config.min_inliers))
+    inliers = int(sum((residuals[("matches", p)][best] < tau).sum() for p in pairs))
+    frontier_inliers = int(sum((residuals[("outline", p)][best] < tau).sum() for p in outlined))
+    support = min(1.0, (inliers + frontier_inliers * config.silhouette_weight) / (2.0 * config.min_inliers))
     # Leave each pair out in turn: an answer that moves when one pair goes is held up by that pair alone.
     shifts = [abs(int(polars[int(np.argmin((cost * total - pair_cost[p] * sizes[p]) / (total - sizes[p])))]) - polar)
-              for p in pairs]
+              for p in used] if len(used) > 1 else [0]
     stability = min(1.0, max(0.0, (config.stable_deg * 2 - max(shifts)) / config.stable_deg))
-    minima = {p: int(polars[int(np.argmin(pair_cost[p]))]) for p in pairs}
+    minima = {p: int(polars[int(np.argmin(pair_cost[p]))]) for p in used}
     # A pair left out as static counts as disagreeing: its views carry no evidence for this answer.
-    agreement = sum(sizes[p] for p in pairs if abs(minima[p] - polar) <= config.agreement_deg) / total
-    agreement *= len(pairs) / (len(pairs) + len(static))
+    agreement = sum(sizes[p] for p in used if abs(minima[p] - polar) <= config.agreement_deg) / total
+    agreement *= len(used) / (len(used) + len(static))
     confidence = round(distinct * support * agreement * stability, 3)
-    uncertain = confidence < config.confident or inliers < config.min_inliers
+    uncertain = confidence < config.confident or support < 0.5
+    total = sum(len(pairs[p]) for p in pairs)
     return PolarFit(polar=polar, confidence=confidence, uncertain=uncertain, inliers=inliers, matches=total,
                     pair_minima=minima, curve=np.stack([polars, cost], axis=1))
 
@@ -913,14 +1017,15 @@ def estimate_elevation(
         matches[(i, j)] = np.concatenate(rows, axis=0)
     counts = {pair: len(m) for pair, m in matches.items()}
     config = config or RobustFitConfig()
+    outlines = [silhouette_outline(mask) for mask in masks]
     try:
-        fit = fit_polar(matches, image_size=size, focal=280.0 * size / 256.0, config=config)
+        fit = fit_polar(matches, image_size=size, focal=280.0 * size / 256.0, config=config, outlines=outlines)
     except BadInputError as e:
         raise BadInputError(f"matcher {name!r}: {e.message}") from None
     note = f"{name}: polar {fit.polar}, confidence {fit.confidence:.2f}"
     if fit.uncertain and config.retry_shift_px > 0 and config.shift_px == 0:
         shifted = fit_polar(matches, image_size=size, focal=280.0 * size / 256.0,
-                            config=replace(config, shift_px=config.retry_shift_px))
+                            config=replace(config, shift_px=config.retry_shift_px), outlines=outlines)
         note += f"; with view shifts: polar {shifted.polar}, confidence {shifted.confidence:.2f}"
         if not shifted.uncertain:
             fit = shifted
