@@ -852,18 +852,19 @@ def fit_polar(
                             f"views' silhouettes inside the frame); got {counts}{why}")
 
     poses = candidate_poses(polars)
+    F = {p: fundamental_matrices(poses, p, K) for p in set(pairs) | set(outlined)}
     # Every term is (pair, points [M, 5] or [E, M, 5] with their weights in column 4, residuals [E, M]). A pair's
     # matches weigh 1 each on average (their confidences, normalised), its two frontier points silhouette_weight.
     terms: dict[tuple[str, tuple[int, int]], tuple[tuple[int, int], np.ndarray, np.ndarray]] = {}
     for p, m in pairs.items():
         m = np.concatenate([m[:, :4], m[:, 4:] / m[:, 4].mean()], axis=1)
-        r = sampson_distances(fundamental_matrices(poses, p, K), m)
+        r = sampson_distances(F[p], m)
         # A match that would have to lie behind a camera or far outside the object is wrong for that candidate.
         terms[("matches", p)] = (p, m, np.where(plausible_depths(poses, p, K, m, config.object_radius), r, np.inf))
     for p in outlined:
         f = frontier_points(poses, p, K, outlines[p[0]], outlines[p[1]])
         f[..., 4] = config.silhouette_weight
-        terms[("outline", p)] = (p, f, sampson_distances(fundamental_matrices(poses, p, K), f))
+        terms[("outline", p)] = (p, f, sampson_distances(F[p], f))
     if config.shift_px > 0:
         residuals = _after_view_shifts(terms, poses, K, tau, config.shift_px * scale, config.shift_rounds)
     else:
@@ -894,8 +895,8 @@ def fit_polar(
     agreement *= len(used) / (len(used) + len(static))
     confidence = round(distinct * support * agreement * stability, 3)
     uncertain = confidence < config.confident or support < 0.5
-    total = sum(len(pairs[p]) for p in pairs)
-    return PolarFit(polar=polar, confidence=confidence, uncertain=uncertain, inliers=inliers, matches=total,
+    return PolarFit(polar=polar, confidence=confidence, uncertain=uncertain, inliers=inliers,
+                    matches=sum(len(m) for m in pairs.values()),
                     pair_minima=minima, curve=np.stack([polars, cost], axis=1))
 
 
