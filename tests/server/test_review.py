@@ -162,7 +162,8 @@ def test_review_requests_that_are_refused(tmp_path, tiny_pipe, photo):
 def test_an_unattended_review_expires_and_keeps_its_views(tmp_path, tiny_pipe, photo):
     with tiny_client(tmp_path / "jobs", tiny_pipe, review_timeout_s=0.5) as client:
         job = send(client, photo, {**FAST, "review": True})
-        assert wait(client, job)["state"] == "review"
+        # Only a job in review can expire; a poll on a busy machine may miss the half-second review itself.
+        assert wait(client, job)["state"] in ("review", "expired")
         status = wait(client, job, ("expired",), timeout=10)
         assert "no re-roll or continue within the review time (0.5 s)" in status["error"]["message"]
         assert client.get(f"/v1/jobs/{job}/views/5.png", headers=AUTH).status_code == 200
