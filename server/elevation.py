@@ -585,6 +585,10 @@ class RobustFitConfig:
     """When the fit is uncertain, fit again on the same matches with this ``shift_px``, and use that fit if it is
     confident. Clean renders need no shifts (fitting them always costs them a little accuracy), but a generated view
     off by a pixel or so makes the plain fit doubt; 0 disables the retry."""
+    contour_px: float = 4.0
+    """Matches closer than this to the silhouette's edge (in either view) are dropped: there the matchers see the
+    occluding contour, which slides over the surface as the view turns, not a point fixed on it. On a flat-coloured
+    object dense flow finds only such matches (all within 3.6 px of the edge), each a little wrong."""
     silhouette_weight: float = 20.0
     """Weight of each of a pair's two epipolar tangencies of the silhouettes (:func:`frontier_points`), in matches.
     They make the fit work on objects without texture; 0 fits matches alone."""
@@ -795,10 +799,15 @@ def fit_polar(
     With ``outlines``, each pair's two silhouette tangencies count as two more matches of weight
     ``silhouette_weight`` (their points depend on the candidate, see :func:`frontier_points`).
 
-    Confidence = distinct × support × agreement: ``distinct`` is the depth of the minimum below the best candidate
-    outside its basin, relative to that runner-up, over ``distinct_full`` (capped at 1) — a flat curve or two basins
-    of similar depth give little; ``support`` is the inlier count over twice ``min_inliers`` (capped); ``agreement``
-    is the match-weighted share of informative pairs whose own minimum lies within ``agreement_deg``.
+    Confidence = distinct × support × agreement × stability:
+
+    - ``distinct``: the depth of the minimum below the best candidate outside its basin, relative to that runner-up,
+      over ``distinct_full`` (capped at 1); a flat curve or two basins of similar depth give little.
+    - ``support``: the inlier count over twice ``min_inliers`` (capped).
+    - ``agreement``: the match-weighted share of informative pairs whose own minimum lies within ``agreement_deg``;
+      halved, and the fit flagged, when a cue (the matches, or the silhouettes) objects: its own minimum lies
+      outside ``agreement_deg`` and the joint answer costs it over ``distinct_full / 2`` more, relatively.
+    - ``stability``: falls as leaving out one pair moves the minimum by more than ``stable_deg``.
 
     Args:
         matches: {(i, j): [M, 5] (x0, y0, x1, y1, conf)} for any of the six pairs (either direction); pairs with
@@ -893,8 +902,18 @@ def fit_polar(
     # A pair left out as static counts as disagreeing: its views carry no evidence for this answer.
     agreement = sum(sizes[p] for p in used if abs(minima[p] - polar) <= config.agreement_deg) / total
     agreement *= len(used) / (len(used) + len(static))
-    confidence = round(distinct * support * agreement * stability, 3)
-    uncertain = confidence < config.confident or support < 0.5
+    # Matches and silhouettes are biased differently by a shifted or blurred view: when one objects, the joint minimum
+    # is a compromise between two cues that each rule the other's answer out.
+    objecting = []
+    for kind in sorted({k for k, _ in terms}):
+        cue = sum((np.minimum(residuals[k], tau) ** 2 / tau**2 * weights[k]).sum(axis=1) for k in terms if k[0] == kind)
+        own = int(np.argmin(cue))
+        rise = (cue[best] - cue[own]) / max(float(cue[best]), 1e-12)
+        if abs(int(polars[own]) - polar) > config.agreement_deg and rise > config.distinct_full / 2:
+            objecting.append(kind)
+    cues = 0.5 if objecting else 1.0
+    confidence = round(distinct * support * agreement * cues * stability, 3)
+    uncertain = confidence < config.confident or support < 0.5 or bool(objecting)
     return PolarFit(polar=polar, confidence=confidence, uncertain=uncertain, inliers=inliers,
                     matches=sum(len(m) for m in pairs.values()),
                     pair_minima=minima, curve=np.stack([polars, cost], axis=1))
@@ -914,13 +933,15 @@ class ElevationResult:
     """The matcher(s) whose matches were fitted, joined by "+" ("loftr+flow+sift", "flow"); "none" for the
     fallback."""
     num_matches: dict[tuple[int, int], int]
-    """Foreground matches kept per image pair (i, j), i < j."""
+    """Matches kept per image pair (i, j), i < j: both ends on the object, away from its edge."""
     confidence: float = 1.0
     """0–1, see :func:`fit_polar`."""
     uncertain: bool = False
     """True when the estimate should not be trusted; the UI then asks for the elevation by hand."""
     inliers: int = 0
     """Matches consistent with the estimate (informative pairs)."""
+    fitted: int = 0
+    """Matches that took part in the fit (informative pairs with enough of them); 0: the silhouettes alone."""
     source: str = "estimated"
     """"estimated", or "fallback": every fit was uncertain, so the reference's polar 90 is used."""
     note: str = ""
@@ -944,7 +965,7 @@ def foreground_mask(image: np.ndarray, threshold: int = 245) -> np.ndarray:
 
 
 def _keep_foreground(mask: np.ndarray, kpts: np.ndarray) -> np.ndarray:
-    """[M] bool: the keypoint [M, 2] lies in a foreground pixel (outside the image counts as background)."""
+    """[M] bool: the keypoint [M, 2] lies in a true pixel of ``mask`` [H, W] (outside the image counts as false)."""
     h, w = mask.shape
     col = np.floor(kpts[:, 0]).astype(np.int64)  # continuous frame: pixel j spans [j, j + 1)
     row = np.floor(kpts[:, 1]).astype(np.int64)
@@ -988,7 +1009,7 @@ def estimate_elevation(
         config: the robust fit's settings.
 
     Returns:
-        The polar angle, the matchers' names, the foreground matches per pair and the fit's confidence. The intrinsics
+        The polar angle, the matchers' names, the matches kept per pair and the fit's confidence. The intrinsics
         are the reference's focal 280 px at 256², scaled with the image size.
 
     Raises:
@@ -1003,6 +1024,11 @@ def estimate_elevation(
     size = images[0].shape[0]
     grays = [cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) for image in images]
     masks = [foreground_mask(image) for image in images]
+    config = config or RobustFitConfig()
+    # Matches are kept where both ends lie inside their object by more than contour_px (the distance transform
+    # counts the pixel next to the background as 1).
+    inner = [cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5) > config.contour_px * size / 256.0
+             for mask in masks]
     name = "+".join(m.name for m in matchers)
     matches: dict[tuple[int, int], np.ndarray] = {}
     for i, j in PAIRS:
@@ -1013,11 +1039,10 @@ def estimate_elevation(
             found = m(grays[i], grays[j])
             # Both ends are tested at their own coordinates. The reference indexes image i's mask with image j's x
             # coordinate (mask0[y0, x1]); that bug is deliberately not reproduced.
-            keep = _keep_foreground(masks[i], found.kpts0) & _keep_foreground(masks[j], found.kpts1)
+            keep = _keep_foreground(inner[i], found.kpts0) & _keep_foreground(inner[j], found.kpts1)
             rows.append(np.concatenate([found.kpts0[keep], found.kpts1[keep], found.confidence[keep, None]], axis=1))
         matches[(i, j)] = np.concatenate(rows, axis=0)
     counts = {pair: len(m) for pair, m in matches.items()}
-    config = config or RobustFitConfig()
     outlines = [silhouette_outline(mask) for mask in masks]
     try:
         fit = fit_polar(matches, image_size=size, focal=280.0 * size / 256.0, config=config, outlines=outlines)
@@ -1031,7 +1056,7 @@ def estimate_elevation(
         if not shifted.uncertain:
             fit = shifted
     return ElevationResult(fit.polar, name, counts, confidence=fit.confidence, uncertain=fit.uncertain,
-                           inliers=fit.inliers, note=note)
+                           inliers=fit.inliers, fitted=fit.matches, note=note)
 
 
 class ElevationEstimator:
@@ -1039,7 +1064,9 @@ class ElevationEstimator:
 
     1. All matchers' matches pooled into one robust fit (:func:`estimate_elevation`); if it is uncertain, the same
        matches are fitted again with a 2D shift per view (``retry_shift_px``). Confident → done.
-    2. Otherwise each matcher alone, in the given order; the first confident fit is used.
+    2. Otherwise each matcher alone, in the given order; the first confident fit is used. A matcher with too few
+       matches of its own is skipped when the pooled fit had matches: its fit would be the silhouettes' alone,
+       which on generated views can be confidently wrong, and it would overrule the matches that doubt it.
     3. Otherwise the most confident of those fits, flagged ``uncertain``: it is still the best guess there is (on
        degraded renders most flagged fits are within a few degrees), and the UI asks for the elevation by hand.
     4. No fit at all (no matches: a textureless or symmetric object): the reference's fallback, polar 90
@@ -1063,12 +1090,18 @@ class ElevationEstimator:
     def __call__(self, images: Sequence[np.ndarray]) -> ElevationResult:
         _check_images(images)
         attempts = [self.matchers] + ([[m] for m in self.matchers] if len(self.matchers) > 1 else [])
-        tried, best = [], None
-        for matchers in attempts:
+        tried, best, pooled_fitted = [], None, 0
+        for n, matchers in enumerate(attempts):
             try:
                 result = estimate_elevation(images, matchers, self.config)
             except BadInputError as e:
                 tried.append(e.message)
+                continue
+            if n == 0:
+                pooled_fitted = result.fitted
+            elif result.fitted == 0 and pooled_fitted > 0:
+                tried.append(f"{result.matcher}: too few matches of its own (a silhouettes-only fit is not used "
+                             f"over the pooled matches)")
                 continue
             tried.append(result.note)
             if not result.uncertain:

@@ -642,3 +642,28 @@ def test_outline_of_the_object_without_specks_and_none_when_cut_off():
     mask[20:40, 0:5] = True  # the object leaves the frame: its outline would have false tangents
     assert silhouette_outline(mask).shape == (0, 2)
     assert silhouette_outline(np.zeros((8, 8), bool)).shape == (0, 2)
+
+
+def test_matches_and_silhouettes_that_disagree_are_flagged():
+    matches = synthetic_matches(70, np.random.default_rng(3), n_points=150)
+    agreeing = fit_polar(matches, outlines=[silhouette_outline(m) for m in ellipsoid_masks(70)])
+    assert agreeing.polar == 70 and not agreeing.uncertain
+    outlines = [silhouette_outline(m) for m in ellipsoid_masks(90)]  # e.g. shifted or blurred generated views
+    matches_alone, silhouettes_alone = fit_polar(matches), fit_polar({}, outlines=outlines)
+    assert matches_alone.polar == 70 and abs(silhouettes_alone.polar - 90) <= 2
+    assert not matches_alone.uncertain and not silhouettes_alone.uncertain  # each cue alone is sure of itself
+    both = fit_polar(matches, outlines=outlines)
+    assert both.uncertain and both.confidence <= 0.5 * agreeing.confidence, both
+
+
+def test_a_matcher_without_matches_of_its_own_does_not_overrule_the_pooled_fit():
+    masks = ellipsoid_masks(100, axes=(0.45, 0.40, 0.36))  # holds the matched points (a ball of radius 0.35)
+    images = [np.where(m[..., None], np.uint8(100 + 10 * n), np.uint8(255)).repeat(3, axis=2)
+              for n, m in enumerate(masks)]
+    good = FixedMatcher("good", synthetic_matches(70, np.random.default_rng(3), n_points=150))
+    empty = FixedMatcher("empty", {})
+    silhouettes = estimate_elevation(images, [empty])
+    assert silhouettes.fitted == 0 and not silhouettes.uncertain and silhouettes.polar > 95  # sure, and 30° off
+    result = ElevationEstimator([good, empty])(images)
+    assert result.uncertain and abs(result.polar - 70) <= 3 and result.matcher == "good+empty", result
+    assert "empty: too few matches of its own" in result.note
