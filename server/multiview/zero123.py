@@ -528,7 +528,9 @@ def tiny_zero123(seed: int = 0) -> Zero123Model:
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=dim,
-            attention_head_dim=8,
+            # diffusers reads this as the number of heads: 2 heads of width 16. Eight heads of width 4 gave the same
+            # weights but took 0.33 s instead of 0.20 s per UNet call at stage 2's batch of 56 on 2 CPU cores.
+            attention_head_dim=2,
             norm_num_groups=8,
         )
         vae = AutoencoderKL(
