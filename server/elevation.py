@@ -881,8 +881,9 @@ def fit_polar(
     used = sorted({p for _, p in terms})
     weights = {k: np.broadcast_to(m[..., 4], residuals[k].shape) for k, (_, m, _) in terms.items()}
     sizes = {p: sum(float(weights[k][0].sum()) for k in terms if k[1] == p) for p in used}
-    pair_cost = {p: sum((np.minimum(residuals[k], tau) ** 2 / tau**2 * weights[k]).sum(axis=1)
-                        for k in terms if k[1] == p) / sizes[p] for p in used}
+    # Each term's truncated, weighted cost per candidate [E]; a pair's and a cue's costs are sums of these.
+    term_cost = {k: (np.minimum(residuals[k], tau) ** 2 / tau**2 * weights[k]).sum(axis=1) for k in terms}
+    pair_cost = {p: sum(term_cost[k] for k in terms if k[1] == p) / sizes[p] for p in used}
     total = sum(sizes.values())
     cost = sum(pair_cost[p] * sizes[p] for p in used) / total
     best = int(np.argmin(cost))
@@ -906,7 +907,7 @@ def fit_polar(
     # is a compromise between two cues that each rule the other's answer out.
     objecting = []
     for kind in sorted({k for k, _ in terms}):
-        cue = sum((np.minimum(residuals[k], tau) ** 2 / tau**2 * weights[k]).sum(axis=1) for k in terms if k[0] == kind)
+        cue = sum(term_cost[k] for k in terms if k[0] == kind)
         own = int(np.argmin(cue))
         rise = (cue[best] - cue[own]) / max(float(cue[best]), 1e-12)
         if abs(int(polars[own]) - polar) > config.agreement_deg and rise > config.distinct_full / 2:
