@@ -539,7 +539,8 @@ def estimate_polar_from_matches(
 
 @dataclass(frozen=True)
 class RobustFitConfig:
-    """:func:`fit_polar`'s search, loss and confidence rule. Pixel values are at 256² and scale with the image."""
+    """:func:`fit_polar`'s search, loss and confidence rule, and which matches :func:`estimate_elevation` gives it.
+    Pixel values are at 256² and scale with the image."""
 
     polar_min: int = 20
     """Smallest candidate polar, degrees (elevation 70, the largest a user may give)."""
