@@ -5,8 +5,9 @@ Pipeline:
 1. :func:`sample_sdf_grid` evaluates the SDF on the grid ``linspace(−1, 1, R)`` per axis of the normalised cube, either
    densely (the reference's R³ evaluations in 64³ blocks) or coarse-to-fine (the same sign pattern, hence the same
    mesh, from ~10–20× fewer evaluations at R = 256 when the SDF is Lipschitz; see the function's docstring).
-2. :func:`extract_surface` runs PyMCubes on −SDF at level 0 (SDF is positive outside) and maps vertex indices back to
-   the cube: v·2/(R−1) − 1.
+2. :func:`extract_surface` runs marching cubes on −SDF at level 0 (SDF is positive outside) and maps vertex indices
+   back to the cube: v·2/(R−1) − 1. It is :func:`server.marching.marching_cubes`, PyMCubes' exact output computed in
+   torch over the cells that cross zero only, on the reconstruction's device.
 3. :func:`export_mesh` writes a :class:`Mesh` as PLY, GLB or OBJ, atomically; :func:`load_mesh` reads them back.
 
 Frame decision (spec §3.5). Meshes handed to :func:`export_mesh` are in the pose.json world frame, which is z-up, and
@@ -32,11 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import mcubes
 import numpy as np
 import torch
 
 from server.errors import BadInputError, EmptySurfaceError
+from server.marching import marching_cubes
 
 SdfFn = Callable[[torch.Tensor], torch.Tensor]
 """``sdf_fn(points [N, 3] float32, normalised space) -> [N]`` signed distance, positive outside."""
@@ -377,14 +378,16 @@ def _interpolate(values: np.ndarray, lattice: np.ndarray, points: np.ndarray) ->
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def extract_surface(sdf_grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def extract_surface(sdf_grid: np.ndarray, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Marching cubes on −SDF at level 0, vertices mapped back to the normalised cube.
 
-    PyMCubes (0.1.x) orients triangles so that their normals point from larger to smaller values of its input; its
-    input is −SDF, which is largest inside, so the normals point outward and no flip is needed (tested on a sphere).
+    PyMCubes (0.1.x) orients triangles so that their normals point from larger to smaller values of its input;
+    :func:`server.marching.marching_cubes` returns exactly its mesh. The input is −SDF, which is largest inside, so
+    the normals point outward and no flip is needed (tested on a sphere).
 
     Args:
         sdf_grid: [R, R, R] SDF values on ``linspace(−1, 1, R)`` per axis, positive outside.
+        device: where marching cubes runs (the result is the same array on every device).
 
     Returns:
         vertices: [V, 3] float32 in [−1, 1]³ (v·2/(R−1) − 1, spec §5.7).
@@ -401,14 +404,15 @@ def extract_surface(sdf_grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if nan_count:
         raise BadInputError(f"SDF grid holds {nan_count} NaN values; allowed: finite values (or ±inf)")
     # float32: the grid's own precision (float64 would double the memory and time for no visible change).
-    vertices, faces = mcubes.marching_cubes(-grid.astype(np.float32, copy=False), 0.0)
+    volume = torch.from_numpy(-grid.astype(np.float32, copy=False)).to(device)
+    vertices, faces = marching_cubes(volume, 0.0)
     if faces.shape[0] == 0:
         raise EmptySurfaceError(
             f"marching cubes found no surface: the SDF ranges over [{float(grid.min()):.4g}, {float(grid.max()):.4g}] "
             f"on the {grid.shape[0]}³ grid and never crosses zero, and no zero crossing means no surface"
         )
     vertices = vertices * (2.0 / (grid.shape[0] - 1)) - 1.0
-    return vertices.astype(np.float32), faces.astype(np.int64)
+    return vertices.float().cpu().numpy(), faces.cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -180,7 +180,7 @@ def reconstruct_mesh(
                            progress=(lambda d, t: progress("sdf", d, t)) if progress else None)
     lap("sdf")
     # 4. Marching cubes on −SDF.
-    vertices, faces = extract_surface(grid)
+    vertices, faces = extract_surface(grid, device)
     lap("marching_cubes")
     # 5. Vertex colours blended from the source views.
     colors = blend_vertex_colors(model.rendering_network_lod0, lambda p: sdf_net.gradient(p, volume), volume, fused,

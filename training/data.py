@@ -628,12 +628,12 @@ def write_synthetic_object(folder: str | os.PathLike[str], polar: float = 75.0, 
             Image.fromarray(mm).save(folder / depth_name(int(name[5:-4])))
     poses.write(folder / "pose.json")
 
-    import mcubes
+    from server.marching import marching_cubes
 
     axis = np.linspace(-0.6, 0.6, mesh_resolution)
     grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
     sdf = shape_sdf(grid / scale, shape).reshape((mesh_resolution,) * 3) * scale
-    vertices, faces = mcubes.marching_cubes(-sdf, 0.0)
+    vertices, faces = (t.numpy() for t in marching_cubes(torch.from_numpy(-sdf), 0.0))
     vertices = vertices * (axis[1] - axis[0]) + axis[0]
     vertices = vertices @ rot[:3, :3].T
     export_mesh(Mesh(vertices.astype(np.float32), faces.astype(np.int64)), folder / "mesh.ply")
