@@ -145,7 +145,9 @@ def ddim_sample(
         timesteps: from :func:`ddim_timesteps`, largest first.
         alphas_cumprod: [T] ᾱ.
         eta: η.
-        generator: noise source for η > 0 (see :func:`ddim_step`).
+        generator: noise source for η > 0 (see :func:`ddim_step`). When given, every step's noise is drawn from it
+            before the loop, in the order the steps would draw it (so the numbers are the same), and copied to x's
+            device in one transfer: the loop then never waits for the host (:func:`predraw_noise`).
         callback: called as ``callback(step, total)`` after each step, step = 1…total.
         should_cancel: polled before every step; when it returns True the loop stops.
 
@@ -156,12 +158,49 @@ def ddim_sample(
         CancelledError: if ``should_cancel()`` returned True.
     """
     total = len(timesteps)
+    pairs = [(t, timesteps[i + 1] if i + 1 < total else 0) for i, t in enumerate(timesteps)]
+    noise = predraw_noise(x_T, pairs, alphas_cumprod, eta, generator) if generator is not None else {}
     x = x_T
-    for i, t in enumerate(timesteps):
+    for i, (t, t_prev) in enumerate(pairs):
         if should_cancel is not None and should_cancel():
             raise CancelledError(f"Multi-view generation cancelled before denoising step {i + 1} of {total}.")
-        t_prev = timesteps[i + 1] if i + 1 < total else 0
-        x = ddim_step(x, eps_fn(x, t), t, t_prev, alphas_cumprod, eta, generator)
+        x = ddim_step(x, eps_fn(x, t), t, t_prev, alphas_cumprod, eta, generator, noise.get(i))
         if callback is not None:
             callback(i + 1, total)
     return x
+
+
+def predraw_noise(
+    x: torch.Tensor,
+    pairs: list[tuple[int, int]],
+    alphas_cumprod: torch.Tensor,
+    eta: float,
+    generator: torch.Generator,
+) -> dict[int, torch.Tensor]:
+    """The fresh noise of every DDIM step that draws one (σ > 0), drawn now from ``generator``, on x's device.
+
+    The draws are the very ones :func:`ddim_step` would make step by step (same generator, same order, same shape,
+    float32), so sampling gives the same latents; drawing them up front turns one synchronising host-to-device copy
+    per step into one copy per run, from page-locked memory when the target is a GPU.
+
+    Args:
+        x: [B, C, H, W] a latent of the loop (its shape, device and dtype are used).
+        pairs: (t, t_prev) of each step, in loop order.
+        alphas_cumprod: [T] ᾱ.
+        eta: η in [0, 1].
+        generator: the noise source (any device).
+
+    Returns:
+        {step index: [B, C, H, W] float32 noise on x's device} for the steps with σ > 0.
+    """
+    steps = [i for i, (t, t_prev) in enumerate(pairs)
+             if 0.0 <= eta <= 1.0 and ddim_sigma(float(alphas_cumprod[t]), float(alphas_cumprod[t_prev]), eta) > 0.0]
+    if not steps:
+        return {}
+    drawn = torch.stack([torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
+                         for _ in steps])
+    if drawn.device != x.device:
+        if drawn.device.type == "cpu" and x.device.type == "cuda":
+            drawn = drawn.pin_memory()
+        drawn = drawn.to(device=x.device, non_blocking=True)
+    return dict(zip(steps, drawn.unbind(0), strict=True))

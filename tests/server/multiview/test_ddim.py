@@ -177,3 +177,23 @@ def test_loop_cancels_between_steps(alphas_cumprod: torch.Tensor) -> None:
             should_cancel=lambda: len(calls) >= 3,
         )
     assert calls == [(1, 49), (2, 49), (3, 49)]
+
+
+@pytest.mark.parametrize("shape", [SHAPE, (3, 4, 5, 7)])  # 420 values per draw: not a multiple of torch's 16
+def test_loop_draws_the_noise_up_front_as_the_steps_would(alphas_cumprod: torch.Tensor, shape: tuple) -> None:
+    """The loop's pre-drawn noise (one host-to-device copy per run) is number for number the noise each step would
+    draw for itself from the same generator, so a seed gives the same latents as before."""
+    timesteps = ddim_timesteps(10)
+    x_T = _randn(3, shape).float()
+
+    def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
+        return 0.1 * x + t / 1000.0
+
+    got = ddim_sample(eps_fn, x_T, timesteps, alphas_cumprod, 1.0, torch.Generator().manual_seed(7))
+    generator, x = torch.Generator().manual_seed(7), x_T
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else 0
+        x = ddim_step(x, eps_fn(x, t), t, t_prev, alphas_cumprod, 1.0, generator)
+    torch.testing.assert_close(got, x, rtol=0, atol=0)
+    assert not torch.equal(got, ddim_sample(eps_fn, x_T, timesteps, alphas_cumprod, 1.0,
+                                            torch.Generator().manual_seed(8)))
