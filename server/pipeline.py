@@ -339,18 +339,24 @@ class One2345Pipeline:
     """Image → mesh. Construct with :meth:`from_preset`; call once per image (models stay loaded)."""
 
     def __init__(self, models: PipelineModels, preset: str, device: str, zero123_config: Zero123Config | None = None,
-                 meshing: MeshingConfig | None = None, low_vram: bool = False) -> None:
+                 meshing: MeshingConfig | None = None, low_vram: bool = False, cuda_graphs: bool = True) -> None:
         self.models = models
         self.preset = preset
         self.device = device
         self.low_vram = low_vram
         """Keep the models on the CPU and move each to the GPU only for its stage (:func:`resident`)."""
+        self.cuda_graphs = cuda_graphs
+        """On CUDA, replay Zero123's UNet from CUDA graphs (:mod:`server.multiview.graphs`); never in low-VRAM mode,
+        whose moves between CPU and GPU would leave a graph pointing at freed weights."""
+        self.unet_graphs: Any = None
+        """The UNet's CUDA graphs once a sampler run used them (:meth:`_unet`), else None."""
         self.zero123_config = zero123_config or Zero123Config()
         self.meshing = meshing or MeshingConfig()
 
     @classmethod
     def from_preset(cls, preset: str = "paper", device: str = "auto", weights_dir: str | Path | None = None,
-                    download_missing: bool = False, low_vram: bool = False) -> One2345Pipeline:
+                    download_missing: bool = False, low_vram: bool = False,
+                    cuda_graphs: bool = True) -> One2345Pipeline:
         """Build the pipeline and load its models.
 
         Args:
@@ -360,6 +366,7 @@ class One2345Pipeline:
             download_missing: fetch absent weight files first (needs internet; respects ``HF_HUB_OFFLINE``).
             low_vram: on CUDA, keep the models in CPU memory and move each to the GPU only while its stage runs
                 (slower: the weights cross the bus every run; the outputs are the same).
+            cuda_graphs: on CUDA and not in low-VRAM mode, replay the UNet from CUDA graphs (the same kernels).
         """
         if preset not in PRESETS:
             raise BadInputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -370,7 +377,7 @@ class One2345Pipeline:
         models.reconstruction.to(home)
         if models.segmenter is not None and low_vram:
             models.segmenter.model.to("cpu")
-        return cls(models, preset, device, low_vram=low_vram)
+        return cls(models, preset, device, low_vram=low_vram, cuda_graphs=cuda_graphs)
 
     def models_loaded(self) -> dict[str, str]:
         return dict(self.models.descriptions)
@@ -715,7 +722,17 @@ class One2345Pipeline:
         with resident(self.models.zero123, self.device, self.low_vram) as model:
             return generate_views_batch(model, images, deltas, num_steps=steps, guidance=options.guidance,
                                         eta=self.zero123_config.eta, seed=seed % 2**63, callback=callback,
-                                        should_cancel=tracker.should_cancel)
+                                        should_cancel=tracker.should_cancel, unet=self._unet(model))
+
+    def _unet(self, model: Any) -> Any:
+        """What evaluates ε for the sampler: the CUDA graphs of ``model`` when they apply, else None (eager)."""
+        if not self.cuda_graphs or self.low_vram or model.device.type != "cuda":
+            return None
+        from server.multiview.graphs import UNetGraphs
+
+        if self.unet_graphs is None or self.unet_graphs.model is not model:
+            self.unet_graphs = UNetGraphs(model)
+        return self.unet_graphs
 
     def _polar(self, near0: list[np.ndarray], options: GenerateOptions) -> tuple[float, ElevationResult | None]:
         """The input's polar angle: given by the user, or estimated with the documented rule for low confidence

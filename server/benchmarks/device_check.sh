@@ -36,6 +36,7 @@ if [ "$DEVICE" = cuda ]; then
   step gpu-tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu $gpu_tests
   step reconstruct 90 "$PY" -m server.benchmarks.reconstruct --preset paper --resolution 256 --device cuda --repeats 2
   step pipeline 150 "$PY" -m server.benchmarks.pipeline --preset paper --device cuda --repeats 2
+  step pipeline-eager 90 "$PY" -m server.benchmarks.pipeline --preset paper --device cuda --repeats 1 --no-cuda-graphs
   step pipeline-low-vram 120 "$PY" -m server.benchmarks.pipeline --preset paper --device cuda --repeats 1 --low-vram
   if [ -f training/benchmarks/fit.py ]; then
     step fit 240 "$PY" -m training.benchmarks.fit --preset paper --device cuda --steps 200

@@ -349,13 +349,15 @@ def generate_views_batch(
     seed: int | None = None,
     callback: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    unet: Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[list[np.ndarray]]:
     """Views of several conditioning images in ONE sampler run: every target view of every image goes through the
     UNet as one batch (stage 2 of the pipeline: 7 images × 4 views = 28, doubled for guidance).
 
     Each view's conditioning is exactly that of :func:`generate_views` for its own image, so batching changes only
     which noise each view draws, not the model being sampled. Arguments as :func:`generate_views`, with ``images`` a
-    list and ``deltas[k]`` the poses for ``images[k]``.
+    list and ``deltas[k]`` the poses for ``images[k]``, and ``unet`` what evaluates ε (``model`` itself when None;
+    a :class:`server.multiview.graphs.UNetGraphs` of it replays CUDA graphs).
 
     Returns:
         For each image, its views in the order of its deltas.
@@ -389,8 +391,10 @@ def generate_views_batch(
         if use_cfg:
             c_crossattn, c_concat = with_unconditional(c_crossattn, c_concat)
 
+        step_fn = unet or model
+
         def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
-            eps = model(torch.cat([x, x]) if use_cfg else x, t, c_crossattn, c_concat).float()
+            eps = step_fn(torch.cat([x, x]) if use_cfg else x, t, c_crossattn, c_concat).float()
             return guided_eps(*eps.chunk(2), guidance) if use_cfg else eps
 
         # 3. DDIM from plain N(0, I) noise (spec §2.4).

@@ -54,3 +54,20 @@ def test_the_flag_reaches_the_pipeline_from_the_cli_and_the_server():
     pipe = One2345Pipeline.from_preset("tiny", device="cpu", low_vram=True)
     assert pipe.low_vram and next(pipe.models.zero123.parameters()).device.type == "cpu"
     assert pipeline.One2345Pipeline.from_preset("tiny", device="cpu").low_vram is False
+
+
+def test_cuda_graphs_are_used_on_cuda_only_and_never_in_low_vram_mode(monkeypatch):
+    from types import SimpleNamespace
+
+    from server.multiview import graphs
+
+    monkeypatch.setattr(graphs, "UNetGraphs", lambda model: SimpleNamespace(model=model))  # no GPU here to capture on
+    pipe = One2345Pipeline.from_preset("tiny", device="cpu")
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    first = pipe._unet(on_gpu)
+    assert first.model is on_gpu and pipe._unet(on_gpu) is first and pipe.unet_graphs is first  # kept across runs
+    assert pipe._unet(pipe.models.zero123) is None  # on the CPU: eager
+    pipe.low_vram = True  # the model leaves the GPU between stages: a graph would point at freed weights
+    assert pipe._unet(on_gpu) is None
+    pipe.low_vram, pipe.cuda_graphs = False, False
+    assert pipe._unet(on_gpu) is None
