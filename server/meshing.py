@@ -122,7 +122,8 @@ def sample_sdf_grid(
        ``lipschitz`` × cell diagonal (zeros and NaNs are flagged too). Dilate the coarse flags by one cell (26-
        neighbourhood): a margin for SDFs that break the Lipschitz bound.
     3. Go to the next, finer lattice. Evaluate its points inside the closed boxes of flagged cells (so faces shared
-       with unflagged cells too); fill all others by trilinear interpolation of the coarser lattice.
+       with unflagged cells too); fill all others with the value of their coarser cell's lowest corner (so only
+       points near the surface hold SDF values; the rest hold a value of the right sign).
     4. Until the lattice is the grid: flag the new cells inside flagged parents by the same test (with their own,
        smaller diagonal) and repeat 3.
 
@@ -132,8 +133,8 @@ def sample_sdf_grid(
 
     Exactness: if |∇SDF| ≤ 2·``lipschitz``, every point p of an unflagged cell lies within half the cell diagonal d
     of some corner c, so |sdf(p) − sdf(c)| ≤ 2·lipschitz·d/2 < |sdf(c)|: sdf(p) has the corners' common sign, and
-    so, in particular, whenever the SDF is ``lipschitz``-Lipschitz. The filled values are convex combinations of the
-    corners of an unflagged cell (or of a coarser cell that contains it), so they have that sign too and are never 0.
+    so, in particular, whenever the SDF is ``lipschitz``-Lipschitz. The filled values are corner values of an
+    unflagged cell (or of a coarser cell that contains it), so they have that sign too and are never 0.
     Hence the grid has exactly the dense grid's sign pattern; fine cells never straddle cells of any level, every
     fine point in a cell that holds a zero crossing is evaluated, and marching cubes returns the dense grid's
     triangles and vertices. An SDF that breaks the bound (e.g. a floater thinner than a coarse cell whose SDF stays
@@ -149,10 +150,22 @@ def sample_sdf_grid(
             once the previous level has determined how many points the next one needs.
 
     Returns:
-        [R, R, R] float32 SDF grid.
+        [R, R, R] float32 SDF grid (:func:`sample_sdf_volume` returns it as a tensor on ``device``).
     """
-    axis = grid_axis(config.resolution)
-    evaluator = _BlockEvaluator(sdf_fn, axis, config.block_size, device, progress)
+    return sample_sdf_volume(sdf_fn, config, device, progress).cpu().numpy()
+
+
+def sample_sdf_volume(
+    sdf_fn: SdfFn,
+    config: MeshingConfig = MeshingConfig(),
+    device: str | torch.device = "cpu",
+    progress: ProgressFn | None = None,
+) -> torch.Tensor:
+    """:func:`sample_sdf_grid` as a [R, R, R] float32 tensor on ``device``, where all of its bookkeeping runs too:
+    on a GPU the grid never visits the host, and marching cubes (:func:`extract_surface`) can take it as it is."""
+    device = torch.device(device)
+    axis = torch.from_numpy(grid_axis(config.resolution)).to(device)
+    evaluator = _BlockEvaluator(sdf_fn, axis, config.block_size, progress)
     with torch.no_grad():
         if not config.coarse_to_fine or config.coarse_stride == 1:
             return _sample_dense(evaluator, config)
@@ -162,22 +175,20 @@ def sample_sdf_grid(
 class _BlockEvaluator:
     """Calls ``sdf_fn`` on grid points given by integer indices, in blocks of at most block_size³ points."""
 
-    def __init__(
-        self, sdf_fn: SdfFn, axis: np.ndarray, block_size: int, device: str | torch.device, progress: ProgressFn | None
-    ) -> None:
+    def __init__(self, sdf_fn: SdfFn, axis: torch.Tensor, block_size: int, progress: ProgressFn | None) -> None:
         self.sdf_fn = sdf_fn
         self.axis = axis
+        self.device = axis.device
         self.chunk = block_size**3
-        self.device = torch.device(device)
         self.progress = progress
         self.done = 0
         self.total = 0
 
-    def __call__(self, ix: np.ndarray, iy: np.ndarray, iz: np.ndarray) -> np.ndarray:
-        """Evaluate at grid points (axis[ix], axis[iy], axis[iz]); ix, iy, iz: [N] int, N ≤ block_size³. Returns [N]."""
-        points = np.stack([self.axis[ix], self.axis[iy], self.axis[iz]], axis=-1)
-        values = self.sdf_fn(torch.from_numpy(points).to(self.device))
-        values = values.detach().reshape(-1).float().cpu().numpy()
+    def __call__(self, ix: torch.Tensor, iy: torch.Tensor, iz: torch.Tensor) -> torch.Tensor:
+        """Evaluate at grid points (axis[ix], axis[iy], axis[iz]); ix, iy, iz: [N] int64, N ≤ block_size³.
+        Returns [N] float32 on the grid's device."""
+        points = torch.stack([self.axis[ix], self.axis[iy], self.axis[iz]], dim=-1)
+        values = self.sdf_fn(points).detach().reshape(-1).float()
         if values.shape[0] != points.shape[0]:
             raise BadInputError(
                 f"sdf_fn returned {values.shape[0]} values for {points.shape[0]} points; allowed: one value per point"
@@ -185,9 +196,9 @@ class _BlockEvaluator:
         self.done += points.shape[0]
         if self.progress is not None:
             self.progress(self.done, self.total)
-        return values
+        return values.to(self.device)
 
-    def flat(self, flat_indices: np.ndarray, lattice: np.ndarray) -> np.ndarray:
+    def flat(self, flat_indices: torch.Tensor, lattice: torch.Tensor) -> torch.Tensor:
         """Evaluate, in chunks, at the points of the sub-lattice ``lattice × lattice × lattice`` of the grid.
 
         Args:
@@ -197,29 +208,31 @@ class _BlockEvaluator:
         Returns:
             [N] float32 SDF values.
         """
-        shape = (lattice.shape[0],) * 3
-        out = np.empty(flat_indices.shape[0], dtype=np.float32)
+        n = lattice.shape[0]
+        out = torch.empty(flat_indices.shape[0], dtype=torch.float32, device=self.device)
         for start in range(0, flat_indices.shape[0], self.chunk):
-            ix, iy, iz = np.unravel_index(flat_indices[start : start + self.chunk], shape)
+            index = flat_indices[start : start + self.chunk]
+            ix, iy, iz = index // (n * n), index // n % n, index % n
             out[start : start + self.chunk] = self(lattice[ix], lattice[iy], lattice[iz])
         return out
 
 
-def _sample_dense(evaluator: _BlockEvaluator, config: MeshingConfig) -> np.ndarray:
+def _sample_dense(evaluator: _BlockEvaluator, config: MeshingConfig) -> torch.Tensor:
     """The reference: every grid point, in spatial blocks of block_size³. Returns [R, R, R] float32."""
     r, b = config.resolution, config.block_size
     evaluator.total = r**3
-    grid = np.empty((r, r, r), dtype=np.float32)
+    device = evaluator.device
+    grid = torch.empty((r, r, r), dtype=torch.float32, device=device)
     for x0 in range(0, r, b):
         for y0 in range(0, r, b):
             for z0 in range(0, r, b):
-                ix, iy, iz = np.meshgrid(
-                    np.arange(x0, min(x0 + b, r)),
-                    np.arange(y0, min(y0 + b, r)),
-                    np.arange(z0, min(z0 + b, r)),
+                ix, iy, iz = torch.meshgrid(
+                    torch.arange(x0, min(x0 + b, r), device=device),
+                    torch.arange(y0, min(y0 + b, r), device=device),
+                    torch.arange(z0, min(z0 + b, r), device=device),
                     indexing="ij",
                 )
-                values = evaluator(ix.ravel(), iy.ravel(), iz.ravel())
+                values = evaluator(ix.reshape(-1), iy.reshape(-1), iz.reshape(-1))
                 grid[x0 : x0 + b, y0 : y0 + b, z0 : z0 + b] = values.reshape(ix.shape)
     return grid
 
@@ -250,42 +263,42 @@ def refinement_strides(coarse_stride: int) -> list[int]:
     return strides
 
 
-def _sample_coarse_to_fine(evaluator: _BlockEvaluator, config: MeshingConfig) -> np.ndarray:
+def _sample_coarse_to_fine(evaluator: _BlockEvaluator, config: MeshingConfig) -> torch.Tensor:
     """Coarse lattice, then finer lattices only inside flagged cells, down to the grid. Returns [R, R, R] float32."""
     r = config.resolution
+    device = evaluator.device
     step = 2.0 / (r - 1)
     strides = refinement_strides(config.coarse_stride)
 
-    lattice = lattice_indices(r, strides[0])
+    lattice = torch.from_numpy(lattice_indices(r, strides[0])).to(device)
     n = lattice.shape[0]
     evaluator.total = n**3
-    values = evaluator.flat(np.arange(n**3, dtype=np.int64), lattice).reshape(n, n, n)
-    evaluated = np.ones((n, n, n), dtype=bool)
+    values = evaluator.flat(torch.arange(n**3, device=device), lattice).reshape(n, n, n)
+    evaluated = torch.ones((n, n, n), dtype=torch.bool, device=device)
     # The dilation is a margin for SDFs that break the Lipschitz bound; finer levels stay inside it.
     flagged = _dilate(_flag_cells(values, config.lipschitz * _diagonal(strides[0], step)))
 
     for stride in strides[1:]:
-        finer = lattice_indices(r, stride)
+        finer = torch.from_numpy(lattice_indices(r, stride)).to(device)
         m = finer.shape[0]
-        old = np.ix_(*(np.searchsorted(finer, lattice),) * 3)  # where the current lattice sits in the finer one
-        # Fill: trilinear interpolation inside each cell. In unflagged cells the corners share one sign (under the
-        # Lipschitz bound, as do all true values there), and a convex combination keeps it: no new zero crossings.
-        finer_values = _interpolate(values, lattice, finer)
+        at = torch.searchsorted(finer, lattice)  # where the current lattice sits in the finer one
+        old = (at[:, None, None], at[None, :, None], at[None, None, :])
+        # Fill from the coarser cell's corner. In unflagged cells the corners share one sign (under the Lipschitz
+        # bound, as do all true values there), so the fill adds no zero crossing.
+        finer_values = _fill_from_corners(values, lattice, finer)
         finer_values[old] = values
-        finer_evaluated = np.zeros((m, m, m), dtype=bool)
+        finer_evaluated = torch.zeros((m, m, m), dtype=torch.bool, device=device)
         finer_evaluated[old] = evaluated
         needed = _points_in_cells(flagged, lattice, finer) & ~finer_evaluated
-        flat = np.flatnonzero(needed)
+        flat = torch.nonzero(needed.reshape(-1))[:, 0]
         evaluator.total += flat.shape[0]
-        finer_values.reshape(-1)[flat] = evaluator.flat(flat, finer)
+        finer_values.view(-1)[flat] = evaluator.flat(flat, finer)
         if stride > 1:
-            finer_evaluated.reshape(-1)[flat] = True
+            finer_evaluated.view(-1)[flat] = True
             # Only children of flagged cells can be flagged: all their corners were just evaluated, and the rest of
             # the volume is already known to hold no zero crossing.
-            parent = np.clip(np.searchsorted(lattice, finer[:-1], side="right") - 1, 0, n - 2)
-            inside = flagged
-            for axis in range(3):
-                inside = np.take(inside, parent, axis=axis)
+            parent = (torch.searchsorted(lattice, finer[:-1], right=True) - 1).clamp(0, n - 2)
+            inside = _gather(flagged, parent)
             flagged = _flag_cells(finer_values, config.lipschitz * _diagonal(stride, step)) & inside
         lattice, values, evaluated, n = finer, finer_values, finer_evaluated, m
     return values
@@ -296,7 +309,7 @@ def _diagonal(stride: int, step: float) -> float:
     return math.sqrt(3.0) * stride * step
 
 
-def _flag_cells(values: np.ndarray, threshold: float) -> np.ndarray:
+def _flag_cells(values: torch.Tensor, threshold: float) -> torch.Tensor:
     """Cells that may hold a zero crossing.
 
     Args:
@@ -309,17 +322,22 @@ def _flag_cells(values: np.ndarray, threshold: float) -> np.ndarray:
     """
     n = values.shape[0]
     corners = [values[i : n - 1 + i, j : n - 1 + j, k : n - 1 + k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]
-    positive = [corner > 0 for corner in corners]
-    mixed = np.logical_or.reduce(positive) & ~np.logical_and.reduce(positive)
-    min_abs = np.minimum.reduce([np.abs(corner) for corner in corners])
-    return mixed | ~(min_abs > threshold)
+    any_positive = torch.zeros(corners[0].shape, dtype=torch.bool, device=values.device)
+    all_positive = torch.ones_like(any_positive)
+    min_abs = corners[0].abs()
+    for corner in corners:
+        positive = corner > 0
+        any_positive |= positive
+        all_positive &= positive
+        min_abs = torch.minimum(min_abs, corner.abs())  # NaN propagates, and NaN cells are flagged
+    return (any_positive & ~all_positive) | ~(min_abs > threshold)
 
 
-def _dilate(mask: np.ndarray) -> np.ndarray:
+def _dilate(mask: torch.Tensor) -> torch.Tensor:
     """Binary dilation by one cell with the 3×3×3 box (separable: one 3-wide max per axis). mask: [A, B, C] bool."""
-    out = mask.copy()
+    out = mask.clone()
     for axis in range(3):
-        src = out.copy()
+        src = out.clone()
         lo = [slice(None)] * 3
         hi = [slice(None)] * 3
         lo[axis], hi[axis] = slice(None, -1), slice(1, None)
@@ -328,7 +346,7 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _points_in_cells(cells: np.ndarray, lattice: np.ndarray, points: np.ndarray) -> np.ndarray:
+def _points_in_cells(cells: torch.Tensor, lattice: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Which points of a finer lattice lie in the closed box of a marked cell.
 
     A point lies in the cell to its right and, when it is a lattice point, also in the cell to its left; the set of
@@ -343,16 +361,25 @@ def _points_in_cells(cells: np.ndarray, lattice: np.ndarray, points: np.ndarray)
         [P, P, P] bool.
     """
     n_cells = lattice.shape[0] - 1
-    right = np.clip(np.searchsorted(lattice, points, side="right") - 1, 0, n_cells - 1)
-    left = np.clip(np.searchsorted(lattice, points, side="left") - 1, 0, n_cells - 1)
+    right = (torch.searchsorted(lattice, points, right=True) - 1).clamp(0, n_cells - 1)
+    left = (torch.searchsorted(lattice, points) - 1).clamp(0, n_cells - 1)
+    # Per axis, a point's cells are {right} or, on a lattice plane, {left, right = left + 1}: one gather from the
+    # marks stacked on the marks OR-ed with their left neighbour's.
+    index = torch.where(left == right, right, right + n_cells)
     out = cells
     for axis in range(3):
-        out = np.take(out, right, axis=axis) | np.take(out, left, axis=axis)
+        shifted = out.narrow(axis, 0, n_cells - 1) | out.narrow(axis, 1, n_cells - 1)
+        both = torch.cat([out, out.narrow(axis, 0, 1), shifted], dim=axis)  # row n_cells + i: cells i−1 or i
+        out = both.index_select(axis, index)
     return out
 
 
-def _interpolate(values: np.ndarray, lattice: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Trilinear interpolation of lattice values at the points of a finer lattice, one axis at a time.
+def _fill_from_corners(values: torch.Tensor, lattice: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Lattice values spread to the points of a finer lattice: each point takes the value of its cell's lowest corner.
+
+    Only the sign of a filled value is ever read: every point whose value marching cubes or a later level's test
+    uses is evaluated, and an unflagged cell's corners share one sign. A corner's value has it, and copying costs
+    three gathers where trilinear interpolation also needs six products and three sums over the grid.
 
     Args:
         values: [L, L, L] float32 at grid indices lattice × lattice × lattice.
@@ -360,17 +387,15 @@ def _interpolate(values: np.ndarray, lattice: np.ndarray, points: np.ndarray) ->
         points: [P] int64 grid indices in [lattice[0], lattice[-1]].
 
     Returns:
-        [P, P, P] float32; each value is a convex combination of the 8 corners of a lattice cell containing the point.
+        [P, P, P] float32.
     """
-    k0 = np.clip(np.searchsorted(lattice, points, side="right") - 1, 0, lattice.shape[0] - 2)
-    t = ((points - lattice[k0]) / (lattice[k0 + 1] - lattice[k0])).astype(np.float32)
-    out = values
-    for axis in range(3):
-        shape = [1, 1, 1]
-        shape[axis] = points.shape[0]
-        w = t.reshape(shape)
-        out = np.take(out, k0, axis=axis) * (1 - w) + np.take(out, k0 + 1, axis=axis) * w
-    return out.astype(np.float32, copy=False)
+    k0 = (torch.searchsorted(lattice, points, right=True) - 1).clamp(0, lattice.shape[0] - 2)
+    return _gather(values, k0)
+
+
+def _gather(grid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``grid[index][:, index][:, :, index]``: the same index along each axis. [A, A, A] → [P, P, P]."""
+    return grid[index][:, index][:, :, index]  # chained indexing: faster on the CPU than index_select per axis
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -378,7 +403,8 @@ def _interpolate(values: np.ndarray, lattice: np.ndarray, points: np.ndarray) ->
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def extract_surface(sdf_grid: np.ndarray, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def extract_surface(sdf_grid: np.ndarray | torch.Tensor,
+                    device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Marching cubes on −SDF at level 0, vertices mapped back to the normalised cube.
 
     PyMCubes (0.1.x) orients triangles so that their normals point from larger to smaller values of its input;
@@ -386,8 +412,10 @@ def extract_surface(sdf_grid: np.ndarray, device: str | torch.device = "cpu") ->
     the normals point outward and no flip is needed (tested on a sphere).
 
     Args:
-        sdf_grid: [R, R, R] SDF values on ``linspace(−1, 1, R)`` per axis, positive outside.
-        device: where marching cubes runs (the result is the same array on every device).
+        sdf_grid: [R, R, R] SDF values on ``linspace(−1, 1, R)`` per axis, positive outside: an array, or a tensor
+            (from :func:`sample_sdf_volume`).
+        device: where marching cubes runs (default: where a tensor grid is, else the CPU); the result is the same
+            array on every device.
 
     Returns:
         vertices: [V, 3] float32 in [−1, 1]³ (v·2/(R−1) − 1, spec §5.7).
@@ -397,15 +425,15 @@ def extract_surface(sdf_grid: np.ndarray, device: str | torch.device = "cpu") ->
         BadInputError: the grid is not [R, R, R] with R ≥ 2, or holds NaNs.
         EmptySurfaceError: the SDF does not cross zero anywhere on the grid.
     """
-    grid = np.asarray(sdf_grid)
+    grid = sdf_grid if isinstance(sdf_grid, torch.Tensor) else torch.from_numpy(np.asarray(sdf_grid))
     if grid.ndim != 3 or len(set(grid.shape)) != 1 or grid.shape[0] < 2:
-        raise BadInputError(f"SDF grid has shape {grid.shape}; allowed: a cube [R, R, R] with R ≥ 2")
-    nan_count = int(np.isnan(grid).sum())
+        raise BadInputError(f"SDF grid has shape {tuple(grid.shape)}; allowed: a cube [R, R, R] with R ≥ 2")
+    # float32: the grid's own precision (float64 would double the memory and time for no visible change).
+    grid = grid.to(device=device if device is not None else grid.device, dtype=torch.float32)
+    nan_count = int(torch.isnan(grid).sum())
     if nan_count:
         raise BadInputError(f"SDF grid holds {nan_count} NaN values; allowed: finite values (or ±inf)")
-    # float32: the grid's own precision (float64 would double the memory and time for no visible change).
-    volume = torch.from_numpy(-grid.astype(np.float32, copy=False)).to(device)
-    vertices, faces = marching_cubes(volume, 0.0)
+    vertices, faces = marching_cubes(-grid, 0.0)
     if faces.shape[0] == 0:
         raise EmptySurfaceError(
             f"marching cubes found no surface: the SDF ranges over [{float(grid.min()):.4g}, {float(grid.max()):.4g}] "

@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from server.cameras import PoseFile, ReconstructionCameras, normalise_cameras
 from server.errors import BadInputError
-from server.meshing import Mesh, MeshingConfig, extract_surface, sample_sdf_grid
+from server.meshing import Mesh, MeshingConfig, extract_surface, sample_sdf_volume
 from server.reconstruction.model import ReconstructionModel
 from server.reconstruction.rendering_network import blend_vertex_colors
 
@@ -176,11 +176,11 @@ def reconstruct_mesh(
     volume = sdf_net.conditional_volume(fused, proj)
     lap("volume")
     # 3. SDF on the meshing grid (coarse to fine).
-    grid = sample_sdf_grid(lambda p: sdf_net.sdf(p, volume), meshing, device=device,
-                           progress=(lambda d, t: progress("sdf", d, t)) if progress else None)
+    grid = sample_sdf_volume(lambda p: sdf_net.sdf(p, volume), meshing, device=device,
+                             progress=(lambda d, t: progress("sdf", d, t)) if progress else None)
     lap("sdf")
-    # 4. Marching cubes on −SDF.
-    vertices, faces = extract_surface(grid, device)
+    # 4. Marching cubes on −SDF, where the grid is.
+    vertices, faces = extract_surface(grid)
     lap("marching_cubes")
     # 5. Vertex colours blended from the source views.
     colors = blend_vertex_colors(model.rendering_network_lod0, lambda p: sdf_net.gradient(p, volume), volume, fused,

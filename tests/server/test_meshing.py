@@ -392,3 +392,19 @@ def test_glb_vertex_colours_are_linear_as_gltf_defines_them(tmp_path):
     expected = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
     np.testing.assert_allclose(stored, expected, atol=1e-6)
     assert np.array_equal(load_mesh(path).colors, colors)  # every 8-bit sRGB value survives the round trip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_sampling_and_marching_cubes_on_cuda_give_the_cpu_mesh() -> None:
+    from server.meshing import sample_sdf_volume
+
+    def sdf(p: torch.Tensor) -> torch.Tensor:  # on whichever device the points are
+        return (p - torch.tensor([0.1, -0.05, 0.02], device=p.device)).norm(dim=-1) - 0.55
+
+    on_gpu = sample_sdf_volume(sdf, MeshingConfig(), device="cuda")
+    assert on_gpu.device.type == "cuda"
+    v_gpu, f_gpu = extract_surface(on_gpu)
+    v_cpu, f_cpu = extract_surface(sample_sdf_grid(sdf, MeshingConfig()))
+    np.testing.assert_array_equal(f_gpu, f_cpu)
+    np.testing.assert_allclose(v_gpu, v_cpu, atol=1e-5)
