@@ -71,7 +71,7 @@ def object_seed(seed: int, folder: Path) -> int:
 
 
 def predict_objects(model, folders: Sequence[Path], steps: int, guidance: float, seed: int,
-                    batch: int | None = None) -> None:
+                    batch: int | None = None, unet=None) -> None:
     """Predict and cache the 32 nearby views of every object in ``folders`` (overwriting), their targets batched.
 
     The 8·len(folders) targets, object-major, go through the sampler ``batch`` at a time (None: all at once); call
@@ -83,6 +83,7 @@ def predict_objects(model, folders: Sequence[Path], steps: int, guidance: float,
         folders: the objects' folders.
         steps, guidance, seed: as :func:`predict_object`.
         batch: conditioning images per sampler call (each brings 4 views).
+        unet: what evaluates ε (None: the model; a :class:`server.multiview.graphs.UNetGraphs` replays CUDA graphs).
     """
     from server.multiview.zero123 import generate_views_batch, prepare_stage2_input
 
@@ -104,7 +105,7 @@ def predict_objects(model, folders: Sequence[Path], steps: int, guidance: float,
         chunk = jobs[start: start + batch]
         targets = [prepare_stage2_input(load_target(folder / target_file(k))) for folder, k in chunk]
         views = generate_views_batch(model, targets, [list(NEARBY_DELTAS)] * len(chunk), num_steps=steps,
-                                     guidance=guidance, seed=(base_seed + start) % 2**63)
+                                     guidance=guidance, seed=(base_seed + start) % 2**63, unet=unet)
         for (folder, k), images in zip(chunk, views, strict=True):
             for j in range(NUM_NEARBY):
                 image = Image.fromarray(images[j])
@@ -147,13 +148,18 @@ def run_predict(args: argparse.Namespace) -> int:
             raise BadInputError("give --zero123 DIR (a converted diffusers-format Zero123 folder with unet/, vae/, "
                                 "image_encoder/, cc_projection/), or --tiny / --random-paper for a random model")
         model = load_zero123(args.zero123, device, dtype)
+    unet = None
+    if device.startswith("cuda") and args.cuda_graphs:  # the pipeline's UNet speed-up (#11); one graph per batch
+        from server.multiview.graphs import UNetGraphs
+
+        unet = UNetGraphs(model)
     todo = [f for f in objects if args.overwrite or not (f / PREDICTION_DIR).is_dir()]
     # --batch defaults to the whole group; with one object per group that is the 8 targets, as before.
     batch = args.batch or NUM_TARGETS * args.batch_objects
     start = time.perf_counter()
     for first in range(0, len(todo), args.batch_objects):
         group = todo[first: first + args.batch_objects]
-        predict_objects(model, group, args.steps, args.guidance, args.seed, batch)
+        predict_objects(model, group, args.steps, args.guidance, args.seed, batch, unet)
         log.info("%d/%d %s", first + len(group), len(todo), ", ".join(f.name for f in group))
     seconds = time.perf_counter() - start
     targets = NUM_TARGETS * len(todo)
@@ -186,5 +192,7 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--limit", type=int, default=0, help="at most this many objects (0 = all)")
     p.add_argument("--overwrite", action="store_true", help="recompute objects that already have predictions")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on CUDA, run the UNet eagerly instead of replaying CUDA graphs")
     p.set_defaults(handler=run_predict, func=run_predict)
     return p

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -209,6 +210,29 @@ def test_predict_batches_objects(tmp_path, capsys):
     assert not any(p.name.startswith(".") for p in (root / "000-000").rglob("*"))
     assert args.handler(args) == 0 and "predicted 0 object(s), 3 already cached" in capsys.readouterr().out
     assert (root / "000-000" / "a" / PREDICTION_DIR).is_dir()
+    assert args.cuda_graphs is True  # CUDA graphs on CUDA unless turned off
+    assert parser.parse_args(["predict", "--data", str(root), "--tiny", "--no-cuda-graphs"]).cuda_graphs is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_predict_on_cuda_replays_graphs_with_the_eager_images(tmp_path):
+    from PIL import Image
+
+    from training.predict import PREDICTION_DIR, add_predict_parser
+
+    root = tmp_path / "renders"
+    write_synthetic_object(root / "000-000" / "a", polar=80, size=SIZE, mesh_resolution=8)
+    parser = argparse.ArgumentParser()
+    add_predict_parser(parser.add_subparsers())
+    images = {}
+    for flag in ([], ["--no-cuda-graphs"]):
+        args = parser.parse_args(["predict", "--data", str(root), "--tiny", "--steps", "3", "--device", "cuda",
+                                  "--overwrite", *flag])
+        assert args.handler(args) == 0
+        files = sorted((root / "000-000" / "a" / PREDICTION_DIR).glob("*.png"))
+        images[bool(flag)] = np.stack([np.asarray(Image.open(f)) for f in files]).astype(int)
+    assert images[False].shape[0] == 32 and np.abs(images[False] - images[True]).max() <= 1
 
 
 DDP_SCRIPT = """
