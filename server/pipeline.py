@@ -27,6 +27,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -335,6 +336,23 @@ def _write_png(path: Path, image: np.ndarray) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _png_writer(workers: int = 2) -> Iterator[Callable[[Path, np.ndarray], None]]:
+    """``write(path, image)`` that encodes the PNG on a worker thread (zlib lets go of the GIL), so the 28 nearby
+    views of stage 2b are written while the reconstruction runs. Leaving the block waits for every file, also when
+    the block fails (the views are kept), and raises the first write error."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="one2345-png") as pool:
+        pending = []
+        try:
+            yield lambda path, image: pending.append(pool.submit(_write_png, path, image))
+        except BaseException:
+            for future in pending:
+                future.exception()  # wait for it; the block's own error is the one to raise
+            raise
+        for future in pending:
+            future.result()
+
+
 class One2345Pipeline:
     """Image → mesh. Construct with :meth:`from_preset`; call once per image (models stay loaded)."""
 
@@ -590,15 +608,17 @@ class One2345Pipeline:
         conds = [prepare_stage2_input(read_rgb(views_dir / f"{k}.png")) for k in others]
         nearby = self._views("stage2b", conds, [list(cfg.stage2_deltas)] * 7, options.steps_stage2, seed + 3, options,
                              tracker)
-        for i, views in zip(others, nearby, strict=True):
-            for j, view in enumerate(views):
-                _write_png(views_dir / f"{i}_{j}.png", view)
-        PoseFile.for_polar(polar).write(views_dir / "pose.json")
-        tracker.lap("stage2b")
+        arrays = {f"{i}_{j}.png": view for i, views in zip(others, nearby, strict=True) for j, view in enumerate(views)}
+        with _png_writer() as write:
+            for name, view in arrays.items():
+                write(views_dir / name, view)
+            PoseFile.for_polar(polar).write(views_dir / "pose.json")
+            tracker.lap("stage2b")
 
-        # 7. Reconstruction (cost volume → SDF → marching cubes → vertex colours, spec §5), the asset stage when asked
-        #    (clean-up, polygon budget, UV texture) and the mesh files: server.remesh, shared with re-meshing.
-        outcome = self._mesh(views_dir, [run_dir / f"mesh.{options.format}", *outputs], options, tracker)
+            # 7. Reconstruction (cost volume → SDF → marching cubes → vertex colours, spec §5), the asset stage when
+            #    asked (clean-up, polygon budget, UV texture) and the mesh files: server.remesh, shared with
+            #    re-meshing. It takes the new views from memory while their PNGs are still being written.
+            outcome = self._mesh(views_dir, [run_dir / f"mesh.{options.format}", *outputs], options, tracker, arrays)
 
         # 8. The run's record, with the recipe that repeats it (Regenerate) or varies it (a new seed).
         estimate = record.estimate
@@ -653,7 +673,7 @@ class One2345Pipeline:
         return self._finish_run(run_dir, meta, outcome, tracker)
 
     def _mesh(self, views_dir: Path, outputs: Sequence[Path], options: GenerateOptions,
-              tracker: _Tracker) -> MeshOutcome:
+              tracker: _Tracker, arrays: dict[str, np.ndarray] | None = None) -> MeshOutcome:
         """Stage 7 for a run or a re-mesh, with its progress: reconstruct, then (timed apart) the asset stage."""
         def on_reconstruct(stage: str, done: int, total: int) -> None:
             # Sub-stages report their own done/total; the run's progress weighs them by their typical cost.
@@ -667,7 +687,7 @@ class One2345Pipeline:
 
         settings = replace(options.mesh_settings, meshing=self.meshing)
         with resident(self.models.reconstruction, self.device, self.low_vram) as model:
-            outcome = mesh_views(model, views_dir, outputs, settings, self.device, on_reconstruct, on_asset)
+            outcome = mesh_views(model, views_dir, outputs, settings, self.device, on_reconstruct, on_asset, arrays)
         tracker.lap("asset" if options.mesh_settings.asset else "reconstruct")
         return outcome
 

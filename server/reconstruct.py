@@ -97,8 +97,15 @@ class ViewSet:
     cameras: ReconstructionCameras
 
 
-def load_views(views_dir: str | Path) -> ViewSet:
-    """Read and check ``pose.json`` and the 32 nearby views of a folder."""
+def load_views(views_dir: str | Path, arrays: dict[str, np.ndarray] | None = None) -> ViewSet:
+    """Read and check ``pose.json`` and the 32 nearby views of a folder.
+
+    Args:
+        views_dir: the folder.
+        arrays: views already in memory, by file name (e.g. ``"3_1.png"``: [H, W, 3] uint8, exactly what is being
+            written there); those files need not exist yet. The pipeline passes the views it is still writing.
+    """
+    arrays = arrays or {}
     views_dir = Path(views_dir)
     if not views_dir.is_dir():
         raise BadInputError(f"views folder {views_dir} does not exist or is not a folder")
@@ -112,11 +119,11 @@ def load_views(views_dir: str | Path) -> ViewSet:
         raise BadInputError(f"{pose_path} lists {len(ids)} nearby views (<i>_<j>.png), the reconstruction needs "
                             f"exactly {NUM_SOURCE_VIEWS}: {ids[:8]}{'…' if len(ids) > 8 else ''}")
     poses.require([REFERENCE_ID])
-    missing = [i for i in ids if not (views_dir / i).is_file()]
+    missing = [i for i in ids if i not in arrays and not (views_dir / i).is_file()]
     if missing:
         raise BadInputError(f"{views_dir} lacks {len(missing)} of the images pose.json lists: {missing[:8]}")
-    arrays = [read_rgb(views_dir / i) for i in ids]
-    sizes = sorted({a.shape[:2] for a in arrays})
+    images = [arrays[i] if i in arrays else read_rgb(views_dir / i) for i in ids]
+    sizes = sorted({a.shape[:2] for a in images})
     if len(sizes) > 1:
         raise BadInputError(f"the views in {views_dir} have different sizes {[(w, h) for h, w in sizes]}; all must "
                             "share one size")
@@ -128,8 +135,8 @@ def load_views(views_dir: str | Path) -> ViewSet:
         raise BadInputError(f"pose.json's principal point ({cx:g}, {cy:g}) does not fit {width}×{height} images "
                             f"(expected about ({width / 2:g}, {height / 2:g})); were the images resized?")
     cameras = normalise_cameras(poses, ids, REFERENCE_ID, (height, width))
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
-    return ViewSet(ids=ids, images=images, cameras=cameras)
+    tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    return ViewSet(ids=ids, images=tensor, cameras=cameras)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from server.asset import AssetConfig, build_asset, clean_mesh, decimate, export_textured_mesh, load_bake_views
@@ -88,6 +89,7 @@ def mesh_views(
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
     on_asset: Callable[[], None] | None = None,
+    arrays: dict[str, np.ndarray] | None = None,
 ) -> MeshOutcome:
     """A views folder → mesh file(s), written at every path of ``outputs`` (the format from each suffix).
 
@@ -99,6 +101,7 @@ def mesh_views(
         device: where the network runs.
         progress: ``progress(stage, done, total)`` of the reconstruction's sub-stages.
         on_asset: called once as the asset stage starts (after the reconstruction), e.g. to report progress.
+        arrays: nearby views already in memory, by file name (see :func:`server.reconstruct.load_views`).
 
     Returns:
         The files of the first output, the final counts, timings and the asset record.
@@ -112,8 +115,8 @@ def mesh_views(
         settings.check(Path(out).suffix)
 
     # 1. Reconstruction: cost volume → SDF → marching cubes → vertex colours (spec §5).
-    out = reconstruct_mesh(model, load_views(views_dir), replace(settings.meshing, resolution=settings.resolution),
-                           device, progress)
+    meshing = replace(settings.meshing, resolution=settings.resolution)
+    out = reconstruct_mesh(model, load_views(views_dir, arrays), meshing, device, progress)
     timings = {f"reconstruct.{k}": v for k, v in out.timings.items()}
     mesh, textured, asset = out.mesh, None, None
 

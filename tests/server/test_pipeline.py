@@ -206,3 +206,19 @@ def test_cli_generate_argument_errors(photo, tmp_path, capsys):
     assert "missing.png' does not exist" in capsys.readouterr().err
     assert main(["generate", str(photo), "-o", str(tmp_path / "a.fbx"), "--preset", "tiny"]) == 2
     assert "must end in .ply, .glb or .obj" in capsys.readouterr().err
+
+
+def test_png_writer_finishes_every_file_even_when_the_block_fails(tmp_path):
+    from server.pipeline import _png_writer
+    from server.reconstruct import read_rgb
+
+    views = {f"{i}.png": np.full((16, 16, 3), 10 * i, np.uint8) for i in range(6)}
+    with pytest.raises(CancelledError, match="cancelled while meshing"), _png_writer() as write:
+        for name, view in views.items():
+            write(tmp_path / name, view)
+        raise CancelledError("cancelled while meshing")
+    for name, view in views.items():  # every view written in full (nothing made is lost), no temporary left
+        np.testing.assert_array_equal(read_rgb(tmp_path / name), view)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(views)
+    with pytest.raises(FileNotFoundError), _png_writer() as write:  # a write that fails is not swallowed
+        write(tmp_path / "missing" / "0.png", views["0.png"])
