@@ -8,7 +8,7 @@ would fail on a GPU. The real capture runs in the GPU test at the end.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -26,24 +26,7 @@ def emulated_capture(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None]
     return (lambda: output.copy_(fn())), output
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model() -> Zero123Model:
-    return tiny_zero123(seed=0)
-
-
-@pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    img = np.full((256, 256, 3), 255, dtype=np.uint8)
-    img[64:192, 80:176] = (200, 40, 90)
-    return img
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def inputs(model: Zero123Model, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import kornia
@@ -29,7 +28,6 @@ from server.multiview.zero123 import (
     prepare_stage2_input,
     save_zero123,
     stage1b_deltas,
-    tiny_zero123,
     with_unconditional,
 )
 
@@ -38,27 +36,7 @@ CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
 FOUR_VIEWS = [(0.0, 0.0), (0.0, 90.0), (0.0, 180.0), (0.0, 270.0)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tiny model is latency-bound; on a shared 2-core machine one intra-op thread is several times faster and far
-    steadier than two threads spinning against other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model() -> Zero123Model:
-    return tiny_zero123(seed=0)
-
-
-@pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    """A white canvas with a coloured square, like a preprocessed input."""
-    img = np.full((256, 256, 3), 255, dtype=np.uint8)
-    img[64:192, 80:176] = (200, 40, 90)
-    return img
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
