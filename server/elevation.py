@@ -1066,9 +1066,13 @@ class ElevationEstimator:
 
     1. All matchers' matches pooled into one robust fit (:func:`estimate_elevation`); if it is uncertain, the same
        matches are fitted again with a 2D shift per view (``retry_shift_px``). Confident → done.
-    2. Otherwise each matcher alone, in the given order; the first confident fit is used. A matcher with too few
-       matches of its own is skipped when the pooled fit had matches: its fit would be the silhouettes' alone,
-       which on generated views can be confidently wrong, and it would overrule the matches that doubt it.
+    2. Otherwise each matcher alone, in the given order; the first confident fit is used. A matcher with fewer
+       matches of its own than ``min_inliers`` is skipped when the pooled fit had matches: its fit would rest on
+       the silhouettes (each tangency weighs ``silhouette_weight`` matches), which on generated views can be
+       confidently wrong, and it would overrule the matches that doubt it (SIFT with 9 matches on a flat object:
+       confidence 0.81, 11° off). A matcher whose fit lies more than ``agreement_deg`` from the pooled fit's is
+       skipped too: alone it may only settle where all the evidence points, not overrule the rest of it (SIFT's
+       43 matches on a degraded textured object said 111, flow's 1223 and the pooled fit 101–103, the truth 100).
     3. Otherwise the most confident of those fits, flagged ``uncertain``: it is still the best guess there is (on
        degraded renders most flagged fits are within a few degrees), and the UI asks for the elevation by hand.
     4. No fit at all (no matches: a textureless or symmetric object): the reference's fallback, polar 90
@@ -1092,7 +1096,7 @@ class ElevationEstimator:
     def __call__(self, images: Sequence[np.ndarray]) -> ElevationResult:
         _check_images(images)
         attempts = [self.matchers] + ([[m] for m in self.matchers] if len(self.matchers) > 1 else [])
-        tried, best, pooled_fitted = [], None, 0
+        tried, best, pooled = [], None, None
         for n, matchers in enumerate(attempts):
             try:
                 result = estimate_elevation(images, matchers, self.config)
@@ -1100,10 +1104,15 @@ class ElevationEstimator:
                 tried.append(e.message)
                 continue
             if n == 0:
-                pooled_fitted = result.fitted
-            elif result.fitted == 0 and pooled_fitted > 0:
-                tried.append(f"{result.matcher}: too few matches of its own (a silhouettes-only fit is not used "
-                             f"over the pooled matches)")
+                pooled = result
+            elif pooled is not None and pooled.fitted > 0 and result.fitted < self.config.min_inliers:
+                tried.append(f"{result.matcher}: too few matches of its own ({result.fitted} < "
+                             f"{self.config.min_inliers}; a fit resting on the silhouettes is not used over the "
+                             f"pooled matches)")
+                continue
+            elif pooled is not None and abs(result.polar - pooled.polar) > self.config.agreement_deg:
+                tried.append(f"{result.matcher}: polar {result.polar} is more than {self.config.agreement_deg:g}° "
+                             f"from the pooled fit's {pooled.polar} (one matcher does not overrule the rest)")
                 continue
             tried.append(result.note)
             if not result.uncertain:

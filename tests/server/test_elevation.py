@@ -540,6 +540,22 @@ def test_low_confidence_tries_each_matcher_then_keeps_the_best_guess_flagged():
     assert nothing.to_json()["elevation"] == 0 and "no fit was possible" in nothing.note
 
 
+def test_one_matcher_does_not_overrule_the_pooled_fit_from_elsewhere():
+    rng = np.random.default_rng(11)
+    good = FixedMatcher("good", synthetic_matches(70, rng))
+    liar = FixedMatcher("liar", synthetic_matches(100, np.random.default_rng(5), n_points=60))  # consistent, wrong
+    noise = FixedMatcher("noise", {p: np.c_[rng.uniform(40, 216, (3000, 4)), np.ones(3000)] for p in PAIRS})
+    images = oracle_images()
+    images = [np.where(im == 250, 120 + 10 * n, im).astype(np.uint8) for n, im in enumerate(images)]
+    for n, im in enumerate(images):
+        im[128, 128] = 100 + 10 * n
+    alone = estimate_elevation(images, [liar])
+    assert (alone.polar, alone.uncertain) == (100, False)  # sure of itself, 30° off
+    result = ElevationEstimator([noise, liar, good])(images)  # the pooled fit is uncertain, near 70
+    assert (result.polar, result.matcher, result.uncertain) == (70, "good", False), result
+    assert "liar: polar 100 is more than 5° from the pooled fit's" in result.note
+
+
 def test_textureless_views_fall_back_flagged():
     blank = [np.full((SIZE, SIZE, 3), 180, np.uint8) for _ in range(4)]
     result = ElevationEstimator([FlowMatcher(), SiftMatcher()])(blank)
@@ -656,14 +672,17 @@ def test_matches_and_silhouettes_that_disagree_are_flagged():
     assert both.uncertain and both.confidence <= 0.5 * agreeing.confidence, both
 
 
-def test_a_matcher_without_matches_of_its_own_does_not_overrule_the_pooled_fit():
+@pytest.mark.parametrize("own", [0, 8])  # 8 per pair: two pairs take part, 16 matches < min_inliers (24)
+def test_a_matcher_without_matches_of_its_own_does_not_overrule_the_pooled_fit(own):
     masks = ellipsoid_masks(100, axes=(0.45, 0.40, 0.36))  # holds the matched points (a ball of radius 0.35)
     images = [np.where(m[..., None], np.uint8(100 + 10 * n), np.uint8(255)).repeat(3, axis=2)
               for n, m in enumerate(masks)]
-    good = FixedMatcher("good", synthetic_matches(70, np.random.default_rng(3), n_points=150))
-    empty = FixedMatcher("empty", {})
-    silhouettes = estimate_elevation(images, [empty])
-    assert silhouettes.fitted == 0 and not silhouettes.uncertain and silhouettes.polar > 95  # sure, and 30° off
-    result = ElevationEstimator([good, empty])(images)
-    assert result.uncertain and abs(result.polar - 70) <= 3 and result.matcher == "good+empty", result
-    assert "empty: too few matches of its own" in result.note
+    truth = synthetic_matches(70, np.random.default_rng(3), n_points=150)
+    good = FixedMatcher("good", truth)
+    wrong = synthetic_matches(100, np.random.default_rng(4))  # a few matches that side with the silhouettes
+    sparse = FixedMatcher("sparse", {p: wrong[p][:own] for p in [(0, 2), (1, 3)]} if own else {})
+    silhouettes = estimate_elevation(images, [sparse])
+    assert silhouettes.fitted == 2 * own and not silhouettes.uncertain and silhouettes.polar > 95  # sure, 30° off
+    result = ElevationEstimator([good, sparse])(images)
+    assert result.uncertain and abs(result.polar - 70) <= 3 and result.matcher == "good+sparse", result
+    assert f"sparse: too few matches of its own ({2 * own} < 24" in result.note
