@@ -76,7 +76,8 @@ def marching_cubes(volume: torch.Tensor, level: float = 0.0) -> tuple[torch.Tens
     """``mcubes.marching_cubes(volume, level)`` in torch, on the volume's device, visiting only cells that cross.
 
     Args:
-        volume: [X, Y, Z] float values on the grid (each side ≥ 2), any device; NaNs are not allowed.
+        volume: [X, Y, Z] float values on the grid (each side ≥ 2), any device. A NaN corner counts as above the
+            level, as in PyMCubes (:func:`server.meshing.extract_surface` refuses grids with NaNs).
         level: the iso level (rounded to float32, as PyMCubes does).
 
     Returns:
@@ -95,8 +96,9 @@ def marching_cubes(volume: torch.Tensor, level: float = 0.0) -> tuple[torch.Tens
     edge_mask = torch.from_numpy(edge_mask_np).to(device)
     triangles = torch.from_numpy(triangles_np).to(device)
 
-    # 1. The case of every cell (bit m: corner m at or below the level), and the cells that cross it, in C order.
     level = float(np.float32(level))  # fact 4
+
+    # 1. The case of every cell (bit m: corner m at or below the level), and the cells that cross it, in C order.
     # A float32 level is exact in float32 and float64 volumes, so comparing in their own dtype gives float64's
     # answer without a float64 copy of the grid.
     exact = volume.dtype in (torch.float32, torch.float64)
