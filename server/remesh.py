@@ -101,7 +101,8 @@ def mesh_views(
         device: where the network runs.
         progress: ``progress(stage, done, total)`` of the reconstruction's sub-stages.
         on_asset: called once as the asset stage starts (after the reconstruction), e.g. to report progress.
-        arrays: nearby views already in memory, by file name (see :func:`server.reconstruct.load_views`).
+        arrays: nearby views already in memory, by file name (see :func:`server.reconstruct.load_views`); the
+            reconstruction and the bake use them instead of the files.
 
     Returns:
         The files of the first output, the final counts, timings and the asset record.
@@ -127,7 +128,7 @@ def mesh_views(
         raw_faces = len(mesh.faces)
         if settings.texture_size is not None:
             config = AssetConfig(target_faces=settings.target_faces, texture_size=settings.texture_size)
-            textured = build_asset(mesh, load_bake_views(views_dir), config)
+            textured = build_asset(mesh, load_bake_views(views_dir, arrays), config)
             report = textured.report
             timings.update({f"asset.{k}": v for k, v in report.timings.items()})
             faces, vertices = len(textured.faces), len(textured.vertices)

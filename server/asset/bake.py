@@ -118,11 +118,13 @@ class BakeViews:
         return cls(tuple(views.ids), tuple(images), np.asarray(cams.intrinsics, dtype=np.float64), w2c)
 
 
-def load_bake_views(views_dir: str | os.PathLike[str]) -> BakeViews:
+def load_bake_views(views_dir: str | os.PathLike[str], arrays: dict[str, np.ndarray] | None = None) -> BakeViews:
     """Every posed view of a run's ``views/`` folder: the 32 nearby views and the stage-1 views that are present.
 
     Reads ``pose.json`` and each image id it lists that names a file of the pipeline's layout (``<i>.png``,
-    ``<i>_<j>.png``) present in the folder; other ids are ignored (never a path outside the folder).
+    ``<i>_<j>.png``) present in the folder; other ids are ignored (never a path outside the folder). ``arrays``
+    holds views already in memory by file name (the pipeline's, while their PNGs are still being written): they
+    count as present and are not read.
 
     Raises:
         BadInputError: no folder, no or a broken pose.json, no posed image present, or an unreadable image.
@@ -133,11 +135,12 @@ def load_bake_views(views_dir: str | os.PathLike[str]) -> BakeViews:
     if not folder.is_dir():
         raise BadInputError(f"views folder {folder} does not exist or is not a folder")
     poses = PoseFile.read(folder / "pose.json")
-    ids = [i for i in poses.c2ws if _VIEW_FILE.match(i) and (folder / i).is_file()]
+    arrays = arrays or {}
+    ids = [i for i in poses.c2ws if _VIEW_FILE.match(i) and (i in arrays or (folder / i).is_file())]
     if not ids:
         raise BadInputError(f"{folder} holds none of the {len(poses.c2ws)} images pose.json lists "
                             f"({', '.join(list(poses.c2ws)[:4])}…); allowed: a views folder of `one2345 generate`")
-    return BakeViews.from_pose_file(poses, {i: read_rgb(folder / i) for i in ids})
+    return BakeViews.from_pose_file(poses, {i: arrays[i] if i in arrays else read_rgb(folder / i) for i in ids})
 
 
 # ----------------------------------------------------------------------------------------------------------------------

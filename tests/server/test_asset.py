@@ -8,12 +8,14 @@ true colour of a surface point is an analytic function of its sphere normal, so 
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import trimesh
 from PIL import Image
 
@@ -38,7 +40,7 @@ from server.asset import (
 from server.cameras import PoseFile
 from server.errors import BadInputError
 from server.meshing import Mesh, extract_surface, load_mesh
-from server.reconstruct import load_views
+from server.reconstruct import load_views, read_rgb
 
 TEXTURE = 256
 
@@ -330,6 +332,21 @@ def test_load_bake_views_uses_every_posed_view_and_agrees_with_view_set(views_di
     assert np.allclose(from_set.w2c, views.w2c[index], atol=1e-9)
     assert np.allclose(from_set.intrinsics, views.intrinsics[index])
     assert all(np.array_equal(a, views.images[i]) for a, i in zip(from_set.images, index, strict=True))
+
+
+def test_views_in_memory_stand_for_files_not_written_yet(views_dir: Path, tmp_path: Path) -> None:
+    # The pipeline bakes while stage 2b's PNGs are still being written: those views come from memory.
+    partial = tmp_path / "views"
+    shutil.copytree(views_dir, partial)
+    arrays = {f"{i}_{j}.png": read_rgb(views_dir / f"{i}_{j}.png") for i in range(1, 8) for j in range(4)}
+    for name in arrays:
+        (partial / name).unlink()
+    every = load_bake_views(views_dir)
+    views = load_bake_views(partial, arrays)
+    assert views.ids == every.ids and all(np.array_equal(a, b) for a, b in zip(views.images, every.images, strict=True))
+    assert len(load_bake_views(partial).ids) == 40 - len(arrays)  # without them, only what is on disk
+    loaded = load_views(partial, arrays)
+    assert torch.equal(loaded.images, load_views(views_dir).images)
 
 
 def test_bake_reproduces_true_colours(baked: TexturedMesh) -> None:
