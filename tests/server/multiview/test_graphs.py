@@ -20,13 +20,12 @@ from server.multiview.zero123 import Zero123Model, generate_views_batch, tiny_ze
 
 FOUR_VIEWS = [(0.0, 0.0), (0.0, 90.0), (0.0, 180.0), (0.0, 270.0)]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def emulated_capture(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
     output = fn()
     return (lambda: output.copy_(fn())), output
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def inputs(model: Zero123Model, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
