@@ -112,10 +112,11 @@ def marching_cubes(volume: torch.Tensor, level: float = 0.0) -> tuple[torch.Tens
         return (torch.zeros((0, 3), dtype=torch.float64, device=device),
                 torch.zeros((0, 3), dtype=torch.long, device=device))
 
+    corners = torch.tensor(_CORNERS, device=device)  # [8, 3]
+    start, end, axis = (torch.tensor([row[c] for row in _EDGES], device=device) for c in range(3))  # [12] each
+
     def edge_key(cell: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """A grid edge's id: 3 × (flat index of its lower grid point) + axis. cell: [..., 3], e: [...] local edges."""
-        start, end, axis = (torch.tensor([row[c] for row in _EDGES], device=device) for c in range(3))
-        corners = torch.tensor(_CORNERS, device=device)
         lower = cell + torch.minimum(corners[start[e]], corners[end[e]])
         return ((lower[..., 0] * ny + lower[..., 1]) * nz + lower[..., 2]) * 3 + axis[e]
 
@@ -129,8 +130,10 @@ def marching_cubes(volume: torch.Tensor, level: float = 0.0) -> tuple[torch.Tens
     create = (owned & crossing)[:, order]  # [N, 12] in creation order
     vertex_cell, rank = torch.nonzero(create, as_tuple=True)  # row-major: cell order, then creation order
     vertex_edge = order[rank]
-    keys = edge_key(cells[vertex_cell], vertex_edge)
-    vertices = _interpolate(volume, cells[vertex_cell], vertex_edge, level)
+    owner = cells[vertex_cell]
+    keys = edge_key(owner, vertex_edge)
+    vertices = _interpolate(volume, owner + corners[start[vertex_edge]], owner + corners[end[vertex_edge]],
+                            axis[vertex_edge], level)
 
     # 3. Faces: each crossing cell's triangles from the case table, in cell order, as vertex indices.
     table = triangles[cell_case]  # [N, 15]
@@ -142,15 +145,10 @@ def marching_cubes(volume: torch.Tensor, level: float = 0.0) -> tuple[torch.Tens
     return vertices, faces
 
 
-def _interpolate(values: torch.Tensor, cells: torch.Tensor, edges: torch.Tensor, level: float) -> torch.Tensor:
-    """Vertex positions on local edges ``edges`` [V] of cells ``cells`` [V, 3]: PyMCubes' formula, in float64."""
-    device = values.device
-    corners = torch.tensor(_CORNERS, device=device)
-    start = torch.tensor([row[0] for row in _EDGES], device=device)[edges]
-    end = torch.tensor([row[1] for row in _EDGES], device=device)[edges]
-    axis = torch.tensor([row[2] for row in _EDGES], device=device)[edges]
-    a = cells + corners[start]
-    b = cells + corners[end]
+def _interpolate(values: torch.Tensor, a: torch.Tensor, b: torch.Tensor, axis: torch.Tensor,
+                 level: float) -> torch.Tensor:
+    """Vertex positions on the edges from grid points ``a`` to ``b`` [V, 3] along ``axis`` [V]: PyMCubes' formula
+    (interpolated from ``a``, its start), in float64."""
     f_a = values[a[:, 0], a[:, 1], a[:, 2]].to(torch.float64)
     f_b = values[b[:, 0], b[:, 1], b[:, 2]].to(torch.float64)
     a_axis = a.gather(1, axis[:, None])[:, 0].to(torch.float64)

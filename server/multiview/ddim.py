@@ -194,7 +194,7 @@ def predraw_noise(
         {step index: [B, C, H, W] float32 noise on x's device} for the steps with σ > 0.
     """
     steps = [i for i, (t, t_prev) in enumerate(pairs)
-             if 0.0 <= eta <= 1.0 and ddim_sigma(float(alphas_cumprod[t]), float(alphas_cumprod[t_prev]), eta) > 0.0]
+             if ddim_sigma(float(alphas_cumprod[t]), float(alphas_cumprod[t_prev]), eta) > 0.0]
     if not steps:
         return {}
     drawn = torch.stack([torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
