@@ -9,7 +9,8 @@ Layout: a matcher contract (:class:`Matcher`, :class:`Matches`) with two weight-
 dense DIS optical flow with a forward–backward check (:class:`FlowMatcher`; the views are only 10° apart, which is
 what flow is good at) — and the reference's LoFTR; two pure, image-free searches: the reference's
 (:func:`estimate_polar_from_matches`, kept for parity) and the robust fit the product uses (:func:`fit_polar`); and
-the image-level entry points: :func:`estimate_elevation` (one set of matchers, one fit) and
+the image-level entry points: :func:`match_views` (each matcher once over the views, and the silhouettes),
+:func:`fit_views` (one fit of some of those matches), :func:`estimate_elevation` (both, for one set of matchers) and
 :class:`ElevationEstimator` (the documented rule for low confidence). The core needs only numpy and OpenCV; torch
 and kornia are imported by :class:`LoFTRMatcher` alone.
 
@@ -26,7 +27,8 @@ confidence can say how distinct the minimum is, how many matches support it and 
 Silhouettes. Texture-poor objects give few matches, so each pair's two epipolar tangencies of the silhouettes
 (:func:`frontier_points`) join the fit as two heavily weighted matches per candidate. On 30 clean 256² renders they
 alone gave a median error of 0.5° (max 5°); pooled with the matches they let a flat-shaded object be estimated
-instead of falling back to polar 90.
+instead of falling back to polar 90. The outline is taken at the half-way level of the object's edge
+(:func:`half_level_mask`), where blur leaves it, not at a near-white threshold, which a blurred view moves outwards.
 
 Pixel frame: every keypoint in this module is (x, y) in the *continuous* frame in which the image spans [0, W]×[0, H]
 and the centre of pixel (row i, column j) is (j + 0.5, i + 0.5). It is the frame of the intrinsics (principal point
@@ -539,7 +541,8 @@ def estimate_polar_from_matches(
 
 @dataclass(frozen=True)
 class RobustFitConfig:
-    """:func:`fit_polar`'s search, loss and confidence rule, and which matches :func:`estimate_elevation` gives it.
+    """:func:`fit_polar`'s search, loss and confidence rule, and which matches and outlines :func:`match_views`
+    gives it.
     Pixel values are at 256² and scale with the image."""
 
     polar_min: int = 20
@@ -590,6 +593,9 @@ class RobustFitConfig:
     """Matches closer than this to the silhouette's edge (in either view) are dropped: there the matchers see the
     occluding contour, which slides over the surface as the view turns, not a point fixed on it. On a flat-coloured
     object dense flow finds only such matches (all within 3.6 px of the edge), each a little wrong."""
+    outline_window_px: float = 4.0
+    """The silhouette's edge is where a pixel is half as dark as the darkest pixel within this distance
+    (:func:`half_level_mask`): the mid-level of a blurred edge, which blur does not move."""
     silhouette_weight: float = 20.0
     """Weight of each of a pair's two epipolar tangencies of the silhouettes (:func:`frontier_points`), in matches.
     They make the fit work on objects without texture; 0 fits matches alone."""
@@ -687,6 +693,21 @@ def sampson_distances(F: np.ndarray, matches: np.ndarray) -> np.ndarray:
 # graze the object at the same surface point (a frontier point). The two outermost epipolar lines of each view are
 # therefore a correspondence that needs no texture at all (epipolar tangency; Wong & Cipolla, "Structure and motion
 # from silhouettes", 2001), and the fit scores them as two extra matches per pair under every candidate.
+
+
+def half_level_mask(image: np.ndarray, window_px: float = 4.0) -> np.ndarray:
+    """[H, W] bool: the object of an [H, W, 3] uint8 view on white, up to the mid-level of its edge.
+
+    A blurred edge spreads the object into the background. :func:`foreground_mask`'s near-white threshold then lies
+    about 1.4 σ of the blur outside the true edge (a mid-grey object), which for the degraded 64² views upsampled to
+    256² is 2–7 px and different in every view. Here a foreground pixel also has to be at least half as dark
+    (255 − its darkest channel) as the darkest pixel within ``window_px`` (a square window): the edge's half-way
+    level, where a symmetric blur leaves it. A small window keeps a light part of the object beside a dark one.
+    """
+    darkness = 255.0 - image.min(axis=-1).astype(np.float32)
+    side = 2 * max(1, round(window_px)) + 1
+    local = cv2.dilate(darkness, np.ones((side, side), np.uint8))
+    return foreground_mask(image) & (darkness > 0.5 * local)
 
 
 def silhouette_outline(mask: np.ndarray, min_share: float = 0.02) -> np.ndarray:
@@ -927,7 +948,7 @@ def fit_polar(
 
 @dataclass(frozen=True)
 class ElevationResult:
-    """Outcome of :func:`estimate_elevation` and :class:`ElevationEstimator`."""
+    """Outcome of :func:`fit_views`, :func:`estimate_elevation` and :class:`ElevationEstimator`."""
 
     polar: int
     """Polar angle of the input view, integer degrees (0 = top view, 90 = horizon)."""
@@ -997,6 +1018,95 @@ tolerances are those of Zero123's 256² output; on 100 rendered 64² objects eac
 error from 5–6° to 2° and the confident misses over 10° from 6 (flat colours) and 3 (textured) to none."""
 
 
+@dataclass(frozen=True)
+class ViewMatches:
+    """What :func:`match_views` found in the four views: each matcher's matches and the silhouettes. Fitting any
+    subset of the matchers (:func:`fit_views`) needs no new matching."""
+
+    size: int
+    """Side of the images the matches are in (the views, upsampled to :data:`MATCH_SIZE` when smaller), pixels."""
+    names: list[str]
+    """The matchers' names, in the order given."""
+    matches: list[dict[tuple[int, int], np.ndarray]]
+    """Per matcher, {(i, j): [M, 5] (x0, y0, x1, y1, conf)} for the pairs it was given: both ends on the object and
+    more than ``contour_px`` inside it."""
+    outlines: list[np.ndarray]
+    """The four views' silhouette outlines (:func:`silhouette_outline` of :func:`half_level_mask`)."""
+
+    def pooled(self, which: Sequence[int]) -> dict[tuple[int, int], np.ndarray]:
+        """{(i, j): [M, 5]} for all six pairs: the matches of matchers ``which``, concatenated in that order."""
+        return {p: np.concatenate([np.zeros((0, 5))] + [self.matches[k][p] for k in which if p in self.matches[k]])
+                for p in PAIRS}
+
+
+def match_views(images: Sequence[np.ndarray], matchers: Sequence[Matcher],
+                config: RobustFitConfig | None = None) -> ViewMatches:
+    """Run each matcher once on the pairs it takes of the four nearby views, and outline the silhouettes.
+
+    Args:
+        images: 4 × [S, S, 3] uint8 RGB on a white background, in the order (polar −10), (polar +10),
+            (azimuth −10), (azimuth +10) — the stage-2 images ``0_0 … 0_3`` of view 0.
+        matchers: the matchers to run.
+        config: gives ``contour_px``, the margin inside the silhouette a match needs.
+
+    Raises:
+        BadInputError: not exactly four RGB uint8 images of one square size.
+    """
+    _check_images(images)
+    config = config or RobustFitConfig()
+    if images[0].shape[0] < MATCH_SIZE:
+        images = [cv2.resize(image, (MATCH_SIZE, MATCH_SIZE), interpolation=cv2.INTER_CUBIC) for image in images]
+    size = images[0].shape[0]
+    grays = [cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) for image in images]
+    masks = [foreground_mask(image) for image in images]
+    # Matches are kept where both ends lie inside their object by more than contour_px (the distance transform
+    # counts the pixel next to the background as 1).
+    inner = [cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5) > config.contour_px * size / 256.0
+             for mask in masks]
+    found_by = []
+    for m in matchers:
+        found_by.append({})
+        for i, j in getattr(m, "pairs", PAIRS):
+            found = m(grays[i], grays[j])
+            # Both ends are tested at their own coordinates. The reference indexes image i's mask with image j's x
+            # coordinate (mask0[y0, x1]); that bug is deliberately not reproduced.
+            keep = _keep_foreground(inner[i], found.kpts0) & _keep_foreground(inner[j], found.kpts1)
+            found_by[-1][(i, j)] = np.concatenate([found.kpts0[keep], found.kpts1[keep], found.confidence[keep, None]],
+                                                  axis=1)
+    window = config.outline_window_px * size / 256.0
+    outlines = [silhouette_outline(half_level_mask(image, window)) for image in images]
+    return ViewMatches(size, [m.name for m in matchers], found_by, outlines)
+
+
+def fit_views(views: ViewMatches, which: Sequence[int] | None = None,
+              config: RobustFitConfig | None = None) -> ElevationResult:
+    """One robust fit of the pooled matches of matchers ``which`` (default: all) with the silhouettes, and when it is
+    uncertain one retry that fits each view's small shift too (``retry_shift_px``); no fallback.
+
+    Raises:
+        BadInputError: too few matches and outlines for a fit (see :func:`fit_polar`).
+    """
+    which = range(len(views.names)) if which is None else which
+    config = config or RobustFitConfig()
+    name = "+".join(views.names[k] for k in which)
+    matches = views.pooled(which)
+    size, focal = views.size, 280.0 * views.size / 256.0
+    try:
+        fit = fit_polar(matches, image_size=size, focal=focal, config=config, outlines=views.outlines)
+    except BadInputError as e:
+        raise BadInputError(f"matcher {name!r}: {e.message}") from None
+    note = f"{name}: polar {fit.polar}, confidence {fit.confidence:.2f}"
+    if fit.uncertain and config.retry_shift_px > 0 and config.shift_px == 0:
+        shifted = fit_polar(matches, image_size=size, focal=focal,
+                            config=replace(config, shift_px=config.retry_shift_px), outlines=views.outlines)
+        note += f"; with view shifts: polar {shifted.polar}, confidence {shifted.confidence:.2f}"
+        if not shifted.uncertain:
+            fit = shifted
+    counts = {pair: len(m) for pair, m in matches.items()}
+    return ElevationResult(fit.polar, name, counts, confidence=fit.confidence, uncertain=fit.uncertain,
+                           inliers=fit.inliers, fitted=fit.matches, note=note)
+
+
 def estimate_elevation(
     images: Sequence[np.ndarray],
     matcher: Matcher | Sequence[Matcher],
@@ -1017,54 +1127,18 @@ def estimate_elevation(
     Raises:
         BadInputError: not exactly four RGB uint8 images of one square size, or too few foreground matches for a fit.
     """
-    _check_images(images)
     matchers = [matcher] if isinstance(matcher, Matcher) else list(matcher)
     if not matchers:
         raise BadInputError("estimate_elevation needs at least one matcher.")
-    if images[0].shape[0] < MATCH_SIZE:
-        images = [cv2.resize(image, (MATCH_SIZE, MATCH_SIZE), interpolation=cv2.INTER_CUBIC) for image in images]
-    size = images[0].shape[0]
-    grays = [cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) for image in images]
-    masks = [foreground_mask(image) for image in images]
-    config = config or RobustFitConfig()
-    # Matches are kept where both ends lie inside their object by more than contour_px (the distance transform
-    # counts the pixel next to the background as 1).
-    inner = [cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5) > config.contour_px * size / 256.0
-             for mask in masks]
-    name = "+".join(m.name for m in matchers)
-    matches: dict[tuple[int, int], np.ndarray] = {}
-    for i, j in PAIRS:
-        rows = [np.zeros((0, 5))]
-        for m in matchers:
-            if (i, j) not in getattr(m, "pairs", PAIRS):
-                continue
-            found = m(grays[i], grays[j])
-            # Both ends are tested at their own coordinates. The reference indexes image i's mask with image j's x
-            # coordinate (mask0[y0, x1]); that bug is deliberately not reproduced.
-            keep = _keep_foreground(inner[i], found.kpts0) & _keep_foreground(inner[j], found.kpts1)
-            rows.append(np.concatenate([found.kpts0[keep], found.kpts1[keep], found.confidence[keep, None]], axis=1))
-        matches[(i, j)] = np.concatenate(rows, axis=0)
-    counts = {pair: len(m) for pair, m in matches.items()}
-    outlines = [silhouette_outline(mask) for mask in masks]
-    try:
-        fit = fit_polar(matches, image_size=size, focal=280.0 * size / 256.0, config=config, outlines=outlines)
-    except BadInputError as e:
-        raise BadInputError(f"matcher {name!r}: {e.message}") from None
-    note = f"{name}: polar {fit.polar}, confidence {fit.confidence:.2f}"
-    if fit.uncertain and config.retry_shift_px > 0 and config.shift_px == 0:
-        shifted = fit_polar(matches, image_size=size, focal=280.0 * size / 256.0,
-                            config=replace(config, shift_px=config.retry_shift_px), outlines=outlines)
-        note += f"; with view shifts: polar {shifted.polar}, confidence {shifted.confidence:.2f}"
-        if not shifted.uncertain:
-            fit = shifted
-    return ElevationResult(fit.polar, name, counts, confidence=fit.confidence, uncertain=fit.uncertain,
-                           inliers=fit.inliers, fitted=fit.matches, note=note)
+    return fit_views(match_views(images, matchers, config), config=config)
 
 
 class ElevationEstimator:
     """The elevation estimate the pipeline uses, with the documented rule for low confidence:
 
-    1. All matchers' matches pooled into one robust fit (:func:`estimate_elevation`); if it is uncertain, the same
+    Each matcher runs once per pair (:func:`match_views`); every step below fits some of those matches.
+
+    1. All matchers' matches pooled into one robust fit (:func:`fit_views`); if it is uncertain, the same
        matches are fitted again with a 2D shift per view (``retry_shift_px``). Confident → done.
     2. Otherwise each matcher alone, in the given order; the first confident fit is used. A matcher with fewer
        matches of its own than ``min_inliers`` is skipped when the pooled fit had matches: its fit would rest on
@@ -1094,12 +1168,19 @@ class ElevationEstimator:
         return "+".join(m.name for m in self.matchers)
 
     def __call__(self, images: Sequence[np.ndarray]) -> ElevationResult:
-        _check_images(images)
-        attempts = [self.matchers] + ([[m] for m in self.matchers] if len(self.matchers) > 1 else [])
+        return self.fit(match_views(images, self.matchers, self.config))
+
+    def fit(self, views: ViewMatches) -> ElevationResult:
+        """Steps 1–4 on views already matched by this estimator's matchers (:func:`match_views`)."""
+        if views.names != [m.name for m in self.matchers]:
+            raise BadInputError(f"these views were matched by {views.names}, not by this estimator's matchers "
+                                f"{[m.name for m in self.matchers]}")
+        count = len(self.matchers)
+        attempts = [list(range(count))] + ([[k] for k in range(count)] if count > 1 else [])
         tried, best, pooled = [], None, None
-        for n, matchers in enumerate(attempts):
+        for n, which in enumerate(attempts):
             try:
-                result = estimate_elevation(images, matchers, self.config)
+                result = fit_views(views, which, self.config)
             except BadInputError as e:
                 tried.append(e.message)
                 continue

@@ -36,8 +36,11 @@ from server.elevation import (
     estimate_elevation,
     estimate_polar_from_matches,
     fit_polar,
+    foreground_mask,
     frontier_points,
     fundamental_matrices,
+    half_level_mask,
+    match_views,
     sampson_distances,
     silhouette_outline,
 )
@@ -556,6 +559,29 @@ def test_one_matcher_does_not_overrule_the_pooled_fit_from_elsewhere():
     assert "liar: polar 100 is more than 5° from the pooled fit's" in result.note
 
 
+def test_the_estimator_matches_each_pair_once_whatever_it_fits():
+    rng = np.random.default_rng(11)
+    calls = []
+
+    class Counting(FixedMatcher):
+        def __call__(self, image0: np.ndarray, image1: np.ndarray) -> Matches:
+            calls.append(self.name)
+            return super().__call__(image0, image1)
+
+    good = Counting("good", synthetic_matches(70, rng))
+    noise = Counting("noise", {p: np.c_[rng.uniform(40, 216, (3000, 4)), np.ones(3000)] for p in PAIRS})
+    images = oracle_images()
+    images = [np.where(im == 250, 120 + 10 * n, im).astype(np.uint8) for n, im in enumerate(images)]
+    for n, im in enumerate(images):
+        im[128, 128] = 100 + 10 * n
+    result = ElevationEstimator([noise, good])(images)  # three fits (pooled, noise, good), one matching
+    assert result.matcher == "good" and sorted(calls) == ["good"] * 6 + ["noise"] * 6
+    views = match_views(images, [noise, good])
+    assert ElevationEstimator([noise, good]).fit(views) == result
+    with pytest.raises(BadInputError, match="matched by"):
+        ElevationEstimator([good]).fit(views)
+
+
 def test_textureless_views_fall_back_flagged():
     blank = [np.full((SIZE, SIZE, 3), 180, np.uint8) for _ in range(4)]
     result = ElevationEstimator([FlowMatcher(), SiftMatcher()])(blank)
@@ -658,6 +684,33 @@ def test_outline_of_the_object_without_specks_and_none_when_cut_off():
     mask[20:40, 0:5] = True  # the object leaves the frame: its outline would have false tangents
     assert silhouette_outline(mask).shape == (0, 2)
     assert silhouette_outline(np.zeros((8, 8), bool)).shape == (0, 2)
+
+
+def disc_view(sigma: float, grey: int = 128, radius: float = 60.0) -> np.ndarray:
+    """[256, 256, 3] uint8: a grey disc on white, blurred by a Gaussian of ``sigma`` px (as a generated view is)."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    disc = np.where((xx - 128) ** 2 + (yy - 128) ** 2 < radius**2, float(grey), 255.0)
+    return cv2.GaussianBlur(disc, (0, 0), sigma).round().astype(np.uint8)[..., None].repeat(3, axis=2)
+
+
+@pytest.mark.parametrize(("sigma", "within"), [(0.5, 0.1), (2.0, 0.1), (4.0, 0.8), (5.0, 1.5)])
+def test_the_outline_of_a_blurred_view_stays_on_its_edge(sigma, within):
+    image = disc_view(sigma)
+    # Boundary pixel centres of a radius-60 disc lie at 59.5. Up to a blur as wide as the window (4 px) the edge
+    # stays there; wider, the window no longer reaches the object's own level and the edge drifts out a little.
+    moved = np.linalg.norm(silhouette_outline(half_level_mask(image)) - 128.0, axis=1).mean() - 59.5
+    assert abs(moved) < within, moved
+    # The near-white threshold moves out with the blur (1.4 σ for mid-grey): differently in every view.
+    spread = np.linalg.norm(silhouette_outline(foreground_mask(image)) - 128.0, axis=1).mean() - 59.5
+    assert spread > 1.3 * sigma and spread > 4 * abs(moved), spread
+
+
+def test_the_half_level_outline_keeps_a_light_part_beside_a_dark_one():
+    image = np.full((SIZE, SIZE, 3), 255, np.uint8)
+    image[60:200, 40:128] = 40  # dark half
+    image[60:200, 128:220] = 215  # light half: a fifth as dark as the other
+    outline = silhouette_outline(half_level_mask(image))
+    assert outline.min(axis=0).tolist() == [40.5, 60.5] and outline.max(axis=0).tolist() == [219.5, 199.5]
 
 
 def test_matches_and_silhouettes_that_disagree_are_flagged():
