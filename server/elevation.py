@@ -68,6 +68,9 @@ NUM_VIEWS = 4
 PAIRS: tuple[tuple[int, int], ...] = tuple((i, j) for i in range(NUM_VIEWS) for j in range(i + 1, NUM_VIEWS))
 """The six unordered image pairs (i < j), in the reference's order."""
 
+ISOTROPIC = (1.0, 0.0, 1.0)
+"""(σxx, σxy, σyy) of a match as sure of its position in every direction (SIFT, LoFTR, silhouette tangencies)."""
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Matcher contract
@@ -81,21 +84,35 @@ class Matches:
         kpts0: [M, 2] float64, (x, y) in image 0.
         kpts1: [M, 2] float64, (x, y) in image 1; row m matches row m of ``kpts0``.
         confidence: [M] float64 in (0, 1], higher is more reliable.
+        covariance: [M, 3] float64 (σxx, σxy, σyy), the shape of each match's position error: 1 along its
+            best-determined direction, more along a direction the matcher could not pin down (flow along a stripe).
+            None (the default) means isotropic, (1, 0, 1).
     """
 
     kpts0: np.ndarray
     kpts1: np.ndarray
     confidence: np.ndarray
+    covariance: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.kpts0 = np.asarray(self.kpts0, dtype=np.float64).reshape(-1, 2)
         self.kpts1 = np.asarray(self.kpts1, dtype=np.float64).reshape(-1, 2)
         self.confidence = np.asarray(self.confidence, dtype=np.float64).reshape(-1)
+        if self.covariance is None:
+            self.covariance = np.tile(ISOTROPIC, (len(self.confidence), 1))
+        self.covariance = np.asarray(self.covariance, dtype=np.float64)
         if not len(self.kpts0) == len(self.kpts1) == len(self.confidence):
             raise BadInputError(
                 f"Matches need as many rows in kpts0, kpts1 and confidence; got {len(self.kpts0)}, "
                 f"{len(self.kpts1)} and {len(self.confidence)}."
             )
+        if self.covariance.shape != (len(self.confidence), 3):
+            raise BadInputError(f"Matches covariance must be [M, 3] (σxx, σxy, σyy) with M = {len(self.confidence)}; "
+                                f"got shape {self.covariance.shape}.")
+        sxx, sxy, syy = self.covariance.T
+        if not (np.isfinite(self.covariance).all() and (sxx > 0).all() and (sxx * syy - sxy**2 > 0).all()):
+            raise BadInputError("Matches covariance must be finite and positive definite (σxx > 0, "
+                                "σxx·σyy − σxy² > 0) in every row.")
 
     def __len__(self) -> int:
         return len(self.confidence)
@@ -193,10 +210,22 @@ class FlowMatcher:
     eigenvalue of the local structure tensor above ``min_texture``: on a flat patch flow is a guess). Its confidence
     falls with the forward–backward error: exp(−(e / max_fb_px)²).
 
+    Each match also says in which direction it is unsure (its ``covariance``, used by :func:`sampson_distances`):
+
+    - Along an edge or a stripe the image does not change, so the flow there is DIS's smoothing guess (the aperture
+      problem). With λ₁ ≥ λ₂ the structure tensor's eigenvalues and v₁, v₂ their directions, the shape is
+      v₁v₁ᵀ + min(λ₁/λ₂, ``max_spread``)·v₂v₂ᵀ.
+    - Where the flow itself is irregular (its largest range, max − min of either component, over
+      ``range_window_px``) it is less sure in every direction: (range / ``range_px``)² is added to both variances.
+      Near an occluding edge inside the object, where one surface slides over another, the range is large.
+
     Args:
         step: grid spacing in pixels at 256² (scaled with the image size, at least 1).
         max_fb_px: largest forward–backward error kept, pixels at 256².
         min_texture: smallest structure-tensor eigenvalue (cv2.cornerMinEigenVal on [0, 1] grey, 5×5) kept.
+        max_spread: largest ratio of the variances along and across an edge; 1 makes every match isotropic.
+        range_px: flow range (pixels at 256²) that adds one unit of variance; 0 adds none.
+        range_window_px: side of the window the flow's range is taken over, pixels at 256².
     """
 
     name = "flow"
@@ -205,11 +234,16 @@ class FlowMatcher:
     displacements run out of range and consistently wrong flow passes the forward–backward check (median 2–3 px off
     the epipolar line on the test renders, against 0.05 px for these four)."""
 
-    def __init__(self, step: float = 3.0, max_fb_px: float = 0.5, min_texture: float = 1e-4) -> None:
+    def __init__(self, step: float = 3.0, max_fb_px: float = 0.5, min_texture: float = 1e-4,
+                 max_spread: float = 16.0, range_px: float = 3.0, range_window_px: float = 7.0) -> None:
         if step <= 0 or max_fb_px <= 0 or min_texture < 0:
             raise BadInputError(f"FlowMatcher needs step > 0, max_fb_px > 0 and min_texture ≥ 0; got {step}, "
                                 f"{max_fb_px}, {min_texture}.")
+        if max_spread < 1 or range_px < 0 or range_window_px <= 0:
+            raise BadInputError(f"FlowMatcher needs max_spread ≥ 1, range_px ≥ 0 and range_window_px > 0; got "
+                                f"{max_spread}, {range_px}, {range_window_px}.")
         self.step, self.max_fb_px, self.min_texture = step, max_fb_px, min_texture
+        self.max_spread, self.range_px, self.range_window_px = max_spread, range_px, range_window_px
 
     def __call__(self, image0: np.ndarray, image1: np.ndarray) -> Matches:
         _check_gray(image0, "image0")
@@ -224,16 +258,40 @@ class FlowMatcher:
         step = max(1.0, self.step * scale)
         ys, xs = np.mgrid[step / 2: h: step, step / 2: w: step]
         pts0 = np.stack([xs.ravel(), ys.ravel()], axis=1)  # continuous frame: pixel centres at +0.5
-        texture = cv2.cornerMinEigenVal(image0.astype(np.float32) / 255.0, 5)
         rows, cols = np.floor(pts0[:, 1]).astype(int), np.floor(pts0[:, 0]).astype(int)
-        textured = texture[rows, cols] > self.min_texture
+        # [N, 6] (λ₁, λ₂, v₁, v₂) of the 5×5 structure tensor; min(λ₁, λ₂) is cv2.cornerMinEigenVal.
+        tensor = cv2.cornerEigenValsAndVecs(image0.astype(np.float32) / 255.0, 5, 3)[rows, cols].astype(np.float64)
+        textured = tensor[:, :2].min(axis=1) > self.min_texture
         pts1 = pts0 + _sample(forward, pts0)
         back = pts1 + _sample(backward, pts1)
         error = np.linalg.norm(back - pts0, axis=1)
         limit = self.max_fb_px * scale
         inside = (pts1[:, 0] >= 0) & (pts1[:, 0] < w) & (pts1[:, 1] >= 0) & (pts1[:, 1] < h)
         keep = textured & inside & (error < limit)
-        return Matches(pts0[keep], pts1[keep], np.exp(-((error[keep] / limit) ** 2)))
+        covariance = _edge_covariance(tensor[keep], self.max_spread)
+        if self.range_px > 0:
+            window = np.ones((max(1, round(self.range_window_px * scale)),) * 2, np.uint8)
+            spread = np.max([cv2.dilate(forward[..., c], window) - cv2.erode(forward[..., c], window)
+                             for c in range(2)], axis=0)[rows[keep], cols[keep]]
+            extra = (spread / (self.range_px * scale)) ** 2
+            covariance[:, 0] += extra
+            covariance[:, 2] += extra
+        return Matches(pts0[keep], pts1[keep], np.exp(-((error[keep] / limit) ** 2)), covariance)
+
+
+def _edge_covariance(tensor: np.ndarray, max_spread: float) -> np.ndarray:
+    """[M, 3] (σxx, σxy, σyy) = u uᵀ + min(λmax/λmin, max_spread)·e eᵀ of structure tensors [M, 6] (λ₁, λ₂, v₁, v₂ as
+    cv2.cornerEigenValsAndVecs gives them), u across the local edge (the larger eigenvalue's direction), e along it."""
+    first = tensor[:, 0] >= tensor[:, 1]
+    lam_max = np.where(first, tensor[:, 0], tensor[:, 1])
+    lam_min = np.maximum(np.where(first, tensor[:, 1], tensor[:, 0]), 1e-12)
+    across = np.where(first[:, None], tensor[:, 2:4], tensor[:, 4:6])
+    length = np.linalg.norm(across, axis=1, keepdims=True)
+    across = np.where(length > 1e-12, across / np.maximum(length, 1e-12), [1.0, 0.0])
+    along = np.stack([-across[:, 1], across[:, 0]], axis=1)
+    ratio = np.clip(lam_max / lam_min, 1.0, max_spread)[:, None, None]
+    sigma = across[:, :, None] * across[:, None, :] + ratio * along[:, :, None] * along[:, None, :]
+    return np.stack([sigma[:, 0, 0], sigma[:, 0, 1], sigma[:, 1, 1]], axis=1)
 
 
 def _sample(field_: np.ndarray, pts: np.ndarray) -> np.ndarray:
@@ -626,6 +684,19 @@ class PolarFit:
     """[K, 2] (candidate polar, normalised cost in [0, 1]) over the whole search range."""
 
 
+def _as_match_array(found: object, pair: tuple[int, int]) -> np.ndarray:
+    """[M, 8] float64 (:data:`MATCH_COLUMNS`) of one pair's matches given as [M, 8] or [M, 5] (made isotropic)."""
+    found = np.asarray(found, dtype=np.float64)
+    if found.size == 0:
+        return np.zeros((0, 8))
+    if found.ndim != 2 or found.shape[1] not in (5, 8):
+        raise BadInputError(f"Matches of pair {pair} must be an [M, 8] array {MATCH_COLUMNS} or [M, 5] (the first "
+                            f"five); got shape {found.shape}.")
+    if found.shape[1] == 5:
+        found = np.concatenate([found, np.tile(ISOTROPIC, (len(found), 1))], axis=1)
+    return found
+
+
 def _skew(t: np.ndarray) -> np.ndarray:
     return np.array([[0.0, -t[2], t[1]], [t[2], 0.0, -t[0]], [-t[1], t[0], 0.0]])
 
@@ -671,20 +742,27 @@ def plausible_depths(poses: np.ndarray, pair: tuple[int, int], K: np.ndarray, ma
 
 def _epipolar_terms(F: np.ndarray, matches: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Algebraic errors x1ᵀ F x0 [E, M], the Sampson normaliser [E, M], F x0 and Fᵀ x1 [E, M, 3] of matches
-    [M, ≥4] (the same under every geometry) or [E, M, ≥4] (one set per geometry) under F [E, 3, 3]."""
+    [M, ≥4] (the same under every geometry) or [E, M, ≥4] (one set per geometry) under F [E, 3, 3]. With 8 columns,
+    columns 5–7 are each match's covariance (σxx, σxy, σyy), taken for both of its points."""
     m = np.broadcast_to(matches, (len(F), *matches.shape)) if matches.ndim == 2 else matches
     ones = np.ones((*m.shape[:-1], 1))
     x0 = np.concatenate([m[..., 0:2], ones], axis=-1)
     x1 = np.concatenate([m[..., 2:4], ones], axis=-1)
     Fx0 = np.einsum("eab,emb->ema", F, x0)
     Ftx1 = np.einsum("eba,emb->ema", F, x1)
-    norm = np.sqrt(np.maximum(Fx0[..., 0] ** 2 + Fx0[..., 1] ** 2 + Ftx1[..., 0] ** 2 + Ftx1[..., 1] ** 2, 1e-300))
-    return (x1 * Fx0).sum(axis=-1), norm, Fx0, Ftx1
+    sxx, sxy, syy = (m[..., k] for k in (5, 6, 7)) if m.shape[-1] >= 8 else ISOTROPIC
+    # The algebraic error's variance: its gradient in each point, (F x0)₁₂ and (Fᵀ x1)₁₂, through Σ.
+    variance = sum(sxx * g[..., 0] ** 2 + 2 * sxy * g[..., 0] * g[..., 1] + syy * g[..., 1] ** 2 for g in (Fx0, Ftx1))
+    return (x1 * Fx0).sum(axis=-1), np.sqrt(np.maximum(variance, 1e-300)), Fx0, Ftx1
 
 
 def sampson_distances(F: np.ndarray, matches: np.ndarray) -> np.ndarray:
     """[E, M] first-order geometric distances (pixels) of M matches (x0, y0, x1, y1, …) — [M, ≥4], or [E, M, ≥4]
-    with one set per geometry — to E epipolar geometries F [E, 3, 3]."""
+    with one set per geometry — to E epipolar geometries F [E, 3, 3].
+
+    Matches of 8 columns (:data:`MATCH_COLUMNS`) carry their covariance: the distance is then measured in units of
+    each match's spread across its epipolar line (a match unsure along the line's normal counts for less; with
+    :data:`ISOTROPIC` it is the plain Sampson distance)."""
     algebraic, norm, _, _ = _epipolar_terms(F, matches)
     return np.abs(algebraic) / norm
 
@@ -774,7 +852,7 @@ def _after_view_shifts(terms: dict[Any, tuple[tuple[int, int], np.ndarray, np.nd
     """Sampson residuals [E, M] per term after fitting one 2D shift per view under each candidate.
 
     Args:
-        terms: {key: (pair, matches [M, 5] or [E, M, 5], residuals [E, M])}; a match with an infinite residual
+        terms: {key: (pair, matches [M, 5 or 8] or [E, M, 5], residuals [E, M])}; a match with an infinite residual
             (implausible under that candidate) stays an outlier.
 
     Linearised: shifting view i by s_i and view j by s_j changes the algebraic error x_jᵀ F x_i by
@@ -805,6 +883,11 @@ def _after_view_shifts(terms: dict[Any, tuple[tuple[int, int], np.ndarray, np.nd
     return {key: np.abs(r0 + np.einsum("emk,ek->em", J, shifts)) for key, (r0, J, _) in parts.items()}
 
 
+MATCH_COLUMNS = ("x0", "y0", "x1", "y1", "conf", "sxx", "sxy", "syy")
+"""Columns of the match arrays :func:`match_views` gives and :func:`fit_polar` takes: the two points, the confidence
+and the covariance (:attr:`Matches.covariance`). :func:`fit_polar` also takes the first five alone (isotropic)."""
+
+
 def fit_polar(
     matches: dict[tuple[int, int], np.ndarray],
     image_size: int = 256,
@@ -815,9 +898,10 @@ def fit_polar(
     """The polar angle that best explains the matches, robustly, with a confidence.
 
     For every candidate polar e on a 1° grid the four nearby cameras are placed as in the reference's search, and
-    each match m of pair p gets its Sampson distance r to the epipolar line under that pair's relative pose. The
-    pair's cost is the confidence-weighted mean of min(r, τ)² / τ² (τ the truncation), the candidate's cost the
-    match-count-weighted mean over the informative pairs, in [0, 1]. The minimum of the whole curve wins.
+    each match m of pair p gets its Sampson distance r to the epipolar line under that pair's relative pose (in units
+    of the match's own spread across the line, :func:`sampson_distances`). The pair's cost is the confidence-weighted
+    mean of min(r, τ)² / τ² (τ the truncation), the candidate's cost the match-count-weighted mean over the
+    informative pairs, in [0, 1]. The minimum of the whole curve wins.
     With ``outlines``, each pair's two silhouette tangencies count as two more matches of weight
     ``silhouette_weight`` (their points depend on the candidate, see :func:`frontier_points`).
 
@@ -832,8 +916,8 @@ def fit_polar(
     - ``stability``: falls as leaving out one pair moves the minimum by more than ``stable_deg``.
 
     Args:
-        matches: {(i, j): [M, 5] (x0, y0, x1, y1, conf)} for any of the six pairs (either direction); pairs with
-            fewer than ``min_pair_matches`` matches are left out.
+        matches: {(i, j): [M, 8] (:data:`MATCH_COLUMNS`) or [M, 5] (x0, y0, x1, y1, conf; isotropic)} for any of
+            the six pairs (either direction); pairs with fewer than ``min_pair_matches`` matches are left out.
         image_size: side of the square images, pixels.
         focal: focal length in pixels.
         config: search, loss and confidence settings.
@@ -855,11 +939,12 @@ def fit_polar(
     for i, j in INFORMATIVE_PAIRS:
         found = matches.get((i, j))
         if found is None and (j, i) in matches:
-            found = np.asarray(matches[(j, i)], dtype=np.float64)[:, [2, 3, 0, 1, 4]]
+            found = _as_match_array(matches[(j, i)], (j, i))[:, [2, 3, 0, 1, 4, 5, 6, 7]]
         if found is None:
             continue
-        found = np.asarray(found, dtype=np.float64).reshape(-1, 5)
-        found = found[np.isfinite(found).all(axis=1) & (found[:, 4] > 0)]
+        found = _as_match_array(found, (i, j))
+        positive = (found[:, 5] > 0) & (found[:, 5] * found[:, 7] > found[:, 6] ** 2)  # a covariance
+        found = found[np.isfinite(found).all(axis=1) & (found[:, 4] > 0) & positive]
         if len(found) < config.min_pair_matches:
             continue
         if len(found) > config.max_pair_matches:
@@ -884,11 +969,11 @@ def fit_polar(
 
     poses = candidate_poses(polars)
     F = {p: fundamental_matrices(poses, p, K) for p in set(pairs) | set(outlined)}
-    # Every term is (pair, points [M, 5] or [E, M, 5] with their weights in column 4, residuals [E, M]). A pair's
+    # Every term is (pair, points [M, 8] or [E, M, 5] with their weights in column 4, residuals [E, M]). A pair's
     # matches weigh 1 each on average (their confidences, normalised), its two frontier points silhouette_weight.
     terms: dict[tuple[str, tuple[int, int]], tuple[tuple[int, int], np.ndarray, np.ndarray]] = {}
     for p, m in pairs.items():
-        m = np.concatenate([m[:, :4], m[:, 4:] / m[:, 4].mean()], axis=1)
+        m = np.concatenate([m[:, :4], m[:, 4:5] / m[:, 4].mean(), m[:, 5:]], axis=1)
         r = sampson_distances(F[p], m)
         # A match that would have to lie behind a camera or far outside the object is wrong for that candidate.
         terms[("matches", p)] = (p, m, np.where(plausible_depths(poses, p, K, m, config.object_radius), r, np.inf))
@@ -1028,14 +1113,14 @@ class ViewMatches:
     names: list[str]
     """The matchers' names, in the order given."""
     matches: list[dict[tuple[int, int], np.ndarray]]
-    """Per matcher, {(i, j): [M, 5] (x0, y0, x1, y1, conf)} for the pairs it was given: both ends on the object and
+    """Per matcher, {(i, j): [M, 8] (:data:`MATCH_COLUMNS`)} for the pairs it was given: both ends on the object and
     more than ``contour_px`` inside it."""
     outlines: list[np.ndarray]
     """The four views' silhouette outlines (:func:`silhouette_outline` of :func:`half_level_mask`)."""
 
     def pooled(self, which: Sequence[int]) -> dict[tuple[int, int], np.ndarray]:
-        """{(i, j): [M, 5]} for all six pairs: the matches of matchers ``which``, concatenated in that order."""
-        return {p: np.concatenate([np.zeros((0, 5))] + [self.matches[k][p] for k in which if p in self.matches[k]])
+        """{(i, j): [M, 8]} for all six pairs: the matches of matchers ``which``, concatenated in that order."""
+        return {p: np.concatenate([np.zeros((0, 8))] + [self.matches[k][p] for k in which if p in self.matches[k]])
                 for p in PAIRS}
 
 
@@ -1071,8 +1156,8 @@ def match_views(images: Sequence[np.ndarray], matchers: Sequence[Matcher],
             # Both ends are tested at their own coordinates. The reference indexes image i's mask with image j's x
             # coordinate (mask0[y0, x1]); that bug is deliberately not reproduced.
             keep = _keep_foreground(inner[i], found.kpts0) & _keep_foreground(inner[j], found.kpts1)
-            found_by[-1][(i, j)] = np.concatenate([found.kpts0[keep], found.kpts1[keep], found.confidence[keep, None]],
-                                                  axis=1)
+            found_by[-1][(i, j)] = np.concatenate([found.kpts0[keep], found.kpts1[keep], found.confidence[keep, None],
+                                                   found.covariance[keep]], axis=1)
     window = config.outline_window_px * size / 256.0
     outlines = [silhouette_outline(half_level_mask(image, window)) for image in images]
     return ViewMatches(size, [m.name for m in matchers], found_by, outlines)

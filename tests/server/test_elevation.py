@@ -22,6 +22,7 @@ from scipy.ndimage import map_coordinates
 from server.cameras import calc_pose
 from server.cli import main as cli_main
 from server.elevation import (
+    ISOTROPIC,
     LOFTR_WEIGHTS_FILENAME,
     ElevationEstimator,
     ElevationResult,
@@ -596,6 +597,101 @@ def test_flow_matches_agree_with_the_true_geometry(pair, renders_75):
                           np.c_[found.kpts0, found.kpts1])[0]
     assert np.median(r) < 0.2 and (found.confidence > 0).all() and (found.confidence <= 1).all()
     assert set(FlowMatcher.pairs) | {(0, 1), (2, 3)} == set(PAIRS)  # the 20° pairs are left to feature matchers
+
+
+def _covariance_rows(major: np.ndarray, variance: float) -> np.ndarray:
+    """[M, 3] (σxx, σxy, σyy) with ``variance`` along the unit directions major [M, 2] and 1 across them."""
+    minor = np.stack([-major[:, 1], major[:, 0]], axis=1)
+    sigma = variance * major[:, :, None] * major[:, None, :] + minor[:, :, None] * minor[:, None, :]
+    return np.stack([sigma[:, 0, 0], sigma[:, 0, 1], sigma[:, 1, 1]], axis=1)
+
+
+def _stripes(size: int, angle_deg: float, amplitude: float, noise: float) -> np.ndarray:
+    """[size, size] uint8: stripes of period 12 px whose brightness changes along angle_deg, over smooth noise."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    a = np.radians(angle_deg)
+    blobs = cv2.GaussianBlur(np.random.default_rng(0).normal(size=(size, size)), (0, 0), 2) * 40 * noise
+    image = 128 + amplitude * np.sin(2 * np.pi * (xx * np.cos(a) + yy * np.sin(a)) / 12) + blobs
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("amplitude", "noise"), [(80, 1.0), (0, 3.0)])
+def test_flow_is_unsure_along_stripes_and_sure_on_blobs(amplitude, noise):
+    image0 = _stripes(SIZE, 30.0, amplitude, noise)
+    image1 = cv2.warpAffine(image0, np.float32([[1, 0, 2.0], [0, 1, 1.0]]), (SIZE, SIZE),
+                            borderMode=cv2.BORDER_REFLECT)
+    found = FlowMatcher(range_px=0)(image0, image1)
+    c = found.covariance
+    values, vectors = np.linalg.eigh(np.stack([np.stack([c[:, 0], c[:, 1]], -1), np.stack([c[:, 1], c[:, 2]], -1)], 1))
+    ratio = values[:, 1] / values[:, 0]
+    assert len(found) > 1000 and np.allclose(values[:, 0], 1.0)
+    if amplitude:  # brightness changes along 30°: the flow is unsure along 120°, the stripes' direction
+        along = np.degrees(np.arctan2(vectors[:, 1, 1], vectors[:, 0, 1])) % 180
+        assert np.median(ratio) == pytest.approx(FlowMatcher().max_spread)
+        assert abs(np.median(along) - 120.0) < 3.0
+    else:
+        assert np.median(ratio) < 6.0
+
+
+def test_irregular_flow_is_less_sure_in_every_direction():
+    image0 = _stripes(SIZE, 30.0, 0, 3.0)
+    image1 = cv2.warpAffine(image0, np.float32([[1, 0, 2.0], [0, 1, 1.0]]), (SIZE, SIZE),
+                            borderMode=cv2.BORDER_REFLECT)
+    plain, widened = FlowMatcher(range_px=0)(image0, image1), FlowMatcher(range_px=0.5)(image0, image1)
+    np.testing.assert_array_equal(plain.kpts1, widened.kpts1)
+    extra = widened.covariance - plain.covariance
+    assert (extra[:, 0] > 0).all() and np.allclose(extra[:, 0], extra[:, 2]) and np.allclose(extra[:, 1], 0)
+
+
+def test_sampson_distance_in_units_of_the_match_spread():
+    m = synthetic_matches(75, np.random.default_rng(3))[(0, 2)]
+    F = fundamental_matrices(candidate_poses(np.array([80.0])), (0, 2), K_TRUE)
+    plain = sampson_distances(F, m)
+    np.testing.assert_allclose(sampson_distances(F, np.c_[m, np.tile(ISOTROPIC, (len(m), 1))]), plain)
+    np.testing.assert_allclose(sampson_distances(F, np.c_[m, np.tile([4.0, 0.0, 4.0], (len(m), 1))]), plain / 2)
+
+
+@pytest.mark.parametrize("polar", [60, 95, 112])
+def test_matches_unsure_along_their_error_do_not_pull_the_fit(polar):
+    # Half the matches slide (about 1.3 px) onto the epipolar lines of polar + 8, as flow slides along a stripe.
+    rng = np.random.default_rng(polar)
+    plain, described = {}, {}
+    for pair, m in synthetic_matches(polar, rng, noise=0.2).items():
+        F = fundamental_matrices(candidate_poses(np.array([polar + 8.0])), pair, K_TRUE)[0]
+        line = np.c_[m[:, :2], np.ones(len(m))] @ F.T
+        normal = line[:, :2] / np.linalg.norm(line[:, :2], axis=1, keepdims=True)
+        off = (np.c_[m[:, 2:4], np.ones(len(m))] * line).sum(axis=1) / np.linalg.norm(line[:, :2], axis=1)
+        slid = rng.random(len(m)) < 0.5
+        m = m.copy()
+        m[slid, 2:4] -= off[slid, None] * normal[slid]
+        covariance = np.tile(ISOTROPIC, (len(m), 1))
+        covariance[slid] = _covariance_rows(normal[slid], 36.0)
+        plain[pair], described[pair] = m, np.c_[m, covariance]
+    assert fit_polar(plain).polar - polar >= 3  # told nothing, the fit follows the slid half
+    assert fit_polar(described).polar == polar
+    same = fit_polar({p: np.c_[m, np.tile(ISOTROPIC, (len(m), 1))] for p, m in plain.items()})
+    np.testing.assert_array_equal(same.curve, fit_polar(plain).curve)  # [M, 5] is the isotropic [M, 8]
+
+
+def test_match_views_keeps_each_matchers_covariance(renders_75):
+    views = match_views(renders_75, [FlowMatcher(), SiftMatcher()])
+    flow, sift = views.matches
+    assert all(m.shape[1] == 8 for m in [*flow.values(), *sift.values()])
+    assert all((m[:, 5:] == ISOTROPIC).all() for m in sift.values())
+    assert any((m[:, 5:] != ISOTROPIC).any() for m in flow.values())
+    assert views.pooled([0, 1])[(0, 2)].shape == (len(flow[(0, 2)]) + len(sift[(0, 2)]), 8)
+
+
+def test_match_arrays_and_covariances_are_checked():
+    good = synthetic_matches(75, np.random.default_rng(4))
+    with pytest.raises(BadInputError, match=r"\[M, 8\] array .* or \[M, 5\].*got shape \(\d+, 6\)"):
+        fit_polar({**good, (0, 2): np.c_[good[(0, 2)], np.ones(len(good[(0, 2)]))]})
+    with pytest.raises(BadInputError, match=r"covariance must be \[M, 3\].*got shape \(2, 2\)"):
+        Matches(np.zeros((2, 2)), np.zeros((2, 2)), np.ones(2), np.ones((2, 2)))
+    with pytest.raises(BadInputError, match="positive definite"):
+        Matches(np.zeros((2, 2)), np.zeros((2, 2)), np.ones(2), np.array([[1.0, 0.0, 1.0], [1.0, 2.0, 1.0]]))
+    np.testing.assert_array_equal(Matches(np.zeros((2, 2)), np.zeros((2, 2)), np.ones(2)).covariance,
+                                  np.tile(ISOTROPIC, (2, 1)))
 
 
 @pytest.mark.parametrize("polar", [75, 105])
