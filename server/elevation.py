@@ -943,8 +943,10 @@ def fit_polar(
         if found is None:
             continue
         found = _as_match_array(found, (i, j))
-        positive = (found[:, 5] > 0) & (found[:, 5] * found[:, 7] > found[:, 6] ** 2)  # a covariance
-        found = found[np.isfinite(found).all(axis=1) & (found[:, 4] > 0) & positive]
+        found = found[np.isfinite(found).all(axis=1) & (found[:, 4] > 0)]
+        if not ((found[:, 5] > 0) & (found[:, 5] * found[:, 7] > found[:, 6] ** 2)).all():
+            raise BadInputError(f"Matches of pair {(i, j)}: the covariance (columns 5–7, σxx σxy σyy) must be positive "
+                                f"definite in every row (σxx > 0, σxx·σyy > σxy²).")
         if len(found) < config.min_pair_matches:
             continue
         if len(found) > config.max_pair_matches:

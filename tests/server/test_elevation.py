@@ -686,6 +686,9 @@ def test_match_arrays_and_covariances_are_checked():
     good = synthetic_matches(75, np.random.default_rng(4))
     with pytest.raises(BadInputError, match=r"\[M, 8\] array .* or \[M, 5\].*got shape \(\d+, 6\)"):
         fit_polar({**good, (0, 2): np.c_[good[(0, 2)], np.ones(len(good[(0, 2)]))]})
+    flat = np.c_[good[(0, 2)], np.tile([1.0, 1.0, 1.0], (len(good[(0, 2)]), 1))]  # σxx·σyy = σxy²: a line
+    with pytest.raises(BadInputError, match=r"pair \(0, 2\): the covariance .* positive definite"):
+        fit_polar({**good, (0, 2): flat})
     with pytest.raises(BadInputError, match=r"covariance must be \[M, 3\].*got shape \(2, 2\)"):
         Matches(np.zeros((2, 2)), np.zeros((2, 2)), np.ones(2), np.ones((2, 2)))
     with pytest.raises(BadInputError, match="positive definite"):
