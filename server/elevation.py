@@ -71,6 +71,16 @@ PAIRS: tuple[tuple[int, int], ...] = tuple((i, j) for i in range(NUM_VIEWS) for 
 ISOTROPIC = (1.0, 0.0, 1.0)
 """(σxx, σxy, σyy) of a match as sure of its position in every direction (SIFT, LoFTR, silhouette tangencies)."""
 
+MATCH_COLUMNS = ("x0", "y0", "x1", "y1", "conf", "sxx", "sxy", "syy")
+"""Columns of the match arrays :func:`match_views` gives and :func:`fit_polar` takes: the two points, the confidence
+and the covariance (:attr:`Matches.covariance`). :func:`fit_polar` also takes the first five alone (isotropic)."""
+
+
+def _positive_definite(covariance: np.ndarray) -> np.ndarray:
+    """[...] bool: the rows (σxx, σxy, σyy) of covariance [..., 3] are positive definite (NaN is not)."""
+    sxx, sxy, syy = np.moveaxis(covariance, -1, 0)
+    return (sxx > 0) & (sxx * syy > sxy**2)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Matcher contract
@@ -109,8 +119,7 @@ class Matches:
         if self.covariance.shape != (len(self.confidence), 3):
             raise BadInputError(f"Matches covariance must be [M, 3] (σxx, σxy, σyy) with M = {len(self.confidence)}; "
                                 f"got shape {self.covariance.shape}.")
-        sxx, sxy, syy = self.covariance.T
-        if not (np.isfinite(self.covariance).all() and (sxx > 0).all() and (sxx * syy - sxy**2 > 0).all()):
+        if not (np.isfinite(self.covariance).all() and _positive_definite(self.covariance).all()):
             raise BadInputError("Matches covariance must be finite and positive definite (σxx > 0, "
                                 "σxx·σyy − σxy² > 0) in every row.")
 
@@ -688,8 +697,8 @@ def _as_match_array(found: object, pair: tuple[int, int]) -> np.ndarray:
     """[M, 8] float64 (:data:`MATCH_COLUMNS`) of one pair's matches given as [M, 8] or [M, 5] (made isotropic)."""
     found = np.asarray(found, dtype=np.float64)
     if found.size == 0:
-        return np.zeros((0, 8))
-    if found.ndim != 2 or found.shape[1] not in (5, 8):
+        return np.zeros((0, len(MATCH_COLUMNS)))
+    if found.ndim != 2 or found.shape[1] not in (5, len(MATCH_COLUMNS)):
         raise BadInputError(f"Matches of pair {pair} must be an [M, 8] array {MATCH_COLUMNS} or [M, 5] (the first "
                             f"five); got shape {found.shape}.")
     if found.shape[1] == 5:
@@ -883,11 +892,6 @@ def _after_view_shifts(terms: dict[Any, tuple[tuple[int, int], np.ndarray, np.nd
     return {key: np.abs(r0 + np.einsum("emk,ek->em", J, shifts)) for key, (r0, J, _) in parts.items()}
 
 
-MATCH_COLUMNS = ("x0", "y0", "x1", "y1", "conf", "sxx", "sxy", "syy")
-"""Columns of the match arrays :func:`match_views` gives and :func:`fit_polar` takes: the two points, the confidence
-and the covariance (:attr:`Matches.covariance`). :func:`fit_polar` also takes the first five alone (isotropic)."""
-
-
 def fit_polar(
     matches: dict[tuple[int, int], np.ndarray],
     image_size: int = 256,
@@ -944,7 +948,7 @@ def fit_polar(
             continue
         found = _as_match_array(found, (i, j))
         found = found[np.isfinite(found).all(axis=1) & (found[:, 4] > 0)]
-        if not ((found[:, 5] > 0) & (found[:, 5] * found[:, 7] > found[:, 6] ** 2)).all():
+        if not _positive_definite(found[:, 5:]).all():
             raise BadInputError(f"Matches of pair {(i, j)}: the covariance (columns 5–7, σxx σxy σyy) must be positive "
                                 f"definite in every row (σxx > 0, σxx·σyy > σxy²).")
         if len(found) < config.min_pair_matches:
@@ -1122,7 +1126,8 @@ class ViewMatches:
 
     def pooled(self, which: Sequence[int]) -> dict[tuple[int, int], np.ndarray]:
         """{(i, j): [M, 8]} for all six pairs: the matches of matchers ``which``, concatenated in that order."""
-        return {p: np.concatenate([np.zeros((0, 8))] + [self.matches[k][p] for k in which if p in self.matches[k]])
+        return {p: np.concatenate([np.zeros((0, len(MATCH_COLUMNS)))]
+                                  + [self.matches[k][p] for k in which if p in self.matches[k]])
                 for p in PAIRS}
 
 
