@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from server.errors import BadInputError
-from server.reconstruction.cost_volume import build_cost_volume
-from server.reconstruction.norm import ActivatedBatchNorm2d
-from server.reconstruction.sdf_network import ConditionalVolume, SparseSdfNetwork
-from server.reconstruction.sparse_conv import SparseBatchNorm, SparseVolume
+from server.common.errors import BadInputError
+from server.stages.reconstruction.cost_volume import build_cost_volume
+from server.stages.reconstruction.norm import ActivatedBatchNorm2d
+from server.stages.reconstruction.sdf_network import ConditionalVolume, SparseSdfNetwork
+from server.stages.reconstruction.sparse_conv import SparseBatchNorm, SparseVolume
 
 AMP_MODES = ("bf16", "fp16", "off")
 """Values of ``--amp``; its default (None here) is bf16 on CUDA (fp16 on GPUs without bf16) and off on the CPU."""

@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from server.errors import One2345Error
+from server.common.errors import One2345Error
 from training import evaluate, predict, texture_eval, train
 from training.render import driver as render_driver
 

@@ -44,9 +44,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from server.cameras import NEARBY_DELTAS, PoseFile, ReconstructionCameras, calc_pose, normalise_cameras
-from server.errors import BadInputError
-from server.reconstruct import read_rgb
+from server.common.cameras import NEARBY_DELTAS, PoseFile, ReconstructionCameras, calc_pose, normalise_cameras
+from server.common.errors import BadInputError
+from server.common.views import read_rgb
 from training.render.layout import require_full_views
 
 META_NAME = "meta.json"
@@ -205,7 +205,8 @@ def _hash_unit(text: str) -> float:
 
 
 def read_rgb_on_white(path: Path) -> np.ndarray:
-    """[H, W, 3] float32 in [0, 1]: the pixels inference sees (:func:`server.reconstruct.read_rgb`: RGBA composited on
+    """[H, W, 3] float32 in [0, 1]: the pixels inference sees (:func:`server.pipeline.reconstruct.read_rgb`: RGBA
+    composited on
     white, then 8 bits), so training and inference read every image the same way."""
     return read_rgb(path).astype(np.float32) / 255.0
 
@@ -586,7 +587,8 @@ def image_rays(sample: Sample, level: int = 1) -> tuple[torch.Tensor, torch.Tens
 
 def write_synthetic_object(folder: str | os.PathLike[str], polar: float = 75.0, shape: str = "toy", size: int = 256,
                            rotation_deg: float = 0.0, scale: float = 1.0, mesh_resolution: int = 64) -> Path:
-    """Render an analytic object of :mod:`server.synthetic` in the training layout, with exact depth and a GT mesh.
+    """Render an analytic object of :mod:`server.common.synthetic` in the training layout, with exact depth and a GT
+    mesh.
 
     The object is rotated by ``rotation_deg`` about z and scaled by ``scale`` (by moving the cameras instead:
     a camera at c/scale with the same orientation sees the scaled object as the camera at c sees the original), which
@@ -598,8 +600,8 @@ def write_synthetic_object(folder: str | os.PathLike[str], polar: float = 75.0, 
     Returns:
         The folder.
     """
-    from server.meshing import Mesh, export_mesh
-    from server.synthetic import render_view, shape_sdf
+    from server.common.mesh_io import Mesh, export_mesh
+    from server.common.synthetic import render_view, shape_sdf
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -628,7 +630,7 @@ def write_synthetic_object(folder: str | os.PathLike[str], polar: float = 75.0, 
             Image.fromarray(mm).save(folder / depth_name(int(name[5:-4])))
     poses.write(folder / "pose.json")
 
-    from server.marching import marching_cubes
+    from server.stages.marching import marching_cubes
 
     axis = np.linspace(-0.6, 0.6, mesh_resolution)
     grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)

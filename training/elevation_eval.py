@@ -24,8 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from server.cameras import PoseFile
-from server.errors import BadInputError
+from server.common.cameras import PoseFile
+from server.common.errors import BadInputError
 
 WRONG_DEG = 10.0
 """An estimate off by more than this wrecks the mesh (the wrong second ring, every camera off)."""
@@ -45,7 +45,7 @@ class Trial:
 def trials_from_renders(root: str | Path) -> list[Trial]:
     """Every rendered object under ``root`` (full or ``--views elevation`` layout) as a trial: its pose.json gives the
     true polar of view 0, its ``view_0_{j}_10.png`` composited on white are the images."""
-    from server.reconstruct import read_rgb
+    from server.common.views import read_rgb
 
     root = Path(root)
     folders = sorted(p.parent for p in root.glob("*/*/pose.json"))

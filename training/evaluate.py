@@ -9,7 +9,8 @@ point-to-point ICP — and then
   default, so τ = 0.04 for the renderer's extent-0.8 objects): harmonic mean of precision (share of predicted points
   within τ of the GT) and recall (share of GT points within τ of the prediction).
 
-Elevation: :class:`server.elevation.ElevationEstimator` on the four GT nearby views of view 0 at the object's known
+Elevation: :class:`server.stages.elevation.ElevationEstimator` on the four GT nearby views of view 0 at the object's
+known
 polar angle, as rendered and (``--degrade``) degraded like Zero123 output; the report gives median, 90th percentile
 and maximum absolute error and the share off by more than 10°, split by the estimator's flag
 (:mod:`training.elevation_eval`).
@@ -28,7 +29,7 @@ import numpy as np
 from PIL import Image
 from scipy.spatial import cKDTree
 
-from server.errors import BadInputError, EmptySurfaceError
+from server.common.errors import BadInputError, EmptySurfaceError
 from training.elevation_eval import Trial, markdown_table, run_trials, summarise, trials_from_renders
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def splat(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None, si
     Returns:
         [size, size, 3] uint8 on white.
     """
-    from server.cameras import FOCAL, IMAGE_SIZE, calc_pose
+    from server.common.cameras import FOCAL, IMAGE_SIZE, calc_pose
 
     xyz, chosen = sample_surface(vertices, faces, points, 0, return_faces=True)
     tri = np.asarray(vertices, dtype=np.float64)[faces[chosen]]
@@ -226,9 +227,10 @@ def reconstruct_object(model, folder: Path, predicted: bool, resolution: int, de
     """Run the server's reconstruction on one object's 32 source views → server Mesh in the pose.json world."""
     import torch
 
-    from server.cameras import normalise_cameras
-    from server.meshing import MeshingConfig
-    from server.reconstruct import ViewSet, reconstruct_mesh
+    from server.common.cameras import normalise_cameras
+    from server.common.views import ViewSet
+    from server.pipeline.reconstruct import reconstruct_mesh
+    from server.stages.meshing import MeshingConfig
     from training.data import read_object, read_rgb_on_white
 
     obj = read_object(folder)
@@ -256,7 +258,7 @@ def evaluate_checkpoint(checkpoint: Path, objects: Sequence[Path], out: Path, pr
     Returns:
         {"checkpoint", "step", "objects": [{uid, chamfer, fscore, …}], "mean": {chamfer, fscore, …}}.
     """
-    from server.reconstruction.checkpoint import load_reconstruction_model, read_config
+    from server.stages.reconstruction.checkpoint import load_reconstruction_model, read_config
 
     model = load_reconstruction_model(checkpoint)
     step = read_config(checkpoint)[1].get("step") if checkpoint.is_dir() else None
@@ -310,12 +312,12 @@ def markdown_report(results: Sequence[dict], threshold: float, elevation: dict |
 
 
 def textured_render(c2w: np.ndarray, size: int = 256, shape: str = "toy", seed: int = 0) -> np.ndarray:
-    """The analytic object of :mod:`server.synthetic` with a solid (3D) noise texture, so feature matchers find
+    """The analytic object of :mod:`server.common.synthetic` with a solid (3D) noise texture, so feature matchers find
     correspondences; same cameras and background as ``render_view``. Returns [size, size, 3] uint8."""
     from scipy.ndimage import map_coordinates
 
-    from server.cameras import default_intrinsics
-    from server.synthetic import camera_rays, cast_rays
+    from server.common.cameras import default_intrinsics
+    from server.common.synthetic import camera_rays, cast_rays
 
     k = default_intrinsics()
     k[:2] *= size / 256
@@ -357,7 +359,7 @@ def elevation_trials_synthetic(count: int, seed: int = 0, polar_range: tuple[int
 def evaluate_elevation(args: argparse.Namespace, objects: Sequence[Path]) -> dict:
     """The elevation report of :mod:`training.elevation_eval`: per setting (and degraded, with --degrade) the error
     statistics, all and split by the estimator's flag; the rows of every trial."""
-    from server.elevation import ElevationEstimator, available_matchers
+    from server.stages.elevation import ElevationEstimator, available_matchers
 
     estimator = ElevationEstimator(available_matchers(args.weights_dir, prefer=args.matcher))
     if args.elevation == "synthetic":

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from server.cameras import NEARBY_DELTAS
-from server.errors import BadInputError
-from server.reconstruct import read_rgb
+from server.common.cameras import NEARBY_DELTAS
+from server.common.errors import BadInputError
+from server.common.views import read_rgb
 from training.data import NUM_NEARBY, NUM_TARGETS, PREDICTION_DIR, find_objects, nearby_name
 from training.data import target_name as target_file
 from training.render.layout import require_full_views
@@ -52,7 +52,7 @@ def predict_object(model, folder: Path, steps: int, guidance: float, seed: int, 
     """Predict and cache one object's 32 nearby views. Returns False when the cache existed and was kept.
 
     Args:
-        model: a :class:`server.multiview.zero123.Zero123Model`.
+        model: a :class:`server.stages.multiview.zero123.Zero123Model`.
         folder: the object's folder.
         steps: DDIM steps setting (the pipeline's stage 2 uses 50).
         guidance: classifier-free guidance scale (3).
@@ -79,13 +79,14 @@ def predict_objects(model, folders: Sequence[Path], steps: int, guidance: float,
     is exactly :func:`predict_object`'s per-object seeding.
 
     Args:
-        model: a :class:`server.multiview.zero123.Zero123Model`.
+        model: a :class:`server.stages.multiview.zero123.Zero123Model`.
         folders: the objects' folders.
         steps, guidance, seed: as :func:`predict_object`.
         batch: conditioning images per sampler call (each brings 4 views).
-        unet: what evaluates ε (None: the model; a :class:`server.multiview.graphs.UNetGraphs` replays CUDA graphs).
+        unet: what evaluates ε (None: the model; a :class:`server.stages.multiview.graphs.UNetGraphs` replays CUDA
+        graphs).
     """
-    from server.multiview.zero123 import generate_views_batch, prepare_stage2_input
+    from server.stages.multiview.zero123 import generate_views_batch, prepare_stage2_input
 
     if not folders:
         return
@@ -122,7 +123,7 @@ def predict_objects(model, folders: Sequence[Path], steps: int, guidance: float,
 def run_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from server.multiview.zero123 import load_zero123, tiny_zero123
+    from server.stages.multiview.zero123 import load_zero123, tiny_zero123
 
     objects = find_objects(args.data)
     if args.shard:
@@ -150,7 +151,7 @@ def run_predict(args: argparse.Namespace) -> int:
         model = load_zero123(args.zero123, device, dtype)
     unet = None
     if device.startswith("cuda") and args.cuda_graphs:  # the pipeline's UNet speed-up (#11); one graph per batch
-        from server.multiview.graphs import UNetGraphs
+        from server.stages.multiview.graphs import UNetGraphs
 
         unet = UNetGraphs(model)
     todo = [f for f in objects if args.overwrite or not (f / PREDICTION_DIR).is_dir()]

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from server.reconstruction.cost_volume import project_to_grid
-from server.reconstruction.model import ReconstructionModel
-from server.reconstruction.rendering_network import view_direction_features
-from server.reconstruction.sdf_network import ConditionalVolume, sample_volume
+from server.stages.reconstruction.cost_volume import project_to_grid
+from server.stages.reconstruction.model import ReconstructionModel
+from server.stages.reconstruction.rendering_network import view_direction_features
+from server.stages.reconstruction.sdf_network import ConditionalVolume, sample_volume
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def ray_to_query_features(points: torch.Tensor, query_centre: torch.Tensor, cent
     the query camera (d_q) and to source camera v (d_v).
 
     At training the query direction takes the place the surface normal has in vertex colouring, so this is
-    :func:`~server.reconstruction.rendering_network.view_direction_features` with d_q for the normal.
+    :func:`~server.stages.reconstruction.rendering_network.view_direction_features` with d_q for the normal.
     """
     to_query = F.normalize(query_centre[None] - points, dim=-1, eps=1e-6)
     return view_direction_features(to_query, points, centres)

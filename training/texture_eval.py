@@ -13,11 +13,12 @@ Per object, numbered as :func:`evaluate_object` runs:
    far above 20 k faces.) Its vertex colours are sampled from the 40 views with the bake's own per-view sampler
    (visibility by depth, cosine and edge weights — :func:`vertex_colors_from_views`): the best per-vertex colour the
    views give, standing in for the reconstruction's blended vertex colours.
-2. For each face count, :func:`server.asset.decimate` brings the dense surface to the budget and carries the colours
-   to the new vertices exactly as the pipeline does for a vertex-coloured result with ``target_faces`` (nearest
-   original vertex), and :func:`server.asset.bake_texture` bakes a texture onto the same decimated mesh.
+2. For each face count, :func:`server.stages.asset.decimate` brings the dense surface to the budget and carries the
+   colours to the new vertices exactly as the pipeline does for a vertex-coloured result with ``target_faces`` (nearest
+   original vertex), and :func:`server.stages.asset.bake_texture` bakes a texture onto the same decimated mesh.
 3. Both are rendered at the held-out cameras by a supersampled z-buffer rasteriser (:func:`render_mesh`, built on
-   :func:`server.asset.raster.triangle_pixels`, with the bake's pixel convention) and compared with the GT renders:
+   :func:`server.stages.asset.raster.triangle_pixels`, with the bake's pixel convention) and compared with the GT
+   renders:
    PSNR over the object's foreground (:func:`psnr`), all held-out views pooled. LPIPS is left out: no maintained
    LPIPS package is installed in the project's environment.
 
@@ -48,13 +49,13 @@ import numpy as np
 from PIL import Image
 from scipy.spatial import cKDTree
 
-from server.asset import BakeConfig, BakeViews, DecimateConfig, TexturedMesh, bake_texture, decimate
-from server.asset.bake import view_samples  # the bake's per-view sampler: vertex colours use the same one
-from server.asset.geometry import vertex_normals
-from server.asset.raster import triangle_pixels
-from server.cameras import PoseFile, opengl_to_opencv
-from server.errors import BadInputError
-from server.meshing import Mesh, linear_to_srgb, srgb_to_linear
+from server.common.cameras import PoseFile, opengl_to_opencv
+from server.common.errors import BadInputError
+from server.common.mesh_io import Mesh, linear_to_srgb, srgb_to_linear
+from server.stages.asset import BakeConfig, BakeViews, DecimateConfig, TexturedMesh, bake_texture, decimate
+from server.stages.asset.bake import view_samples  # the bake's per-view sampler: vertex colours use the same one
+from server.stages.asset.geometry import vertex_normals
+from server.stages.asset.raster import triangle_pixels
 
 logger = logging.getLogger("training.texture_eval")
 
@@ -161,7 +162,7 @@ def load_rendered_object(folder: str | os.PathLike[str]) -> EvalObject:
     Raises:
         BadInputError: a missing file, or a folder without held-out views.
     """
-    from server.reconstruct import read_rgb
+    from server.common.views import read_rgb
     from training.render import layout
 
     folder = Path(folder)
@@ -233,7 +234,7 @@ def rasterize(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest triangle at every pixel centre and its perspective-correct barycentric coordinates.
 
-    Same camera and pixel conventions as :func:`server.asset.render_depth` (OpenCV w2c, pixel (i, j) centred at
+    Same camera and pixel conventions as :func:`server.stages.asset.render_depth` (OpenCV w2c, pixel (i, j) centred at
     (j + 0.5, i + 0.5)); triangles with a corner at or behind the camera plane are skipped.
 
     Returns:
@@ -270,7 +271,7 @@ def render_mesh(
     white by the coverage, as a straight-alpha Cycles render composited on white.
 
     Args:
-        mesh: :class:`TexturedMesh` (texture used) or :class:`~server.meshing.Mesh` with colours.
+        mesh: :class:`TexturedMesh` (texture used) or :class:`~server.common.mesh_io.Mesh` with colours.
         intrinsics: [3, 3] for the height×width image; w2c: [4, 4] OpenCV.
 
     Returns:
@@ -430,8 +431,8 @@ def evaluate_object(obj: EvalObject, config: TextureEvalConfig = TextureEvalConf
     Returns:
         The dense reference row, then per budget (in config order) a :data:`TEXTURE` and a :data:`VERTEX` row.
     """
-    from server.asset import export_textured_mesh
-    from server.meshing import export_mesh
+    from server.common.mesh_io import export_mesh
+    from server.stages.asset import export_textured_mesh
 
     # 1. Vertex colours of the (jittered) dense GT surface from the 40 views.
     rng = np.random.default_rng(0)

@@ -44,10 +44,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from server.errors import BadInputError, CheckpointError
-from server.reconstruction.checkpoint import WEIGHTS_FILE, save_checkpoint
-from server.reconstruction.model import PRESETS as MODEL_PRESETS
-from server.reconstruction.model import ReconstructionConfig, ReconstructionModel, build_model
+from server.common.errors import BadInputError, CheckpointError
+from server.stages.reconstruction.checkpoint import WEIGHTS_FILE, save_checkpoint
+from server.stages.reconstruction.model import PRESETS as MODEL_PRESETS
+from server.stages.reconstruction.model import ReconstructionConfig, ReconstructionModel, build_model
 from training.amp import AMP_MODES, Precision, conditional_volume, keep_norms_fp32, resolve_precision
 from training.data import (
     DataConfig,
@@ -78,7 +78,7 @@ class TrainConfig:
     """Everything that decides a training run; stored in every checkpoint. Defaults are the paper's."""
 
     model: str = "paper"
-    """Network preset of :data:`server.reconstruction.model.PRESETS` (``paper`` or ``tiny``)."""
+    """Network preset of :data:`server.stages.reconstruction.model.PRESETS` (``paper`` or ``tiny``)."""
     volume_dims: int = 0
     """Cost-volume voxels per axis, overriding the network preset's (0: keep it). The checkpoint records it."""
     steps: int = 200_000

@@ -46,7 +46,7 @@ if [ "$DEVICE" = cuda ]; then
     --out "$work/fit"
   step predict-4 60 "$PY" -m training.cli predict --data "$work/data" --random-paper --steps 50 --overwrite \
     --batch-objects 4 --device cuda
-  step checkpoint-on-cpu 60 bash -c "\"$PY\" -c \"from server.synthetic import write_views_dir as w; w('$work/views')\" \
+  step checkpoint-on-cpu 60 bash -c "\"$PY\" -c \"from server.common.synthetic import write_views_dir as w; w('$work/views')\" \
     && \"$PY\" -m server reconstruct '$work/views' -o '$work/mesh.ply' --device cpu --resolution 64 \
     --checkpoint \"\$(ls -d '$work'/fit/run/checkpoints/step_* | tail -1)\""
   step pipeline-eager 80 "$PY" -m server.benchmarks.pipeline --preset paper --device cuda --repeats 1 --no-cuda-graphs
@@ -59,7 +59,7 @@ else
     --out "$work/fit"
   step predict-4 120 "$PY" -m training.cli predict --data "$work/data" --tiny --steps 2 --overwrite --batch-objects 4 \
     --device cpu
-  step checkpoint-on-cpu 120 bash -c "\"$PY\" -c \"from server.synthetic import write_views_dir as w; w('$work/views')\" \
+  step checkpoint-on-cpu 120 bash -c "\"$PY\" -c \"from server.common.synthetic import write_views_dir as w; w('$work/views')\" \
     && \"$PY\" -m server reconstruct '$work/views' -o '$work/mesh.ply' --device cpu --resolution 64 \
     --checkpoint \"\$(ls -d '$work'/fit/run/checkpoints/step_* | tail -1)\""
   step pipeline-low-vram 300 "$PY" -m server.benchmarks.pipeline --preset tiny --device cpu --steps-stage1 2 \

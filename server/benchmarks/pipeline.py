@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from server.benchmarks.reconstruct import print_report
-from server.cameras import PoseFile
-from server.devices import resolve_device
-from server.elevation import ElevationEstimator, SiftMatcher
+from server.common.cameras import PoseFile
+from server.common.devices import resolve_device
+from server.common.synthetic import render_views
 from server.pipeline import GenerateOptions, One2345Pipeline, PipelineModels
-from server.reconstruction.model import build_model
-from server.synthetic import render_views
+from server.stages.elevation import ElevationEstimator, SiftMatcher
+from server.stages.reconstruction.model import build_model
 
 
 def random_paper_zero123():
@@ -34,8 +34,8 @@ def random_paper_zero123():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from server.multiview.convert import ZERO123_XL
-    from server.multiview.zero123 import Zero123Model
+    from server.stages.multiview.convert import ZERO123_XL
+    from server.stages.multiview.zero123 import Zero123Model
 
     unet = UNet2DConditionModel(**ZERO123_XL.unet.diffusers_config())
     vae = AutoencoderKL(**ZERO123_XL.vae.diffusers_config())

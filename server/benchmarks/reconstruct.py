@@ -2,7 +2,7 @@
 
 Uses the full-size (``paper``) network with random weights — run time does not depend on the weight values, and the
 geometric initialisation gives a closed surface of realistic size, so meshing and colouring do real work — on the
-synthetic views of :mod:`server.synthetic`.
+synthetic views of :mod:`server.common.synthetic`.
 
     python -m server.benchmarks.reconstruct --preset paper --resolution 256 --device cpu --repeats 2
 """
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from server.meshing import MeshingConfig
-from server.reconstruct import load_views, reconstruct_mesh
-from server.reconstruction.model import build_model
-from server.synthetic import write_views_dir
+from server.common.synthetic import write_views_dir
+from server.common.views import load_views
+from server.pipeline.reconstruct import reconstruct_mesh
+from server.stages.meshing import MeshingConfig
+from server.stages.reconstruction.model import build_model
 
 
 def peak_rss_gib() -> float:

@@ -20,7 +20,7 @@ from urllib.parse import unquote
 import pytest
 from huggingface_hub import constants as hf_constants
 
-from server import weights
+from server.common import weights
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")

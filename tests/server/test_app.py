@@ -20,10 +20,10 @@ import trimesh
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from server.app import AppConfig, create_app
-from server.errors import BadInputError, CancelledError, MissingWeightsError
-from server.jobs import JobManager, JobsConfig, write_json_atomic
+from server.common.errors import BadInputError, CancelledError, MissingWeightsError
 from server.pipeline import GenerateOptions, GenerateResult, Progress
+from server.service.app import AppConfig, create_app
+from server.service.jobs import JobManager, JobsConfig, write_json_atomic
 
 TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from server import jobs as jobs_module
-from server.jobs import Job, JobManager
+from server.service import jobs as jobs_module
+from server.service.jobs import Job, JobManager
 from tests.server.test_app import AUTH, FakePipeline, make_client, png_bytes, submit, wait_state
 
 

@@ -1,7 +1,8 @@
 """Tests for server/asset: clean-up, decimation, UV unwrap, texture bake, textured export.
 
 Every expected value is computed independently of the code under test: meshes are marching-cubes surfaces of
-analytic SDFs (spheres), the views are rendered by the exact ray caster below (not by server.asset.raster), and the
+analytic SDFs (spheres), the views are rendered by the exact ray caster below (not by server.stages.asset.raster), and
+the
 true colour of a surface point is an analytic function of its sphere normal, so each baked texel can be checked.
 """
 
@@ -19,7 +20,11 @@ import torch
 import trimesh
 from PIL import Image
 
-from server.asset import (
+from server.common.cameras import PoseFile
+from server.common.errors import BadInputError
+from server.common.mesh_io import Mesh, load_mesh
+from server.common.views import load_views, read_rgb
+from server.stages.asset import (
     AssetConfig,
     BakeConfig,
     BakeViews,
@@ -37,10 +42,7 @@ from server.asset import (
     render_depth,
     unwrap,
 )
-from server.cameras import PoseFile
-from server.errors import BadInputError
-from server.meshing import Mesh, extract_surface, load_mesh
-from server.reconstruct import load_views, read_rgb
+from server.stages.meshing import extract_surface
 
 TEXTURE = 256
 
@@ -257,7 +259,8 @@ def test_decimate_keeps_a_mesh_within_budget_and_refuses_tiny_targets(scene_mesh
 
 def coverage_counts(uvs: np.ndarray, faces: np.ndarray, size: int, offset: float) -> np.ndarray:
     """How many UV triangles strictly contain each point of a size² sample grid (shifted by ``offset`` texels, so
-    no sample sits on the texel lattice xatlas snaps to). Independent of server.asset.raster: one triangle at a time
+    no sample sits on the texel lattice xatlas snaps to). Independent of server.stages.asset.raster: one triangle at a
+    time
     over its bounding box."""
     counts = np.zeros((size, size), dtype=np.int32)
     tri = uvs[faces].astype(np.float64) * size - offset
@@ -376,7 +379,7 @@ def test_bake_depth_test_rejects_occluded_views(scene_mesh: Mesh, views_dir: Pat
 
 
 def test_fill_unseen_dilates_then_uses_the_mean() -> None:
-    from server.asset import fill_unseen
+    from server.stages.asset import fill_unseen
 
     texture = np.zeros((16, 16, 3), dtype=np.float32)
     known = np.zeros((16, 16), dtype=bool)

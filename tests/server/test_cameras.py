@@ -1,4 +1,4 @@
-"""Tests of server.cameras against the spec's numbers and independent re-derivations (spec §3)."""
+"""Tests of server.common.cameras against the spec's numbers and independent re-derivations (spec §3)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from server import cameras
-from server.cameras import (
+from server.common import cameras
+from server.common.cameras import (
     PoseFile,
     calc_pose,
     nearby_view_ids,
@@ -21,7 +21,7 @@ from server.cameras import (
     stage1_view_ids,
     view_angles,
 )
-from server.errors import BadInputError
+from server.common.errors import BadInputError
 
 
 def _centre(polar: float, azimuth: float, radius: float = 1.2) -> np.ndarray:

@@ -3,7 +3,8 @@ traceback, and nothing is written where it should not be.
 
 The corpus is the kinds of mistake a user or a script makes — a missing file, a folder where a file belongs and the
 reverse, empty, truncated and garbage files, a decompression bomb, wrong shapes — crossed with every command that
-reads a file. The commands run in process through :func:`server.cli.main` (a traceback there is an exception escaping
+reads a file. The commands run in process through :func:`server.service.cli.main` (a traceback there is an exception
+escaping
 ``main``, which fails the test with it); a handful run as real subprocesses too, to check the installed entry point.
 """
 
@@ -23,10 +24,10 @@ import pytest
 import torch
 from PIL import Image
 
-from server.cli import main
-from server.reconstruction.checkpoint import save_checkpoint
-from server.reconstruction.model import build_model
-from server.synthetic import write_views_dir
+from server.common.synthetic import write_views_dir
+from server.service.cli import main
+from server.stages.reconstruction.checkpoint import save_checkpoint
+from server.stages.reconstruction.model import build_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -270,7 +271,7 @@ def test_serve_refuses_bad_settings_before_binding(argv, needle, tmp_path, capsy
     (tmp_path / "file").write_text("x")
     monkeypatch.setenv("ONE2345_TOKEN", "corpus-token-0123456789")
     argv = [a.format(file=tmp_path / "file") for a in argv]
-    monkeypatch.setattr("server.serve.bind_socket", lambda *a: pytest.fail("bound a socket with bad settings"))
+    monkeypatch.setattr("server.service.serve.bind_socket", lambda *a: pytest.fail("bound a socket with bad settings"))
     assert_clean_refusal(*run(["serve", "--preset", "tiny", "--device", "cpu", "--jobs-dir", str(tmp_path / "j"),
                                *argv], capsys), needle)
 
@@ -281,7 +282,7 @@ def test_serve_refuses_bad_settings_before_binding(argv, needle, tmp_path, capsy
 ])
 def test_serve_refuses_unusable_tokens(token, host, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ONE2345_TOKEN", token)
-    monkeypatch.setattr("server.serve.bind_socket", lambda *a: pytest.fail("bound a socket with a bad token"))
+    monkeypatch.setattr("server.service.serve.bind_socket", lambda *a: pytest.fail("bound a socket with a bad token"))
     assert_clean_refusal(*run(["serve", "--host", host, "--jobs-dir", str(tmp_path)], capsys), needle)
 
 
@@ -309,7 +310,7 @@ def test_the_installed_command_prints_no_traceback(argv, views, tmp_path):
     (tmp_path / "garbage").write_bytes(GARBAGE)
     argv = [a.format(bomb_dir=bomb_dir, tmp=tmp_path, garbage=tmp_path / "garbage") for a in argv]
     env = {**os.environ, "ONE2345_TOKEN": "corpus-token-0123456789"}
-    run_ = subprocess.run([sys.executable, "-m", "server.cli", *argv], cwd=REPO, env=env, capture_output=True,
+    run_ = subprocess.run([sys.executable, "-m", "server.service.cli", *argv], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert run_.returncode == 2, run_.stderr
     assert "Traceback" not in run_.stderr and "error" in run_.stderr, run_.stderr

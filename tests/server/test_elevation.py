@@ -19,9 +19,11 @@ import torch
 from PIL import Image
 from scipy.ndimage import map_coordinates
 
-from server.cameras import calc_pose
-from server.cli import main as cli_main
-from server.elevation import (
+from server.common.cameras import calc_pose
+from server.common.errors import BadInputError, CheckpointError, MissingWeightsError
+from server.common.weights import weight_file
+from server.service.cli import main as cli_main
+from server.stages.elevation import (
     ISOTROPIC,
     LOFTR_WEIGHTS_FILENAME,
     ElevationEstimator,
@@ -45,8 +47,6 @@ from server.elevation import (
     sampson_distances,
     silhouette_outline,
 )
-from server.errors import BadInputError, CheckpointError, MissingWeightsError
-from server.weights import weight_file
 
 FOCAL, CENTRE, SIZE = 280.0, 128.0, 256
 K_TRUE = np.array([[FOCAL, 0.0, CENTRE], [0.0, FOCAL, CENTRE], [0.0, 0.0, 1.0]])

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from server import pipeline
-from server.cli import build_parser
 from server.pipeline import One2345Pipeline, resident
-from server.serve import ServeSettings
+from server.service.cli import build_parser
+from server.service.serve import ServeSettings
 
 
 class Recording(torch.nn.Module):
@@ -59,7 +59,7 @@ def test_the_flag_reaches_the_pipeline_from_the_cli_and_the_server():
 def test_cuda_graphs_are_used_on_cuda_only_and_never_in_low_vram_mode(monkeypatch):
     from types import SimpleNamespace
 
-    from server.multiview import graphs
+    from server.stages.multiview import graphs
 
     monkeypatch.setattr(graphs, "UNetGraphs", lambda model: SimpleNamespace(model=model))  # no GPU here to capture on
     pipe = One2345Pipeline.from_preset("tiny", device="cpu")

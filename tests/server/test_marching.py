@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from server.errors import BadInputError
-from server.marching import case_tables, marching_cubes
+from server.common.errors import BadInputError
+from server.stages.marching import case_tables, marching_cubes
 
 
 def assert_same_as_mcubes(volume: np.ndarray, level: float = 0.0, device: str = "cpu") -> int:

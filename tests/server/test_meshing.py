@@ -18,17 +18,9 @@ import pytest
 import torch
 import trimesh
 
-from server.errors import BadInputError, CancelledError, EmptySurfaceError
-from server.meshing import (
-    Mesh,
-    MeshingConfig,
-    export_mesh,
-    extract_surface,
-    lattice_indices,
-    load_mesh,
-    refinement_strides,
-    sample_sdf_grid,
-)
+from server.common.errors import BadInputError, CancelledError, EmptySurfaceError
+from server.common.mesh_io import Mesh, export_mesh, load_mesh
+from server.stages.meshing import MeshingConfig, extract_surface, lattice_indices, refinement_strides, sample_sdf_grid
 
 SdfFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -397,7 +389,7 @@ def test_glb_vertex_colours_are_linear_as_gltf_defines_them(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 def test_sampling_and_marching_cubes_on_cuda_give_the_cpu_mesh() -> None:
-    from server.meshing import sample_sdf_volume
+    from server.stages.meshing import sample_sdf_volume
 
     def sdf(p: torch.Tensor) -> torch.Tensor:  # on whichever device the points are
         return (p - torch.tensor([0.1, -0.05, 0.02], device=p.device)).norm(dim=-1) - 0.55

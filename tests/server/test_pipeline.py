@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.cameras import PoseFile
-from server.cli import main
-from server.elevation import ElevationEstimator, Matches
-from server.errors import BadInputError, CancelledError
-from server.meshing import load_mesh
-from server.multiview.ddim import ddim_timesteps
+from server.common.cameras import PoseFile
+from server.common.errors import BadInputError, CancelledError
+from server.common.mesh_io import load_mesh
 from server.pipeline import GenerateOptions, One2345Pipeline
-from server.reconstruct import STAGE_COST, reconstruction_fraction
+from server.pipeline.reconstruct import STAGE_COST, reconstruction_fraction
+from server.service.cli import main
+from server.stages.elevation import ElevationEstimator, Matches
+from server.stages.multiview.ddim import ddim_timesteps
 
 FAST = dict(steps_stage1=2, steps_stage2=3, resolution=32)
 
@@ -209,8 +209,8 @@ def test_cli_generate_argument_errors(photo, tmp_path, capsys):
 
 
 def test_png_writer_finishes_every_file_even_when_the_block_fails(tmp_path):
-    from server.pipeline import _png_writer
-    from server.reconstruct import read_rgb
+    from server.common.views import read_rgb
+    from server.pipeline.one2345 import _png_writer
 
     views = {f"{i}.png": np.full((16, 16, 3), 10 * i, np.uint8) for i in range(6)}
     with pytest.raises(CancelledError, match="cancelled while meshing"), _png_writer() as write:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from server import preprocess as pp
-from server.errors import BadInputError, CheckpointError, MissingWeightsError
+from server.common.errors import BadInputError, CheckpointError, MissingWeightsError
+from server.stages import preprocess as pp
 
 RNG_SEED = 0
 
@@ -476,7 +476,7 @@ def _tiny_sam(seed: int):
     """A randomly initialised SAM with a 64-px, 1-block, 32-wide ViT (same module tree as ViT-H, tiny sizes)."""
     import torch
 
-    from server.sam_compat import import_segment_anything
+    from server.stages.sam_compat import import_segment_anything
 
     modeling = import_segment_anything().modeling
     ImageEncoderViT, MaskDecoder, PromptEncoder = modeling.ImageEncoderViT, modeling.MaskDecoder, modeling.PromptEncoder

@@ -11,13 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from server.cameras import PoseFile
-from server.cli import main
-from server.errors import BadInputError
-from server.meshing import MeshingConfig, load_mesh
-from server.reconstruct import load_views, reconstruct_mesh
-from server.reconstruction.model import build_model
-from server.synthetic import write_views_dir
+from server.common.cameras import PoseFile
+from server.common.errors import BadInputError
+from server.common.mesh_io import load_mesh
+from server.common.synthetic import write_views_dir
+from server.common.views import load_views
+from server.pipeline.reconstruct import reconstruct_mesh
+from server.service.cli import main
+from server.stages.meshing import MeshingConfig
+from server.stages.reconstruction.model import build_model
 
 
 @pytest.fixture(scope="module")

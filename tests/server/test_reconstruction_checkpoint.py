@@ -7,16 +7,16 @@ import json
 import pytest
 import torch
 
-from server.cli import main
-from server.errors import CheckpointError, MissingWeightsError
-from server.reconstruction.checkpoint import (
+from server.common.errors import CheckpointError, MissingWeightsError
+from server.service.cli import main
+from server.stages.reconstruction.checkpoint import (
     load_checkpoint,
     load_official,
     load_reconstruction_model,
     save_checkpoint,
     verify_checkpoint,
 )
-from server.reconstruction.model import build_model
+from server.stages.reconstruction.model import build_model
 
 
 def spec_official_shapes() -> dict[str, dict[str, tuple[int, ...]]]:

@@ -8,12 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.reconstruction.cost_volume import build_cost_volume, voxel_centres
-from server.reconstruction.feature_net import FeatureNet
-from server.reconstruction.model import ReconstructionConfig, ReconstructionModel, build_model
-from server.reconstruction.norm import ActivatedBatchNorm2d, set_batch_statistics
-from server.reconstruction.rendering_network import GeneralRenderingNetwork, view_direction_features
-from server.reconstruction.sdf_network import LatentSDFLayer, WeightNormLinear, positional_encoding, sample_volume
+from server.stages.reconstruction.cost_volume import build_cost_volume, voxel_centres
+from server.stages.reconstruction.feature_net import FeatureNet
+from server.stages.reconstruction.model import ReconstructionConfig, ReconstructionModel, build_model
+from server.stages.reconstruction.norm import ActivatedBatchNorm2d, set_batch_statistics
+from server.stages.reconstruction.rendering_network import GeneralRenderingNetwork, view_direction_features
+from server.stages.reconstruction.sdf_network import (
+    LatentSDFLayer,
+    WeightNormLinear,
+    positional_encoding,
+    sample_volume,
+)
 
 
 def test_activated_batch_norm_matches_inplace_abn_formula():

@@ -19,11 +19,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from server.app import AppConfig, create_app
-from server.cli import main
-from server.errors import BadInputError
-from server.jobs import JobManager
+from server.common.errors import BadInputError
 from server.pipeline import GenerateOptions, One2345Pipeline
+from server.service.app import AppConfig, create_app
+from server.service.cli import main
+from server.service.jobs import JobManager
 
 FAST = ["--preset", "tiny", "--steps-stage1", "2", "--steps-stage2", "2", "--resolution", "48", "--seed", "3",
         "--elevation", "15", "--device", "cpu"]

@@ -17,9 +17,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from server.app import AppConfig, create_app
-from server.jobs import JobManager, JobsConfig
 from server.pipeline import GenerateOptions, One2345Pipeline
+from server.service.app import AppConfig, create_app
+from server.service.jobs import JobManager, JobsConfig
 from tests.server.test_app import AUTH, TOKEN, FakePipeline, make_client, submit, wait_state
 
 FAST = {"steps_stage1": 2, "steps_stage2": 2, "resolution": 32, "seed": 11, "elevation": 15, "format": "glb"}

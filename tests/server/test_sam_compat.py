@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from server.sam_compat import _batched_nms, _box_area, _resize, _to_pil_image, import_segment_anything
+from server.stages.sam_compat import _batched_nms, _box_area, _resize, _to_pil_image, import_segment_anything
 
 
 def test_import_leaves_no_fake_torchvision_behind():

@@ -32,7 +32,7 @@ import pytest
 import trimesh
 from PIL import Image, ImageDraw
 
-from server.meshing import load_mesh
+from server.common.mesh_io import load_mesh
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "process-test-token-5b1e"
@@ -70,7 +70,7 @@ def start_server(jobs_dir: Path, log: Path, *flags: str, token: str | None = TOK
         env["ONE2345_TOKEN"] = token
     with open(log, "w") as err:  # a file, not a pipe: a chatty server can never block on a full pipe
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server.serve", "--preset", "tiny", "--device", "cpu", "--port", "0",
+            [sys.executable, "-m", "server.service.serve", "--preset", "tiny", "--device", "cpu", "--port", "0",
              "--jobs-dir", str(jobs_dir), *flags],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
     readable, _, _ = select.select([proc.stdout], [], [], 120)
@@ -298,7 +298,8 @@ def test_restart_lists_jobs_and_sigterm_cancels_the_running_job(server, two_jobs
 
 def test_refuses_a_public_address_without_a_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "ONE2345_TOKEN"}
-    run = subprocess.run([sys.executable, "-m", "server.serve", "--host", "0.0.0.0", "--jobs-dir", str(tmp_path)],
+    run = subprocess.run([sys.executable, "-m", "server.service.serve", "--host", "0.0.0.0", "--jobs-dir",
+    str(tmp_path)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stdout == ""
     assert "ONE2345_TOKEN" in run.stderr and "0.0.0.0" in run.stderr

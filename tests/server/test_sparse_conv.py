@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from server.errors import BadInputError
-from server.reconstruction.sparse_conv import (
+from server.common.errors import BadInputError
+from server.stages.reconstruction.sparse_conv import (
     SparseBatchNorm,
     SparseConv3d,
     SparseCostRegNet,

@@ -1,4 +1,5 @@
-"""Tests of server.synthetic: rendered pixels agree with the analytic object and with the cameras of pose.json."""
+"""Tests of server.common.synthetic: rendered pixels agree with the analytic object and with the cameras of
+pose.json."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.cameras import PoseFile, calc_pose, nearby_view_ids, stage1_view_ids
-from server.errors import BadInputError
-from server.synthetic import PALETTE, cast_rays, render_view, render_views, shape_sdf, toy_sdf, write_views_dir
+from server.common.cameras import PoseFile, calc_pose, nearby_view_ids, stage1_view_ids
+from server.common.errors import BadInputError
+from server.common.synthetic import PALETTE, cast_rays, render_view, render_views, shape_sdf, toy_sdf, write_views_dir
 
 K = np.array([[280.0, 0.0, 128.0], [0.0, 280.0, 128.0], [0.0, 0.0, 1.0]])
 

@@ -1,6 +1,6 @@
 """Fuzz of ``one2345 weights verify`` (issue #14, F3): generated garbage, real checkpoints cut short or with flipped
 bytes, and well-formed pickles of the wrong structure. Whatever the file holds, verification answers — a result or a
-:class:`server.errors.One2345Error` — and the command exits 1 or 2 with a message; nothing else may escape.
+:class:`server.common.errors.One2345Error` — and the command exits 1 or 2 with a message; nothing else may escape.
 
 Bounded: a fixed number of examples per strategy, derandomised, no example database.
 """
@@ -15,9 +15,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.cli import main
-from server.errors import One2345Error
-from server.reconstruction.checkpoint import OFFICIAL_NETWORKS, verify_checkpoint
+from server.common.errors import One2345Error
+from server.service.cli import main
+from server.stages.reconstruction.checkpoint import OFFICIAL_NETWORKS, verify_checkpoint
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from server import weights
-from server.errors import BadInputError, CancelledError, CheckpointError, MissingWeightsError
+from server.common import weights
+from server.common.errors import BadInputError, CancelledError, CheckpointError, MissingWeightsError
 from tests.server.fake_hub import FakeHub, payload, serve_hub
 
 SAM_BYTES = payload(3000, 1)
@@ -162,7 +162,7 @@ def test_registry_matches_spec_table() -> None:
 
 
 def test_cli_list_shows_every_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from server.cli import main
+    from server.service.cli import main
 
     root = tmp_path / "weights"
     (root / "sam_vit_h_4b8939.pth").parent.mkdir(parents=True)

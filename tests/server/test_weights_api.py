@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from server import weights
-from server.app import AppConfig, create_app
-from server.jobs import JobManager, JobsConfig
-from server.weights_api import PRESET_REQUIRES, WeightsConfig, WeightsManager
+from server.common import weights
+from server.service.app import AppConfig, create_app
+from server.service.jobs import JobManager, JobsConfig
+from server.service.weights_api import PRESET_REQUIRES, WeightsConfig, WeightsManager
 from tests.server.fake_hub import FakeHub, payload, serve_hub
 from tests.server.test_app import FakePipeline, png_bytes
 

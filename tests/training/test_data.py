@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from server.errors import BadInputError
-from server.synthetic import shape_sdf
+from server.common.errors import BadInputError
+from server.common.synthetic import shape_sdf
 from training.data import (
     DataConfig,
     ObjectDataset,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from server.elevation import ElevationEstimator, FlowMatcher, SiftMatcher
+from server.stages.elevation import ElevationEstimator, FlowMatcher, SiftMatcher
 from training.elevation_eval import degrade, run_trials, summarise
 from training.evaluate import (
     AlignConfig,

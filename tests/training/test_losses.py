@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from server.reconstruction.sdf_network import ConditionalVolume
+from server.stages.reconstruction.sdf_network import ConditionalVolume
 from training.losses import (
     LossConfig,
     color_loss,

@@ -22,7 +22,7 @@ import pytest
 import trimesh
 from PIL import Image
 
-from server.errors import BadInputError
+from server.common.errors import BadInputError
 from training.cli import build_parser, main
 from training.render import driver
 

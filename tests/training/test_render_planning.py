@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.errors import BadInputError
+from server.common.errors import BadInputError
 from training.cli import build_parser
 from training.render import driver, layout, procedural, sources
 from training.render.layout import ObjectJob, PolarSpec

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.asset import BakeViews
-from server.cameras import PoseFile, calc_pose
-from server.errors import BadInputError
-from server.meshing import Mesh, extract_surface, linear_to_srgb, srgb_to_linear
+from server.common.cameras import PoseFile, calc_pose
+from server.common.errors import BadInputError
+from server.common.mesh_io import Mesh, linear_to_srgb, srgb_to_linear
+from server.stages.asset import BakeViews
+from server.stages.meshing import extract_surface
 from training.cli import main
 from training.texture_eval import (
     DENSE,

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from server.errors import BadInputError
-from server.reconstruction.checkpoint import load_checkpoint
-from server.reconstruction.model import build_model
-from server.synthetic import write_views_dir
+from server.common.errors import BadInputError
+from server.common.synthetic import write_views_dir
+from server.stages.reconstruction.checkpoint import load_checkpoint
+from server.stages.reconstruction.model import build_model
 from training.data import load_sample, read_object, sample_rays, write_synthetic_object
 from training.train import (
     PRESETS,
@@ -80,7 +80,7 @@ def test_loss_goes_down_and_checkpoints(run, data):
 
 
 def test_checkpoint_loads_in_server_reconstruct(run, tmp_path):
-    from server.cli import main
+    from server.service.cli import main
 
     views = write_views_dir(tmp_path / "views", polar=75)
     mesh = tmp_path / "mesh.ply"

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from server.errors import BadInputError
-from server.reconstruction.model import build_model
+from server.common.errors import BadInputError
+from server.stages.reconstruction.model import build_model
 from training.amp import Precision, conditional_volume, resolve_precision
 from training.data import (
     DataConfig,

@@ -5,7 +5,7 @@
 
 Data: ``--data DIR`` is any render root ``fit`` reads (``one2345-train render --out DIR``, or the official layout).
 Without it, or when DIR holds no finished object yet, ``--objects`` procedural objects are rendered into it (default
-``<out>/data``): the analytic shapes of :mod:`server.synthetic` in the training layout, exactly as the tests make
+``<out>/data``): the analytic shapes of :mod:`server.common.synthetic` in the training layout, exactly as the tests make
 training data (numpy only, no Blender; ~6 s per 256² object and core, in parallel over the cores), so a later run
 with the same ``--data`` reuses them. Sources are the GT nearby renders (``prediction_ratio`` 0): Zero123's
 predictions are files of the same size, so loading costs the same.
@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from server.benchmarks.reconstruct import print_report
-from server.errors import BadInputError, One2345Error
+from server.common.errors import BadInputError, One2345Error
 from training.amp import resolve_precision
 from training.data import find_objects, write_synthetic_dataset
 from training.train import PRESETS, TrainConfig, add_speed_arguments, fit, runtime_from_args

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: `server`
 
-from server.cameras import FOCAL, IMAGE_SIZE, calc_pose
+from server.common.cameras import FOCAL, IMAGE_SIZE, calc_pose
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

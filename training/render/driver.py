@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.errors import BadInputError
+from server.common.errors import BadInputError
 from training.render import layout, sources
 from training.render.layout import ObjectJob
 

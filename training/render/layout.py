@@ -9,7 +9,7 @@ Layout of one object, ``<out>/<folder_id>/<uid>/`` (the reference's ``zero12345_
 * ``view_{k}_depth_mm.png`` — uint16 z-depth along the optical axis in millimetres, 0 = background;
 * ``view_{k}_depth.exr`` — float32 z-depth in metres (0 = background), only with ``--exr-depth``;
 * ``view_{k}_{j}_10.png`` — j = 0..3, the 32 nearby views (±10° in polar, then in azimuth), RGBA 8-bit;
-* ``pose.json`` — exactly the inference format (:class:`server.cameras.PoseFile`): intrinsics, near_far and one
+* ``pose.json`` — exactly the inference format (:class:`server.common.cameras.PoseFile`): intrinsics, near_far and one
   OpenGL c2w per image id;
 * ``mesh.ply`` — the normalised object (the frame of pose.json), binary PLY triangles, for geometry checks and
   evaluation (off with ``--no-mesh``);
@@ -45,8 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from server.cameras import FOCAL, IMAGE_SIZE, NEAR_FAR, PoseFile, calc_pose, stage1_indices, view_angles
-from server.errors import BadInputError
+from server.common.cameras import FOCAL, IMAGE_SIZE, NEAR_FAR, PoseFile, calc_pose, stage1_indices, view_angles
+from server.common.errors import BadInputError
 from training.render.procedural import SURFACES
 
 META_NAME = "meta.json"
@@ -422,7 +422,7 @@ def parse_event(line: str) -> dict[str, Any] | None:
 def intrinsics_for_size(size: int) -> np.ndarray:
     """[3, 3] pose.json intrinsics for ``size``² images: focal 280·size/256, principal point (size/2, size/2).
 
-    At 256 this is exactly :func:`server.cameras.default_intrinsics`. The principal point follows the reference's
+    At 256 this is exactly :func:`server.common.cameras.default_intrinsics`. The principal point follows the reference's
     convention that pixel (row i, column j) covers [j, j+1] × [i, i+1], so its centre is (j + 0.5, i + 0.5).
     """
     scale = size / IMAGE_SIZE

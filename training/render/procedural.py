@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.errors import BadInputError
+from server.common.errors import BadInputError
 
 PRIMITIVES: tuple[str, ...] = ("box", "sphere", "cylinder", "cone", "torus")
 """Kinds of parts the generator draws from."""

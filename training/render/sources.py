@@ -21,7 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from server.errors import BadInputError
+from server.common.errors import BadInputError
 from training.render.layout import ObjectJob, folder_id_for_index, stable_hash
 
 MESH_SUFFIXES: tuple[str, ...] = (".glb", ".gltf", ".obj", ".ply", ".fbx")

@@ -45,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: `server` and `training`
 
-from server.cameras import NEAR_FAR, PoseFile, calc_pose
+from server.common.cameras import NEAR_FAR, PoseFile, calc_pose
 from training.render import layout, procedural, render_views, scene_bpy
 from training.render.layout import ObjectJob, RenderSettings
 

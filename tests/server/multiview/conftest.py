@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from server.multiview.zero123 import Zero123Model, tiny_zero123
+from server.stages.multiview.zero123 import Zero123Model, tiny_zero123
 
 
 @pytest.fixture(scope="module")

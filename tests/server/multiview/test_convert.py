@@ -16,9 +16,9 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from server.errors import CheckpointError, MissingWeightsError
-from server.multiview import convert
-from server.multiview.convert import (
+from server.common.errors import CheckpointError, MissingWeightsError
+from server.stages.multiview import convert
+from server.stages.multiview.convert import (
     LdmUNetConfig,
     LdmVaeConfig,
     OpenAIClipVisionConfig,

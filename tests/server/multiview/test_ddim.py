@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from server.errors import BadInputError, CancelledError
-from server.multiview.ddim import ddim_sample, ddim_step, ddim_timesteps, scaled_linear_alphas_cumprod
+from server.common.errors import BadInputError, CancelledError
+from server.stages.multiview.ddim import ddim_sample, ddim_step, ddim_timesteps, scaled_linear_alphas_cumprod
 
 SHAPE = (2, 4, 8, 8)
 

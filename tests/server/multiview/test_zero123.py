@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.errors import BadInputError, CancelledError, CheckpointError, MissingWeightsError
-from server.multiview.zero123 import (
+from server.common.errors import BadInputError, CancelledError, CheckpointError, MissingWeightsError
+from server.stages.multiview.zero123 import (
     Zero123Config,
     Zero123Model,
     clip_preprocess,

@@ -1,0 +1,371 @@
+"""Triangle meshes and their files: :class:`Mesh`, and PLY, GLB and OBJ written atomically and read back (spec §3.5).
+
+Frame decision (spec §3.5). Meshes handed to :func:`export_mesh` are in the pose.json world frame, which is z-up, and
+the PLY stores that frame unchanged (as the reference's ``mesh.ply`` does). GLB and OBJ are y-up formats. The reference
+converts with (x, y, z) → (x, z, y), which is a mirror (det −1): the object comes out as its mirror image, and it has
+to flip the face winding to keep normals outward. We instead apply the proper rotation −90° about x,
+(x, y, z) → (x, z, −y), the same one Blender's glTF exporter applies for "+Y up". It keeps handedness and winding,
+and a y-up importer that converts back to z-up (Blender's glTF and OBJ importers do) recovers the PLY's coordinates
+exactly. This deliberately differs from the reference's OBJ/GLB files, which are mirrored.
+
+Colour encoding. Vertex colours are sRGB bytes (sampled from sRGB images). PLY and OBJ store them as such; glTF
+defines COLOR_0 as linear, so the GLB stores the decoded linear values as float32 (every sRGB byte round-trips).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from server.common.errors import BadInputError
+
+MESH_SUFFIXES = (".ply", ".glb", ".obj")
+"""File formats :func:`export_mesh` and :func:`load_mesh` understand, chosen by the path's suffix."""
+
+
+@dataclass
+class Mesh:
+    """A triangle mesh with optional vertex colours, in the pose.json world frame (z-up) when exported."""
+
+    vertices: np.ndarray
+    """[V, 3] float32 positions."""
+
+    faces: np.ndarray
+    """[F, 3] int64 vertex indices, counter-clockwise seen from outside."""
+
+    colors: np.ndarray | None = None
+    """[V, 3] uint8 RGB per vertex, or None."""
+
+
+def _to_y_up(vertices: np.ndarray) -> np.ndarray:
+    """[V, 3] z-up → [V, 3] y-up via (x, y, z) → (x, z, −y): −90° about x, det +1 (Blender glTF "+Y up")."""
+    return np.stack([vertices[:, 0], vertices[:, 2], -vertices[:, 1]], axis=1)
+
+
+def _from_y_up(vertices: np.ndarray) -> np.ndarray:
+    """[V, 3] y-up → [V, 3] z-up, the inverse of :func:`_to_y_up`: (x, y, z) → (x, −z, y)."""
+    return np.stack([vertices[:, 0], -vertices[:, 2], vertices[:, 1]], axis=1)
+
+
+def _suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in MESH_SUFFIXES:
+        raise BadInputError(f"mesh file {str(path)!r} has suffix {path.suffix!r}; allowed: {', '.join(MESH_SUFFIXES)}")
+    return suffix
+
+
+def _checked(mesh: Mesh) -> Mesh:
+    """Validate shapes and index range; return a copy with canonical dtypes."""
+    vertices = np.asarray(mesh.vertices)
+    faces = np.asarray(mesh.faces)
+    if vertices.ndim != 2 or vertices.shape[1] != 3 or not np.all(np.isfinite(vertices)):
+        raise BadInputError(f"mesh vertices have shape {vertices.shape}; allowed: [V, 3] finite floats")
+    if faces.ndim != 2 or faces.shape[1] != 3 or faces.shape[0] == 0:
+        raise BadInputError(f"mesh faces have shape {faces.shape}; allowed: [F, 3] integers with F ≥ 1")
+    if faces.min() < 0 or faces.max() >= vertices.shape[0]:
+        raise BadInputError(
+            f"mesh faces index vertices {int(faces.min())}..{int(faces.max())}; "
+            f"allowed: 0..{vertices.shape[0] - 1} (V = {vertices.shape[0]})"
+        )
+    if vertices.shape[0] >= 2**31:
+        raise BadInputError(f"mesh has {vertices.shape[0]} vertices; allowed: fewer than 2³¹ (int32 indices)")
+    colors = mesh.colors
+    if colors is not None:
+        colors = np.asarray(colors)
+        if colors.shape != vertices.shape or colors.dtype != np.uint8:
+            raise BadInputError(
+                f"mesh colors have shape {colors.shape} and dtype {colors.dtype}; allowed: [V, 3] uint8 with V = "
+                f"{vertices.shape[0]}, or None"
+            )
+    return Mesh(vertices.astype(np.float32), faces.astype(np.int64), colors)
+
+
+def export_mesh(mesh: Mesh, path: str | os.PathLike[str]) -> Path:
+    """Write a mesh as .ply, .glb or .obj (chosen by the suffix), atomically.
+
+    PLY keeps the z-up world frame; GLB and OBJ get the y-up rotation (x, y, z) → (x, z, −y) (module docstring).
+    The file is written to a temporary file in the same folder and moved into place with ``os.replace``, so a reader
+    never sees a partial file and a failed write leaves the old file (if any) untouched.
+
+    Args:
+        mesh: vertices [V, 3] float32, faces [F, 3] int64 (F ≥ 1), colours [V, 3] uint8 or None.
+        path: destination; its folder is created if missing.
+
+    Returns:
+        The path written.
+
+    Raises:
+        BadInputError: unknown suffix, or a mesh with wrong shapes, dtypes or out-of-range indices.
+    """
+    path = Path(path)
+    suffix = _suffix(path)
+    mesh = _checked(mesh)
+    if suffix == ".ply":
+        data = _ply_bytes(mesh)
+    elif suffix == ".glb":
+        data = _glb_bytes(mesh)
+    else:
+        data = _obj_bytes(mesh)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_mesh(path: str | os.PathLike[str]) -> Mesh:
+    """Read a mesh written by :func:`export_mesh` (GLB: any glTF binary trimesh reads), back in the z-up world frame.
+
+    Args:
+        path: a .ply (binary little-endian, triangles), .glb or .obj file.
+
+    Returns:
+        Mesh with vertices [V, 3] float32, faces [F, 3] int64 and colours [V, 3] uint8 or None.
+
+    Raises:
+        BadInputError: unknown suffix, or a file this reader does not understand.
+    """
+    path = Path(path)
+    suffix = _suffix(path)
+    if suffix == ".ply":
+        return _read_ply(path)
+    if suffix == ".glb":
+        return _read_glb(path)
+    return _read_obj(path)
+
+
+# PLY -----------------------------------------------------------------------------------------------------------------
+
+_PLY_TYPES = {
+    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "<i2", "int16": "<i2", "ushort": "<u2",
+    "uint16": "<u2", "int": "<i4", "int32": "<i4", "uint": "<u4", "uint32": "<u4", "float": "<f4", "float32": "<f4",
+    "double": "<f8", "float64": "<f8",
+}  # fmt: skip
+
+
+def _ply_bytes(mesh: Mesh) -> bytes:
+    """Binary little-endian PLY: float x/y/z, uchar red/green/blue (Blender reads these as a colour attribute)."""
+    v, f = mesh.vertices.shape[0], mesh.faces.shape[0]
+    fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
+    if mesh.colors is not None:
+        fields += [("red", "u1"), ("green", "u1"), ("blue", "u1")]
+    header = ["ply", "format binary_little_endian 1.0", f"element vertex {v}"]
+    header += [f"property {'float' if t == '<f4' else 'uchar'} {name}" for name, t in fields]
+    header += [f"element face {f}", "property list uchar int vertex_indices", "end_header"]
+    vertex_data = np.empty(v, dtype=fields)
+    for axis, name in enumerate("xyz"):
+        vertex_data[name] = mesh.vertices[:, axis]
+    if mesh.colors is not None:
+        for channel, name in enumerate(("red", "green", "blue")):
+            vertex_data[name] = mesh.colors[:, channel]
+    face_data = np.empty(f, dtype=[("count", "u1"), ("indices", "<i4", (3,))])
+    face_data["count"] = 3
+    face_data["indices"] = mesh.faces
+    return ("\n".join(header) + "\n").encode("ascii") + vertex_data.tobytes() + face_data.tobytes()
+
+
+def _read_ply(path: Path) -> Mesh:
+    """Binary little-endian PLY with a vertex element of scalar properties and a triangle face list."""
+    raw = path.read_bytes()
+    end = raw.find(b"end_header\n")
+    if not raw.startswith(b"ply\n") or end < 0:
+        raise BadInputError(f"{path} is not a PLY file; allowed: a PLY with a header ending in 'end_header'")
+    lines = raw[:end].decode("ascii").splitlines()
+    body = memoryview(raw)[end + len(b"end_header\n") :]
+    if "format binary_little_endian 1.0" not in lines:
+        raise BadInputError(f"{path} is not binary little-endian PLY; allowed: 'format binary_little_endian 1.0'")
+    elements: list[tuple[str, int, list[list[str]]]] = []
+    for line in lines:
+        words = line.split()
+        if words[:1] == ["element"]:
+            elements.append((words[1], int(words[2]), []))
+        elif words[:1] == ["property"] and elements:
+            elements[-1][2].append(words[1:])
+    vertices = faces = colors = None
+    offset = 0
+    for name, count, props in elements:
+        if name == "vertex":
+            dtype = np.dtype([(p[1], _PLY_TYPES[p[0]]) for p in props])
+            data = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+            offset += dtype.itemsize * count
+            vertices = np.stack([data["x"], data["y"], data["z"]], axis=1).astype(np.float32)
+            if {"red", "green", "blue"} <= set(dtype.names or ()):
+                colors = np.stack([data["red"], data["green"], data["blue"]], axis=1).astype(np.uint8)
+        elif name == "face" and len(props) == 1 and props[0][0] == "list":
+            dtype = np.dtype([("count", _PLY_TYPES[props[0][1]]), ("indices", _PLY_TYPES[props[0][2]], (3,))])
+            data = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+            offset += dtype.itemsize * count
+            if np.any(data["count"] != 3):
+                raise BadInputError(f"{path} has non-triangular faces; allowed: triangles only")
+            faces = data["indices"].astype(np.int64)
+        else:
+            raise BadInputError(f"{path} has PLY element {name!r} this reader does not know; allowed: vertex, face")
+    if vertices is None or faces is None:
+        raise BadInputError(f"{path} lacks a vertex or face element; allowed: a triangle mesh")
+    return Mesh(vertices, faces, colors)
+
+
+# GLB -----------------------------------------------------------------------------------------------------------------
+
+
+def srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    """IEC 61966-2-1 decoding of sRGB values in [0, 1]."""
+    c = np.asarray(c, dtype=np.float64)
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def linear_to_srgb(c: np.ndarray) -> np.ndarray:
+    """IEC 61966-2-1 encoding of linear values in [0, 1]."""
+    c = np.clip(np.asarray(c, dtype=np.float64), 0.0, 1.0)
+    return np.where(c <= 0.0031308, 12.92 * c, 1.055 * c ** (1 / 2.4) - 0.055)
+
+
+_GLB_MAGIC, _JSON_CHUNK, _BIN_CHUNK = 0x46546C67, 0x4E4F534A, 0x004E4942
+_FLOAT, _UNSIGNED_INT, _ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 5126, 5125, 34962, 34963
+
+
+def _glb_bytes(mesh: Mesh) -> bytes:
+    """glTF 2.0 binary, y-up: POSITION float32, COLOR_0 float32 *linear* (the spec defines COLOR_0 as linear, so
+    our sRGB vertex colours are decoded; storing floats keeps every 8-bit sRGB value exact), uint32 indices.
+
+    Written by hand (about as long as driving an exporter) so the colour encoding is explicit."""
+    positions = np.ascontiguousarray(_to_y_up(mesh.vertices), dtype="<f4")
+    indices = np.ascontiguousarray(mesh.faces, dtype="<u4")
+    arrays = [positions]
+    attributes = {"POSITION": 0}
+    accessors = [{"bufferView": 0, "componentType": _FLOAT, "count": len(positions), "type": "VEC3",
+                  "min": positions.min(axis=0).tolist(), "max": positions.max(axis=0).tolist()}]
+    if mesh.colors is not None:
+        arrays.append(np.ascontiguousarray(srgb_to_linear(mesh.colors / 255.0), dtype="<f4"))
+        attributes["COLOR_0"] = 1
+        accessors.append({"bufferView": 1, "componentType": _FLOAT, "count": len(positions), "type": "VEC3"})
+    arrays.append(indices)
+    accessors.append({"bufferView": len(arrays) - 1, "componentType": _UNSIGNED_INT, "count": indices.size,
+                      "type": "SCALAR"})
+
+    views, blob = [], b""
+    for i, array in enumerate(arrays):
+        data = array.tobytes()
+        target = _ELEMENT_ARRAY_BUFFER if i == len(arrays) - 1 else _ARRAY_BUFFER
+        views.append({"buffer": 0, "byteOffset": len(blob), "byteLength": len(data), "target": target})
+        blob += data + b"\0" * (-len(data) % 4)
+    gltf = {
+        "asset": {"version": "2.0", "generator": "one2345"},
+        "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0, "name": "one2345"}],
+        "meshes": [{"primitives": [{"attributes": attributes, "indices": len(accessors) - 1, "mode": 4}]}],
+        "accessors": accessors, "bufferViews": views, "buffers": [{"byteLength": len(blob)}],
+    }
+    text = json.dumps(gltf, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 4)
+    total = 12 + 8 + len(text) + 8 + len(blob)
+    return (struct.pack("<III", _GLB_MAGIC, 2, total) + struct.pack("<II", len(text), _JSON_CHUNK) + text
+            + struct.pack("<II", len(blob), _BIN_CHUNK) + blob)
+
+
+def _read_glb(path: Path) -> Mesh:
+    """Read a GLB back into z-up world coordinates with sRGB uint8 colours (COLOR_0 is linear in glTF)."""
+    import trimesh
+
+    try:
+        tm = trimesh.load(path, file_type="glb", force="mesh", process=False)
+    except (ValueError, KeyError, OSError) as error:
+        raise BadInputError(
+            f"{path} could not be read as glTF binary ({error}); allowed: a .glb triangle mesh"
+        ) from error
+    colors = _glb_linear_colors(path, len(tm.vertices))
+    if colors is None and tm.visual.kind == "vertex":  # a GLB of another writer, stored as 8-bit (linear) values
+        colors = np.asarray(tm.visual.vertex_colors)[:, :3] / 255.0
+    srgb = None if colors is None else np.round(linear_to_srgb(colors) * 255).astype(np.uint8)
+    vertices = _from_y_up(np.asarray(tm.vertices, dtype=np.float32))
+    return Mesh(vertices.astype(np.float32), np.asarray(tm.faces, dtype=np.int64), srgb)
+
+
+def _glb_linear_colors(path: Path, count: int) -> np.ndarray | None:
+    """The exact float COLOR_0 of a single-primitive GLB as we write it, else None (trimesh's 8-bit copy is used)."""
+    data = path.read_bytes()
+    (json_length,) = struct.unpack_from("<I", data, 12)
+    gltf = json.loads(data[20: 20 + json_length])
+    blob = data[20 + json_length + 8:]
+    meshes = gltf.get("meshes", [])
+    if len(meshes) != 1 or len(meshes[0]["primitives"]) != 1:
+        return None
+    index = meshes[0]["primitives"][0]["attributes"].get("COLOR_0")
+    if index is None:
+        return None
+    accessor = gltf["accessors"][index]
+    if accessor["componentType"] != _FLOAT or accessor["count"] != count:
+        return None
+    view = gltf["bufferViews"][accessor["bufferView"]]
+    width = {"VEC3": 3, "VEC4": 4}[accessor["type"]]
+    start = view.get("byteOffset", 0) + accessor.get("byteOffset", 0)
+    values = np.frombuffer(blob, dtype="<f4", count=count * width, offset=start).reshape(count, width)
+    return values[:, :3].astype(np.float64)
+
+
+# OBJ -----------------------------------------------------------------------------------------------------------------
+
+
+def _obj_bytes(mesh: Mesh) -> bytes:
+    """Wavefront OBJ, y-up: ``v x y z [r g b]`` (colour floats in 0..1) and 1-based ``f a b c``."""
+    vertices = _to_y_up(mesh.vertices).astype(np.float64)
+    # %.9g round-trips float32 exactly; colours c/255 with 6 digits round back to the same byte.
+    if mesh.colors is not None:
+        rows = np.concatenate([vertices, mesh.colors.astype(np.float64) / 255.0], axis=1)
+        v_lines = _format_rows("v %.9g %.9g %.9g %.6g %.6g %.6g\n", rows)
+    else:
+        v_lines = _format_rows("v %.9g %.9g %.9g\n", vertices)
+    f_lines = _format_rows("f %d %d %d\n", mesh.faces + 1)
+    return b"# One2345 mesh, y-up\n" + v_lines + f_lines
+
+
+def _format_rows(row_format: str, rows: np.ndarray, chunk: int = 65536) -> bytes:
+    """Apply a printf row format to every row of a [N, K] array, in chunks (far faster than a per-row loop)."""
+    parts = []
+    for start in range(0, rows.shape[0], chunk):
+        block = rows[start : start + chunk]
+        parts.append((row_format * block.shape[0]) % tuple(block.ravel().tolist()))
+    return "".join(parts).encode("ascii")
+
+
+def _read_obj(path: Path) -> Mesh:
+    """Wavefront OBJ with ``v x y z [r g b]`` and triangular ``f a b c`` (or ``a/t/n``) lines, positive indices."""
+    vertex_lines: list[str] = []
+    face_lines: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("v "):
+            vertex_lines.append(line[2:])
+        elif line.startswith("f "):
+            face_lines.append(line[2:])
+    allowed = "allowed: 'v x y z' or 'v x y z r g b' lines and triangular 'f a b c' lines with 1-based indices"
+    if not vertex_lines or not face_lines:
+        raise BadInputError(f"{path} has {len(vertex_lines)} vertices and {len(face_lines)} faces; {allowed}")
+    width = len(vertex_lines[0].split())
+    face_text = " ".join(face_lines)
+    try:
+        # One joined parse instead of a per-line loop: ~10× faster on meshes with 10⁵–10⁶ vertices.
+        table = np.array(" ".join(vertex_lines).split(), dtype=np.float64)
+        words = face_text.split()
+        faces = np.array([w.split("/", 1)[0] for w in words] if "/" in face_text else words, dtype=np.int64)
+    except ValueError as error:
+        raise BadInputError(f"{path} has an unreadable number ({error}); {allowed}") from error
+    if width not in (3, 6) or table.shape[0] != width * len(vertex_lines):
+        raise BadInputError(f"{path} has vertex lines of varying or unknown length; {allowed}")
+    if faces.shape[0] != 3 * len(face_lines) or faces.min() < 1 or faces.max() > len(vertex_lines):
+        raise BadInputError(f"{path} has non-triangular faces or indices outside 1..{len(vertex_lines)}; {allowed}")
+    table = table.reshape(-1, width)
+    colors = np.clip(np.rint(table[:, 3:6] * 255.0), 0, 255).astype(np.uint8) if width == 6 else None
+    vertices = _from_y_up(table[:, :3].astype(np.float32))
+    return Mesh(vertices.astype(np.float32), faces.reshape(-1, 3) - 1, colors)

@@ -1,0 +1,35 @@
+"""The pipeline: the orchestrator that runs the stages in order, and the two ways to mesh views again.
+
+- :mod:`.one2345` — :class:`One2345Pipeline`, one image → a coloured 360° mesh as numbered stages.
+- :mod:`.options` — what a run is asked for (:class:`GenerateOptions`) and gives back; :mod:`.models` — the models a
+  preset keeps warm.
+- :mod:`.reconstruct` — 32 posed views → a vertex-coloured mesh; :mod:`.remesh` — a finished run meshed again
+  (resolution, clean-up, decimation, texture) without Zero123.
+
+May import :mod:`server.stages` and :mod:`server.common`, never :mod:`server.service`.
+"""
+
+from server.pipeline.models import PipelineModels, resident
+from server.pipeline.one2345 import One2345Pipeline
+from server.pipeline.options import (
+    ELEVATION_RANGE,
+    FORMATS,
+    PRESETS,
+    GenerateOptions,
+    GenerateResult,
+    Progress,
+    ViewsRecord,
+)
+
+__all__ = [
+    "ELEVATION_RANGE",
+    "FORMATS",
+    "PRESETS",
+    "GenerateOptions",
+    "GenerateResult",
+    "One2345Pipeline",
+    "PipelineModels",
+    "Progress",
+    "ViewsRecord",
+    "resident",
+]

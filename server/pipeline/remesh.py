@@ -1,0 +1,183 @@
+"""Views → mesh file: the reconstruction, the asset stage and the export, shared by a fresh run and a re-mesh.
+
+A run's ``views/`` folder holds everything the mesh needs (the 32 nearby views, the stage-1 views and pose.json), so
+a finished run can be meshed again at another resolution, polygon budget or texture size without Zero123:
+
+    one2345 remesh photo.one2345 -o photo_low.glb --faces 20000 --texture 1024
+
+:func:`mesh_views` runs the three steps for both paths; a fresh run and a re-mesh with the same settings write the
+same mesh.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from server.common.errors import BadInputError
+from server.common.mesh_io import export_mesh
+from server.common.views import load_views
+from server.pipeline.reconstruct import Progress, reconstruct_mesh
+from server.stages.asset import AssetConfig, build_asset, clean_mesh, decimate, export_textured_mesh, load_bake_views
+from server.stages.meshing import MeshingConfig
+from server.stages.reconstruction.model import ReconstructionModel
+
+TEXTURE_SIZE_RANGE = (256, 4096)
+"""Allowed texture sides: below 256 texels a 40-view bake loses the views' detail; 4096² is 16 M texels."""
+TARGET_FACES_RANGE = (1000, 2_000_000)
+"""Allowed polygon budgets: 1 k triangles is a low-poly prop; a 512³ marching-cubes surface has ~2 M."""
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    """What shapes the mesh file of a run; the fields of :class:`server.pipeline.GenerateOptions` of the same names."""
+
+    resolution: int = 256
+    """Marching-cubes grid per axis (the paper's 256)."""
+    target_faces: int | None = None
+    """Polygon budget (quadric decimation); None keeps every face."""
+    texture_size: int | None = None
+    """Side of a baked base-colour texture; None gives vertex colours only (the paper's output)."""
+    meshing: MeshingConfig = field(default_factory=MeshingConfig)
+    """How the SDF grid is sampled and meshed; its resolution is replaced by ``resolution``."""
+
+    @property
+    def asset(self) -> bool:
+        """Whether the asset stage (clean-up, budget, texture) runs."""
+        return self.target_faces is not None or self.texture_size is not None
+
+    def check(self, suffix: str) -> MeshSettings:
+        """Validate against the output's suffix (``.glb``, ``.obj``, ``.ply``); BadInputError names what is wrong."""
+        lo, hi = TEXTURE_SIZE_RANGE
+        if self.texture_size is not None and not (_is_int(self.texture_size) and lo <= self.texture_size <= hi):
+            raise BadInputError(f"texture size {self.texture_size!r} is not allowed: null (vertex colours) or an "
+                                f"integer in [{lo}, {hi}] (e.g. 1024)")
+        lo, hi = TARGET_FACES_RANGE
+        if self.target_faces is not None and not (_is_int(self.target_faces) and lo <= self.target_faces <= hi):
+            raise BadInputError(f"target faces {self.target_faces!r} is not allowed: null (keep every face) or an "
+                                f"integer in [{lo:,}, {hi:,}] (e.g. 50000)")
+        if self.texture_size is not None and suffix.lower() == ".ply":
+            raise BadInputError(f"a texture was asked for (size {self.texture_size}) but the mesh format is ply, "
+                                "which has no texture", fix="use glb or obj, or leave the texture out")
+        return self
+
+
+@dataclass
+class MeshOutcome:
+    """What :func:`mesh_views` wrote."""
+
+    files: list[Path]
+    """The mesh file first, then an OBJ's material and texture."""
+    vertices: int
+    faces: int
+    timings: dict[str, float]
+    """Seconds: ``reconstruct.<stage>`` per reconstruction stage, ``asset.<step>`` per asset step, ``export``."""
+    asset: dict[str, Any] | None = field(default=None)
+    """For meta.json when the asset stage ran: the settings, the raw and final face counts, the bake's coverage."""
+
+
+def mesh_views(
+    model: ReconstructionModel,
+    views_dir: str | os.PathLike[str],
+    outputs: Sequence[str | os.PathLike[str]],
+    settings: MeshSettings,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+    on_asset: Callable[[], None] | None = None,
+    arrays: dict[str, np.ndarray] | None = None,
+) -> MeshOutcome:
+    """A views folder → mesh file(s), written at every path of ``outputs`` (the format from each suffix).
+
+    Args:
+        model: the reconstruction network.
+        views_dir: pose.json and the 32 nearby views (the stage-1 views beside them are used by the bake).
+        outputs: one or more mesh paths (.glb, .obj or .ply; .ply only without a texture).
+        settings: see :class:`MeshSettings`.
+        device: where the network runs.
+        progress: ``progress(stage, done, total)`` of the reconstruction's sub-stages.
+        on_asset: called once as the asset stage starts (after the reconstruction), e.g. to report progress.
+        arrays: nearby views already in memory, by file name (see :func:`server.pipeline.reconstruct.load_views`); the
+            reconstruction and the bake use them instead of the files.
+
+    Returns:
+        The files of the first output, the final counts, timings and the asset record.
+
+    Raises:
+        BadInputError: an unusable views folder or settings that do not fit an output's format.
+    """
+    if not outputs:
+        raise BadInputError("no output path given for the mesh")
+    for out in outputs:
+        settings.check(Path(out).suffix)
+
+    # 1. Reconstruction: cost volume → SDF → marching cubes → vertex colours (spec §5).
+    meshing = replace(settings.meshing, resolution=settings.resolution)
+    out = reconstruct_mesh(model, load_views(views_dir, arrays), meshing, device, progress)
+    timings = {f"reconstruct.{k}": v for k, v in out.timings.items()}
+    mesh, textured, asset = out.mesh, None, None
+
+    # 2. Asset stage (when asked): clean-up, polygon budget, then a texture baked from every posed view.
+    if settings.asset:
+        if on_asset is not None:
+            on_asset()
+        raw_faces = len(mesh.faces)
+        if settings.texture_size is not None:
+            config = AssetConfig(target_faces=settings.target_faces, texture_size=settings.texture_size)
+            textured = build_asset(mesh, load_bake_views(views_dir, arrays), config)
+            report = textured.report
+            timings.update({f"asset.{k}": v for k, v in report.timings.items()})
+            faces, vertices = len(textured.faces), len(textured.vertices)
+            coverage = round(report.coverage, 4)
+        else:
+            start = time.perf_counter()
+            mesh = decimate(clean_mesh(mesh), settings.target_faces)
+            timings["asset.total"] = time.perf_counter() - start
+            faces, vertices, coverage = len(mesh.faces), len(mesh.vertices), None
+        asset = {"target_faces": settings.target_faces, "texture_size": settings.texture_size,
+                 "raw_faces": raw_faces, "faces": faces, "vertices": vertices, "texture_coverage": coverage}
+
+    # 3. Export. A textured GLB carries no COLOR_0: glTF multiplies it into the base colour
+    # (server.stages.asset.export).
+    start = time.perf_counter()
+    written: list[Path] = []
+    for path in outputs:
+        if textured is not None:
+            files = export_textured_mesh(textured, path, vertex_colors=False)
+        else:
+            files = [export_mesh(mesh, path)]
+        written = written or files
+    timings["export"] = time.perf_counter() - start
+    final = textured if textured is not None else mesh
+    return MeshOutcome(files=written, vertices=len(final.vertices), faces=len(final.faces), timings=timings,
+                       asset=asset)
+
+
+def find_run(path: str | os.PathLike[str]) -> Path:
+    """The run folder under ``path``: a CLI run's ``<output>.one2345/`` (holding ``views/pose.json``) or a server
+    job's folder (holding ``run/views/pose.json``).
+
+    Raises:
+        BadInputError: neither layout, saying what was looked for.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise BadInputError(f"run folder {path} does not exist or is not a folder",
+                            fix="pass the <output>.one2345/ folder `one2345 generate` wrote beside the mesh, or a "
+                                "server job's folder")
+    for run in (path, path / "run"):
+        if (run / "views" / "pose.json").is_file():
+            return run
+    raise BadInputError(f"{path} is not a run folder: it has neither views/pose.json nor run/views/pose.json",
+                        fix="pass the <output>.one2345/ folder `one2345 generate` wrote beside the mesh, or a server "
+                            "job's folder")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

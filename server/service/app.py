@@ -1,0 +1,670 @@
+"""The HTTP API of the inference server (FastAPI): submit, watch, fetch, cancel and delete jobs.
+
+The contract, shared with the Blender add-on, is versioned under ``/v1`` and described at ``/openapi.json``:
+
+    GET    /v1/health                      no token; status, version, device, models loaded, queue length
+    POST   /v1/jobs                        multipart: image (+ options JSON) → 202 {"id", "state", "url"}
+    GET    /v1/jobs?limit=N&after=ID       a page of jobs, newest first (including those found on disk at start)
+    GET    /v1/jobs/{id}                   state, stage, step/total, fraction, elapsed, ETA, previews, error, result
+    GET    /v1/jobs/{id}/result            the mesh (glb, ply or obj) as an attachment
+    GET    /v1/jobs/{id}/meta              meta.json of the run (elevation, timings, options, versions)
+    GET    /v1/jobs/{id}/views/{name}      a generated view (PNG)
+    POST   /v1/jobs/{id}/remesh            JSON {resolution, target_faces, texture_size, format} → 202: a new job
+                                           meshing the done job's views again (no Zero123; the source is kept)
+    POST   /v1/jobs/{id}/reroll            JSON {views: [1, 5], seed?} → a job in review re-rolls those views
+    POST   /v1/jobs/{id}/continue          JSON {elevation?} → a job in review goes on to the mesh
+    PUT    /v1/jobs/{id}/pin               keep the job when the jobs folder is over its size limit (DELETE: unpin)
+    DELETE /v1/jobs/{id}                   cancel (queued/running/review, 200) or remove (finished, 204)
+    GET    /v1/weights                     the weight files (state, size, checksum, licence); POST/GET/DELETE
+                                           /v1/weights/download: the download job (server/weights_api.py)
+
+Every error is ``{"error": {"kind", "message", "fix"}}`` with the status code of its kind (:data:`STATUS_OF_KIND`);
+no message names a server path (files are named relative to their job). The only 5xx answers by design are 503
+``missing_weights`` (and ``offline``: a weights download under HF_HUB_OFFLINE) and 507 ``storage`` (the disk refused
+a write, or lacks the space a weights download needs); a 500 ``internal`` is a bug, and even then the
+connection is kept and the message shows no internals. Everything under ``/v1`` except the health check needs
+``Authorization: Bearer <token>``; the schema and the docs pages (``/openapi.json``, ``/docs``, ``/redoc``) are public
+because they hold no data. Authentication and the body size limit are enforced by an ASGI middleware in front of the
+app, so an unauthenticated or oversized upload is refused before any of it is read. Files are streamed from a handle
+opened when the request is checked, so a DELETE at the same moment can neither break the download nor turn it into
+an error.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import json
+import logging
+import mimetypes
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Annotated, Any, BinaryIO
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRouter
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from server import __version__
+from server.common.devices import PEAK_MEMORY_BYTES, describe_device
+from server.common.errors import BadInputError, One2345Error, only_query
+from server.service.jobs import MEDIA_TYPES, REMESH_OPTIONS, ApiError, JobManager, check_options
+from server.service.weights_api import WeightsHealth, WeightsManager, weights_router
+
+log = logging.getLogger(__name__)
+
+STATUS_OF_KIND = {
+    "bad_input": 400, "unauthorized": 401, "not_found": 404, "conflict": 409, "too_large": 413,
+    "queue_full": 429, "internal": 500, "missing_weights": 503, "out_of_memory": 507, "storage": 507,
+    "cancelled": 409, "offline": 503,
+}
+"""HTTP status of each error kind. ``cancelled`` and ``out_of_memory`` normally appear only inside a job's status
+(the job failed, the request did not); the codes are used if such an error ever reaches a response directly."""
+IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "GIF": "gif"}
+"""Image formats accepted for upload (Pillow format name → file extension). Other decoders are never invoked on
+uploaded bytes."""
+_MiB = 2**20
+_FORM_SLACK_BYTES = 64 * 1024
+"""Room for the multipart framing and the options part on top of the image size limit."""
+_FILE_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """What the HTTP layer needs to know besides the job manager."""
+
+    token: str
+    """The bearer token every request under /v1 (except /v1/health) must carry."""
+    device: str = "cpu"
+    """Device reported by /v1/health until the pipeline is loaded (then the pipeline's own)."""
+    preset: str = "paper"
+    """Model preset reported by /v1/health."""
+    max_upload_bytes: int = 20 * _MiB
+    """Largest accepted image file (20 MiB by default; --max-upload-mb)."""
+    max_pixels: int = 40_000_000
+    """Largest accepted image area (40 MP): bigger images would only be downscaled to 256² at great cost."""
+    min_side: int = 16
+    """Smallest accepted image width and height: below it there is no object to see."""
+
+
+# -- response schemas (for /openapi.json and the add-on's authors) --------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    kind: str = Field(description="bad_input | unauthorized | not_found | conflict | too_large | queue_full | "
+                                  "missing_weights | offline | out_of_memory | storage | cancelled | internal")
+    message: str = Field(description="what went wrong, naming the offending value and what is allowed")
+    fix: str | None = Field(description="a short instruction that resolves the problem, if one exists")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class DeviceInfo(BaseModel):
+    name: str = Field(description="e.g. NVIDIA H200, or the CPU's name")
+    kind: str = Field(description="cuda or cpu")
+    memory_free_bytes: int | None = Field(description="free device memory now (CUDA only)")
+    memory_total_bytes: int | None
+
+
+class Health(BaseModel):
+    status: str = Field(description='always "ok" when the server answers')
+    version: str
+    device: str
+    preset: str
+    models_loaded: dict[str, str] = Field(description="model name → what was loaded; empty until the first job "
+                                                      "(or --preload)")
+    queue_length: int = Field(description="jobs waiting behind the running one")
+    running: str | None = Field(description="id of the running job, or null")
+    recent_job_s: float | None = Field(None, description="median seconds of the last (up to 5) finished "
+                                                         "generations: the add-on's time estimate; null before the "
+                                                         "first")
+    device_info: DeviceInfo | None = Field(None, description="the device's name and free memory")
+    run_needs_bytes: int | None = Field(None, description="peak device memory of one run of this preset, as "
+                                                          "measured; null when negligible or unknown")
+    weights: WeightsHealth | None = Field(None, description="which weight files are missing (GET /v1/weights "
+                                                            "for details); null when the server has no weights "
+                                                            "manager")
+
+
+class JobCreated(BaseModel):
+    id: str = Field(description="32 lowercase hex digits")
+    state: str
+    url: str = Field(description="the job's status URL")
+
+
+class Preview(BaseModel):
+    name: str
+    url: str
+
+
+class JobResult(BaseModel):
+    url: str
+    format: str
+    meta_url: str
+    elevation: float = Field(description="degrees above the horizon of the input view")
+    vertices: int
+    faces: int
+    elevation_uncertain: bool = Field(description="the elevation was estimated without confidence (or fell back to "
+                                                  "0°): the mesh may be wrong; set the elevation by hand")
+    elevation_confidence: float | None = Field(description="0–1 confidence of the estimate; null when given")
+    textured: bool = Field(description="the GLB has a baked base-colour texture (and UVs) instead of vertex colours")
+    texture_size: int | None = Field(description="side of the texture in texels; null without one")
+    target_faces: int | None = Field(description="the polygon budget asked for; null: every marching-cubes face")
+
+
+class ReviewView(BaseModel):
+    name: str = Field(description="the stage-1 view's file name, e.g. 5.png")
+    url: str
+
+
+class Review(BaseModel):
+    views: list[ReviewView] = Field(description="the 8 stage-1 views: 0–3 and 4–7 (or 8–11, by the elevation)")
+    revision: int = Field(description="bumped by every re-roll: fetch the views again when it changes")
+    elevation: float = Field(description="degrees above the horizon that the rest of the run will use")
+    elevation_source: str = Field(description="estimated, fallback or given")
+    elevation_uncertain: bool
+    elevation_confidence: float | None
+    seed: int = Field(description="the run's seed")
+    view_seeds: dict[str, int] = Field(description="re-rolled views → the seed each was last generated with")
+    notes: list[str]
+    expires_in_s: float | None = Field(description="seconds until the review expires; null unless in review")
+
+
+class JobStatus(BaseModel):
+    id: str
+    state: str = Field(description="queued | running | review | done | failed | cancelled | expired")
+    stage: str | None = Field(description="preprocess, stage1, stage2, elevation, stage1b, stage2b, reconstruct, "
+                                          "asset or export; null while queued")
+    step: int
+    total: int
+    fraction: float = Field(description="overall fraction done, 0…1")
+    elapsed_s: float = Field(description="seconds spent running")
+    eta_s: float | None = Field(description="estimated seconds left; null when unknown")
+    created: str = Field(description="ISO 8601, UTC")
+    options: dict[str, Any]
+    previews: list[Preview]
+    error: ErrorDetail | None
+    result: JobResult | None
+    remesh_of: str | None = Field(description="the job whose views this one re-meshes; null for a generation")
+    pinned: bool = Field(description="kept by the jobs folder's size-limit clean-up")
+    review: Review | None = Field(description="the views and elevation to review (option review: true); null "
+                                              "otherwise")
+
+
+class JobList(BaseModel):
+    jobs: list[JobStatus]
+    total: int = Field(description="jobs in all")
+    next: str | None = Field(description="pass as ?after= for the next page; null on the last page")
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    names = {400: "bad input", 401: "missing or wrong bearer token", 404: "no such job or file",
+             409: "the job is not done", 413: "the upload is too large", 429: "the queue is full (see Retry-After)",
+             503: "model weights are missing (see Retry-After)",
+             507: "the server's disk refused the write (full or read-only)"}
+    return {code: {"model": ErrorBody, "description": names[code]} for code in codes}
+
+
+# -- pure helpers ---------------------------------------------------------------------------------------------------
+
+
+def inspect_image(data: bytes, config: AppConfig) -> str:
+    """Check an uploaded image before it is queued; return its file extension.
+
+    The header is read first (size and format) so that a decompression bomb is refused before any pixel is decoded;
+    then the image is decoded once to catch truncated or corrupt files now rather than minutes later in the worker.
+
+    Raises:
+        BadInputError: empty, not an image of an accepted format, corrupt, or outside the size limits.
+        ApiError: ``too_large`` when the file exceeds ``config.max_upload_bytes``.
+    """
+    if not data:
+        raise BadInputError("the image is empty (0 bytes)", fix="upload a PNG, JPEG or WebP file")
+    if len(data) > config.max_upload_bytes:
+        raise ApiError("too_large", f"the image is {len(data) / _MiB:.1f} MiB; the limit is "
+                                    f"{config.max_upload_bytes / _MiB:g} MiB",
+                       fix="downscale or recompress the image (the model sees it at 256×256)")
+    accepted = ", ".join(IMAGE_FORMATS)
+    try:
+        image = Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS))
+    except Image.DecompressionBombError as e:  # Pillow's own guard fires at open for > 2 × 89 MP
+        raise BadInputError(f"the image is far too large ({e}); the limit is {config.max_pixels / 1e6:g} MP",
+                            fix="downscale the image") from None
+    except UnidentifiedImageError:  # its text names the in-memory buffer, which tells a client nothing
+        raise BadInputError(f"the upload is not a readable image; accepted formats: {accepted}") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadInputError(f"the upload is not a readable image ({e}); accepted formats: {accepted}") from None
+    with image:
+        width, height = image.size
+        if width * height > config.max_pixels:
+            raise BadInputError(f"the image is {width}×{height} = {width * height / 1e6:.1f} MP; the limit is "
+                                f"{config.max_pixels / 1e6:g} MP", fix="downscale the image")
+        if min(width, height) < config.min_side:
+            raise BadInputError(f"the image is {width}×{height} px; both sides must be at least {config.min_side} px")
+        try:
+            image.load()
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            raise BadInputError(f"the {image.format} image is corrupt or truncated ({e})") from None
+        return IMAGE_FORMATS[image.format]
+
+
+def parse_options(text: str | None) -> dict[str, Any]:
+    """The ``options`` form field (a JSON object string) → validated options as a plain dict (all fields).
+
+    Raises:
+        BadInputError: not JSON, not an object, an unknown field, a value out of range, or a texture in a format
+            other than glb (:func:`server.service.jobs.check_options`).
+    """
+    return check_options(parse_json(text, "options", _OPTIONS_EXAMPLE))
+
+
+def parse_json(text: str | bytes | None, what: str, example: str) -> Any:
+    """A JSON document from a client (empty → ``{}``); NaN, Infinity, huge integers and deep nesting are refused.
+
+    Raises:
+        BadInputError: naming ``what`` and showing ``example``.
+    """
+    if text is None or not text.strip():
+        return {}
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise BadInputError(f"{what} is nested too deeply to be an options object", fix=example) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits, NaN or Infinity
+        raise BadInputError(f"{what} is not valid JSON ({str(e)[:200]})", fix=example) from None
+
+
+_OPTIONS_EXAMPLE = 'send a JSON object, e.g. {"steps_stage1": 50, "format": "glb"}'
+_REMESH_EXAMPLE = 'send a JSON object, e.g. {"target_faces": 20000, "texture_size": 1024}'
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def download_stem(filename: str | None) -> str:
+    """A safe stem for the result's file name from the upload's name (``"my photo.png"`` → ``"my_photo"``)."""
+    stem = PurePath((filename or "").replace("\\", "/")).stem
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:64]
+    return stem or "mesh"
+
+
+class OpenFileResponse(Response):
+    """Streams a file that is already open (and closes it): unlike FileResponse, nothing is looked up by path after
+    the request was checked, so the file cannot vanish or be swapped in between."""
+
+    def __init__(self, file: BinaryIO, media_type: str, filename: str | None = None, status_code: int = 200) -> None:
+        self.file = file
+        self.size = os.fstat(file.fileno()).st_size
+        headers = {"content-length": str(self.size)}
+        if filename is not None:  # download_stem() leaves only [A-Za-z0-9._-], so no quoting is needed
+            headers["content-disposition"] = f'attachment; filename="{filename}"'
+        super().__init__(status_code=status_code, media_type=media_type, headers=headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            left = self.size  # job files are written whole and never changed in place, so the size holds
+            while True:
+                chunk = await run_in_threadpool(self.file.read, min(_FILE_CHUNK, left)) if left > 0 else b""
+                left -= len(chunk)
+                last = not chunk or left <= 0  # a file that shrank ends short: a length mismatch, never garbage
+                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                if last:
+                    break
+        finally:
+            self.file.close()
+
+
+def error_response(kind: str, message: str, fix: str | None = None, headers: dict[str, str] | None = None,
+                   status: int | None = None) -> JSONResponse:
+    """The JSON error envelope ``{"error": {"kind", "message", "fix"}}`` with the status code of ``kind``."""
+    headers = dict(headers or {})
+    if kind == "unauthorized":
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    return JSONResponse({"error": {"kind": kind, "message": message, "fix": fix}},
+                        status_code=status or STATUS_OF_KIND.get(kind, 500), headers=headers)
+
+
+# -- the guard: authentication and body size, before anything is parsed ---------------------------------------------
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware: bearer token on ``/v1`` (except ``/v1/health``), a cap on the request body size, and the last
+    line of defence against bugs.
+
+    The token is compared in constant time. A request with a wrong token, or whose Content-Length is over the cap,
+    is answered before a byte of its body is read: the body is never asked for, so uvicorn sends no
+    ``100 Continue`` and a client that waits for one (curl, for any upload over 1 KiB) sends nothing; a client that
+    streams its body anyway has it discarded by uvicorn on a connection that stays open. A body sent without a length
+    (chunked) is counted as it streams and refused when it crosses the cap.
+
+    An exception that escapes the app (a bug) is answered here with a 500 ``internal`` that names only its type,
+    because Starlette's own last-resort handler re-raises it and uvicorn then drops the connection.
+    """
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], token: str, max_body: int) -> None:
+        self.app = app
+        self.token = token.encode()
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path.startswith("/v1/") and path != "/v1/health" and not self._authorised(scope):
+            await self._refuse(scope, receive, send, error_response(
+                "unauthorized", "missing or wrong bearer token",
+                fix="send the header 'Authorization: Bearer <token>' with the token of ONE2345_TOKEN or of the "
+                    "token file named in the server's ready line"))
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body:
+            await self._refuse(scope, receive, send, self._too_large())
+            return
+
+        received = 0
+        exceeded = False
+        response_started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if exceeded:
+                # Whatever the app answers to a body cut short (a parse error, usually) is replaced by the 413.
+                if message["type"] == "http.response.start" and not response_started:
+                    response_started = True
+                    await self._too_large()(scope, receive, send)
+                return
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except _BodyTooLarge:
+            if not response_started:
+                await self._too_large()(scope, receive, send)
+        except Exception as e:
+            log.exception("unhandled error in %s %s", scope.get("method"), path[:200])
+            if response_started:
+                raise  # half a response is out: only closing the connection can tell the client
+            response_started = True
+            await error_response("internal", f"an unexpected {type(e).__name__} in the server; the request was "
+                                             "not completed", fix="see the server's log (stderr); please report "
+                                                                  "it")(scope, receive, send)
+
+    def _authorised(self, scope: Scope) -> bool:
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, given = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)
+        return False
+
+    def _too_large(self) -> JSONResponse:
+        limit = (self.max_body - _FORM_SLACK_BYTES) / _MiB
+        return error_response("too_large", f"the request body is larger than the upload limit of {limit:g} MiB",
+                              fix="downscale or recompress the image, or start the server with a larger "
+                                  "--max-upload-mb")
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, response: Response) -> None:
+        """Answer without reading the body. A client waiting for ``100 Continue`` never sent it, so the connection
+        cannot carry another request: it is closed after the answer (cleanly, as nothing is left unread)."""
+        if (b"expect", b"100-continue") in [(name, value.lower()) for name, value in scope["headers"]]:
+            response.headers["connection"] = "close"
+        await response(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+# -- the app ----------------------------------------------------------------------------------------------------------
+
+
+def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager | None = None) -> FastAPI:
+    """The FastAPI app serving ``manager``'s jobs. Its lifespan starts the worker and, at shutdown, cancels the
+    running job and waits for the worker to end.
+
+    Args:
+        manager: the job store and worker (loaded from its jobs dir, not yet started).
+        config: token, limits and what /v1/health reports.
+        weights: the weights folder and its download job (``/v1/weights``); jobs are refused while it lacks a file
+            the preset needs, and a finished download lifts a missing-weights refusal at once.
+    """
+    if weights is not None:
+        manager.preflight = weights.require_ready
+        weights.on_complete(manager.weights_changed)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        manager.start()
+        try:
+            yield
+        finally:
+            if weights is not None:
+                await run_in_threadpool(weights.stop)
+            await run_in_threadpool(manager.stop)
+
+    app = FastAPI(title="One2345 inference server", version=__version__, lifespan=lifespan,
+                  description="Image → 3D mesh jobs (One-2-3-45). All /v1 routes except /v1/health need "
+                              "'Authorization: Bearer <token>'.")
+    router = APIRouter(prefix="/v1")
+
+    @router.get("/health", response_model=Health, summary="Is the server up, and what is it doing")
+    def health() -> dict[str, Any]:
+        pipe = manager.pipeline
+        device, preset = (pipe.device, pipe.preset) if pipe else (config.device, config.preset)
+        return {"status": "ok", "version": __version__, "device": device, "preset": preset, **manager.health(),
+                "device_info": describe_device(device), "run_needs_bytes": PEAK_MEMORY_BYTES.get(preset),
+                "weights": weights.health() if weights is not None else None}
+
+    @router.post("/jobs", status_code=202, response_model=JobCreated, summary="Submit an image",
+                 responses=_errors(400, 401, 413, 429, 503, 507))
+    async def submit(
+        request: Request,
+        image: Annotated[UploadFile, File(description="the image: PNG, JPEG, WebP, BMP, TIFF or GIF, at most "
+                                                      "--max-upload-mb, 16 px…40 MP")],
+        options: Annotated[str | None, Form(description="a JSON object with any of: elevation (null or −60…70), "
+                                                        "seed (null or 0…2³²−1), steps_stage1 (2…200), "
+                                                        "steps_stage2 (2…200), guidance (1…20), resolution "
+                                                        "(32…512), format (ply|glb|obj), remove_background "
+                                                        "(bool), target_faces (null or 1000…2000000), "
+                                                        "texture_size (null or 256…4096, glb only), review (bool), "
+                                                        "view_seeds (null or {view: seed})")] = None,
+    ) -> JSONResponse:
+        form = await request.form()  # already parsed for the parameters above; checked for stray parts here
+        unknown = sorted(set(form.keys()) - {"image", "options"})
+        if unknown:
+            raise BadInputError(f"unknown form field(s) {unknown}; the form has the parts 'image' and 'options'")
+        if len(form.getlist("image")) != 1 or len(form.getlist("options")) > 1:
+            raise BadInputError("send exactly one 'image' part and at most one 'options' part")
+        data = await image.read()
+        parsed = parse_options(options)
+        ext = await run_in_threadpool(inspect_image, data, config)
+        status = await run_in_threadpool(manager.submit, data, ext, download_stem(image.filename), parsed)
+        return JSONResponse({"id": status["id"], "state": status["state"], "url": f"/v1/jobs/{status['id']}"},
+                            status_code=202)
+
+    @router.get("/jobs", response_model=JobList, summary="Jobs, newest first, a page at a time",
+                responses=_errors(400, 401, 404))
+    def list_jobs(request: Request, limit: int | None = None, after: str | None = None) -> dict[str, Any]:
+        only_query(request.query_params, "limit", "after")
+        return manager.list_jobs(limit, after)
+
+    @router.get("/jobs/{job_id}", response_model=JobStatus, summary="A job's state and progress",
+                responses=_errors(401, 404))
+    def job_status(job_id: str) -> dict[str, Any]:
+        return manager.status(job_id)
+
+    @router.get("/jobs/{job_id}/result", response_class=OpenFileResponse, summary="The mesh of a done job",
+                responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()},
+                                 "description": "the mesh file as an attachment"}, **_errors(401, 404, 409, 507)})
+    def job_result(job_id: str) -> OpenFileResponse:
+        file, fmt, filename = manager.open_result(job_id)
+        return OpenFileResponse(file, media_type=MEDIA_TYPES[fmt], filename=filename)
+
+    @router.get("/jobs/{job_id}/meta", response_class=OpenFileResponse, summary="meta.json of a done job",
+                responses={200: {"content": {"application/json": {"schema": {"type": "object"}}},
+                                 "description": "elevation, timings, options, versions"},
+                           **_errors(401, 404, 409, 507)})
+    def job_meta(job_id: str) -> OpenFileResponse:
+        return OpenFileResponse(manager.open_meta(job_id), media_type="application/json")
+
+    @router.get("/jobs/{job_id}/input", response_class=OpenFileResponse, summary="The uploaded image, byte for byte",
+                responses={200: {"content": {"image/*": {}}, "description": "the input image"},
+                           **_errors(401, 404, 507)})
+    def job_input(job_id: str) -> OpenFileResponse:
+        file, name = manager.open_input(job_id)
+        return OpenFileResponse(file, media_type=mimetypes.guess_type(name)[0] or "application/octet-stream")
+
+    @router.get("/jobs/{job_id}/views/{name}", response_class=OpenFileResponse, summary="A generated view",
+                responses={200: {"content": {"image/png": {}}, "description": "the view"},
+                           **_errors(401, 404, 507)})
+    def job_view(job_id: str, name: str) -> OpenFileResponse:
+        return OpenFileResponse(manager.open_view(job_id, name), media_type="image/png")
+
+    @router.post("/jobs/{job_id}/remesh", status_code=202, response_model=JobCreated,
+                 summary="Mesh a done job's views again (no Zero123) as a new job",
+                 openapi_extra={"requestBody": {"content": {"application/json": {"schema": {
+                     "type": "object", "additionalProperties": False,
+                     "properties": {name: {} for name in REMESH_OPTIONS}}}}}},
+                 responses=_errors(400, 401, 404, 409, 429, 503, 507))
+    async def remesh(job_id: str, request: Request) -> JSONResponse:
+        overrides = parse_json(await request.body(), "the re-mesh body", _REMESH_EXAMPLE)
+        status = await run_in_threadpool(manager.submit_remesh, job_id, overrides)
+        return JSONResponse({"id": status["id"], "state": status["state"], "url": f"/v1/jobs/{status['id']}"},
+                            status_code=202)
+
+    @router.post("/jobs/{job_id}/reroll", status_code=202, response_model=JobStatus,
+                 summary="Re-roll some stage-1 views of a job in review", responses=_errors(400, 401, 404, 409, 429))
+    async def reroll(job_id: str, request: Request) -> dict[str, Any]:
+        body = parse_json(await request.body(), "the re-roll body", 'send e.g. {"views": [1, 5], "seed": 7}')
+        return await run_in_threadpool(manager.reroll, job_id, body)
+
+    @router.post("/jobs/{job_id}/continue", status_code=202, response_model=JobStatus,
+                 summary="Go on from review to the mesh", responses=_errors(400, 401, 404, 409, 429))
+    async def continue_job(job_id: str, request: Request) -> dict[str, Any]:
+        body = parse_json(await request.body(), "the continue body", 'send {} or e.g. {"elevation": 20}')
+        return await run_in_threadpool(manager.continue_job, job_id, body)
+
+    @router.put("/jobs/{job_id}/pin", response_model=JobStatus, summary="Keep a job through size-limit clean-ups",
+                responses=_errors(401, 404))
+    def pin(job_id: str) -> dict[str, Any]:
+        return manager.set_pinned(job_id, True)
+
+    @router.delete("/jobs/{job_id}/pin", response_model=JobStatus, summary="Let size-limit clean-ups remove a job",
+                   responses=_errors(401, 404))
+    def unpin(job_id: str) -> dict[str, Any]:
+        return manager.set_pinned(job_id, False)
+
+    @router.delete("/jobs/{job_id}", response_model=JobStatus, summary="Cancel a job, or delete a finished one",
+                   responses={204: {"description": "the finished job's folder was removed"},
+                              **_errors(401, 404, 507)})
+    def delete_job(job_id: str) -> Response:
+        status = manager.cancel_or_delete(job_id)
+        return Response(status_code=204) if status is None else JSONResponse(status)
+
+    if weights is not None:
+        router.include_router(weights_router(weights))
+    app.include_router(router)
+    _install_error_handlers(app, router)
+    app.add_middleware(Guard, token=config.token, max_body=config.max_upload_bytes + _FORM_SLACK_BYTES)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _install_error_handlers(app: FastAPI, api: APIRouter) -> None:
+    @app.exception_handler(One2345Error)
+    async def on_error(_: Request, e: One2345Error) -> JSONResponse:
+        return error_response(e.kind, e.message, e.fix, getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in e.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        return error_response("bad_input", "; ".join(parts) or "invalid request",
+                              fix="see /openapi.json for the expected request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = {401: "unauthorized", 404: "not_found", 409: "conflict", 413: "too_large", 429: "queue_full"}.get(
+            e.status_code, "bad_input" if e.status_code < 500 else "internal")
+        message = str(e.detail)
+        headers = dict(e.headers or {})
+        if e.status_code in (404, 405):  # raised by the router: say what was asked for
+            message = f"{message}: {request.method} {request.url.path[:200]}"
+        if e.status_code == 405:
+            # The router names the methods of the first route whose path matched; a path served by several routes
+            # (GET and DELETE /v1/jobs/{id}) allows the methods of all of them.
+            allowed = sorted({m for route in api.routes if route.matches(request.scope)[0] != Match.NONE
+                              for m in getattr(route, "methods", None) or ()})
+            headers["Allow"] = ", ".join(allowed)
+            message = f"{message}; this path allows {headers['Allow']}"
+        return error_response(kind, message, fix="see /openapi.json for the API" if e.status_code in (404, 405)
+                              else None, headers=headers, status=e.status_code)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, made to tell the truth: validation errors are 400 (not 422) and /v1 needs the token."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses.setdefault("400", {"description": "bad input",
+                                             "content": {"application/json": {
+                                                 "schema": {"$ref": "#/components/schemas/ErrorBody"}}}})
+            if path.startswith("/v1/") and path != "/v1/health":
+                operation["security"] = [{"bearer": []}]
+    components = schema.setdefault("components", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.get("schemas", {}).pop(unused, None)
+    components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
+                                                "description": "the server's token (ONE2345_TOKEN or the token "
+                                                               "file of the ready line)"}}
+    app.openapi_schema = schema
+    return schema
