@@ -18,9 +18,9 @@ One sample (decisions where spec §6 leaves room):
   (object, view) pair once — a uniformly random query, with full coverage.
 * **Sources**: the 32 nearby views, Zero123 predictions with probability ``prediction_ratio`` (paper: 1), else the GT
   renders; the draw is a hash of (seed, epoch, index), so workers and resumed runs agree.
-* **Rays** (:func:`sample_rays`): ¼ uniform over the image, ¾ inside the mask (spec §6), through integer pixel
-  positions (u = column): the network samples source pixel j at u = j too (``project_to_grid``), so the query and the
-  sources share one pixel convention.
+* **Rays** (:func:`training.rays.sample_rays`): ¼ uniform over the image, ¾ inside the mask (spec §6), through integer
+  pixel positions (u = column): the network samples source pixel j at u = j too (``project_to_grid``), so the query
+  and the sources share one pixel convention.
 
 Loading (:func:`step_loader`): step s of process r is a pure function of (seed, s, r) (:class:`StepSamples`), so
 DataLoader workers load steps ahead in any order and hand the loop exactly the samples the main process would have
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from server.common.cameras import NEARBY_DELTAS, PoseFile, ReconstructionCameras, calc_pose, normalise_cameras
+from server.common.cameras import PoseFile, ReconstructionCameras, normalise_cameras
 from server.common.errors import BadInputError
 from server.common.views import read_rgb
 from training.render.layout import require_full_views
@@ -55,7 +55,7 @@ PREDICTION_DIR = "zero123"
 """Subfolder of an object holding Zero123's predictions of the 32 nearby views (same file names as the GT ones)."""
 NUM_TARGETS = 8
 NUM_NEARBY = 4
-_STAGE1_ID = re.compile(r"^(\d+)\.png$")
+STAGE1_ID = re.compile(r"^(\d+)\.png$")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def read_object(folder: str | os.PathLike[str]) -> ObjectViews:
     require_full_views(folder)
     own = folder / "pose.json"
     poses = PoseFile.read(own) if own.is_file() else official_poses(folder.parent.parent.parent / OFFICIAL_POSE_FILE)
-    targets = tuple(i for i in poses.c2ws if _STAGE1_ID.match(i))
+    targets = tuple(i for i in poses.c2ws if STAGE1_ID.match(i))
     if len(targets) != NUM_TARGETS:
         raise BadInputError(f"{folder}/pose.json lists {len(targets)} stage-1 ids ({', '.join(targets)}); "
                             f"a training object has exactly {NUM_TARGETS}")
@@ -499,177 +499,3 @@ def step_loader(samples: StepSamples, steps: range, config: LoaderConfig = Loade
         samples, batch_size=None, sampler=steps, num_workers=workers, pin_memory=cuda and config.pin_memory,
         persistent_workers=workers > 0, prefetch_factor=config.prefetch if workers else None)
     return iter(loader)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Rays
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RayBatch:
-    """Rays of the query camera with their supervision, normalised frame."""
-
-    origins: torch.Tensor
-    """[R, 3]."""
-    directions: torch.Tensor
-    """[R, 3] unit vectors."""
-    rgb: torch.Tensor
-    """[R, 3] GT colours."""
-    mask: torch.Tensor
-    """[R] float, 1 on the object."""
-    depth: torch.Tensor
-    """[R] GT distance along the ray (0 on the background)."""
-    background: float | None = None
-    """Share of the rays off the mask, counted where the rays were drawn (on the host), so that the loss schedule
-    never reads it back from a GPU; None: the loss counts it."""
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> RayBatch:
-        tensors = (t.to(device, non_blocking=non_blocking)
-                   for t in (self.origins, self.directions, self.rgb, self.mask, self.depth))
-        return RayBatch(*tensors, background=self.background)
-
-
-def pixel_rays(c2w: torch.Tensor, K: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor,
-                                                                                                    torch.Tensor]:
-    """Rays through pixel positions (u = column, v = row, the network's pixel convention).
-
-    Args:
-        c2w: [4, 4] OpenCV camera-to-world; K: [3, 3]; rows, cols: [R] pixel indices.
-
-    Returns:
-        origins [R, 3], unit directions [R, 3].
-    """
-    cam = torch.stack([(cols.float() - K[0, 2]) / K[0, 0], (rows.float() - K[1, 2]) / K[1, 1],
-                       torch.ones_like(cols, dtype=torch.float32)], dim=-1)
-    directions = torch.nn.functional.normalize(cam @ c2w[:3, :3].T, dim=-1)
-    return c2w[:3, 3].expand_as(directions), directions
-
-
-def sample_rays(sample: Sample, count: int, generator: torch.Generator, inside_fraction: float = 0.75) -> RayBatch:
-    """``count`` rays: ``inside_fraction`` of them at random mask pixels, the rest uniform over the image (spec §6).
-
-    An empty mask gives uniform rays only.
-    """
-    height, width = sample.query_mask.shape
-    n_inside = round(count * inside_fraction)
-    flat_mask = sample.query_mask.reshape(-1) > 0
-    inside = torch.nonzero(flat_mask).squeeze(1)
-    uniform = torch.randint(0, height * width, (count,), generator=generator)
-    if len(inside) and n_inside:
-        chosen = inside[torch.randint(0, len(inside), (n_inside,), generator=generator)]
-        pixels = torch.cat([chosen, uniform[n_inside:]])
-    else:
-        pixels = uniform
-    rows, cols = pixels // width, pixels % width
-    origins, directions = pixel_rays(sample.query_c2w, sample.query_K, rows, cols)
-    mask = sample.query_mask[rows, cols]
-    return RayBatch(origins, directions, sample.query_rgb[rows, cols], mask, sample.query_depth[rows, cols],
-                    background=1.0 - float((mask > 0).float().mean()))
-
-
-def image_rays(sample: Sample, level: int = 1) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """Rays of every ``level``-th pixel of the query image (validation renders).
-
-    Returns:
-        origins [R, 3], directions [R, 3], (rows, cols) of the render.
-    """
-    height, width = sample.query_mask.shape
-    rows, cols = torch.meshgrid(torch.arange(0, height, level), torch.arange(0, width, level), indexing="ij")
-    origins, directions = pixel_rays(sample.query_c2w, sample.query_K, rows.reshape(-1), cols.reshape(-1))
-    return origins, directions, tuple(rows.shape)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Synthetic objects (tests and a Blender-free dataset)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def write_synthetic_object(folder: str | os.PathLike[str], polar: float = 75.0, shape: str = "toy", size: int = 256,
-                           rotation_deg: float = 0.0, scale: float = 1.0, mesh_resolution: int = 64) -> Path:
-    """Render an analytic object of :mod:`server.common.synthetic` in the training layout, with exact depth and a GT
-    mesh.
-
-    The object is rotated by ``rotation_deg`` about z and scaled by ``scale`` (by moving the cameras instead:
-    a camera at c/scale with the same orientation sees the scaled object as the camera at c sees the original), which
-    gives varied objects from the two analytic shapes.
-
-    Writes ``view_{k}.png`` (RGBA), ``view_{k}_depth_mm.png``, ``view_{k}_{j}_10.png``, ``pose.json``, ``mesh.ply``
-    (marching cubes of the exact SDF) and ``meta.json``.
-
-    Returns:
-        The folder.
-    """
-    from server.common.mesh_io import Mesh, export_mesh
-    from server.common.synthetic import render_view, shape_sdf
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    poses = PoseFile.for_polar(polar)
-    poses.intrinsics[:2] *= size / 256
-    poses = PoseFile(poses.intrinsics, poses.near_far, poses.c2ws)
-    theta = math.radians(rotation_deg)
-    rot = np.eye(4)
-    rot[:2, :2] = [[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]]
-    targets = [i for i in poses.c2ws if _STAGE1_ID.match(i)]
-    files = {}
-    for k, target in enumerate(targets):
-        files[target] = target_name(k)
-        for j in range(NUM_NEARBY):
-            files[f"{target[:-4]}_{j}.png"] = nearby_name(k, j)
-    for view_id, name in files.items():
-        # Camera seen from the object's frame: undo the object's rotation, divide the position by its scale.
-        c2w = np.linalg.inv(rot) @ poses.c2ws[view_id]
-        c2w[:3, 3] /= scale
-        rgb, depth = render_view(c2w, poses.intrinsics, size, shape)
-        depth = depth * scale
-        alpha = np.isfinite(depth)
-        Image.fromarray(np.dstack([rgb, alpha.astype(np.uint8) * 255])).save(folder / name)
-        if name.count("_") == 1:
-            mm = np.where(alpha, np.rint(np.where(alpha, depth, 0) * 1000), 0).astype(np.uint16)
-            Image.fromarray(mm).save(folder / depth_name(int(name[5:-4])))
-    poses.write(folder / "pose.json")
-
-    from server.stages.marching import marching_cubes
-
-    axis = np.linspace(-0.6, 0.6, mesh_resolution)
-    grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
-    sdf = shape_sdf(grid / scale, shape).reshape((mesh_resolution,) * 3) * scale
-    vertices, faces = (t.numpy() for t in marching_cubes(torch.from_numpy(-sdf), 0.0))
-    vertices = vertices * (axis[1] - axis[0]) + axis[0]
-    vertices = vertices @ rot[:3, :3].T
-    export_mesh(Mesh(vertices.astype(np.float32), faces.astype(np.int64)), folder / "mesh.ply")
-    meta = {"uid": folder.name, "source": "synthetic", "shape": shape, "polar": polar, "rotation_deg": rotation_deg,
-            "scale": scale, "files": files}
-    (folder / META_NAME).write_text(json.dumps(meta, indent=2))
-    return folder
-
-
-def write_synthetic_dataset(root: str | os.PathLike[str], count: int, size: int = 256, seed: int = 0,
-                            polar: tuple[int, int] = (45, 105), workers: int = 1) -> list[Path]:
-    """``count`` synthetic objects under ``<root>/000-000/syn-<n>/`` with random shape, polar, z-rotation and scale.
-
-    ``workers`` > 1 renders that many objects at once in separate processes (same objects: the draws come first).
-    """
-    rng = np.random.default_rng(seed)
-    jobs = []
-    for n in range(count):
-        shape = ("toy", "sphere")[int(rng.integers(0, 4) == 0)]  # mostly the asymmetric toy
-        jobs.append({"folder": Path(root) / "000-000" / f"syn-{n:04d}",
-                     "polar": float(rng.integers(polar[0], polar[1] + 1)), "shape": shape, "size": size,
-                     "rotation_deg": float(rng.uniform(0, 360)), "scale": float(rng.uniform(0.8, 1.15))})
-    if workers <= 1 or count <= 1:
-        return [write_synthetic_object(**job) for job in jobs]
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(min(workers, count)) as pool:
-        return list(pool.map(_write_synthetic_job, jobs))
-
-
-def _write_synthetic_job(job: dict) -> Path:
-    return write_synthetic_object(**job)
-
-
-def nearby_poses(polar: float, azimuth: float = 30.0) -> list[np.ndarray]:
-    """OpenGL c2ws of the 4 nearby views of a view at (polar, azimuth), in the order j = 0..3 (spec §3.1)."""
-    return [calc_pose(polar + dp, azimuth + da) for dp, da in NEARBY_DELTAS]

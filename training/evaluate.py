@@ -339,7 +339,7 @@ def textured_render(c2w: np.ndarray, size: int = 256, shape: str = "toy", seed: 
 def elevation_trials_synthetic(count: int, seed: int = 0, polar_range: tuple[int, int] = (45, 105),
                                size: int = 256) -> list[Trial]:
     """``count`` trials at random polar angles: the 4 GT nearby views of view 0 of the textured synthetic object."""
-    from training.data import nearby_poses
+    from training.synthetic import nearby_poses
 
     rng = np.random.default_rng(seed)
     trials = []

@@ -99,7 +99,7 @@ def total_loss(step: int, config: LossConfig, color: torch.Tensor, target: torch
         gradient_error, valid_samples, sdf_samples: [R, N] per render sample.
         sdf_random: [P] SDF at uniform random points of the volume.
         weights_sum, mask, depth, target_depth: [R].
-        background: share of background rays if already known (counted on the host, :class:`training.data.RayBatch`);
+        background: share of background rays if already known (counted on the host, :class:`training.rays.RayBatch`);
             None counts it from ``mask``, which waits for a GPU.
         tensor_logs: log the terms as detached 0-d tensors instead of floats, so that nothing waits for a GPU (the
             loop converts them when it logs).

@@ -53,18 +53,16 @@ from training.data import (
     DataConfig,
     LoaderConfig,
     ObjectDataset,
-    RayBatch,
     Sample,
     StepSamples,
     find_objects,
-    image_rays,
     load_sample,
     read_object,
-    sample_rays,
     split_objects,
     step_loader,
 )
 from training.losses import LossConfig, total_loss
+from training.rays import RayBatch, image_rays, sample_rays
 from training.renderer import RendererConfig, VolumeRenderer, render_chunks
 
 log = logging.getLogger(__name__)

@@ -16,12 +16,11 @@ from training.data import (
     find_objects,
     item_for_step,
     load_sample,
-    pixel_rays,
     read_object,
-    sample_rays,
     split_objects,
-    write_synthetic_object,
 )
+from training.rays import pixel_rays, sample_rays
+from training.synthetic import write_synthetic_object
 
 SIZE = 32
 
@@ -122,14 +121,8 @@ def test_official_layout_reads_like_ours(tmp_path):
     import json
     import shutil
 
-    from training.data import (
-        OFFICIAL_POSE_FILE,
-        find_objects,
-        load_sample,
-        official_poses,
-        read_object,
-        write_synthetic_object,
-    )
+    from training.data import OFFICIAL_POSE_FILE, find_objects, load_sample, official_poses, read_object
+    from training.synthetic import write_synthetic_object
 
     ours = write_synthetic_object(tmp_path / "ours" / "000-000" / "obj", polar=60, size=32)
     root = tmp_path / "official"

@@ -22,6 +22,7 @@ from server.common.mesh_io import Mesh, linear_to_srgb, srgb_to_linear
 from server.stages.asset import BakeViews
 from server.stages.meshing import extract_surface
 from training.cli import main
+from training.mesh_render import psnr
 from training.texture_eval import (
     DENSE,
     TEXTURE,
@@ -31,7 +32,6 @@ from training.texture_eval import (
     TextureEvalConfig,
     evaluate_object,
     markdown_report,
-    psnr,
     summarise,
 )
 

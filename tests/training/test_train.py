@@ -18,7 +18,9 @@ from server.common.errors import BadInputError
 from server.common.synthetic import write_views_dir
 from server.stages.reconstruction.checkpoint import load_checkpoint
 from server.stages.reconstruction.model import build_model
-from training.data import load_sample, read_object, sample_rays, write_synthetic_object
+from training.data import load_sample, read_object
+from training.rays import sample_rays
+from training.synthetic import write_synthetic_object
 from training.train import (
     PRESETS,
     TrainConfig,

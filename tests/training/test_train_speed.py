@@ -27,10 +27,10 @@ from training.data import (
     find_objects,
     load_sample,
     read_object,
-    sample_rays,
     step_loader,
-    write_synthetic_object,
 )
+from training.rays import sample_rays
+from training.synthetic import write_synthetic_object
 from training.train import (
     PRESETS,
     RuntimeConfig,

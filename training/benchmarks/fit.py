@@ -48,7 +48,8 @@ import torch
 from server.benchmarks.reconstruct import print_report
 from server.common.errors import BadInputError, One2345Error
 from training.amp import resolve_precision
-from training.data import find_objects, write_synthetic_dataset
+from training.data import find_objects
+from training.synthetic import write_synthetic_dataset
 from training.train import PRESETS, TrainConfig, add_speed_arguments, fit, runtime_from_args
 
 log = logging.getLogger(__name__)

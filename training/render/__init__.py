@@ -32,4 +32,7 @@ are skipped on re-runs, so a pre-empted job is simply started again.
 
 Objaverse downloads happen in the driver before Blender starts; point ``--objaverse-cache`` at a shared disk so that
 shards do not download the same file twice.
+
+The BlenderProc script and :mod:`~training.render.layout` run inside Blender's Python: they import only the
+standard library, numpy, bpy and BlenderProc; the driver may import :mod:`training` and :mod:`server`.
 """

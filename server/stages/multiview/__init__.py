@@ -7,4 +7,6 @@
   model's forward on CUDA).
 
 Nothing is imported here so that ``import server.stages.multiview`` stays cheap (diffusers/transformers load on use).
+
+A stage: imports :mod:`server.common` only.
 """

@@ -8,4 +8,6 @@ Modules, in the order data flows through them:
 - ``sdf_network``: compression layer, sparse cost regularisation, and the latent-conditioned SDF MLP.
 - ``rendering_network``: the IBRNet-style blending network that colours vertices from the source views.
 - ``model``: the whole network, its config and presets; ``checkpoint``: every way to load and save it.
+
+A stage: imports :mod:`server.common` only.
 """
