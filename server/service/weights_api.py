@@ -5,19 +5,27 @@
     POST   /v1/weights/download        JSON {"files": [names]?, "token": "..."?} → 202 the new download's progress
     GET    /v1/weights/download        progress of the running (or last) download: bytes, rate, ETA, current file
     DELETE /v1/weights/download        cancel it; the partial file is kept and the next POST resumes with HTTP Range
+    POST   /v1/weights/import          JSON {"path": "..."} → 202: take the files of a One-2-3-45 checkout (or a folder
+                                       of them) on the server's own disk: verify, then hard-link/reflink/copy them in;
+                                       only from the server's own machine (a loopback client)
+    GET    /v1/weights/import          progress of the running (or last) task, with each file's outcome
+    DELETE /v1/weights/import          cancel it (nothing half-imported stays)
 
 The server starts without weights. :class:`WeightsManager` tells ``/v1/health`` what is missing, refuses jobs while
 a file the preset needs is absent (503 ``missing_weights`` whose fix is the download endpoint), and when a download
-completes it tells the job manager, whose next job then loads the models. One download runs at a time (a second POST
-is 409 ``conflict``). Before it starts, the free space of the weights folder's disk is checked against what is left
-to fetch (507 ``storage`` naming both). ``HF_ENDPOINT`` (a mirror), ``HF_TOKEN`` (or the request's token, sent as
-``Authorization: Bearer`` and never stored or echoed) and ``HF_HUB_OFFLINE=1`` (503 ``offline``) are read at each
-request, so a server started before they were set honours them without a restart. The bytes themselves go through
+completes it tells the job manager, whose next job then loads the models. One task (a download or an import) runs at
+a time (a second POST of either is 409 ``conflict``), and ``GET`` of either route shows it (``operation`` says which).
+An import runs as a task rather than a request because hashing 18 GB takes minutes. Before a download starts, the
+free space of the weights folder's disk is checked against what is left to fetch (507 ``storage`` naming both).
+``HF_ENDPOINT`` (a mirror), ``HF_TOKEN`` (or the request's token, sent as ``Authorization: Bearer`` and never stored
+or echoed) and ``HF_HUB_OFFLINE=1`` (503 ``offline``) are read at each request, so a server started before they were
+set honours them without a restart. The bytes themselves go through
 :func:`server.common.weights.download`, the one way this project fetches a file.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
@@ -68,6 +76,8 @@ class _Download:
     """The single download job; mutated under :attr:`WeightsManager.lock`."""
 
     state: str = "idle"
+    operation: str = "download"
+    """download | import"""
     files: list[str] = field(default_factory=list)
     current_file: str | None = None
     phase: str | None = None
@@ -80,6 +90,10 @@ class _Download:
     started: str | None = None
     finished: str | None = None
     error: dict[str, Any] | None = None
+    hashed: int = 0
+    """Bytes of the current file hashed so far (phases checking and verifying)."""
+    imported: list[dict[str, Any]] | None = None
+    """An import's outcome per file, once it has finished."""
     started_at: float = 0.0
     samples: deque[tuple[float, int]] = field(default_factory=deque)
     """(monotonic time, bytes transferred) of recent progress reports, for the rate."""
@@ -105,7 +119,8 @@ class WeightFileInfo(BaseModel):
     required: bool = Field(description="the preset cannot run without it (others have weight-free fallbacks)")
     licence: str = Field(description="licence of the project the file comes from, as far as it is known")
     source: str = Field(description="the URL it is fetched from (HF_ENDPOINT honoured)")
-    state: str = Field(description="present | partial | missing | corrupt")
+    state: str = Field(description="present | partial | missing | corrupt (damaged: wrong size or SHA-256; a "
+                                   "download fetches it again)")
     bytes_on_disk: int = Field(description="size of the file, or of its partial download")
     expected_bytes: int
     size_exact: bool = Field(description="expected_bytes is the exact size (else a rough one)")
@@ -113,11 +128,24 @@ class WeightFileInfo(BaseModel):
     problem: str | None = Field(description="why the file is corrupt")
 
 
+class ImportOutcome(BaseModel):
+    name: str
+    outcome: str = Field(description="imported | already present | damaged (refused) | not found")
+    how: str | None = Field(description="for imported: hard link | reflink | copy")
+    source: str | None = Field(description="the file used, relative to the folder imported from")
+    checksum: str | None = Field(description="verified | unavailable (no reference SHA-256 known) | mismatch")
+    detail: str | None = Field(description="why it was refused, or where it was looked for")
+
+
 class DownloadStatus(BaseModel):
     state: str = Field(description="idle (none yet) | running | done | failed | cancelled")
-    files: list[str] = Field(description="the files this download fetches")
+    operation: str = Field("download", description="download | import: the weights folder's one task")
+    files: list[str] = Field(description="the files this download fetches (an import: every file it looks for)")
     current_file: str | None
-    phase: str | None = Field(description="checking | downloading | verifying (hashing a finished file) | done")
+    phase: str | None = Field(description="checking (hashing a file already there) | downloading | verifying "
+                                          "(hashing a finished file) | copying (an import) | done")
+    hashed_bytes: int = Field(0, description="bytes of the current file hashed so far (checking, verifying)")
+    imported: list[ImportOutcome] | None = Field(None, description="an import's outcome per file, once finished")
     bytes_done: int = Field(description="bytes on disk of the files being fetched (resumed bytes included)")
     bytes_total: int
     fraction: float = Field(description="bytes_done / bytes_total, 0…1")
@@ -137,6 +165,8 @@ class WeightsListing(BaseModel):
     required: list[str]
     missing: list[str]
     download_bytes: int = Field(description="bytes still to fetch for every file that is not present")
+    disk_needed_bytes: int = Field(description="disk space still needed: download_bytes plus what the first model "
+                                               "load writes and keeps (Zero123's 5 GB conversion)")
     disk_free_bytes: int = Field(description="free space on the weights folder's disk")
     offline: bool = Field(description="HF_HUB_OFFLINE is set: the server will not download")
     files: list[WeightFileInfo]
@@ -149,6 +179,13 @@ class DownloadRequest(BaseModel):
     files: list[str] | None = Field(None, description="names to fetch; default: every file that is not present")
     token: str | None = Field(None, description="hub token for this download (default: the server's HF_TOKEN); "
                                                 "never stored or echoed")
+
+
+class ImportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="a folder on the server's disk: an official One-2-3-45 checkout, or a folder "
+                                  "holding the weight files", min_length=1, max_length=4096)
 
 
 # -- the manager ------------------------------------------------------------------------------------------------------
@@ -193,7 +230,8 @@ class WeightsManager:
         missing = [s.name for s in states if s.state != "present"]
         return {"folder": _home_as_tilde(root), "ready": not any(n in self.config.required for n in missing),
                 "complete": not missing, "required": list(self.config.required), "missing": missing,
-                "download_bytes": weights.missing_bytes(states), "disk_free_bytes": _free_bytes(root),
+                "download_bytes": weights.missing_bytes(states),
+                "disk_needed_bytes": weights.disk_needed_bytes(states), "disk_free_bytes": _free_bytes(root),
                 "offline": weights._env_offline(), "files": [s.to_json() for s in states],
                 "download": self.progress()}
 
@@ -208,8 +246,9 @@ class WeightsManager:
                 eta = 0.0
             elif rate:
                 eta = round(left / rate, 1)
-            return {"state": d.state, "files": list(d.files), "current_file": d.current_file, "phase": d.phase,
-                    "bytes_done": d.bytes_done, "bytes_total": d.bytes_total,
+            return {"state": d.state, "operation": d.operation, "files": list(d.files),
+                    "current_file": d.current_file, "phase": d.phase, "hashed_bytes": d.hashed,
+                    "imported": d.imported, "bytes_done": d.bytes_done, "bytes_total": d.bytes_total,
                     "fraction": round(d.bytes_done / d.bytes_total, 4) if d.bytes_total else float(d.state == "done"),
                     "resumed_bytes": d.resumed_bytes, "rate_bps": None if rate is None else round(rate, 1),
                     "eta_s": eta, "files_done": d.files_done, "started": d.started, "finished": d.finished,
@@ -224,16 +263,16 @@ class WeightsManager:
         absent = [s for s in states if s.state != "present"]
         if not absent:
             return
-        listing = ", ".join(f"{s.name} ({s.filename}, ~{weights._human_size(s.expected_bytes)}, {s.state})"
-                            for s in absent)
+        listing = weights._listing(absent)
         status = self.progress()
         headers: dict[str, str] = {}
         if status["state"] == "running":
             headers["Retry-After"] = str(max(1, round(status["eta_s"] or 30)))
             fix = "a download is running: wait for it (GET /v1/weights/download shows its progress)"
         else:
+            command = weights.download_command([s.name for s in absent], self.config.weights_dir)
             fix = (f"download them: {DOWNLOAD_ENDPOINT} (in Blender: Preferences → Add-ons → One2345 → Weights → "
-                   "Download), or run `one2345 weights download` where the server runs")
+                   f"Download), or run `{self._public(command)}` where the server runs")
         raise ApiError("missing_weights", f"the model weights are not all present: {listing}", fix=fix,
                        headers=headers)
 
@@ -283,13 +322,38 @@ class WeightsManager:
         log.info("weights download of %s started", ", ".join(d.files) or "nothing (all present)")
         return self.progress()
 
+    def start_import(self, path: str) -> dict[str, Any]:
+        """Start importing the weight files under ``path`` (a folder on this machine); returns the task's progress.
+
+        Raises:
+            BadInputError: ``path`` is not a folder.
+            ApiError: ``conflict`` while another download or import runs.
+        """
+        source = Path(path).expanduser()
+        if not source.is_dir():
+            raise BadInputError(f"{path!r} is not a folder on the server's machine; give the folder of an official "
+                                "One-2-3-45 checkout, or a folder holding the weight files")
+        names = [w.name for w in weights.WEIGHT_FILES]
+        with self.lock:
+            if self._download.state == "running":
+                raise ApiError("conflict", f"a weights {self._download.operation} is already running",
+                               fix="watch it with GET /v1/weights/import, or cancel it with DELETE "
+                                   "/v1/weights/import")
+            d = self._download = _Download(state="running", operation="import", files=names, phase="checking",
+                                           started=now_iso(), started_at=time.monotonic())
+            d.thread = threading.Thread(target=self._run_import, args=(d, source), name="one2345-weights-import",
+                                        daemon=True)
+            d.thread.start()
+        log.info("weights import started")
+        return self.progress()
+
     def cancel(self) -> dict[str, Any]:
         """Cancel the running download (its partial file stays for a resume); ApiError ``conflict`` when none
         runs."""
         with self.lock:
             d = self._download
             if d.state != "running":
-                raise ApiError("conflict", f"no download is running (the last one is {d.state})",
+                raise ApiError("conflict", f"no download or import is running (the last one is {d.state})",
                                fix=f"start one with {DOWNLOAD_ENDPOINT}")
             d.cancel.set()
             thread = d.thread
@@ -328,9 +392,39 @@ class WeightsManager:
         if error is None:
             self._notify()
 
+    def _run_import(self, d: _Download, source: Path) -> None:
+        error: dict[str, Any] | None = None
+        results: list[weights.ImportResult] = []
+        try:
+            results = weights.import_weights(source, self.root, on_progress=lambda p: self._on_progress(d, p),
+                                             should_cancel=d.cancel.is_set)
+        except CancelledError:
+            error = error_dict("cancelled", "the import was cancelled; nothing half-imported was kept",
+                               "POST /v1/weights/import again")
+        except One2345Error as e:
+            error = error_dict(e.kind, self._public(e.message), e.fix and self._public(e.fix))
+        except OSError as e:  # the folder imported from, or the weights folder's disk
+            error = error_dict("storage", self._public(f"{e.strerror or e}: {e.filename or ''}"),
+                               "check the folder's permissions and the disk")
+        except Exception as e:  # a bug: the import fails, the server lives on
+            log.exception("weights import failed")
+            error = error_dict("internal", self._public(f"{type(e).__name__}: {e}"), "see the server's log (stderr)")
+        with self.lock:
+            d.imported = [r.to_json() for r in results] if error is None else None
+            state = "done" if error is None else "cancelled" if error["kind"] == "cancelled" else "failed"
+            self._finish(d, state, error)
+        log.info("weights import %s%s", d.state, f": {error['message']}" if error else
+                 ": " + ", ".join(f"{r.name} {r.outcome}" for r in results))
+        if any(r.outcome == "imported" for r in results):
+            self._notify()
+
     def _on_progress(self, d: _Download, p: weights.DownloadProgress) -> None:
         now = time.monotonic()
         with self.lock:
+            d.hashed = p.hashed
+            if p.phase == "checking" and d.operation == "download":  # hashing a file already there: no bytes move
+                d.current_file, d.phase = p.file, p.phase
+                return
             if p.phase == "downloading" and d.phase == "checking":
                 d.resumed_bytes = p.done - p.transferred  # the hub's exact sizes are known now
             d.current_file, d.phase = p.file, p.phase
@@ -385,10 +479,22 @@ def _free_bytes(root: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
+def _is_loopback_client(request: Request) -> bool:
+    """Whether the request comes from this machine (an import names a path on the server's disk)."""
+    host = request.client.host if request.client is not None else ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 _ERROR_DESCRIPTIONS = {
-    400: "an unknown file name, or a token an HTTP header cannot carry",
+    400: "an unknown file name, a token an HTTP header cannot carry, an import path that is not a folder, or an "
+         "import from another machine",
     401: "missing or wrong bearer token",
-    409: "a download is already running (POST), or none is (DELETE)",
+    409: "a download or import is already running (POST), or none is (DELETE)",
     503: "offline: the server runs with HF_HUB_OFFLINE=1",
     507: "storage: the weights folder's disk lacks the space still needed (the message names both sizes)",
 }
@@ -429,6 +535,28 @@ def weights_router(manager: WeightsManager) -> APIRouter:
                    summary="Cancel the running download (the partial file is kept; the next start resumes)",
                    responses=_errors(401, 409))
     async def cancel_download() -> dict[str, Any]:
+        return await run_in_threadpool(manager.cancel)
+
+    @router.post("/import", status_code=202, response_model=DownloadStatus,
+                 summary="Import the weight files of a One-2-3-45 checkout on the server's disk (verify, then link "
+                         "or copy them); from the server's own machine only",
+                 responses=_errors(400, 401, 409))
+    async def start_import(request: Request, body: ImportRequest) -> dict[str, Any]:
+        if not _is_loopback_client(request):
+            raise BadInputError("an import reads a folder on the server's disk, so it is accepted only from the "
+                                "server's own machine", fix="run `one2345 weights import PATH` where the server runs, "
+                                                            "or download the weights (POST /v1/weights/download)")
+        return await run_in_threadpool(manager.start_import, body.path)
+
+    @router.get("/import", response_model=DownloadStatus,
+                summary="Progress of the running or last task (an import: each file's outcome when done)",
+                responses=_errors(401))
+    def import_progress() -> dict[str, Any]:
+        return manager.progress()
+
+    @router.delete("/import", response_model=DownloadStatus,
+                   summary="Cancel the running import (nothing half-imported stays)", responses=_errors(401, 409))
+    async def cancel_import() -> dict[str, Any]:
         return await run_in_threadpool(manager.cancel)
 
     return router

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +17,25 @@ from tests.server.fake_hub import FakeHub, payload, serve_hub
 SAM_BYTES = payload(3000, 1)
 LOFTR_BYTES = payload(5000, 2)
 RECON_BYTES = payload(40_000, 3)
+ZERO123_BYTES = payload(60_000, 4)
+CONTENT = {"sam": SAM_BYTES, "zero123-xl": ZERO123_BYTES, "loftr": LOFTR_BYTES, "reconstruction": RECON_BYTES}
+
+
+def small_table(monkeypatch: pytest.MonkeyPatch, pinned: tuple[str, ...] = ("sam", "zero123-xl", "loftr")) -> None:
+    """The real table with the pins (exact size, SHA-256) of the small stand-ins; like the real table, the
+    reconstruction file has no pin unless named in ``pinned``."""
+    small = tuple(dataclasses.replace(
+        w, approx_size_bytes=len(CONTENT[w.name]), derived_bytes=0,
+        size_bytes=len(CONTENT[w.name]) if w.name in pinned else None,
+        sha256=hashlib.sha256(CONTENT[w.name]).hexdigest() if w.name in pinned else None) for w in weights.WEIGHT_FILES
+        if w.name in CONTENT)
+    monkeypatch.setattr(weights, "WEIGHT_FILES", small)
+    monkeypatch.setattr(weights, "REGISTRY", {w.name: w for w in small})
 
 
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
+    small_table(monkeypatch)
     files = {
         weights.REGISTRY["sam"].filename: SAM_BYTES,
         weights.REGISTRY["loftr"].filename: LOFTR_BYTES,
@@ -103,10 +120,13 @@ def test_offline_never_touches_network(hub: FakeHub, tmp_path: Path, monkeypatch
     with pytest.raises(MissingWeightsError) as info:
         weights.download(["sam", "loftr"], root, offline=True, endpoint=hub.url)
     message = str(info.value)
-    assert "one2345 weights download --only loftr" in message
     assert "indoor_ds_new.ckpt" in message and str(root) in message
-    assert "--only sam" not in message
 
+    assert "sam" in message and "damaged: it has 12 bytes, the hub's file has 3,000" in message
+    assert "one2345 weights download --only sam --only loftr" in message  # one command for both
+    assert "offline=True" not in message
+
+    (root / "sam_vit_h_4b8939.pth").write_bytes(SAM_BYTES)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert weights.download(["sam"], root, endpoint=hub.url) == {"sam": root / "sam_vit_h_4b8939.pth"}
     with pytest.raises(MissingWeightsError, match="--only reconstruction"):
@@ -157,13 +177,19 @@ def test_registry_matches_spec_table() -> None:
         "loftr": "elevation_estimate/utils/weights/indoor_ds_new.ckpt",
         "reconstruction": "SparseNeuS_demo_v1/exp/lod0/checkpoints/ckpt_215000.pth",
     }
-    assert {w.name: w.filename for w in weights.WEIGHT_FILES} == expected
-    assert all(w.repo_id == "One-2-3-45/code" and w.local_name == w.filename for w in weights.WEIGHT_FILES)
+    reference = [w for w in weights.WEIGHT_FILES if not w.on_demand]  # the text-to-image files come on demand
+    assert {w.name: w.filename for w in reference} == expected
+    assert all(w.repo_id == "One-2-3-45/code" and w.local_name == w.filename for w in reference)
 
 
-def test_cli_list_shows_every_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_list_shows_every_state(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from server.service.cli import main
 
+    small_table(monkeypatch, pinned=())
+    monkeypatch.setattr(weights, "REGISTRY", {**weights.REGISTRY, "zero123-xl": dataclasses.replace(
+        weights.REGISTRY["zero123-xl"], approx_size_bytes=15_465_973_531, derived_bytes=5_000_000_000)})
+    monkeypatch.setattr(weights, "WEIGHT_FILES", tuple(weights.REGISTRY.values()))
     root = tmp_path / "weights"
     (root / "sam_vit_h_4b8939.pth").parent.mkdir(parents=True)
     (root / "sam_vit_h_4b8939.pth").write_bytes(SAM_BYTES)
@@ -176,7 +202,7 @@ def test_cli_list_shows_every_state(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert [line.split()[:2] for line in lines[:4]] == [
         ["sam", "present"], ["zero123-xl", "missing"], ["loftr", "partial"], ["reconstruction", "missing"]]
     assert "unavailable" in lines[0]  # copied by hand, and the table knows no SHA-256 for it
-    assert lines[-1].startswith(f"weights folder: {root}; ~15.6 GB still to download")
+    assert lines[-1].startswith(f"weights folder: {root}; ~15.5 GB still to download, ~20.5 GB of disk")
 
     assert main(["weights", "list", "--dir", str(root), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
@@ -197,8 +223,11 @@ def test_download_reports_progress_and_cancels_keeping_the_partial(hub: FakeHub,
 
     reports.clear()
     weights.download(["loftr", "reconstruction"], root, on_progress=reports.append)
-    assert [(r.file, r.phase) for r in reports if r.phase != "downloading"] == [
+    phases = [(r.file, r.phase) for r in reports if r.phase != "downloading"]
+    assert list(dict.fromkeys(phases)) == [
         ("loftr", "verifying"), ("loftr", "done"), ("reconstruction", "verifying"), ("reconstruction", "done")]
+    verifying = [r.hashed for r in reports if r.phase == "verifying" and r.file == "loftr"]
+    assert verifying[0] == 0 and verifying[-1] == 5000  # the whole file, the resumed part included
     assert reports[-1].done == reports[-1].total == 45_000 and reports[-1].files_done == 2
     assert reports[-1].transferred == 45_000 - partial_size_of(reports)
 

@@ -40,7 +40,7 @@ def table(monkeypatch: pytest.MonkeyPatch) -> dict[str, weights.WeightFile]:
     """The real table with each file's size and SHA-256 set to those of its small stand-in."""
     small = tuple(dataclasses.replace(w, approx_size_bytes=len(CONTENT[w.name]), size_bytes=len(CONTENT[w.name]),
                                       sha256=weights.hashlib.sha256(CONTENT[w.name]).hexdigest(), derived_bytes=0)
-                  for w in weights.WEIGHT_FILES)
+                  for w in weights.WEIGHT_FILES if w.name in CONTENT)
     monkeypatch.setattr(weights, "WEIGHT_FILES", small)
     monkeypatch.setattr(weights, "REGISTRY", {w.name: w for w in small})
     return weights.REGISTRY
@@ -71,10 +71,12 @@ def gated_loader(root: Path, loads: list[str] | None = None):
     return load
 
 
-def make_client(jobs_dir: Path, root: Path, loader=None, **jobs_config) -> TestClient:
+def make_client(jobs_dir: Path, root: Path, loader=None, client_host: str = "testclient",
+                **jobs_config) -> TestClient:
     manager = JobManager(jobs_dir, loader or gated_loader(root), JobsConfig(**jobs_config))
     manager_weights = WeightsManager(WeightsConfig(weights_dir=root, required=REQUIRED))
-    return TestClient(create_app(manager, AppConfig(token=TOKEN, preset="paper"), manager_weights))
+    return TestClient(create_app(manager, AppConfig(token=TOKEN, preset="paper"), manager_weights),
+                      client=(client_host, 50000))
 
 
 def put(root: Path, name: str, data: bytes | None = None) -> Path:
@@ -126,10 +128,12 @@ def test_listing_states_and_lazy_checksums(hub: FakeHub, root: Path, tmp_path: P
         assert hashed == []
         assert files["loftr"]["bytes_on_disk"] == 1200 and files["loftr"]["expected_bytes"] == 5000
         assert files["zero123-xl"]["source"] == f"{hub.url}/One-2-3-45/code/resolve/main/zero123-xl.ckpt"
-        assert files["sam"]["licence"].startswith("Apache-2.0") and not files["sam"]["required"]
+        assert files["sam"]["licence"].startswith("MIT (the hub repo's card)") and not files["sam"]["required"]
+        assert "Apache-2.0" in files["sam"]["licence"]
         assert files["reconstruction"]["required"]
         assert listing["missing"] == ["zero123-xl", "loftr"] and not listing["ready"] and not listing["complete"]
         assert listing["download_bytes"] == 200_000 + 5000 - 1200
+        assert listing["disk_needed_bytes"] == listing["download_bytes"]  # the stand-ins have no conversion
         assert listing["disk_free_bytes"] > 0 and listing["offline"] is False
         assert listing["download"]["state"] == "idle"
 
@@ -173,6 +177,9 @@ def test_without_weights_jobs_are_refused_then_a_download_with_cancel_and_resume
         assert error["kind"] == "missing_weights"
         assert "zero123-xl" in error["message"] and "reconstruction" in error["message"]
         assert "POST /v1/weights/download" in error["fix"]
+        # One command for every file the preset lacks (issue #31 finding 14), without the server's paths.
+        assert "`one2345 weights download --only zero123-xl --only reconstruction --dir the weights folder`" in \
+            error["fix"]
         assert loads == []  # refused before the worker tried to load anything
 
         started = client.post("/v1/weights/download", headers=AUTH)
@@ -351,6 +358,7 @@ def test_the_openapi_schema_lists_the_weights_routes(tmp_path: Path, root: Path)
         schema = client.get("/openapi.json").json()
     assert {"get"} <= set(schema["paths"]["/v1/weights"])
     assert {"get", "post", "delete"} <= set(schema["paths"]["/v1/weights/download"])
+    assert {"get", "post", "delete"} <= set(schema["paths"]["/v1/weights/import"])
     assert schema["paths"]["/v1/weights/download"]["post"]["security"] == [{"bearer": []}]
     assert "weights" in schema["components"]["schemas"]["Health"]["properties"]
 
@@ -381,3 +389,43 @@ def test_the_paper_server_starts_without_weights_and_downloads_them(hub: FakeHub
         assert server.client.get("/v1/health").json()["weights"]["required_missing"] == ["zero123-xl"]
     finally:
         stop(server)
+
+
+REFERENCE_LAYOUT = {"sam": "sam_vit_h_4b8939.pth", "zero123-xl": "zero123-xl.ckpt",
+                    "loftr": "elevation_estimate/utils/weights/indoor_ds_new.ckpt",
+                    "reconstruction": "reconstruction/exp/lod0/checkpoints/ckpt_215000.pth"}
+
+
+def test_an_import_from_a_checkout_runs_as_a_task_and_lifts_the_refusal(hub: FakeHub, root: Path,
+                                                                         tmp_path: Path) -> None:
+    """POST /v1/weights/import: the add-on's way to reuse an official checkout on the server's machine."""
+    src = tmp_path / "One-2-3-45"
+    for name, rel in REFERENCE_LAYOUT.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(CONTENT[name] if name != "sam" else CONTENT["sam"][:-1])  # SAM truncated
+    with make_client(tmp_path / "jobs", root, client_host="127.0.0.1") as client:
+        assert submit(client).status_code == 503
+        bad = client.post("/v1/weights/import", json={"path": str(tmp_path / "nope")}, headers=AUTH)
+        assert bad.status_code == 400 and bad.json()["error"]["kind"] == "bad_input"
+        assert client.post("/v1/weights/import", json={"path": str(src), "x": 1}, headers=AUTH).status_code == 400
+        started = client.post("/v1/weights/import", json={"path": str(src)}, headers=AUTH)
+        assert started.status_code == 202, started.text
+        assert started.json()["operation"] == "import"
+        done = wait(client, "/v1/weights/import", lambda s: s["state"] != "running")
+        assert done["state"] == "done", done
+        outcomes = {r["name"]: (r["outcome"], r["how"]) for r in done["imported"]}
+        assert outcomes == {"sam": ("damaged", None), "zero123-xl": ("imported", "hard link"),
+                            "loftr": ("imported", "hard link"), "reconstruction": ("imported", "hard link")}
+        assert client.get("/v1/weights/download", headers=AUTH).json()["operation"] == "import"  # the one task
+        assert client.get("/v1/health").json()["weights"]["required_missing"] == []
+        job = submit(client)
+        assert job.status_code == 202, job.text
+    assert hub.requests == []  # nothing fetched
+
+
+def test_an_import_is_accepted_only_from_the_servers_own_machine(hub: FakeHub, root: Path, tmp_path: Path) -> None:
+    with make_client(tmp_path / "jobs", root, client_host="192.0.2.7") as client:
+        answer = client.post("/v1/weights/import", json={"path": str(tmp_path)}, headers=AUTH)
+        assert answer.status_code == 400
+        assert "server's own machine" in answer.json()["error"]["message"]
+        assert client.get("/v1/weights/import", headers=AUTH).json()["state"] == "idle"
