@@ -8,7 +8,16 @@ The output folder is laid out like the hub's ``kxic/zero123-xl``::
     cc_projection/   config.json {"in_channel": 772, "out_channel": 768} + projection.{weight,bias} in safetensors
     scheduler/       DDIMScheduler config of the LDM schedule (0.00085 → 0.012, "scaled_linear", 1000 steps)
     model_index.json
-    one2345_conversion.json   marker: source size + mtime, converter version, architecture
+    one2345_conversion.json   manifest, written last: source size + mtime, converter version, architecture, and the
+                              size and SHA-256 of every file above
+
+Conversion is an install step (:func:`ensure_converted`): the checkpoint is recognised from its key names and shapes
+before anything is copied (a wrong file is refused in seconds, naming what was found and what Zero123 has); progress
+is reported per step and every 64 MiB written; it can be cancelled between tensors; it writes into a hidden temporary
+sibling (``.<name>.tmp-*``) renamed into place at the end, under a lock file beside it, so an interrupted conversion
+leaves at most that temporary folder, which the next conversion (or :func:`remove_interrupted_conversions` at
+start-up) deletes — never one a live process is writing. A reused folder is checked against its manifest's sizes
+every time (fast) and by hash on request (:func:`verify_converted`).
 
 Key renaming for the UNet and the VAE is diffusers' own (``diffusers.loaders.single_file_utils``); diffusers has no
 mapping for the OpenAI-CLIP *vision* tower (only for CLIP text encoders), so that one is written out here, following
@@ -20,13 +29,19 @@ shape mismatch is a :class:`CheckpointError` listing them, never a silently rand
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import os
 import pickle
 import re
 import shutil
+import struct
+import sys
 import tempfile
-import warnings
+import threading
+import time
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -36,11 +51,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from server.common.errors import CheckpointError, MissingWeightsError
+from server.common.errors import CancelledError, CheckpointError, MissingWeightsError
 from server.common.fsutil import replace_dir
 
-CONVERTER_VERSION = 1
-"""Bump when the output changes; cached folders of another version are converted again."""
+log = logging.getLogger(__name__)
+
+CONVERTER_VERSION = 2
+"""Bump when the output changes; cached folders of another version are converted again (2: file manifest)."""
 MARKER_NAME = "one2345_conversion.json"
 
 UNET_PREFIX = "model.diffusion_model."
@@ -57,8 +74,9 @@ CC_PREFIX = "cc_projection."
 POSE_DIMS = 4
 """[Δpolar, sin Δazimuth, cos Δazimuth, Δradius] appended to the CLIP embedding before ``cc_projection``."""
 
-_PARTS = ("unet", "vae", "image_encoder", "cc_projection")
 _DOWNLOAD_FIX = "run `one2345 weights download --only zero123-xl` (or pass the path of an intact zero123-xl.ckpt)"
+_DAMAGED_FIX = ("run `one2345 weights download --only zero123-xl`, which fetches the file again when it is damaged "
+                "(also one copied in by hand), or copy an intact zero123-xl.ckpt over it")
 
 
 @dataclass(frozen=True)
@@ -245,9 +263,10 @@ def load_lightning_state_dict(ckpt_path: str | os.PathLike[str]) -> dict[str, to
         obj = _torch_load(path)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
         raise CheckpointError(
-            f"{path} ({path.stat().st_size} bytes) is not a readable PyTorch checkpoint; it is probably truncated "
-            f"or of another format ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
-            fix=_DOWNLOAD_FIX,
+            f"{path} is damaged: it is not a readable PyTorch checkpoint ({path.stat().st_size:,} bytes"
+            f"{_official_size(path)}); it is probably truncated by an interrupted download or copy, or of another "
+            f"format ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})",
+            fix=_DAMAGED_FIX,
         ) from exc
 
     if not isinstance(obj, Mapping):
@@ -275,6 +294,14 @@ def load_lightning_state_dict(ckpt_path: str | os.PathLike[str]) -> dict[str, to
             fix=_DOWNLOAD_FIX,
         )
     return dict(state)
+
+
+def _official_size(path: Path) -> str:
+    """", the official file has N bytes" when the weights table pins the size of a file of this name."""
+    from server.common.weights import WEIGHT_FILES
+
+    sizes = {w.size_bytes for w in WEIGHT_FILES if Path(w.local_name).name == path.name and w.size_bytes}
+    return f"; the official {path.name} has {sizes.pop():,}" if len(sizes) == 1 else ""
 
 
 def _torch_load(path: Path) -> Any:
@@ -315,7 +342,7 @@ def extract_unet(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     LitEma stores ``model.diffusion_model.input_blocks.0.0.weight`` as ``model_ema.diffusion_modelinput_blocks00weight``
     (dots removed). Each raw name is flattened the same way and looked up, so the raw key list defines the names and
     every EMA tensor must match exactly one of them. Sampling runs inside ``ema_scope()`` (spec §2.1), which is why
-    EMA is the right source; without any EMA tensor the raw weights are used, with a warning.
+    EMA is the right source; without any EMA tensor the raw weights are used (the converter logs it in its words).
 
     Returns:
         (LDM-named UNet tensors, "ema" or "raw").
@@ -330,12 +357,6 @@ def extract_unet(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
         if k.startswith(EMA_PREFIX) and k.removeprefix(EMA_PREFIX) not in EMA_BOOKKEEPING
     }
     if not ema:
-        warnings.warn(
-            "the checkpoint has no EMA copy (model_ema.*); converting the raw UNet weights, which are not the ones "
-            "the reference samples with",
-            UserWarning,
-            stacklevel=2,
-        )
         return raw, "raw"
 
     flat_to_name: dict[str, str] = {}
@@ -517,130 +538,150 @@ def _owned_float32(tensors: Mapping[str, torch.Tensor | None]) -> dict[str, torc
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Writing the diffusers folder
+# ---------------------------------------------------------------------------------------------------------------------
+# Recognising the checkpoint: names and shapes only, before any tensor is copied
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def convert_zero123_checkpoint(
-    ckpt_path: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    *,
-    image_encoder_dir: str | os.PathLike[str] | None = None,
-    architecture: Zero123Architecture = ZERO123_XL,
-) -> Path:
-    """Convert a Zero123 Lightning checkpoint into a diffusers-format folder at ``out_dir`` (replaced atomically).
+@dataclass
+class ConversionPlan:
+    """A checkpoint checked against the architecture: every part under its diffusers/transformers names, as views of
+    the (memory-mapped) source tensors. Nothing has been copied yet."""
 
-    The folder is built in a temporary sibling and renamed into place, so a crash never leaves a half-written
-    ``out_dir``. Peak memory is about one float32 copy of the weights (≈ 5 GB for Zero123-XL); the source is mapped.
+    unet: dict[str, torch.Tensor]
+    vae: dict[str, torch.Tensor]
+    image_encoder: dict[str, torch.Tensor] | None
+    """None when the tower comes from ``image_encoder_dir``."""
+    cc_projection: dict[str, torch.Tensor]
+    unet_source: str
+    """"ema" or "raw"."""
+    configs: dict[str, Any] = field(default_factory=dict)
+    """Part name → the meta-device module whose config is written beside the weights."""
+
+    def bytes_to_write(self) -> int:
+        """Size of the weight files to write (float32 for every floating tensor)."""
+        parts = (self.unet, self.vae, self.image_encoder or {}, self.cc_projection)
+        return sum(_stored_nbytes(t) for part in parts for t in part.values())
+
+
+def plan_conversion(
+    state: Mapping[str, torch.Tensor],
+    architecture: Zero123Architecture = ZERO123_XL,
+    *,
+    source: str | os.PathLike[str] = "the checkpoint",
+    image_encoder_dir: str | os.PathLike[str] | None = None,
+) -> ConversionPlan:
+    """Recognise a Zero123 checkpoint from its key names and shapes and map every part, copying nothing.
+
+    First a signature check (UNet input channels, ``cc_projection``, VAE, image tower) that refuses another network
+    in one message naming what was found and what Zero123 has; then each part is renamed (views only) and compared
+    name by name and shape by shape with its model built on the meta device.
 
     Args:
-        ckpt_path: ``zero123-xl.ckpt`` or another checkpoint of the same layout.
-        out_dir: destination folder; an existing one is replaced.
-        image_encoder_dir: a saved ``CLIPVisionModelWithProjection`` (``config.json`` + weights), used only when the
-            checkpoint has no ``cond_stage_model.model.visual.*`` tensors.
-        architecture: model sizes; Zero123-XL's by default.
-
-    Returns:
-        ``out_dir`` as a Path.
+        state: the LDM state dict (tensors may be memory-mapped or on the meta device).
+        architecture: the sizes expected.
+        source: the file's name, for messages.
+        image_encoder_dir: a saved CLIPVisionModelWithProjection, used when the checkpoint has no CLIP tower.
 
     Raises:
-        MissingWeightsError: the checkpoint is absent, or it has no CLIP tower and no usable ``image_encoder_dir``.
-        CheckpointError: the checkpoint is unreadable or any part fails the strict checks.
+        CheckpointError: not a Zero123 checkpoint of this architecture (names the file, the findings and the fix).
+        MissingWeightsError: no CLIP tower in the file and no usable ``image_encoder_dir``.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from safetensors.torch import save_file
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
-    source_stat = ckpt_path.stat() if ckpt_path.is_file() else None
-    parts = convert_state_dict(load_lightning_state_dict(ckpt_path), architecture)
-    cc_in = parts.cc_projection["projection.weight"].shape[1]
-    cc_out = parts.cc_projection["projection.weight"].shape[0]
-    if cc_out != architecture.unet.context_dim:
-        raise CheckpointError(
-            f"cc_projection outputs {cc_out} dims but the UNet's context is {architecture.unet.context_dim}"
-        )
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    name = Path(source).name if source != "the checkpoint" else str(source)
+    _check_signature(state, architecture, name)
     try:
-        unet = _load_strict(lambda: UNet2DConditionModel(**architecture.unet.diffusers_config()), parts.unet, "UNet")
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        del unet
-        vae = _load_strict(lambda: AutoencoderKL(**architecture.vae.diffusers_config()), parts.vae, "VAE")
-        vae.save_pretrained(tmp / "vae", safe_serialization=True)
-        del vae
-
-        if parts.image_encoder is not None:
-            clip_config = CLIPVisionConfig(**architecture.image_encoder.transformers_config())
-            encoder = _load_strict(
-                lambda: CLIPVisionModelWithProjection(clip_config), parts.image_encoder, "CLIP image tower"
-            )
-            image_encoder_origin = "checkpoint"
-        else:
-            encoder, folder = _load_image_encoder_dir(image_encoder_dir, ckpt_path)
-            image_encoder_origin = str(folder.resolve())
-        if encoder.config.projection_dim + POSE_DIMS != cc_in:
+        ldm_unet, unet_source = extract_unet(state)
+        unet = convert_unet(ldm_unet, architecture.unet)
+        vae = convert_vae(state, architecture.vae)
+        clip = convert_clip_visual(state)
+        cc = extract_cc_projection(state)
+        for part, tensors in (("unet", unet), ("vae", vae), ("image_encoder", clip or {})):
+            missing = sorted(k for k, v in tensors.items() if v is None)
+            if missing:  # diffusers' converters write None for a name they expected but did not find
+                raise CheckpointError(f"the {part} has no source tensor for {_clip_list(missing)}; the checkpoint's "
+                                      "layout does not fit the config", fix=_DOWNLOAD_FIX)
+        configs: dict[str, Any] = {
+            "unet": _check_strict(lambda: UNet2DConditionModel(**architecture.unet.diffusers_config()), unet, "UNet"),
+            "vae": _check_strict(lambda: AutoencoderKL(**architecture.vae.diffusers_config()), vae, "VAE"),
+        }
+        cc_in, cc_out = cc["projection.weight"].shape[1], cc["projection.weight"].shape[0]
+        if cc_out != architecture.unet.context_dim:
             raise CheckpointError(
-                f"cc_projection expects {cc_in - POSE_DIMS}-dim image embeddings but the image encoder gives "
-                f"{encoder.config.projection_dim}"
-            )
-        encoder.save_pretrained(tmp / "image_encoder", safe_serialization=True)
-        del encoder
-
-        cc_dir = tmp / "cc_projection"
-        cc_dir.mkdir()
-        _write_json(cc_dir / "config.json", {"_class_name": "CCProjection", "in_channel": cc_in, "out_channel": cc_out})
-        save_file(parts.cc_projection, str(cc_dir / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-        DDIMScheduler(**architecture.scheduler_config()).save_pretrained(tmp / "scheduler")
-        _write_json(tmp / "model_index.json", _model_index())
-        _write_json(
-            tmp / MARKER_NAME,
-            {
-                **_marker_identity(source_stat, architecture),
-                "source": str(ckpt_path.resolve()),
-                "unet_weights": parts.unet_source,
-                "image_encoder": image_encoder_origin,
-            },
-        )
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+                f"cc_projection outputs {cc_out} dims but the UNet's context is {architecture.unet.context_dim}",
+                fix=_DOWNLOAD_FIX)
+        if clip is not None:
+            clip_config = CLIPVisionConfig(**architecture.image_encoder.transformers_config())
+            configs["image_encoder"] = _check_strict(lambda: CLIPVisionModelWithProjection(clip_config), clip,
+                                                     "CLIP image tower")
+            embed = configs["image_encoder"].config.projection_dim
+        else:
+            embed = _image_encoder_dir_config(image_encoder_dir, name).projection_dim
+        if embed + POSE_DIMS != cc_in:
+            raise CheckpointError(f"cc_projection expects {cc_in - POSE_DIMS}-dim image embeddings but the image "
+                                  f"encoder gives {embed}", fix=_DOWNLOAD_FIX)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{name}: {exc.message}", fix=exc.fix) from None
+    return ConversionPlan(unet=unet, vae=vae, image_encoder=clip, cc_projection=cc, unet_source=unet_source,
+                          configs=configs)
 
 
-def ensure_converted(
-    ckpt_path: str | os.PathLike[str],
-    cache_dir: str | os.PathLike[str],
-    *,
-    image_encoder_dir: str | os.PathLike[str] | None = None,
-    architecture: Zero123Architecture = ZERO123_XL,
-) -> Path:
-    """The diffusers folder of ``ckpt_path`` under ``cache_dir``, converting only when needed.
+def _check_signature(state: Mapping[str, torch.Tensor], arch: Zero123Architecture, name: str) -> None:
+    """Refuse, in one message, a checkpoint whose key names and a few shapes are not Zero123's."""
+    conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    cc_w, cc_b = state.get(CC_PREFIX + "weight"), state.get(CC_PREFIX + "bias")
+    want_conv_in = (arch.unet.model_channels, arch.unet.in_channels, 3, 3)
+    want_cc = (arch.unet.context_dim, arch.image_encoder.embed_dim + POSE_DIMS)
+    found: list[str] = []
+    wrong: list[str] = []
+    if conv_in is None:
+        wrong.append(f"no {UNET_PREFIX}input_blocks.0.0.weight (the UNet's first convolution)")
+    else:
+        shape = tuple(conv_in.shape)
+        found.append(f"a UNet whose first convolution is {_shape(shape)}")
+        if shape != want_conv_in:
+            channels = f"{shape[1]} input channels" if len(shape) == 4 else f"shape {_shape(shape)}"
+            wrong.append(f"the UNet takes {channels}, Zero123 takes {arch.unet.in_channels} (noisy latent + the "
+                         f"input view's latent): expected {_shape(want_conv_in)}")
+    if cc_w is None or cc_b is None:
+        wrong.append("no cc_projection.weight/bias (the layer that mixes the CLIP image embedding with the camera "
+                     "pose)")
+    elif tuple(cc_w.shape) != want_cc or tuple(cc_b.shape) != (want_cc[0],):
+        wrong.append(f"cc_projection is {_shape(cc_w.shape)} (bias {_shape(cc_b.shape)}), expected {_shape(want_cc)} "
+                     f"(bias {want_cc[0]})")
+    else:
+        found.append(f"cc_projection {_shape(cc_w.shape)}")
+    if not any(k.startswith(VAE_PREFIX) for k in state):
+        wrong.append(f"no VAE ({VAE_PREFIX}*)")
+    if any(k.startswith(CLIP_VISUAL_PREFIX) for k in state):
+        found.append("a CLIP image tower")
+    text = sorted({k.split(".")[1] for k in state if k.startswith("cond_stage_model.") and
+                   not k.startswith("cond_stage_model.model.")})
+    if text:
+        found.append("a text encoder (cond_stage_model." + "/".join(text) + ".*)")
+    if not wrong:
+        return
+    looks_like = ""
+    if conv_in is not None and tuple(conv_in.shape[1:2]) == (4,) and cc_w is None:
+        looks_like = " It looks like a Stable Diffusion 1.x (text-to-image) checkpoint."
+    raise CheckpointError(
+        f"{name} is not a Zero123 checkpoint: " + "; ".join(wrong) + "."
+        + (f" Found: {', '.join(found)}." if found else "") + looks_like
+        + f" Expected Zero123-XL: a UNet with first convolution {_shape(want_conv_in)}, cc_projection "
+          f"{_shape(want_cc)}, a VAE and a CLIP image tower.",
+        fix=f"put the official zero123-xl.ckpt in place of {name} (`one2345 weights download --only zero123-xl` "
+            "fetches it)")
 
-    The folder is ``<cache_dir>/<checkpoint stem>-diffusers``. It is reused when its marker records the same source
-    size and modification time (ns), converter version and architecture; otherwise it is (re)built.
 
-    Raises:
-        Same as :func:`convert_zero123_checkpoint`.
-    """
-    ckpt_path = Path(ckpt_path)
-    out_dir = Path(cache_dir) / f"{ckpt_path.stem}-diffusers"
-    if ckpt_path.is_file():
-        identity = _marker_identity(ckpt_path.stat(), architecture)
-        marker = _read_json(out_dir / MARKER_NAME)
-        complete = all((out_dir / part / "config.json").is_file() for part in _PARTS)
-        if complete and marker is not None and all(marker.get(k) == v for k, v in identity.items()):
-            return out_dir
-    return convert_zero123_checkpoint(
-        ckpt_path, out_dir, image_encoder_dir=image_encoder_dir, architecture=architecture
-    )
+def _shape(shape: Any) -> str:
+    return "×".join(str(int(s)) for s in shape)
 
 
-def _load_strict(factory: Callable[[], nn.Module], state: dict[str, torch.Tensor], part: str) -> nn.Module:
-    """Build the module without allocating weights (meta device) and adopt ``state`` as its tensors, after checking
-    that names and shapes match one to one."""
+def _check_strict(factory: Callable[[], nn.Module], state: Mapping[str, torch.Tensor], part: str) -> nn.Module:
+    """Build the module on the meta device (no memory) and check that names and shapes match ``state`` one to one;
+    return the meta module (its config is what gets written)."""
     with torch.device("meta"):
         module = factory()
     expected = module.state_dict()
@@ -657,8 +698,604 @@ def _load_strict(factory: Callable[[], nn.Module], state: dict[str, torch.Tensor
             "shapes": shapes,
         },
     )
+    return module
+
+
+def _load_strict(factory: Callable[[], nn.Module], state: dict[str, torch.Tensor], part: str) -> nn.Module:
+    """:func:`_check_strict`, then adopt ``state`` as the module's tensors."""
+    module = _check_strict(factory, state, part)
     module.load_state_dict(state, strict=True, assign=True)
     return module
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Progress, cancellation, the lock and leftovers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConversionProgress:
+    """One report of a conversion (:func:`ensure_converted`'s ``progress`` callback)."""
+
+    phase: str
+    """``wait`` (another process converts the same file), ``clean`` (leftovers removed), ``read``, ``check``,
+    ``convert`` (a part begins), ``write`` (bytes of a part's weight file; many reports), ``finish`` and ``done``."""
+    step: int
+    """1…``total`` for read … done; 0 for wait and clean."""
+    total: int
+    message: str
+    """A line for people, e.g. "converting the UNet (3.4 GB)"."""
+    part: str | None = None
+    """unet, vae, image_encoder or cc_projection while a part is converted."""
+    bytes_done: int = 0
+    """Weight bytes written so far, of ``bytes_total`` (0 until the checkpoint is recognised)."""
+    bytes_total: int = 0
+
+    @property
+    def fraction(self) -> float:
+        """The conversion's fraction done in [0, 1] (by bytes written once writing starts)."""
+        if self.phase == "done":
+            return 1.0
+        if self.bytes_total:
+            return min(0.05 + 0.9 * self.bytes_done / self.bytes_total, 0.95)
+        return 0.0
+
+
+ProgressCallback = Callable[[ConversionProgress], None]
+CancelCheck = Callable[[], bool] | threading.Event
+
+_STEPS = ("read", "check", "unet", "vae", "image_encoder", "cc_projection", "finish", "done")
+_PART_TITLES = {"unet": "the UNet", "vae": "the VAE", "image_encoder": "the CLIP image encoder",
+                "cc_projection": "cc_projection"}
+_WRITE_REPORT_BYTES = 64 * 2**20
+"""A ``write`` report at most every this many bytes."""
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-[^/]+")
+"""Hidden folders of an unfinished conversion (``mkdtemp``) or of a replaced one (``replace_dir``)."""
+
+
+class _Reporter:
+    def __init__(self, callback: ProgressCallback | None, cancel: Callable[[], bool]) -> None:
+        self.callback = callback
+        self.cancel = cancel
+        self.bytes_done = 0
+        self.bytes_total = 0
+        self._last_write_report = 0
+
+    def __call__(self, phase: str, message: str, *, step: str | None = None, part: str | None = None) -> None:
+        if phase != "done":  # once the folder is in place, a late cancel changes nothing
+            self.check_cancel()
+        if self.callback is not None:
+            number = _STEPS.index(step or phase) + 1 if (step or phase) in _STEPS else 0
+            self.callback(ConversionProgress(phase, number, len(_STEPS), message, part, self.bytes_done,
+                                             self.bytes_total))
+
+    def wrote(self, n: int, part: str, message: str) -> None:
+        self.bytes_done += n
+        if self.bytes_done - self._last_write_report >= _WRITE_REPORT_BYTES:
+            self._last_write_report = self.bytes_done
+            self("write", message, step=part, part=part)
+        else:
+            self.check_cancel()
+
+    def check_cancel(self) -> None:
+        if self.cancel():
+            raise CancelledError("the Zero123 conversion was cancelled; nothing of it was kept",
+                                 fix="start it again (one2345 weights prepare, or the next Generate)")
+
+
+def _cancel_fn(should_cancel: CancelCheck | None) -> Callable[[], bool]:
+    if should_cancel is None:
+        return lambda: False
+    if isinstance(should_cancel, threading.Event):
+        return should_cancel.is_set
+    return should_cancel
+
+
+class _ConversionLock:
+    """An exclusive lock on ``.<folder name>.lock`` beside the converted folder, held for a whole conversion.
+
+    Only the holder writes temporary folders, so any temporary folder found by the holder belongs to a process that
+    died (the kernel drops a dead process's lock, whatever killed it). The file keeps the holder's pid for messages.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir.parent / f".{out_dir.name}.lock"
+        self.fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if no live process holds it; False otherwise."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _try_lock(fd):
+                os.close(fd)
+                return False
+            # The holder before us unlinks the file on release; a lock taken on that unlinked file guards nothing,
+            # so it only counts if the path still names the file locked.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self.fd = fd
+                return True
+            os.close(fd)
+        return False
+
+    def acquire(self, report: _Reporter, poll_s: float = 0.5) -> None:
+        """Wait for the lock, reporting the holder once and honouring cancellation."""
+        told = False
+        while not self.try_acquire():
+            if not told:
+                told = True
+                report("wait", f"waiting for process {self.holder() or '?'}, which is converting the same checkpoint")
+            report.check_cancel()
+            time.sleep(poll_s)
+
+    def holder(self) -> str | None:
+        try:
+            return self.path.read_text().strip() or None
+        except OSError:
+            return None
+
+    def release(self) -> None:
+        """Remove the lock file (while still holding it, see :meth:`try_acquire`) and drop the lock."""
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            if sys.platform != "win32":  # an open file cannot be deleted on Windows; it stays, empty of meaning
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+            os.close(fd)  # closing the only descriptor drops the lock
+
+
+def _try_lock(fd: int) -> bool:
+    if sys.platform == "win32":  # pragma: no cover - Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _leftovers(cache_dir: Path, name: str | None = None) -> dict[str, list[Path]]:
+    """Hidden temporary/replaced folders in ``cache_dir``, by the converted folder's name they belong to."""
+    found: dict[str, list[Path]] = {}
+    try:
+        entries = list(cache_dir.iterdir())
+    except OSError:
+        return found
+    for entry in entries:
+        match = _LEFTOVER.fullmatch(entry.name)
+        if match and (name is None or match["name"] == name) and entry.is_dir() and not entry.is_symlink():
+            found.setdefault(match["name"], []).append(entry)
+    return found
+
+
+def _remove(paths: list[Path], report: _Reporter | None = None) -> list[Path]:
+    removed = []
+    for path in sorted(paths):
+        size = _tree_bytes(path)
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed.append(path)
+            log.info("removed %s (%s) left by an interrupted Zero123 conversion", path, _human(size))
+            if report is not None:
+                report("clean", f"removed {path.name} ({_human(size)}) left by an interrupted conversion")
+    return removed
+
+
+def remove_interrupted_conversions(cache_dir: str | os.PathLike[str]) -> list[Path]:
+    """Delete the leftovers of interrupted conversions in ``cache_dir`` (hidden ``.<name>.tmp-*`` / ``.old-*``
+    folders), never one whose conversion is running: each name's lock is tried without waiting and skipped when a
+    live process holds it. Cheap when there is nothing to remove (one directory listing). Call it at start-up.
+
+    Returns:
+        The folders removed.
+    """
+    removed: list[Path] = []
+    for name in _leftovers(Path(cache_dir)):
+        lock = _ConversionLock(Path(cache_dir) / name)
+        if not lock.try_acquire():
+            continue
+        try:
+            removed += _remove(_leftovers(Path(cache_dir), name).get(name, []))
+        finally:
+            lock.release()
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing the diffusers folder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What the manifest keeps of one written file."""
+
+    size: int
+    sha256: str
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _stored_dtype(t: torch.Tensor) -> torch.dtype:
+    # float32 everywhere (fp16 CLIP towers are common); the loader casts to the run's precision.
+    return torch.float32 if t.is_floating_point() else t.dtype
+
+
+def _stored_nbytes(t: torch.Tensor) -> int:
+    return t.numel() * torch.empty((), dtype=_stored_dtype(t)).element_size()
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], on_bytes: Callable[[int], None]) -> FileRecord:
+    """Write ``tensors`` (float32 for floating ones) as a safetensors file one tensor at a time, hashing as it goes.
+
+    Streaming keeps the extra memory to one tensor (the source stays memory-mapped), lets ``on_bytes`` report and
+    cancel between tensors, and gives the SHA-256 without reading 5 GB back. Format: u64-LE header length, the JSON
+    header (padded with spaces to 8 bytes, as safetensors does), then the tensors' bytes back to back.
+    """
+    if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian
+        raise RuntimeError("writing safetensors needs a little-endian machine")
+    names = sorted(tensors)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key in names:
+        t = tensors[key]
+        dtype = _stored_dtype(t)
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {key!r} has dtype {t.dtype}, which the converter cannot store")
+        n = _stored_nbytes(t)
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for chunk in (struct.pack("<Q", len(blob)), blob):
+            f.write(chunk)
+            digest.update(chunk)
+        for key in names:
+            t = tensors[key].detach()
+            data = t.to(dtype=_stored_dtype(t)).contiguous().reshape(-1).view(torch.uint8).numpy()
+            f.write(memoryview(data))
+            digest.update(memoryview(data))
+            del data
+            on_bytes(_stored_nbytes(tensors[key]))
+        f.flush()
+        os.fsync(f.fileno())
+    return FileRecord(size=path.stat().st_size, sha256=digest.hexdigest())
+
+
+def _file_record(path: Path) -> FileRecord:
+    return FileRecord(size=path.stat().st_size, sha256=_sha256(path))
+
+
+def _sha256(path: Path, on_bytes: Callable[[int], None] | None = None, chunk: int = 8 * 2**20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
+    return digest.hexdigest()
+
+
+def convert_zero123_checkpoint(
+    ckpt_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    image_encoder_dir: str | os.PathLike[str] | None = None,
+    architecture: Zero123Architecture | None = None,
+    progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+) -> Path:
+    """Convert a Zero123 Lightning checkpoint into a diffusers-format folder at ``out_dir`` (replaced atomically).
+
+    The checkpoint is recognised from its key names and shapes first (:func:`plan_conversion`); only then are the
+    parts written, one tensor at a time, into a temporary sibling folder that is renamed into place at the end, with
+    a manifest (size and SHA-256 of every file) written last. The whole conversion holds a lock beside ``out_dir``,
+    so two processes never convert into the same place at once, and the leftovers of interrupted conversions are
+    removed first. Memory: the source is memory-mapped and at most one tensor is copied at a time.
+
+    Args:
+        ckpt_path: ``zero123-xl.ckpt`` or another checkpoint of the same layout.
+        out_dir: destination folder; an existing one is replaced.
+        image_encoder_dir: a saved ``CLIPVisionModelWithProjection`` (``config.json`` + weights), used only when the
+            checkpoint has no ``cond_stage_model.model.visual.*`` tensors.
+        architecture: model sizes; Zero123-XL's (:data:`ZERO123_XL`) by default.
+        progress: called with a :class:`ConversionProgress` at each step and every 64 MiB written.
+        should_cancel: a callable or ``threading.Event``, checked between steps and between tensors.
+
+    Returns:
+        ``out_dir`` as a Path.
+
+    Raises:
+        MissingWeightsError: the checkpoint is absent, or it has no CLIP tower and no usable ``image_encoder_dir``.
+        CheckpointError: the checkpoint is damaged, of another network, or any part fails the strict checks.
+        CancelledError: ``should_cancel`` became true; nothing of the conversion is left on disk.
+    """
+    out_dir = Path(out_dir)
+    report = _Reporter(progress, _cancel_fn(should_cancel))
+    lock = _ConversionLock(out_dir)
+    lock.acquire(report)
+    try:
+        _remove(_leftovers(out_dir.parent, out_dir.name).get(out_dir.name, []), report)
+        return _convert(Path(ckpt_path), out_dir, image_encoder_dir, architecture or ZERO123_XL, report)
+    finally:
+        lock.release()
+
+
+def _convert(ckpt_path: Path, out_dir: Path, image_encoder_dir: str | os.PathLike[str] | None,
+             architecture: Zero123Architecture, report: _Reporter) -> Path:
+    from diffusers import DDIMScheduler
+
+    started = time.monotonic()
+    if not ckpt_path.is_file():
+        load_lightning_state_dict(ckpt_path)  # raises MissingWeightsError naming the file and the fix
+    source_stat = ckpt_path.stat()
+    report("read", f"One-time set-up: converting Zero123-XL from {ckpt_path.name} ({_human(source_stat.st_size)}), "
+                   "about a minute…")
+    state = load_lightning_state_dict(ckpt_path)
+    report("check", f"recognising {ckpt_path.name} from its key names and shapes")
+    plan = plan_conversion(state, architecture, source=ckpt_path, image_encoder_dir=image_encoder_dir)
+    if plan.unet_source == "raw":
+        log.warning("%s has no EMA copy of the UNet (model_ema.*); converting its raw weights, which are not the ones "
+                    "the reference samples with: views may be noisier than the paper's", ckpt_path.name)
+    report.bytes_total = plan.bytes_to_write()
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp: Path | None = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        records: dict[str, FileRecord] = {}
+
+        def write_part(part: str, tensors: Mapping[str, torch.Tensor], weights_name: str) -> None:
+            relative = f"{part}/{weights_name}"
+            title = f"writing {relative} ({_human(sum(_stored_nbytes(t) for t in tensors.values()))})"
+            (tmp / part).mkdir(exist_ok=True)
+            report("write", title, step=part, part=part)
+            records[relative] = _write_safetensors(tmp / relative, tensors,
+                                                   lambda n: report.wrote(n, part, title))
+
+        for part, weights_name in (("unet", "diffusion_pytorch_model.safetensors"),
+                                   ("vae", "diffusion_pytorch_model.safetensors")):
+            tensors = getattr(plan, part)
+            report("convert", f"converting {_PART_TITLES[part]} "
+                              f"({_human(sum(_stored_nbytes(t) for t in tensors.values()))})", step=part, part=part)
+            plan.configs[part].save_config(tmp / part)
+            write_part(part, tensors, weights_name)
+
+        report("convert", f"converting {_PART_TITLES['image_encoder']}", step="image_encoder", part="image_encoder")
+        if plan.image_encoder is not None:
+            encoder, encoder_tensors, origin = plan.configs["image_encoder"], plan.image_encoder, "checkpoint"
+        else:
+            encoder, folder = _load_image_encoder_dir(image_encoder_dir, ckpt_path)
+            encoder_tensors, origin = encoder.state_dict(), str(folder.resolve())
+        (tmp / "image_encoder").mkdir()
+        encoder.config.architectures = [type(encoder).__name__]  # what save_pretrained records
+        encoder.config.dtype = torch.float32
+        encoder.config.save_pretrained(tmp / "image_encoder")
+        write_part("image_encoder", encoder_tensors, "model.safetensors")
+        del encoder, encoder_tensors
+
+        report("convert", "converting cc_projection", step="cc_projection", part="cc_projection")
+        cc_out, cc_in = plan.cc_projection["projection.weight"].shape
+        (tmp / "cc_projection").mkdir()
+        _write_json(tmp / "cc_projection" / "config.json",
+                    {"_class_name": "CCProjection", "in_channel": int(cc_in), "out_channel": int(cc_out)})
+        write_part("cc_projection", plan.cc_projection, "diffusion_pytorch_model.safetensors")
+
+        report("finish", "writing the scheduler, the index and the manifest")
+        DDIMScheduler(**architecture.scheduler_config()).save_pretrained(tmp / "scheduler")
+        _write_json(tmp / "model_index.json", _model_index())
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            relative = path.relative_to(tmp).as_posix()
+            if relative not in records:
+                records[relative] = _file_record(path)
+        # Written last: a folder with a manifest is a complete one.
+        _write_json(tmp / MARKER_NAME, {
+            **_marker_identity(source_stat, architecture),
+            "source": str(ckpt_path.resolve()),
+            "unet_weights": plan.unet_source,
+            "image_encoder": origin,
+            "files": {k: asdict(v) for k, v in sorted(records.items())},
+        })
+        report.check_cancel()
+        replace_dir(tmp, out_dir)
+        tmp = None
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        del state, plan
+    elapsed = time.monotonic() - started
+    log.info("converted %s into %s (%s) in %.0f s", ckpt_path.name, out_dir, _human(report.bytes_done), elapsed)
+    report("done", f"Zero123-XL is ready ({_human(report.bytes_done)} in {elapsed:.0f} s)")
+    return out_dir
+
+
+def ensure_converted(
+    ckpt_path: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str],
+    *,
+    image_encoder_dir: str | os.PathLike[str] | None = None,
+    architecture: Zero123Architecture | None = None,
+    progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+) -> Path:
+    """The diffusers folder of ``ckpt_path`` under ``cache_dir``, converting only when needed.
+
+    The folder is ``<cache_dir>/<checkpoint stem>-diffusers``. It is reused when its manifest records the same
+    source size and modification time (ns), converter version and architecture, and every file it lists has the
+    recorded size (a fast check, every time; hashes are checked by :func:`verify_converted`). Otherwise it is
+    (re)built, with the reason logged. Leftovers of interrupted conversions are removed either way (never those of
+    a conversion another process is running).
+
+    Args:
+        ckpt_path, image_encoder_dir, architecture: as :func:`convert_zero123_checkpoint`.
+        cache_dir: where converted folders live (``<weights dir>/converted``).
+        progress: called with :class:`ConversionProgress` reports; never called when the folder is reused.
+        should_cancel: a callable or ``threading.Event``; see :func:`convert_zero123_checkpoint`.
+
+    Raises:
+        Same as :func:`convert_zero123_checkpoint`.
+    """
+    ckpt_path, cache_dir = Path(ckpt_path), Path(cache_dir)
+    architecture = architecture or ZERO123_XL
+    out_dir = cache_dir / f"{ckpt_path.stem}-diffusers"
+    if ckpt_path.is_file() and _cache_problem(out_dir, ckpt_path, architecture) is None:
+        if _leftovers(cache_dir, out_dir.name):
+            remove_interrupted_conversions(cache_dir)
+        return out_dir
+    report = _Reporter(progress, _cancel_fn(should_cancel))
+    lock = _ConversionLock(out_dir)
+    lock.acquire(report)
+    try:
+        _remove(_leftovers(cache_dir, out_dir.name).get(out_dir.name, []), report)
+        # Another process may have finished the conversion while this one waited for the lock.
+        problem = _cache_problem(out_dir, ckpt_path, architecture) if ckpt_path.is_file() else "no checkpoint"
+        if problem is None:
+            return out_dir
+        if out_dir.exists():
+            log.warning("converting %s again: %s", ckpt_path.name, problem)
+        return _convert(ckpt_path, out_dir, image_encoder_dir, architecture, report)
+    finally:
+        lock.release()
+
+
+def _cache_problem(out_dir: Path, ckpt_path: Path, architecture: Zero123Architecture) -> str | None:
+    """Why ``out_dir`` cannot be reused for ``ckpt_path`` (None: it can). Sizes only, no hashing."""
+    marker = _read_json(out_dir / MARKER_NAME)
+    if marker is None:
+        return f"{out_dir} has no manifest ({MARKER_NAME}); it is incomplete or was made by another version"
+    identity = _marker_identity(ckpt_path.stat(), architecture)
+    changed = [k for k, v in identity.items() if marker.get(k) != v]
+    if changed:
+        return f"{out_dir} was made from another file, version or architecture ({', '.join(changed)} differ)"
+    files = marker.get("files")
+    if not isinstance(files, dict) or not files:
+        return f"{out_dir}'s manifest lists no files"
+    for relative, record in files.items():
+        path = out_dir / relative
+        expected = record.get("size") if isinstance(record, dict) else None
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"{relative} is missing from {out_dir}"
+        if size != expected:
+            return f"{relative} in {out_dir} is {size:,} bytes, the manifest says {expected:,}: it is damaged"
+    return None
+
+
+@dataclass(frozen=True)
+class ConvertedVerification:
+    """The result of :func:`verify_converted`."""
+
+    folder: Path
+    problems: list[str]
+    """One line per bad file (missing, wrong size, wrong SHA-256) or a missing manifest; empty when all is well."""
+    files: int
+    """Files checked."""
+    bytes_checked: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_converted(
+    folder: str | os.PathLike[str],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: CancelCheck | None = None,
+) -> ConvertedVerification:
+    """Check every file of a converted folder against its manifest: size, then SHA-256 (streamed, 8 MiB at a time).
+
+    For ``one2345 weights verify --all``. A folder that fails is rebuilt by :func:`ensure_converted` once it is
+    deleted or when a size differs; the fix for a hash mismatch is to delete the folder (or run
+    ``one2345 weights prepare``, which rebuilds it).
+
+    Args:
+        folder: ``<weights dir>/converted/zero123-xl-diffusers``.
+        progress: ``progress(bytes_done, bytes_total)`` while hashing.
+        should_cancel: checked every 8 MiB.
+
+    Raises:
+        CancelledError: ``should_cancel`` became true.
+    """
+    folder = Path(folder)
+    cancel = _cancel_fn(should_cancel)
+    marker = _read_json(folder / MARKER_NAME)
+    files = marker.get("files") if marker is not None else None
+    if not isinstance(files, dict) or not files:
+        return ConvertedVerification(folder, [f"{folder} has no manifest ({MARKER_NAME}) listing its files"], 0, 0)
+    problems: list[str] = []
+    todo: list[tuple[str, Path, str]] = []
+    for relative, record in sorted(files.items()):
+        path = folder / relative
+        if not isinstance(record, dict) or not path.is_file():
+            problems.append(f"{relative}: missing")
+        elif path.stat().st_size != record.get("size"):
+            problems.append(f"{relative}: {path.stat().st_size:,} bytes, expected {record.get('size'):,}")
+        else:
+            todo.append((relative, path, str(record.get("sha256"))))
+    total = sum(path.stat().st_size for _, path, _ in todo)
+    done = 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        if cancel():
+            raise CancelledError("verifying the converted Zero123 folder was cancelled")
+        if progress is not None:
+            progress(done, total)
+
+    for relative, path, expected in todo:
+        if _sha256(path, on_bytes) != expected:
+            problems.append(f"{relative}: SHA-256 differs from the manifest (the file is damaged)")
+    return ConvertedVerification(folder, problems, len(files), done)
+
+
+def _image_encoder_dir_config(image_encoder_dir: str | os.PathLike[str] | None, name: str) -> Any:
+    """The CLIPVisionConfig of ``image_encoder_dir`` (the checkpoint has no CLIP tower); read, not loaded."""
+    from transformers import CLIPVisionConfig
+
+    if image_encoder_dir is None:
+        raise MissingWeightsError(f"{name} has no CLIP image tower and no image_encoder_dir was given",
+                                  fix=_IMAGE_ENCODER_OPTIONS)
+    folder = Path(image_encoder_dir)
+    if not (folder / "config.json").is_file():
+        raise MissingWeightsError(f"image_encoder_dir {folder} has no config.json", fix=_IMAGE_ENCODER_OPTIONS)
+    try:
+        return CLIPVisionConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"image_encoder_dir {folder}: unreadable config.json ({exc})") from exc
+
+
+_IMAGE_ENCODER_OPTIONS = (
+    "either use a checkpoint that contains the CLIP image tower (cond_stage_model.model.visual.*), or pass "
+    "image_encoder_dir= a saved CLIPVisionModelWithProjection of OpenAI CLIP ViT-L/14 (config.json + weights, e.g. "
+    "the image_encoder/ folder of lambdalabs/sd-image-variations-diffusers)"
+)
 
 
 def _load_image_encoder_dir(
@@ -667,18 +1304,8 @@ def _load_image_encoder_dir(
     """The saved CLIPVisionModelWithProjection in ``image_encoder_dir``, loaded strictly, and that folder."""
     from transformers import CLIPVisionModelWithProjection
 
-    options = (
-        "either use a checkpoint that contains the CLIP image tower (cond_stage_model.model.visual.*), or pass "
-        "image_encoder_dir= a saved CLIPVisionModelWithProjection of OpenAI CLIP ViT-L/14 (config.json + weights, e.g. "
-        "the image_encoder/ folder of lambdalabs/sd-image-variations-diffusers)"
-    )
-    if image_encoder_dir is None:
-        raise MissingWeightsError(
-            f"{ckpt_path} has no CLIP image tower and no image_encoder_dir was given", fix=options
-        )
-    folder = Path(image_encoder_dir)
-    if not (folder / "config.json").is_file():
-        raise MissingWeightsError(f"image_encoder_dir {folder} has no config.json", fix=options)
+    _image_encoder_dir_config(image_encoder_dir, ckpt_path.name)
+    folder = Path(image_encoder_dir)  # type: ignore[arg-type]  # checked just above
     try:
         encoder, info = CLIPVisionModelWithProjection.from_pretrained(folder, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -734,6 +1361,22 @@ def _raise_if_problems(part: str, problems: Mapping[str, list[str]]) -> None:
 
 def _clip_list(names: list[str], limit: int = 10) -> str:
     return ", ".join(names[:limit]) + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, ModelMixin, UNet2DConditionModel
+from diffusers.utils import is_accelerate_available
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -566,8 +567,13 @@ def _load_pretrained(cls: type, folder: Path, part: str, weight_names: Sequence[
     """``cls.from_pretrained(folder / part)`` with existence checks and strict key checking."""
     path = folder / part
     _require_files(path, part, weight_names)
+    kwargs: dict[str, object] = {}
+    if issubclass(cls, ModelMixin):
+        # diffusers defaults to low_cpu_mem_usage=True, which needs `accelerate`; without it diffusers falls back to
+        # False and prints an "install accelerate" notice on every load. Ask for what is possible, so nothing prints.
+        kwargs["low_cpu_mem_usage"] = is_accelerate_available()
     try:
-        module, info = cls.from_pretrained(str(path), output_loading_info=True)
+        module, info = cls.from_pretrained(str(path), output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"Zero123 part '{part}' in {path} cannot be loaded: {e}", fix=_MISSING_FIX) from e
     problems = {

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -448,12 +450,21 @@ def test_pickled_objects_are_never_executed(tmp_path: Path) -> None:
     assert "cc_projection.weight" in state
 
 
-def test_raw_unet_fallback_and_partial_ema() -> None:
+def test_raw_unet_fallback_and_partial_ema(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     sd = make_state_dict(ema=False)
-    with pytest.warns(UserWarning, match="no EMA copy"):
-        parts = convert.convert_state_dict(sd, TINY)
+    parts = convert.convert_state_dict(sd, TINY)
     assert parts.unet_source == "raw"
     torch.testing.assert_close(parts.unet["conv_in.weight"], sd["model.diffusion_model.input_blocks.0.0.weight"])
+
+    # Converting such a file says so once in the log, in our words, and no library-style warning with a source line.
+    ckpt = write_ckpt(tmp_path / "no-ema.ckpt", sd)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        out = convert_zero123_checkpoint(ckpt, tmp_path / "out", architecture=TINY)
+    assert [str(w.message) for w in caught] == []
+    notes = [r.getMessage() for r in caplog.records if "EMA" in r.getMessage()]
+    assert len(notes) == 1 and "no-ema.ckpt has no EMA copy" in notes[0]
+    assert json.loads((out / convert.MARKER_NAME).read_text())["unet_weights"] == "raw"
 
     sd = make_state_dict()
     del sd["model_ema.diffusion_modelmiddle_block1proj_outweight"]
@@ -519,14 +530,14 @@ def test_image_encoder_from_folder_when_checkpoint_has_none(tmp_path: Path) -> N
 
 def test_ensure_converted_reuses_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ckpt = write_ckpt(tmp_path / "zero123-tiny.ckpt", make_state_dict())
-    real = convert.convert_zero123_checkpoint
+    real = convert._convert
     calls: list[Path] = []
 
     def counting(*args: object, **kwargs: object) -> Path:
         calls.append(Path(args[0]))  # type: ignore[arg-type]
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(convert, "convert_zero123_checkpoint", counting)
+    monkeypatch.setattr(convert, "_convert", counting)
     cache = tmp_path / "cache"
     first = ensure_converted(ckpt, cache, architecture=TINY)
     assert first == cache / "zero123-tiny-diffusers" and (first / "unet/config.json").is_file()
