@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from server.common.errors import BadInputError
+from server.common.fsutil import write_text_atomic
 
 RADIUS: float = 1.2
 """Distance of every camera from the object origin in the pose.json world (spec §3.2)."""
@@ -349,15 +349,7 @@ class PoseFile:
         """
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                json.dump(self.to_dict(), file, indent=4)
-            os.replace(temp_name, target)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
-        return target
+        return write_text_atomic(target, json.dumps(self.to_dict(), indent=4))  # mode 0666 less the umask
 
     @classmethod
     def read(cls, path: str | os.PathLike[str], require: Iterable[str] | None = None) -> PoseFile:

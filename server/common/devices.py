@@ -7,6 +7,8 @@ from server.common.errors import BadInputError
 
 def resolve_device(name: str) -> str:
     """``auto`` → ``cuda`` when available, else ``cpu``; an unavailable ``cuda`` is a clear error."""
+    if name not in ("auto", "cpu") and not name.startswith("cuda"):  # refused before torch takes seconds to import
+        raise BadInputError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
     import torch  # imported here so `one2345 --help` stays fast
 
     if name == "auto":

@@ -16,14 +16,58 @@ from server.common.errors import BadInputError
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
     """Write ``data`` as JSON to ``path`` so that readers see either the old or the new file, never a partial one."""
+    return write_bytes_atomic(path, json.dumps(data, indent=2).encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file beside it and one rename: readers see the old file or the
+    new one, never a partial one, and a failed write leaves the old file (if any) as it was.
+
+    The file gets the mode an ordinary ``open(path, "w")`` would give (0666 less the user's umask), so results are
+    as readable as any other file the user makes; ``tempfile.mkstemp`` would make it 0600, and the rename keeps that.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = _new_temp_file(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """:func:`write_bytes_atomic` of ``text`` as UTF-8."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _new_temp_file(path: Path) -> tuple[int, Path]:
+    """A new empty file ``.<name>.<random>.tmp`` beside ``path``, opened for writing with mode 0666 (the kernel takes
+    the umask off), never through a link (``O_EXCL``)."""
+    for _ in range(16):
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o666), tmp
+        except FileExistsError:  # 48 random bits taken: another writer's temporary file
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def make_temp_dir(parent: str | os.PathLike[str], prefix: str) -> Path:
+    """A new empty folder ``<prefix><random>`` in ``parent`` with the mode ``mkdir`` gives (0777 less the umask);
+    ``tempfile.mkdtemp`` makes it 0700, which a rename into place would keep."""
+    for _ in range(16):
+        folder = Path(parent) / f"{prefix}{uuid.uuid4().hex[:12]}"
+        try:
+            folder.mkdir(0o777)
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary folder name in {parent}")
 
 
 def replace_dir(tmp: Path, target: Path) -> Path:
@@ -46,7 +90,7 @@ _BINARY = getattr(os, "O_BINARY", 0)
 
 
 def open_regular_inside(folder: Path, relative: str) -> BinaryIO:
-    """Open the regular file ``folder/relative`` for reading without following any symbolic link on the way.
+    """Open the regular file ``folder/relative`` for reading without following any link on the way, symbolic or hard.
 
     ``relative`` is a forward-slash path of plain names (no ``..``, no absolute path). On POSIX every component,
     ``folder`` itself included, is opened relative to its parent's descriptor with ``O_NOFOLLOW``, so a link planted
@@ -56,7 +100,8 @@ def open_regular_inside(folder: Path, relative: str) -> BinaryIO:
 
     Raises:
         FileNotFoundError: the path is malformed, a component is missing or a link, or the target is not a regular
-            file (a folder, FIFO or device).
+            file (a folder, FIFO or device) or has more than one hard link (``/etc/passwd`` linked into the folder
+            is a regular file of its own, so only a file with no other name is trusted).
     """
     parts = PurePosixPath(relative).parts
     if not parts or PurePosixPath(relative).is_absolute() or any(p in (".", "..") or "\\" in p for p in parts):
@@ -80,9 +125,13 @@ def open_regular_inside(folder: Path, relative: str) -> BinaryIO:
                 raise FileNotFoundError(f"{relative!r} passes through a link")
         fd = os.open(path, os.O_RDONLY | _BINARY)
     file = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         file.close()
         raise FileNotFoundError(f"{relative!r} is not a regular file")
+    if info.st_nlink != 1:  # a hard link is a link too: its other name may be any file of the same disk
+        file.close()
+        raise FileNotFoundError(f"{relative!r} has {info.st_nlink} hard links")
     return file
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from server.common.errors import BadInputError
+from server.common.fsutil import write_bytes_atomic
 
 MESH_SUFFIXES = (".ply", ".glb", ".obj")
 """File formats :func:`export_mesh` and :func:`load_mesh` understand, chosen by the path's suffix."""
@@ -113,17 +113,7 @@ def export_mesh(mesh: Mesh, path: str | os.PathLike[str]) -> Path:
     else:
         data = _obj_bytes(mesh)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, data)  # mode 0666 less the umask, like any file the user makes
 
 
 def load_mesh(path: str | os.PathLike[str]) -> Mesh:

@@ -9,8 +9,8 @@
 May import :mod:`server.stages` and :mod:`server.common`, never :mod:`server.service`.
 """
 
-from server.pipeline.models import PipelineModels, resident
-from server.pipeline.one2345 import One2345Pipeline
+from typing import TYPE_CHECKING, Any
+
 from server.pipeline.options import (
     ELEVATION_RANGE,
     FORMATS,
@@ -20,6 +20,23 @@ from server.pipeline.options import (
     Progress,
     ViewsRecord,
 )
+
+if TYPE_CHECKING:
+    from server.pipeline.models import PipelineModels, resident
+    from server.pipeline.one2345 import One2345Pipeline
+
+_LAZY = {"One2345Pipeline": "server.pipeline.one2345", "PipelineModels": "server.pipeline.models",
+         "resident": "server.pipeline.models"}
+"""Names imported on first use: they bring torch and diffusers, which checking options must not wait for."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ELEVATION_RANGE",

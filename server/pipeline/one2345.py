@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import random
 import time
@@ -48,7 +47,7 @@ from server.common.fsutil import write_json_atomic
 from server.pipeline.models import PipelineModels, _paper_models, _tiny_models, resident
 from server.pipeline.options import PRESETS, GenerateOptions, GenerateResult, Progress, ViewsRecord
 from server.pipeline.reconstruct import reconstruction_fraction
-from server.pipeline.remesh import MeshOutcome, find_run, mesh_views
+from server.pipeline.remesh import MeshOutcome, find_run, mesh_views, read_run_meta
 from server.stages.elevation import ElevationResult
 from server.stages.meshing import MeshingConfig
 from server.stages.multiview.zero123 import (
@@ -57,6 +56,7 @@ from server.stages.multiview.zero123 import (
     prepare_stage2_input,
     stage1b_deltas,
 )
+from server.stages.text_to_image import TextSource
 
 
 class _Tracker:
@@ -199,6 +199,7 @@ class One2345Pipeline:
         progress: Callable[[Progress], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         outputs: Sequence[str | Path] = (),
+        text: TextSource | None = None,
     ) -> GenerateResult:
         """Run every stage on one image; everything is written under ``run_dir`` (module docstring).
 
@@ -212,6 +213,8 @@ class One2345Pipeline:
             progress: called with a :class:`Progress` as work advances.
             should_cancel: polled between steps; True stops the run with CancelledError.
             outputs: further paths to write the mesh at (e.g. the user's ``-o``), each in the format of its suffix.
+            text: where the image came from when it was made from a prompt (kept as ``text.json``; ``meta.json``
+                and its recipe record it as ``text``). None for an image input: nothing of it is written.
         """
         options = (options or GenerateOptions()).check()
         outputs = [Path(o) for o in outputs]
@@ -219,6 +222,8 @@ class One2345Pipeline:
             options.mesh_settings.check(out.suffix)
         tracker = _Tracker(options, progress, should_cancel, rerolls=len(options.view_seeds or {}))
         self._generate_views(image, Path(run_dir), options, tracker)
+        if text is not None:
+            text.write(Path(run_dir))
         return self._finish(Path(run_dir), options, tracker, outputs)
 
     def generate_views(
@@ -228,12 +233,17 @@ class One2345Pipeline:
         options: GenerateOptions | None = None,
         progress: Callable[[Progress], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        text: TextSource | None = None,
     ) -> ViewsRecord:
         """Stages 1–5 only: the preprocessed input, the 8 stage-1 views, view 0's nearby views and the elevation,
-        recorded in ``run_dir/stage1.json``. Review them, :meth:`reroll` any, then :meth:`finish`."""
+        recorded in ``run_dir/stage1.json``. Review them, :meth:`reroll` any, then :meth:`finish`. ``text``: as for
+        :meth:`__call__` (:meth:`finish` records it)."""
         options = (options or GenerateOptions()).check()
         tracker = _Tracker(options, progress, should_cancel, phase="views", rerolls=len(options.view_seeds or {}))
-        return self._generate_views(image, Path(run_dir), options, tracker)
+        record = self._generate_views(image, Path(run_dir), options, tracker)
+        if text is not None:
+            text.write(Path(run_dir))
+        return record
 
     def reroll(
         self,
@@ -428,6 +438,9 @@ class One2345Pipeline:
                        "elevation": 90.0 - polar, "elevation_source": record.elevation_source,
                        "models": self.models_loaded(), "version": __version__},
         }
+        text = TextSource.read(run_dir)
+        if text is not None:  # made from a prompt: the prompt, model, seed and index that make the image again
+            meta["text"] = meta["recipe"]["text"] = text.to_json()
         return self._finish_run(run_dir, meta, outcome, tracker)
 
     def remesh(
@@ -449,14 +462,7 @@ class One2345Pipeline:
         """
         options = options.check()
         run_dir = find_run(run_dir)
-        meta_file = run_dir / "meta.json"
-        try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-            if not isinstance(meta, dict) or not all(k in meta for k in ("polar", "seed", "background")):
-                raise ValueError("it lacks polar, seed or background")
-        except (OSError, ValueError) as e:
-            raise BadInputError(f"{meta_file} is not the record of a run ({e})",
-                                fix="re-mesh a folder written by `one2345 generate` or the server") from None
+        meta = read_run_meta(run_dir, required=("polar", "seed", "background"))  # deep nesting too: bad_input
         tracker = _Tracker(options, progress, should_cancel, phase="remesh")
         outcome = self._mesh(run_dir / "views", [run_dir / f"mesh.{options.format}"], options, tracker)
         meta.update(version=__version__, preset=self.preset, device=self.device, options=asdict(options),

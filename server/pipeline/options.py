@@ -8,15 +8,14 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from server.common.errors import BadInputError
 from server.common.fsutil import write_json_atomic
 from server.pipeline.remesh import MeshSettings
-from server.stages.multiview.zero123 import (
-    Zero123Config,
-    stage1b_deltas,
-)
+
+if TYPE_CHECKING:  # diffusers is imported where used: options are checked before any model library loads
+    from server.stages.multiview.zero123 import Zero123Config
 
 PRESETS = ("paper", "tiny")
 STAGE1_VIEWS = tuple(str(i) for i in range(12))
@@ -183,6 +182,8 @@ class ViewsRecord:
 
     def views(self, config: Zero123Config) -> list[int]:
         """This run's stage-1 view numbers: 0–3 and the ring-2 side its polar angle chose."""
+        from server.stages.multiview.zero123 import stage1b_deltas
+
         return [0, 1, 2, 3, *stage1b_deltas(self.polar, config)[0]]
 
     def write(self, run_dir: Path) -> Path:
@@ -198,7 +199,7 @@ class ViewsRecord:
             if not (isinstance(record.seed, int) and isinstance(record.polar, float | int)
                     and isinstance(record.view_seeds, dict)):
                 raise TypeError("seed, polar or view_seeds has the wrong type")
-        except (OSError, ValueError, TypeError) as e:
+        except (OSError, ValueError, TypeError, RecursionError) as e:  # RecursionError: absurdly nested JSON
             raise BadInputError(f"{path.name} of run {Path(run_dir).name} is missing or damaged ({e})",
                                 fix="generate the views again") from None
         record.polar = float(record.polar)

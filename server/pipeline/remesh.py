@@ -11,23 +11,23 @@ same mesh.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from server.common.errors import BadInputError
-from server.common.mesh_io import export_mesh
-from server.common.views import load_views
-from server.pipeline.reconstruct import Progress, reconstruct_mesh
-from server.stages.asset import AssetConfig, build_asset, clean_mesh, decimate, export_textured_mesh, load_bake_views
-from server.stages.meshing import MeshingConfig
-from server.stages.reconstruction.model import ReconstructionModel
+
+if TYPE_CHECKING:  # imported where used: the CLI checks its options and the run folder before torch loads
+    import numpy as np
+    import torch
+
+    from server.pipeline.reconstruct import Progress
+    from server.stages.meshing import MeshingConfig
+    from server.stages.reconstruction.model import ReconstructionModel
 
 TEXTURE_SIZE_RANGE = (256, 4096)
 """Allowed texture sides: below 256 texels a 40-view bake loses the views' detail; 4096² is 16 M texels."""
@@ -45,8 +45,9 @@ class MeshSettings:
     """Polygon budget (quadric decimation); None keeps every face."""
     texture_size: int | None = None
     """Side of a baked base-colour texture; None gives vertex colours only (the paper's output)."""
-    meshing: MeshingConfig = field(default_factory=MeshingConfig)
-    """How the SDF grid is sampled and meshed; its resolution is replaced by ``resolution``."""
+    meshing: MeshingConfig | None = None
+    """How the SDF grid is sampled and meshed (None: :class:`MeshingConfig`'s defaults); its resolution is replaced
+    by ``resolution``."""
 
     @property
     def asset(self) -> bool:
@@ -112,13 +113,26 @@ def mesh_views(
     Raises:
         BadInputError: an unusable views folder or settings that do not fit an output's format.
     """
+    from server.common.mesh_io import export_mesh
+    from server.common.views import load_views
+    from server.pipeline.reconstruct import reconstruct_mesh
+    from server.stages.asset import (
+        AssetConfig,
+        build_asset,
+        clean_mesh,
+        decimate_with_report,
+        export_textured_mesh,
+        load_bake_views,
+    )
+    from server.stages.meshing import MeshingConfig
+
     if not outputs:
         raise BadInputError("no output path given for the mesh")
     for out in outputs:
         settings.check(Path(out).suffix)
 
     # 1. Reconstruction: cost volume → SDF → marching cubes → vertex colours (spec §5).
-    meshing = replace(settings.meshing, resolution=settings.resolution)
+    meshing = replace(settings.meshing or MeshingConfig(), resolution=settings.resolution)
     out = reconstruct_mesh(model, load_views(views_dir, arrays), meshing, device, progress)
     timings = {f"reconstruct.{k}": v for k, v in out.timings.items()}
     mesh, textured, asset = out.mesh, None, None
@@ -135,13 +149,16 @@ def mesh_views(
             timings.update({f"asset.{k}": v for k, v in report.timings.items()})
             faces, vertices = len(textured.faces), len(textured.vertices)
             coverage = round(report.coverage, 4)
+            decimation = report.decimation
         else:
             start = time.perf_counter()
-            mesh = decimate(clean_mesh(mesh), settings.target_faces)
+            mesh, decimation = decimate_with_report(clean_mesh(mesh), settings.target_faces)
             timings["asset.total"] = time.perf_counter() - start
             faces, vertices, coverage = len(mesh.faces), len(mesh.vertices), None
         asset = {"target_faces": settings.target_faces, "texture_size": settings.texture_size,
-                 "raw_faces": raw_faces, "faces": faces, "vertices": vertices, "texture_coverage": coverage}
+                 "raw_faces": raw_faces, "faces": faces, "vertices": vertices, "texture_coverage": coverage,
+                 # the faces reached and, when the budget was missed, why (issue #26)
+                 "decimation": None if decimation is None else decimation.as_dict()}
 
     # 3. Export. A textured GLB carries no COLOR_0: glTF multiplies it into the base colour
     # (server.stages.asset.export).
@@ -177,6 +194,42 @@ def find_run(path: str | os.PathLike[str]) -> Path:
     raise BadInputError(f"{path} is not a run folder: it has neither views/pose.json nor run/views/pose.json",
                         fix="pass the <output>.one2345/ folder `one2345 generate` wrote beside the mesh, or a server "
                             "job's folder")
+
+
+def read_run_meta(run_dir: str | os.PathLike[str], required: Sequence[str] = ()) -> dict[str, Any]:
+    """A run's ``meta.json`` as a dict.
+
+    Args:
+        run_dir: the run folder (:func:`find_run`).
+        required: keys the caller needs; their absence makes the record unusable.
+
+    Raises:
+        BadInputError: the file is missing, unreadable, not UTF-8 JSON (also: nested too deeply, an absurdly long
+            number), not an object, or lacks a required key; the message names the file and the fault.
+    """
+    path = Path(run_dir) / "meta.json"
+    fix = "re-mesh a folder written by `one2345 generate` or the server"
+    if path.exists() and not path.is_file():  # a folder, or a FIFO that reading would wait on for ever
+        raise BadInputError(f"{path} is not a regular file", fix=fix)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInputError(f"{path} does not exist: the run has no record", fix=fix) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{path} cannot be read as UTF-8 text ({e})", fix=fix) from None
+    try:
+        meta = json.loads(text)
+    except RecursionError:  # the JSON parser recurses once per nesting level: [[[[…]]]] beyond ~1000
+        raise BadInputError(f"{path} is not the record of a run: its JSON is nested too deeply", fix=fix) from None
+    except ValueError as e:
+        raise BadInputError(f"{path} is not the record of a run: not JSON ({str(e)[:200]})", fix=fix) from None
+    if not isinstance(meta, dict):
+        raise BadInputError(f"{path} is not the record of a run: a JSON {type(meta).__name__}, not an object",
+                            fix=fix)
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise BadInputError(f"{path} is not the record of a run: it lacks {', '.join(missing)}", fix=fix)
+    return meta
 
 
 def _is_int(value: object) -> bool:

@@ -314,3 +314,89 @@ def test_the_installed_command_prints_no_traceback(argv, views, tmp_path):
                           text=True, timeout=300)
     assert run_.returncode == 2, run_.stderr
     assert "Traceback" not in run_.stderr and "error" in run_.stderr, run_.stderr
+
+
+# -- the installed command on the inputs that hang or crash a careless reader (issue #31) ----------------------------
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _run_with(meta: Callable[[Path], None]) -> Callable[[Path, Path], None]:
+    def make(tmp: Path, views: Path) -> None:
+        (tmp / "run").mkdir()
+        run_dir = copy_views(views, tmp / "run" / "views").parent
+        meta(run_dir / "meta.json")
+    return make
+
+
+def _views_with(change: Callable[[Path], None]) -> Callable[[Path, Path], None]:
+    def make(tmp: Path, views: Path) -> None:
+        change(copy_views(views, tmp / "v"))
+    return make
+
+
+def _nothing(tmp: Path, views: Path) -> None:
+    pass
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+# case → (how to make it under tmp, the arguments, a word the one-line message must hold)
+SUBPROCESS_CASES: dict[str, tuple[Callable[[Path, Path], None], list[str], str]] = {
+    "generate: image a FIFO": (lambda t, v: _fifo(t / "in.png"), ["generate", "{t}/in.png", "-o", "{t}/o.glb"],
+                               "not a regular file"),
+    "generate: image 8x8": (lambda t, v: (t / "in.png").write_bytes(png((8, 8))),
+                            ["generate", "{t}/in.png", "-o", "{t}/o.glb"], "too small"),
+    "generate: image 49 MP": (lambda t, v: (t / "in.png").write_bytes(bomb_png(7000, 7000)),
+                              ["generate", "{t}/in.png", "-o", "{t}/o.glb"], "too large"),
+    "generate: image missing": (_nothing, ["generate", "{t}/in.png", "-o", "{t}/o.glb"], "does not exist"),
+    "generate: image a folder": (lambda t, v: (t / "in.png").mkdir(), ["generate", "{t}/in.png", "-o", "{t}/o.glb"],
+                                 "is a folder"),
+    "generate: output a folder": (lambda t, v: ((t / "in.png").write_bytes(png()), (t / "o.glb").mkdir()),
+                                  ["generate", "{t}/in.png", "-o", "{t}/o.glb"], "is a folder"),
+    "elevation: a view a FIFO": (lambda t, v: _fifo(t / "0_1.png"),
+                                 ["elevation", "{v}/0_0.png", "{t}/0_1.png", "{v}/0_2.png", "{v}/0_3.png"],
+                                 "not a regular file"),
+    "weights verify: a FIFO": (lambda t, v: _fifo(t / "c.pth"), ["weights", "verify", "{t}/c.pth"], "FIFO"),
+    "weights verify: config.json a FIFO": (lambda t, v: ((t / "c").mkdir(), _fifo(t / "c" / "config.json")),
+                                           ["weights", "verify", "{t}/c"], "config.json"),
+    "reconstruct: pose.json a FIFO": (_views_with(lambda f: ((f / "pose.json").unlink(), _fifo(f / "pose.json"))),
+                                      ["reconstruct", "{t}/v", "-o", "{t}/m.ply", "--preset", "tiny"], "pose"),
+    "reconstruct: pose.json deep": (_views_with(lambda f: (f / "pose.json").write_text(DEEP)),
+                                    ["reconstruct", "{t}/v", "-o", "{t}/m.ply", "--preset", "tiny"], "pose"),
+    "reconstruct: --checkpoint a FIFO": (lambda t, v: _fifo(t / "c.pth"),
+                                         ["reconstruct", "{v}", "-o", "{t}/m.ply", "--checkpoint", "{t}/c.pth"],
+                                         "FIFO"),
+    "reconstruct: views a file": (lambda t, v: (t / "v").write_bytes(b"x"), ["reconstruct", "{t}/v", "-o",
+                                                                          "{t}/m.ply"], "not a folder"),
+    "remesh: meta.json deep": (_run_with(lambda p: p.write_text(DEEP)), ["remesh", "{t}/run", "-o", "{t}/m.glb"],
+                               "nested too deeply"),
+    "remesh: meta.json a FIFO": (_run_with(_fifo), ["remesh", "{t}/run", "-o", "{t}/m.glb"], "not a regular file"),
+    "remesh: meta.json a folder": (_run_with(lambda p: p.mkdir()), ["remesh", "{t}/run", "-o", "{t}/m.glb"],
+                                   "not a regular file"),
+    "remesh: run missing": (_nothing, ["remesh", "{t}/run", "-o", "{t}/m.glb"], "does not exist"),
+    "sample-views: onto a file": (lambda t, v: (t / "f").write_bytes(b"x"), ["sample-views", "{t}/f"],
+                                  "not a folder"),
+}
+
+
+def assert_one_line_refusal(code: int, err: str, command: str, needle: str) -> None:
+    """Exit 1 or 2, no traceback, and one line of message (``one2345 CMD: error: …``), perhaps with its fix line."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code in (1, 2), f"exit {code}:\n{err}"
+    assert "Traceback" not in err and lines, err
+    assert lines[0].startswith(f"one2345 {command}: error: ") and needle in lines[0], err
+    assert len(lines) <= 2 and all(line.startswith("  fix: ") for line in lines[1:]), err
+
+
+@pytest.mark.parametrize("case", sorted(SUBPROCESS_CASES))
+def test_the_installed_command_answers_every_bad_input_in_one_line(case, views, tmp_path):
+    make, argv, needle = SUBPROCESS_CASES[case]
+    make(tmp_path, views)
+    argv = [a.format(t=tmp_path, v=views) for a in argv]
+    # A FIFO opened for reading waits for a writer for ever: the timeout is the hang check.
+    done = subprocess.run([sys.executable, "-m", "server.service.cli", *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=240)
+    assert_one_line_refusal(done.returncode, done.stderr, argv[0], needle)

@@ -266,3 +266,33 @@ def test_remesh_jobs_come_back_after_a_restart(tmp_path, tiny_pipe, photo):
     restarted = JobManager(jobs, lambda: tiny_pipe)
     assert restarted.status(new)["remesh_of"] == source and restarted.status(new)["state"] == "done"
     assert restarted.status(source)["remesh_of"] is None
+
+
+# -- issue #31: a damaged record, the umask, nothing half made -----------------------------------------------------
+
+
+def test_the_pipelines_remesh_of_a_deeply_nested_meta_json_is_bad_input(tiny_pipe, tmp_path):
+    from server.common.synthetic import write_views_dir
+
+    run = tmp_path / "run"
+    write_views_dir(run / "views", polar=75.0)
+    (run / "meta.json").write_text("[" * 100_000 + "]" * 100_000)  # a RecursionError in json.loads
+    with pytest.raises(BadInputError, match="nested too deeply"):  # the server's remesh: bad_input, not internal
+        tiny_pipe.remesh(run, GenerateOptions(resolution=32))
+    (run / "meta.json").write_text('{"polar": 75}')
+    with pytest.raises(BadInputError, match="lacks seed, background"):
+        tiny_pipe.remesh(run, GenerateOptions(resolution=32))
+
+
+def test_a_real_run_writes_every_file_with_the_umask_and_leaves_no_partial_folder(runs):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [p for p in runs.rglob("*") if p.is_file()]
+    assert any(p.name == "meta.json" for p in files) and any(p.name == "pose.json" for p in files)
+    wrong = {str(p.relative_to(runs)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
+             if stat.S_IMODE(p.stat().st_mode) != 0o666 & ~umask}
+    assert wrong == {}
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == ["asset.one2345", "plain.one2345"]

@@ -15,14 +15,13 @@ Loading is strict: a missing, unexpected or mis-shaped key is an error listing a
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from server.common.errors import BadInputError, CheckpointError, MissingWeightsError
-from server.common.fsutil import replace_dir
+from server.common.fsutil import make_temp_dir, replace_dir
 from server.stages.reconstruction.model import PRESETS, ReconstructionConfig, ReconstructionModel
 
 OFFICIAL_NETWORKS = ("pyramid_feature_network", "sdf_network_lod0", "variance_network_lod0", "rendering_network_lod0")
@@ -90,9 +89,14 @@ def _torch_load(path: Path) -> object:
     except Exception as e:
         # torch.load on damaged bytes fails in whatever its unpickler or zip reader trips over first (IndexError,
         # KeyError, UnicodeDecodeError, … as well as UnpicklingError and BadZipFile): every one means "not readable".
-        first_line = (str(e).splitlines() or [""])[0][:200]
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {first_line}); the "
-                              "file is truncated, corrupt or not a checkpoint",
+        text = str(e)
+        if "weights_only" in text or "Weights only" in text:
+            # torch's advice here is to load with weights_only=False, i.e. to run the file's code: never ours to give.
+            why = "it is a pickle of other Python objects than tensors, which is never unpickled here"
+        else:
+            why = f"{type(e).__name__}: {(text.splitlines() or [''])[0][:200]}"
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({why}); the file is truncated, corrupt "
+                              "or not a checkpoint",
                               fix="download it again: one2345 weights download --only reconstruction") from None
 
 
@@ -132,15 +136,15 @@ def load_official(path: str | Path) -> ReconstructionModel:
 
 def save_checkpoint(model: ReconstructionModel, folder: str | Path, extra: dict | None = None) -> Path:
     """Write our format (``config.json`` + ``model.safetensors``) atomically; returns the folder."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = make_temp_dir(folder.parent, f".{folder.name}.")  # 0777 less the umask (mkdtemp's 0700 would stay)
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": model.config.to_dict(), **(extra or {})}
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS_FILE))
+    (tmp / WEIGHTS_FILE).write_bytes(save(state))  # save_file would make it 0600; this is 0666 less the umask
     return replace_dir(tmp, folder)
 
 
@@ -174,21 +178,27 @@ def read_config(folder: Path) -> tuple[ReconstructionConfig, dict]:
 
 def load_checkpoint(folder: str | Path) -> ReconstructionModel:
     """Load our format strictly."""
+    folder = _existing(folder)
+    config, _, state = _folder_state(folder)
+    model = ReconstructionModel(config)
+    load_state_strict(model, state, str(folder / WEIGHTS_FILE))
+    return model
+
+
+def _folder_state(folder: Path) -> tuple[ReconstructionConfig, dict, dict[str, torch.Tensor]]:
+    """Our format's config, metadata and flat state dict, read but not yet compared with the network."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = _existing(folder)
-    config, _ = read_config(folder)
+    config, meta = read_config(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
-        raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}")
+        raise CheckpointError(f"{folder} has no {WEIGHTS_FILE} (or it is not a regular file)")
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {weights}: {str(e)[:200]} (truncated or corrupt)") from None
-    model = ReconstructionModel(config)
-    load_state_strict(model, state, str(weights))
-    return model
+    return config, meta, state
 
 
 def load_reconstruction_model(path: str | Path) -> ReconstructionModel:
@@ -211,11 +221,16 @@ class VerifyResult:
 def verify_checkpoint(path: str | Path) -> VerifyResult:
     """Identify a reconstruction checkpoint and check it strictly against its network. Never raises CheckpointError:
     problems come back in the result."""
-    path = _existing(path)
+    path = Path(path).expanduser()
     try:
+        path = _existing(path)  # a FIFO or device comes back as "unrecognised", unopened
         if path.is_dir():
-            config, meta = read_config(path)
-            model = load_checkpoint(path)
+            config, meta, state = _folder_state(path)
+            model = ReconstructionModel(config)
+            report = compare_state_dict(model, state)
+            if not report.ok:  # a checkpoint, with wrong keys: exit 1 in the CLI, unlike a file that is none (2)
+                return VerifyResult(path, "one2345 reconstruction checkpoint (folder)", False,
+                                    report.describe(limit=1000), report)
             params = sum(p.numel() for p in model.parameters())
             preset = next((n for n, c in PRESETS.items() if c == config), "custom")
             step = f", step {meta['step']}" if "step" in meta else ""
@@ -240,4 +255,7 @@ def _existing(path: str | Path) -> Path:
     if not path.exists():
         raise MissingWeightsError(f"checkpoint {path} does not exist",
                                   fix="one2345 weights download --only reconstruction, or pass --checkpoint PATH")
+    if not (path.is_file() or path.is_dir()):  # refused before it is opened: reading a FIFO would wait for ever
+        raise CheckpointError(f"checkpoint {path} is not a regular file or a folder (a FIFO, socket or device); a "
+                              "checkpoint is a .pth file or a folder written by one2345-train")
     return path
