@@ -40,25 +40,30 @@ import mimetypes
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Annotated, Any, BinaryIO
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRouter
+from fastapi.routing import APIRoute, APIRouter
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
+from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from server import __version__
 from server.common.devices import PEAK_MEMORY_BYTES, describe_device
 from server.common.errors import BadInputError, One2345Error, only_query
+from server.common.images import check_image_size
 from server.service.jobs import MEDIA_TYPES, REMESH_OPTIONS, ApiError, JobManager, check_options
 from server.service.weights_api import WeightsHealth, WeightsManager, weights_router
 
@@ -77,6 +82,15 @@ uploaded bytes."""
 _MiB = 2**20
 _FORM_SLACK_BYTES = 64 * 1024
 """Room for the multipart framing and the options part on top of the image size limit."""
+MAX_FIELD_BYTES = _MiB
+"""Largest form part that is not a file (the ``options`` JSON): Starlette's own limit, named here so the error can
+say it."""
+REFUSED_BODY_DRAIN_BYTES = _MiB
+"""A request refused before its body is read (a wrong token) has a body of at most this size read and discarded, so
+the connection stays usable; a larger one is not read at all: the answer goes out with ``Connection: close``."""
+DOWNLOAD_TOKEN_PATTERN = r"^[!-~]+$"
+"""A hub token in POST /v1/weights/download: printable ASCII without spaces (checked by the weights manager; stated in
+the schema)."""
 _FILE_CHUNK = 256 * 1024
 
 
@@ -120,7 +134,7 @@ class DeviceInfo(BaseModel):
 
 
 class Health(BaseModel):
-    status: str = Field(description='always "ok" when the server answers')
+    status: str = Field(description='"ok", or "degraded" when the worker thread has died (no job can run)')
     version: str
     device: str
     preset: str
@@ -128,6 +142,9 @@ class Health(BaseModel):
                                                       "(or --preload)")
     queue_length: int = Field(description="jobs waiting behind the running one")
     running: str | None = Field(description="id of the running job, or null")
+    worker_alive: bool = Field(description="the thread that runs jobs is alive")
+    quarantined: int = Field(description="job folders set aside at start-up (to .quarantine/ in the jobs folder) "
+                                         "because their status.json was damaged; the server's log names each")
     recent_job_s: float | None = Field(None, description="median seconds of the last (up to 5) finished "
                                                          "generations: the add-on's time estimate; null before the "
                                                          "first")
@@ -248,12 +265,7 @@ def inspect_image(data: bytes, config: AppConfig) -> str:
     except (OSError, ValueError, SyntaxError) as e:
         raise BadInputError(f"the upload is not a readable image ({e}); accepted formats: {accepted}") from None
     with image:
-        width, height = image.size
-        if width * height > config.max_pixels:
-            raise BadInputError(f"the image is {width}×{height} = {width * height / 1e6:.1f} MP; the limit is "
-                                f"{config.max_pixels / 1e6:g} MP", fix="downscale the image")
-        if min(width, height) < config.min_side:
-            raise BadInputError(f"the image is {width}×{height} px; both sides must be at least {config.min_side} px")
+        check_image_size(image.size, "the image", config.max_pixels, config.min_side)  # the CLI's rule too
         try:
             image.load()
         except (OSError, ValueError, SyntaxError, EOFError) as e:
@@ -339,6 +351,76 @@ def error_response(kind: str, message: str, fix: str | None = None, headers: dic
                         status_code=status or STATUS_OF_KIND.get(kind, 500), headers=headers)
 
 
+# -- the multipart form: whole or refused ------------------------------------------------------------------------------
+
+
+class _WholeFormParser(MultiPartParser):
+    """Starlette's multipart parser, refusing a body that ends before its closing boundary.
+
+    python-multipart stops at the end of the data without complaint wherever it is, and Starlette then returns the
+    parts finished so far: a body cut short inside ``options`` would become a job at the default options. A form
+    counts only when the parser reached the closing ``--boundary--``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ended = False
+
+    def on_end(self) -> None:
+        self.ended = True
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        try:
+            super().on_part_data(data, start, end)
+        except MultiPartException:  # Starlette's text names neither the part nor what it is for
+            raise MultiPartException(
+                f"the form part {self._current_part.field_name!r} is over {self.max_part_size // 1024} KiB; a part "
+                "other than the image file may hold at most that much (options is a small JSON object)") from None
+
+    async def parse(self) -> FormData:
+        form = await super().parse()
+        if not self.ended:
+            await form.close()
+            raise MultiPartException(
+                "the multipart body ends before its closing boundary (--<boundary>--): the upload was cut short, so "
+                "none of its parts is used; send the whole form again")
+        return form
+
+
+class _WholeFormRequest(Request):
+    """A request whose multipart form is parsed by :class:`_WholeFormParser` (other bodies as Starlette does)."""
+
+    def form(self, *, max_files: int | float = 1000, max_fields: int | float = 1000,  # type: ignore[override]
+             max_part_size: int = MAX_FIELD_BYTES) -> Awaitable[FormData]:
+        return self._whole_form(max_files, max_fields, max_part_size)
+
+    async def _whole_form(self, max_files: int | float, max_fields: int | float, max_part_size: int) -> FormData:
+        if self._form is not None:
+            return self._form
+        content_type, _ = parse_options_header(self.headers.get("Content-Type"))
+        if content_type != b"multipart/form-data":
+            return await super().form(max_files=max_files, max_fields=max_fields, max_part_size=max_part_size)
+        try:
+            async with aclosing(self.stream()) as stream:
+                self._form = await _WholeFormParser(self.headers, stream, max_files=max_files, max_fields=max_fields,
+                                                    max_part_size=max_part_size).parse()
+        except MultiPartException as e:  # raised as HTTPException so that FastAPI passes it on unchanged
+            raise StarletteHTTPException(status_code=400, detail=e.message) from None
+        return self._form
+
+
+class _WholeFormRoute(APIRoute):
+    """An API route whose handler sees a :class:`_WholeFormRequest`."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def whole_form_handler(request: Request) -> Response:
+            return await handler(_WholeFormRequest(request.scope, request.receive))
+
+        return whole_form_handler
+
+
 # -- the guard: authentication and body size, before anything is parsed ---------------------------------------------
 
 Scope = MutableMapping[str, Any]
@@ -352,17 +434,25 @@ class _BodyTooLarge(Exception):
 
 
 class Guard:
-    """ASGI middleware: bearer token on ``/v1`` (except ``/v1/health``), a cap on the request body size, and the last
-    line of defence against bugs.
+    """ASGI middleware: bearer token on ``/v1`` (except ``/v1/health``), a cap on the request body size, whole bodies
+    read before any answer, and the last line of defence against bugs.
 
     The token is compared in constant time. A request with a wrong token, or whose Content-Length is over the cap,
-    is answered before a byte of its body is read: the body is never asked for, so uvicorn sends no
-    ``100 Continue`` and a client that waits for one (curl, for any upload over 1 KiB) sends nothing; a client that
-    streams its body anyway has it discarded by uvicorn on a connection that stays open. A body sent without a length
-    (chunked) is counted as it streams and refused when it crosses the cap.
+    is answered before its body is read: the body is never asked for, so uvicorn sends no ``100 Continue`` and a
+    client that waits for one (curl, for any upload over 1 KiB) sends nothing; such a connection is closed after the
+    answer. A client that sends its body anyway with a wrong token has a body of up to
+    :data:`REFUSED_BODY_DRAIN_BYTES` read and discarded (the connection stays open); a larger one is not read at
+    all, and the answer goes out with ``Connection: close``. A body sent without a length (chunked) is counted as it
+    streams and refused when it crosses the cap.
 
-    An exception that escapes the app (a bug) is answered here with a 500 ``internal`` that names only its type,
-    because Starlette's own last-resort handler re-raises it and uvicorn then drops the connection.
+    When the app answers before it has read the whole body (a form refused part-way through, an options part over
+    its limit), the rest of the body (at most the cap) is read before the answer goes out: a connection that closes
+    after the answer (``Connection: close`` from the client) would otherwise close with bytes unread, and the
+    client's TCP would see a reset instead of the answer.
+
+    A client that goes away in the middle of its request is logged as one line. An exception that escapes the app
+    (a bug) is answered here with a 500 ``internal`` that names only its type, because Starlette's own last-resort
+    handler re-raises it and uvicorn then drops the connection.
     """
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], token: str, max_body: int) -> None:
@@ -379,7 +469,7 @@ class Guard:
             await self._refuse(scope, receive, send, error_response(
                 "unauthorized", "missing or wrong bearer token",
                 fix="send the header 'Authorization: Bearer <token>' with the token of ONE2345_TOKEN or of the "
-                    "token file named in the server's ready line"))
+                    "token file named in the server's ready line"), drain=REFUSED_BODY_DRAIN_BYTES)
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body:
@@ -387,17 +477,21 @@ class Guard:
             return
 
         received = 0
+        body_done = not _has_body(scope)
         exceeded = False
         response_started = False
 
         async def counting_receive() -> Message:
-            nonlocal received, exceeded
+            nonlocal received, exceeded, body_done
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    exceeded = True
-                    raise _BodyTooLarge
+            if message["type"] != "http.request":  # http.disconnect: nothing more will come
+                body_done = True
+                return message
+            received += len(message.get("body", b""))
+            body_done = not message.get("more_body", False)
+            if received > self.max_body:
+                exceeded = True
+                raise _BodyTooLarge
             return message
 
         async def guarded_send(message: Message) -> None:
@@ -406,17 +500,22 @@ class Guard:
                 # Whatever the app answers to a body cut short (a parse error, usually) is replaced by the 413.
                 if message["type"] == "http.response.start" and not response_started:
                     response_started = True
-                    await self._too_large()(scope, receive, send)
+                    await _closing(self._too_large())(scope, receive, send)
                 return
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and not response_started:
                 response_started = True
+                if not body_done and not await _drain(receive, self.max_body - received):
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         try:
             await self.app(scope, counting_receive, guarded_send)
         except _BodyTooLarge:
             if not response_started:
-                await self._too_large()(scope, receive, send)
+                await _closing(self._too_large())(scope, receive, send)
+        except ClientDisconnect:
+            log.info("client %s went away in the middle of %s %s (%d bytes of its body received)",
+                     _client(scope), scope.get("method"), path[:200], received)
         except Exception as e:
             log.exception("unhandled error in %s %s", scope.get("method"), path[:200])
             if response_started:
@@ -440,12 +539,50 @@ class Guard:
                                   "--max-upload-mb")
 
     @staticmethod
-    async def _refuse(scope: Scope, receive: Receive, send: Send, response: Response) -> None:
-        """Answer without reading the body. A client waiting for ``100 Continue`` never sent it, so the connection
-        cannot carry another request: it is closed after the answer (cleanly, as nothing is left unread)."""
+    async def _refuse(scope: Scope, receive: Receive, send: Send, response: Response,
+                      drain: int | None = None) -> None:
+        """Answer without asking for the body. A client waiting for ``100 Continue`` never sent it, so the
+        connection cannot carry another request: it is closed after the answer (cleanly, as nothing is left unread).
+        With ``drain``, a body sent anyway is read and discarded first when it is at most ``drain`` bytes; a larger
+        one is left unread and the connection closed after the answer."""
         if (b"expect", b"100-continue") in [(name, value.lower()) for name, value in scope["headers"]]:
             response.headers["connection"] = "close"
+        elif drain is not None and _has_body(scope):
+            declared = _content_length(scope)
+            if (declared is not None and declared > drain) or not await _drain(receive, drain):
+                response.headers["connection"] = "close"
         await response(scope, receive, send)
+
+
+async def _drain(receive: Receive, limit: int) -> bool:
+    """Read and discard the rest of a request body; False when more than ``limit`` bytes of it remain (the rest is
+    left unread) or the client went away."""
+    read = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        read += len(message.get("body", b""))
+        if read > limit:
+            return False
+        if not message.get("more_body", False):
+            return True
+
+
+def _closing(response: Response) -> Response:
+    response.headers["connection"] = "close"
+    return response
+
+
+def _has_body(scope: Scope) -> bool:
+    """Whether the request declares a body: a Content-Length over 0 or a Transfer-Encoding (chunked)."""
+    return any(name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b""))
+               for name, value in scope["headers"])
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "?"
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -488,13 +625,13 @@ def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager |
     app = FastAPI(title="One2345 inference server", version=__version__, lifespan=lifespan,
                   description="Image → 3D mesh jobs (One-2-3-45). All /v1 routes except /v1/health need "
                               "'Authorization: Bearer <token>'.")
-    router = APIRouter(prefix="/v1")
+    router = APIRouter(prefix="/v1", route_class=_WholeFormRoute)
 
     @router.get("/health", response_model=Health, summary="Is the server up, and what is it doing")
     def health() -> dict[str, Any]:
         pipe = manager.pipeline
         device, preset = (pipe.device, pipe.preset) if pipe else (config.device, config.preset)
-        return {"status": "ok", "version": __version__, "device": device, "preset": preset, **manager.health(),
+        return {"version": __version__, "device": device, "preset": preset, **manager.health(),  # with "status"
                 "device_info": describe_device(device), "run_needs_bytes": PEAK_MEMORY_BYTES.get(preset),
                 "weights": weights.health() if weights is not None else None}
 
@@ -503,7 +640,8 @@ def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager |
     async def submit(
         request: Request,
         image: Annotated[UploadFile, File(description="the image: PNG, JPEG, WebP, BMP, TIFF or GIF, at most "
-                                                      "--max-upload-mb, 16 px…40 MP")],
+                                                      "--max-upload-mb, 16 px…40 MP (never empty)",
+                                          json_schema_extra={"minLength": 1})],
         options: Annotated[str | None, Form(description="a JSON object with any of: elevation (null or −60…70), "
                                                         "seed (null or 0…2³²−1), steps_stage1 (2…200), "
                                                         "steps_stage2 (2…200), guidance (1…20), resolution "
@@ -527,7 +665,11 @@ def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager |
 
     @router.get("/jobs", response_model=JobList, summary="Jobs, newest first, a page at a time",
                 responses=_errors(400, 401, 404))
-    def list_jobs(request: Request, limit: int | None = None, after: str | None = None) -> dict[str, Any]:
+    def list_jobs(request: Request,
+                  limit: Annotated[int | None, Query(ge=1, le=1000, description="jobs per page, 1…1000 (default: "
+                                                                             "all)")] = None,
+                  after: Annotated[str | None, Query(description="the id of the last job of the previous page")] = None,
+                  ) -> dict[str, Any]:
         only_query(request.query_params, "limit", "after")
         return manager.list_jobs(limit, after)
 
@@ -576,24 +718,25 @@ def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager |
                             status_code=202)
 
     @router.post("/jobs/{job_id}/reroll", status_code=202, response_model=JobStatus,
-                 summary="Re-roll some stage-1 views of a job in review", responses=_errors(400, 401, 404, 409, 429))
+                 summary="Re-roll some stage-1 views of a job in review",
+                 responses=_errors(400, 401, 404, 409, 429, 507))
     async def reroll(job_id: str, request: Request) -> dict[str, Any]:
         body = parse_json(await request.body(), "the re-roll body", 'send e.g. {"views": [1, 5], "seed": 7}')
         return await run_in_threadpool(manager.reroll, job_id, body)
 
     @router.post("/jobs/{job_id}/continue", status_code=202, response_model=JobStatus,
-                 summary="Go on from review to the mesh", responses=_errors(400, 401, 404, 409, 429))
+                 summary="Go on from review to the mesh", responses=_errors(400, 401, 404, 409, 429, 507))
     async def continue_job(job_id: str, request: Request) -> dict[str, Any]:
         body = parse_json(await request.body(), "the continue body", 'send {} or e.g. {"elevation": 20}')
         return await run_in_threadpool(manager.continue_job, job_id, body)
 
     @router.put("/jobs/{job_id}/pin", response_model=JobStatus, summary="Keep a job through size-limit clean-ups",
-                responses=_errors(401, 404))
+                responses=_errors(401, 404, 507))
     def pin(job_id: str) -> dict[str, Any]:
         return manager.set_pinned(job_id, True)
 
     @router.delete("/jobs/{job_id}/pin", response_model=JobStatus, summary="Let size-limit clean-ups remove a job",
-                   responses=_errors(401, 404))
+                   responses=_errors(401, 404, 507))
     def unpin(job_id: str) -> dict[str, Any]:
         return manager.set_pinned(job_id, False)
 
@@ -663,6 +806,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     components = schema.setdefault("components", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         components.get("schemas", {}).pop(unused, None)
+    # The weights manager checks a download's hub token itself (its message says why); the schema states the rule.
+    token = components.get("schemas", {}).get("DownloadRequest", {}).get("properties", {}).get("token", {})
+    for variant in token.get("anyOf", [token]):
+        if variant.get("type") == "string":
+            variant["pattern"] = DOWNLOAD_TOKEN_PATTERN
     components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
                                                 "description": "the server's token (ONE2345_TOKEN or the token "
                                                                "file of the ready line)"}}

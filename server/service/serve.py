@@ -15,12 +15,19 @@ server reachable from the network never runs with a guessable token or one that 
 is printable ASCII without spaces (it travels in an HTTP header, where surrounding spaces would be stripped).
 
 SIGTERM and SIGINT stop the server cleanly: uvicorn stops accepting requests, the running job is cancelled (it ends
-"cancelled" on disk), queued jobs are cancelled, and the process exits with status 0.
+"cancelled" on disk), queued jobs are cancelled, and the process exits with status 0. With ``--owner-pid PID`` (the
+Blender add-on passes its own pid) the server stops the same way by itself within :data:`OWNER_POLL_S` seconds of
+that process's death, so a crashed or killed Blender never leaves a server holding its models.
+
+Slow clients (:class:`ClientTimeouts`): a request head must be complete within 10 s of the connection opening (or of
+the previous answer), a body that stalls for 30 s is answered 408 and closed, and a connection idle for 5 s between
+requests is closed.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import json
 import logging
@@ -31,7 +38,10 @@ import signal
 import socket
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
@@ -55,6 +65,24 @@ MIN_REMOTE_TOKEN_LENGTH = 16
 """Shortest ONE2345_TOKEN accepted for a bind other than loopback."""
 MAX_UPLOAD_MB = 1024.0
 """Largest --max-upload-mb: the upload is held in memory while it is checked."""
+OWNER_POLL_S = 0.5
+"""How often the server checks that its --owner-pid process is alive."""
+
+
+@dataclass(frozen=True)
+class ClientTimeouts:
+    """How long the server waits for a slow client, in seconds. Generous for a tool on loopback (a request there
+    arrives in milliseconds), short enough that a stuck or hostile client cannot hold connections for ever."""
+
+    headers_s: float = 10.0
+    """From the connection's opening, or the end of the previous answer on it, to the end of a request's head (its
+    request line and headers). A partial head still incomplete then is answered 408 and the connection closed."""
+    body_stall_s: float = 30.0
+    """Longest pause while a request body arrives (also an over-long Content-Length whose bytes never come): then a
+    408 if nothing was answered yet, and the connection is closed. Time the server itself is not reading does not
+    count."""
+    keep_alive_s: float = 5.0
+    """A connection on which nothing arrives for this long (after it opened, or after an answer) is closed."""
 
 
 def default_jobs_dir() -> Path:
@@ -96,6 +124,10 @@ class ServeSettings:
     """Size limit of the jobs folder in GiB (oldest finished, unpinned jobs go first); 0 for no limit."""
     low_vram: bool = False
     """Only the model in use sits on the GPU (:func:`server.pipeline.resident`)."""
+    owner_pid: int | None = None
+    """Stop by itself once this process is gone (the add-on passes its own pid); None: run until stopped."""
+    timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
+    """Deadlines for slow clients."""
 
     def check(self) -> ServeSettings:
         """Raise BadInputError naming the first setting out of range."""
@@ -113,6 +145,10 @@ class ServeSettings:
         if not (math.isfinite(self.max_jobs_gb) and 0 <= self.max_jobs_gb <= 1e6):
             raise BadInputError(f"--max-jobs-gb {self.max_jobs_gb:g} is outside 0…1000000 (GiB, 0 for no limit; "
                                 "the default is 20)")
+        if self.owner_pid is not None and (self.owner_pid <= 0 or not process_alive(self.owner_pid)):
+            raise BadInputError(f"--owner-pid {self.owner_pid}: no process with that id is running",
+                                fix="pass the pid of the running process whose death should stop the server, or "
+                                    "leave the flag out")
         return self
 
     @property
@@ -128,7 +164,7 @@ class ServeSettings:
                    weights_dir=args.weights_dir, jobs_dir=args.jobs_dir, preload=args.preload,
                    max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
                    review_timeout_min=args.review_timeout_min, max_jobs_gb=args.max_jobs_gb,
-                   low_vram=args.low_vram)
+                   low_vram=args.low_vram, owner_pid=args.owner_pid)
 
 
 def is_loopback(host: str) -> bool:
@@ -186,6 +222,154 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie, dead but not yet reaped, counts as gone)."""
+    if os.name == "nt":
+        return _windows_process_alive(pid)
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):  # no /proc (macOS): the kill check has to do
+        return True
+
+
+def _windows_process_alive(pid: int) -> bool:
+    # os.kill(pid, 0) would terminate the process on Windows; ask for a handle and whether it has exited instead.
+    import ctypes
+
+    synchronize, wait_timeout, access_denied = 0x00100000, 0x102, 5
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    handle = kernel32.OpenProcess(synchronize, False, pid)
+    if not handle:
+        return ctypes.get_last_error() == access_denied  # type: ignore[attr-defined]
+    try:
+        return kernel32.WaitForSingleObject(handle, 0) == wait_timeout
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+def watch_owner(pid: int, stop: Callable[[], None], is_stopping: Callable[[], bool],
+                poll_s: float = OWNER_POLL_S) -> threading.Thread:
+    """Start a daemon thread that calls ``stop`` once process ``pid`` is gone.
+
+    When ``pid`` is this process's parent (the add-on starts the server), being re-parented also counts as its death,
+    so a recycled pid cannot keep the server alive.
+    """
+    was_parent = os.name != "nt" and os.getppid() == pid
+
+    def run() -> None:
+        while not is_stopping():
+            if not process_alive(pid) or (was_parent and os.getppid() != pid):
+                log.warning("the owner process %d is gone: stopping the server", pid)
+                stop()
+                return
+            time.sleep(poll_s)
+
+    thread = threading.Thread(target=run, name="one2345-owner-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+def timed_h11_protocol(timeouts: ClientTimeouts) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with the deadlines of ``timeouts`` (uvicorn itself has only an idle keep-alive timer,
+    which any byte cancels for good, and none before the first request)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        _timer: asyncio.TimerHandle | None = None
+        _phase: str | None = None
+        _phase_start = 0.0
+        _heard = False
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._watch()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch()
+            if self._phase == "head":
+                self._heard = True  # part of the next request's head has arrived
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._watch()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel()
+            super().connection_lost(exc)
+
+        def _cancel(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _watch(self) -> None:
+            """Set the deadline of what the connection waits for now: a request head, or more of a body."""
+            if self.transport.is_closing():
+                self._cancel()
+                return
+            if self.conn.their_state is h11.SEND_BODY:
+                phase = "body"
+            elif self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE:
+                phase = "head"
+            else:
+                phase = None  # the request is in; the answer is the server's to give
+            if phase == self._phase and phase != "body":  # a head's deadline counts from its start, not the last byte
+                return
+            self._cancel()
+            self._phase, self._phase_start, self._heard = phase, time.monotonic(), False
+            if phase == "body":
+                self._timer = self.loop.call_later(timeouts.body_stall_s, self._on_body_stall)
+            elif phase == "head":
+                self._timer = self.loop.call_later(min(timeouts.keep_alive_s, timeouts.headers_s), self._on_head)
+
+        def _on_head(self) -> None:
+            self._timer = None
+            if not self._heard:  # an idle connection
+                self._close(None, "idle")
+                return
+            left = self._phase_start + timeouts.headers_s - time.monotonic()
+            if left > 0:
+                self._timer = self.loop.call_later(left, self._on_head)
+                return
+            self._close(f"the request's headers were not complete within {timeouts.headers_s:g} s",
+                        f"headers incomplete after {timeouts.headers_s:g} s")
+
+        def _on_body_stall(self) -> None:
+            self._timer = None
+            if self.flow.read_paused:  # the server is not reading: the wait is not the client's
+                self._timer = self.loop.call_later(timeouts.body_stall_s, self._on_body_stall)
+                return
+            answer = None if self.cycle is None or self.cycle.response_started else (
+                f"no part of the request body arrived for {timeouts.body_stall_s:g} s; the request was dropped")
+            self._close(answer, f"request body stalled for {timeouts.body_stall_s:g} s")
+
+        def _close(self, message: str | None, why: str) -> None:
+            """Close the connection, first answering 408 with ``message`` when there is one."""
+            if why != "idle":
+                log.info("closing the connection of %s: %s", f"{self.client[0]}:{self.client[1]}" if self.client
+                         else "?", why)
+            if message is not None:
+                body = json.dumps({"error": {"kind": "bad_input", "message": message,
+                                             "fix": "send the whole request without pausing"}}).encode()
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                     b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.disconnected = True  # the app's receive() answers http.disconnect; its answer is dropped
+                self.cycle.message_event.set()
+            self.transport.close()
+
+    return TimedH11Protocol
+
+
 def serve(settings: ServeSettings, stdout: TextIO | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; return the exit code.
 
@@ -216,6 +400,11 @@ def serve(settings: ServeSettings, stdout: TextIO | None = None) -> int:
                                                low_vram=settings.low_vram)
 
         manager = JobManager(jobs_dir, load, settings.jobs_config)
+        if settings.preset == "paper":  # what an interrupted Zero123 conversion left (4–5 GB), whatever killed it
+            from server.pipeline.models import remove_interrupted_conversions
+
+            for leftover in remove_interrupted_conversions(settings.weights_dir):
+                log.info("removed %s, left by an interrupted Zero123 conversion", leftover.name)
         weights_config = WeightsConfig.for_preset(settings.preset, settings.weights_dir)
         if os.environ.get(weights_table.TABLE_ENV):  # a test hook: small stand-in files that the preset needs
             files = weights_table.install_table(Path(os.environ[weights_table.TABLE_ENV]))
@@ -225,7 +414,17 @@ def serve(settings: ServeSettings, stdout: TextIO | None = None) -> int:
         if missing:  # the server starts anyway: /v1/health says what is missing, POST /v1/weights/download fetches it
             log.warning("weight files missing: %s; jobs are refused until they are downloaded", ", ".join(missing))
         elif settings.preload:
-            manager.preload()
+            from server.common.errors import CancelledError
+            from server.pipeline.models import loading_observer, progress_lines, stop_on_signals
+
+            # A first load converts Zero123-XL (about a minute): log its steps, and let SIGTERM (the add-on's stop)
+            # end it cleanly, the half-written folder removed, before uvicorn owns the signals.
+            try:
+                with stop_on_signals(), loading_observer(progress_lines(log.info)):
+                    manager.preload()
+            except (CancelledError, KeyboardInterrupt):
+                log.info("stopped while loading the models; nothing half-written was kept")
+                return 0
         config = AppConfig(token=token, device=device, preset=settings.preset,
                            max_upload_bytes=int(settings.max_upload_mb * 2**20))
         app = create_app(manager, config, weights)
@@ -235,9 +434,14 @@ def serve(settings: ServeSettings, stdout: TextIO | None = None) -> int:
         ready = {"event": "ready", "url": f"http://{host}:{port}", "pid": os.getpid(), "version": __version__,
                  "device": device, "preset": settings.preset,
                  "token_file": str(token_file) if token_file else None, "jobs_dir": str(jobs_dir)}
+        timeouts = settings.timeouts
         server = _Server(uvicorn.Config(app, log_config=None, access_log=True, timeout_graceful_shutdown=5,
-                                        lifespan="on"), ready, stdout)
+                                        lifespan="on", http=timed_h11_protocol(timeouts),
+                                        timeout_keep_alive=max(1, round(timeouts.keep_alive_s))), ready, stdout)
         _install_signal_handlers(server)
+        if settings.owner_pid is not None:
+            watch_owner(settings.owner_pid, lambda: setattr(server, "should_exit", True),
+                        lambda: bool(server.should_exit))
         server.run(sockets=[sock])
         return 0 if server.started else EXIT_FAILED
     finally:
@@ -303,6 +507,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--low-vram", action="store_true",
                    help="keep the models in CPU memory and move each to the GPU only for its stage (for GPUs with "
                         "little memory; slower, same result)")
+    p.add_argument("--owner-pid", type=int, default=None, metavar="PID",
+                   help="stop the server (cleanly, as on SIGTERM) within a second or two of process PID's death; "
+                        "the Blender add-on passes its own pid (default: run until stopped)")
     p.add_argument("--max-jobs-gb", type=float, default=20.0,
                    help="size limit of the jobs folder in GiB; the oldest finished jobs not pinned are deleted "
                         "beyond it (default 20; 0: no limit)")

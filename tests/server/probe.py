@@ -11,11 +11,26 @@ from ``--threads`` workers, requests drawn from these families:
 - methods: every method on every route;
 - uploads: empty, garbage, truncated, bomb headers, stray or repeated parts, non-multipart bodies, fuzzed options;
 - pollers and races: job lists and statuses, downloads of finished jobs while other workers DELETE them, and valid
-  submissions that fill the queue (429).
+  submissions that fill the queue (429);
+- forms: multipart bodies cut short before their closing boundary (must be 400, never a job at default options), and
+  options parts over 1 MiB in 2–15 MB bodies, some with ``Connection: close`` (a clean 400, never a reset);
+- planted: job folders planted before the server starts with a status.json damaged in one field (wrong type, missing,
+  null, a CR/LF download name, a result without elevation …) and one whose mesh is a hard link to a file outside
+  the jobs folder: statuses, lists, downloads and health must answer without 5xx, and the linked file is never
+  served;
+- slow clients, beside the load, each on its own connection: dripped headers, a stalled body, an over-long
+  Content-Length, an idle connection; each must be closed (with a 408 where a request was under way) within its
+  deadline (``one2345 serve``'s defaults: 10 s, 30 s, 30 s, 5 s) plus a margin.
 
-Every 50th request of a worker is a health check. A response counts as *dropped* when the connection fails before a
-whole response is read. Printed at the end, one JSON line: requests, status-code histogram, 5xx other than the
-documented 503/507, dropped, health failures. Exit status 0 only if those last three are all zero.
+Not simulated: storage faults on pin, reroll and continue (a full or read-only disk). The probe runs as whatever user
+runs the tests, often root, which file modes do not stop, and it cannot mount a small filesystem;
+test_serve_storage.py and test_app_faults.py make those faults from inside.
+
+Every 50th request of a worker is a health check; one that answers other than 200 ``ok`` with a live worker counts
+as a health failure, and one that reports the worker thread dead as a worker death. A response counts as *dropped*
+when the connection fails before a whole response is read. Printed at the end, one JSON line: requests, status-code
+histogram, 5xx other than the documented 503/507, dropped, worker deaths, health failures, forms accepted though cut
+short, linked files served, slow clients not closed in time. Exit status 0 only if all of those are zero.
 """
 
 from __future__ import annotations
@@ -24,7 +39,9 @@ import argparse
 import http.client
 import io
 import json
+import os
 import random
+import socket
 import sys
 import tempfile
 import threading
@@ -58,6 +75,53 @@ def _bomb() -> bytes:
 
 PNG = ball_png()  # an object on white: a valid upload runs the real pipeline (and fills the queue)
 BOMB = _bomb()
+SECRET = b"a file outside the jobs folder, hard-linked into one: never to be served\n"
+_RESULT = {"format": "ply", "elevation": 10.0, "vertices": 8, "faces": 12, "mesh": "run/mesh.ply",
+           "meta": "run/meta.json"}
+DAMAGED_FIELDS: list[tuple[str, object]] = [
+    ("created", 5), ("created", None), ("created", "yesterday"), ("elapsed_s", "x"), ("elapsed_s", None),
+    ("elapsed_s", [1]), ("fraction", "x"), ("fraction", None), ("step", "x"), ("step", 1.5), ("total", None),
+    ("options", 5), ("options", []), ("options", {"format": 5}), ("error", 5), ("error", "x"),
+    ("error", {"kind": 5}), ("result", {k: v for k, v in _RESULT.items() if k != "elevation"}),
+    ("result", {**_RESULT, "elevation": "x"}), ("result", {**_RESULT, "vertices": None}), ("result", 5),
+    ("state", "bogus"), ("state", 5), ("stage", 5), ("previews", 5), ("previews", ["../status.json"]),
+    ("pinned", "yes"), ("download_stem", "a\r\nb"), ("download_stem", 5), ("input_file", None),
+    ("remesh_of", 5), ("id", "0" * 32), ("review", 5), ("<missing>", "created"), ("<missing>", "state"),
+    ("<missing>", "result"), ("<not an object>", [1, 2]), ("<not JSON>", "{"),
+]
+"""(field, bad value) of each planted damaged status.json; ``<missing>`` drops the named field."""
+SLOW_MARGIN_S = 8.0
+"""How much later than its deadline a slow client may be closed (a busy machine, the probe's own load)."""
+
+
+def plant_damaged_jobs(jobs_dir: Path, first_seed: int) -> list[str]:
+    """Finished job folders whose status.json is damaged in one field each (:data:`DAMAGED_FIELDS`)."""
+    ids = []
+    for n, (name, value) in enumerate(DAMAGED_FIELDS):
+        job_id, _ = write_done_job(jobs_dir, first_seed + n, mesh_bytes=1024)
+        status = jobs_dir / job_id / "status.json"
+        record = json.loads(status.read_text())
+        if name == "<missing>":
+            del record[value]
+        elif name == "<not an object>":
+            record = value
+        if name == "<not JSON>":
+            status.write_text(str(value))
+        else:
+            if not name.startswith("<"):
+                record[name] = value
+            status.write_text(json.dumps(record))
+        ids.append(job_id)
+    return ids
+
+
+def plant_hard_link(jobs_dir: Path, seed: int, secret: Path) -> str:
+    """A finished job whose mesh is a hard link to ``secret`` (a file outside the jobs folder)."""
+    job_id, _ = write_done_job(jobs_dir, seed, mesh_bytes=1024)
+    mesh = jobs_dir / job_id / "run" / "mesh.ply"
+    mesh.unlink()
+    os.link(secret, mesh)
+    return job_id
 
 
 def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "probe-b0undary") -> tuple[bytes, str]:
@@ -104,10 +168,17 @@ def crafted_options(rng: random.Random) -> str:
 
 
 class Probe:
-    def __init__(self, url: str, done_jobs: list[str], seed: int) -> None:
+    def __init__(self, url: str, done_jobs: list[str], seed: int, planted: list[str] | None = None,
+                 linked: str | None = None) -> None:
         self.url = urlparse(url)
         self.done_jobs = done_jobs
+        self.planted = planted or []
+        self.linked = linked
         self.seed = seed
+        self.worker_deaths = 0
+        self.truncated_accepted: list[str] = []
+        self.links_served = 0
+        self.slow: dict[str, str] = {}
         self.codes: Counter[int] = Counter()
         self.families: Counter[str] = Counter()
         self.dropped: list[str] = []
@@ -118,8 +189,9 @@ class Probe:
     # -- one request ----------------------------------------------------------------------------------------------
 
     def send(self, conn: list, method: str, path: str, body: bytes | None = None,
-             headers: dict[str, str] | None = None, family: str = "") -> int | None:
-        """Send on the worker's keep-alive connection (reopened when the server closed it); count the answer."""
+             headers: dict[str, str] | None = None, family: str = "") -> tuple[int, bytes] | None:
+        """Send on the worker's keep-alive connection (reopened when the server closed it); count the answer and
+        return it (None when the connection failed)."""
         if conn[0] is None:
             conn[0] = http.client.HTTPConnection(self.url.hostname, self.url.port, timeout=60)
         try:
@@ -147,14 +219,15 @@ class Probe:
             self.families[family] += 1
             if status >= 500 and status not in DOCUMENTED_5XX:
                 self.bad_5xx.append(f"{family} {method} {path[:80]} → {status}: {data[:300]!r}")
-        return status
+        return status, data
 
     # -- the families -----------------------------------------------------------------------------------------------
 
     def one(self, rng: random.Random, conn: list) -> None:
         auth = {"Authorization": f"Bearer {TOKEN}"}
         job = rng.choice(self.done_jobs)
-        family = rng.choices(["auth", "paths", "methods", "uploads", "pollers", "races"], [2, 2, 1, 3, 2, 1])[0]
+        family = rng.choices(["auth", "paths", "methods", "uploads", "pollers", "races", "forms", "planted"],
+                             [2, 2, 1, 3, 2, 1, 1, 1])[0]
         if family == "auth":
             header = rng.choice([None, "Bearer", "Bearer ", "Bearer wrong", f"Basic {TOKEN}", f"bearer  {TOKEN}  ",
                                  f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN}x", "Bearer \t", "Token " + TOKEN])
@@ -195,6 +268,10 @@ class Probe:
         elif family == "pollers":
             path = rng.choice(["/v1/jobs", f"/v1/jobs/{job}", "/v1/health", f"/v1/jobs/{job}/meta"])
             self.send(conn, "GET", path, None, auth, family)
+        elif family == "forms":
+            self.forms(rng, conn, auth)
+        elif family == "planted":
+            self.planted_jobs(rng, conn, auth)
         else:  # races: download a finished job while another worker may be deleting it
             what = rng.choice(["result", "meta", "views/0.png", "delete"])
             if what == "delete":
@@ -202,43 +279,142 @@ class Probe:
             else:
                 self.send(conn, "GET", f"/v1/jobs/{job}/{what}", None, auth, family)
 
+    def forms(self, rng: random.Random, conn: list, auth: dict[str, str]) -> None:
+        if rng.random() < 0.85:  # a valid form cut short: refused, never a job at the default options
+            body, ctype = multipart([("image", "a.png", PNG), ("options", None, json.dumps(FAST).encode())])
+            end = body.rindex(b"\r\n--probe-b0undary--")
+            cut = rng.choice([end, end + 2, end + 10, body.rindex(b"}"), body.index(b"options") + 20])
+            answer = self.send(conn, "POST", "/v1/jobs", body[:cut], {**auth, "Content-Type": ctype}, "forms")
+            if answer is not None and answer[0] == 202:
+                with self.lock:
+                    self.truncated_accepted.append(f"cut at {cut} of {len(body)}: {answer[1][:200]!r}")
+            return
+        # An options part over 1 MiB inside a 2–15 MB body: a clean 400, also when the client closes after it.
+        image = PNG + os.urandom(rng.choice([1, 6, 14]) * 2**20)
+        parts = [("image", "a.png", image), ("options", None, b'{"seed": 1' + b" " * (2**20 + 100) + b"}")]
+        body, ctype = multipart(parts if rng.random() < 0.5 else parts[::-1])
+        close = {"Connection": "close"} if rng.random() < 0.5 else {}
+        self.send(conn, "POST", "/v1/jobs", body, {**auth, "Content-Type": ctype, **close}, "forms")
+
+    def planted_jobs(self, rng: random.Random, conn: list, auth: dict[str, str]) -> None:
+        if self.linked is not None and rng.random() < 0.2:
+            what = rng.choice(["result", "meta", "views/0.png", "input", ""])
+            answer = self.send(conn, "GET", f"/v1/jobs/{self.linked}/{what}".rstrip("/"), None, auth, "planted")
+            if answer is not None and SECRET in answer[1]:
+                with self.lock:
+                    self.links_served += 1
+            return
+        job = rng.choice(self.planted) if self.planted else "0" * 32
+        path = rng.choice([f"/v1/jobs/{job}", f"/v1/jobs/{job}/result", f"/v1/jobs/{job}/meta", "/v1/jobs",
+                           "/v1/jobs?limit=5", "/v1/health", f"/v1/jobs/{job}/views/0.png"])
+        self.send(conn, "GET", path, None, auth if path != "/v1/health" else {}, "planted")
+
+    def slow_clients(self) -> None:
+        """The slow-client checks, each in its own thread, beside the load; results in ``self.slow``."""
+        body, ctype = multipart([("image", "a.png", PNG), ("options", None, json.dumps(FAST).encode())])
+        post = (f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body) + 4096}\r\n\r\n").encode() + body
+        cases = {  # name: (what is sent, drip a header line every second, deadline in s, a 408 expected)
+            "dripped headers": (b"GET /v1/health HTTP/1.1\r\nHost: x\r\n", True, 10.0, True),
+            "stalled body": (post, False, 30.0, True),
+            "over-long content-length": (b"GET /v1/health HTTP/1.1\r\nHost: x\r\nContent-Length: 999999\r\n\r\n"
+                                         b"abc", False, 30.0, True),
+            "idle connection": (b"", False, 5.0, False),
+        }
+
+        def check(name: str, data: bytes, drip: bool, deadline: float, expect_408: bool) -> None:
+            try:
+                with socket.create_connection((self.url.hostname, self.url.port), timeout=5) as sock:
+                    start = time.monotonic()
+                    sock.sendall(data)
+                    received = b""
+                    sock.settimeout(1.0)
+                    while time.monotonic() - start < deadline + SLOW_MARGIN_S:
+                        try:
+                            chunk = sock.recv(65536)
+                        except TimeoutError:
+                            if drip:
+                                sock.sendall(b"X-Drip: 1\r\n")
+                            continue
+                        except ConnectionResetError:
+                            chunk = b""
+                        if not chunk:
+                            took = time.monotonic() - start
+                            ok = received.startswith(b"HTTP/1.1 408") if expect_408 else received == b""
+                            result = "ok" if ok else f"closed after {took:.1f} s with {received[:80]!r}"
+                            break
+                        received += chunk
+                    else:
+                        result = f"still open after {deadline + SLOW_MARGIN_S:g} s"
+            except OSError as e:
+                result = f"{type(e).__name__}: {e}"
+            with self.lock:
+                self.slow[name] = result
+
+        threads = [threading.Thread(target=check, args=(name, *case)) for name, case in cases.items()]
+        for t in threads:
+            t.start()
+        self._slow_threads = threads
+
     def worker(self, index: int, count: int) -> None:
         rng = random.Random(self.seed * 1000 + index)
         conn: list = [None]
         for i in range(count):
             if i % 50 == 0:
-                status = self.send(conn, "GET", "/v1/health", None, {}, "health")
-                if status != 200:
-                    with self.lock:
-                        self.health_failures += 1
+                self.check_health(conn)
             self.one(rng, conn)
         if conn[0] is not None:
             conn[0].close()
 
-    def run(self, requests: int, threads: int) -> dict:
+    def check_health(self, conn: list) -> None:
+        answer = self.send(conn, "GET", "/v1/health", None, {}, "health")
+        health = json.loads(answer[1]) if answer is not None and answer[0] == 200 else {}
+        with self.lock:
+            if health.get("worker_alive") is False:
+                self.worker_deaths += 1
+            if health.get("status") != "ok" or health.get("worker_alive") is False:
+                self.health_failures += 1
+
+    def run(self, requests: int, threads: int, slow_clients: bool = True) -> dict:
         start = time.monotonic()
+        self._slow_threads: list[threading.Thread] = []
+        if slow_clients:
+            self.slow_clients()
         per = -(-requests // threads)
         workers = [threading.Thread(target=self.worker, args=(i, per)) for i in range(threads)]
         for w in workers:
             w.start()
         for w in workers:
             w.join()
+        for t in self._slow_threads:
+            t.join()
+        conn: list = [None]
+        self.check_health(conn)  # once more after the load
         total = sum(self.codes.values()) + len(self.dropped)
+        slow_failures = [f"{name}: {result}" for name, result in self.slow.items() if result != "ok"]
         return {"requests": total, "seconds": round(time.monotonic() - start, 1),
                 "codes": dict(sorted(self.codes.items())), "families": dict(sorted(self.families.items())),
                 "undocumented_5xx": len(self.bad_5xx), "dropped": len(self.dropped),
-                "health_failures": self.health_failures, "examples": (self.bad_5xx + self.dropped)[:5]}
+                "worker_deaths": self.worker_deaths, "health_failures": self.health_failures,
+                "truncated_forms_accepted": len(self.truncated_accepted), "linked_files_served": self.links_served,
+                "slow_clients": dict(sorted(self.slow.items())), "slow_client_failures": len(slow_failures),
+                "examples": (self.bad_5xx + self.dropped + self.truncated_accepted + slow_failures)[:8]}
 
 
-def probe(requests: int, threads: int, seed: int, done_jobs: int = 30, root: Path | None = None) -> dict:
+def probe(requests: int, threads: int, seed: int, done_jobs: int = 30, root: Path | None = None,
+          slow_clients: bool = True) -> dict:
     """Start a server, probe it, stop it; the report (see the module docstring), plus the server's tracebacks."""
     with tempfile.TemporaryDirectory() as tmp:
         root = root or Path(tmp)
         jobs_dir = root / "jobs"
         ids = [write_done_job(jobs_dir, s, mesh_bytes=256 * 1024)[0] for s in range(done_jobs)]
+        planted = plant_damaged_jobs(jobs_dir, first_seed=1000)
+        secret = root / "secret.txt"
+        secret.write_bytes(SECRET)
+        linked = plant_hard_link(jobs_dir, 2000, secret)
         server = start_server(jobs_dir, root / "server.log", "--max-queue", "2")
         try:
-            report = Probe(server.ready["url"], ids, seed).run(requests, threads)
+            report = Probe(server.ready["url"], ids, seed, planted, linked).run(requests, threads, slow_clients)
             for job in server.client.get("/v1/jobs").json()["jobs"]:  # cancel what the valid uploads queued
                 server.client.delete(f"/v1/jobs/{job['id']}")
             report["health_after"] = server.client.get("/v1/health").status_code
@@ -256,9 +432,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = probe(args.requests, args.threads, args.seed)
     print(json.dumps(report))
-    clean = not (report["undocumented_5xx"] or report["dropped"] or report["health_failures"]
-                 or report["server_tracebacks"]) and report["health_after"] == 200
-    return 0 if clean else 1
+    print(totals_line(report))
+    return 0 if clean(report) else 1
+
+
+FAILURE_COUNTS = ("undocumented_5xx", "dropped", "worker_deaths", "health_failures", "truncated_forms_accepted",
+                  "linked_files_served", "slow_client_failures", "server_tracebacks")
+
+
+def clean(report: dict) -> bool:
+    """No failure of any kind, and the server answered health after the load."""
+    return not any(report[name] for name in FAILURE_COUNTS) and report["health_after"] == 200
+
+
+def totals_line(report: dict) -> str:
+    return f"totals: requests {report['requests']}, " + ", ".join(
+        f"{name.replace('_', ' ')} {report[name]}" for name in FAILURE_COUNTS)
 
 
 if __name__ == "__main__":
