@@ -11,8 +11,8 @@ Per object, numbered as :func:`evaluate_object` runs:
    render script — the kind of surface the pipeline decimates (marching cubes of an SDF, nothing inside the object).
    (``mesh.ply``, the parts as modelled, has a few hundred long slivers per part, on which quadric decimation stalls
    far above 20 k faces.) Its vertex colours are sampled from the 40 views with the bake's own per-view sampler
-   (visibility by depth, cosine and edge weights — :func:`vertex_colors_from_views`): the best per-vertex colour the
-   views give, standing in for the reconstruction's blended vertex colours.
+   (visibility by depth, cosine and edge weights — :func:`server.stages.asset.vertex_colors_from_views`): the best
+   per-vertex colour the views give, standing in for the reconstruction's blended vertex colours.
 2. For each face count, :func:`server.stages.asset.decimate` brings the dense surface to the budget and carries the
    colours to the new vertices exactly as the pipeline does for a vertex-coloured result with ``target_faces`` (nearest
    original vertex), and :func:`server.stages.asset.bake_texture` bakes a texture onto the same decimated mesh.
@@ -46,14 +46,19 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy.spatial import cKDTree
 
 from server.common.cameras import PoseFile, opengl_to_opencv
 from server.common.errors import BadInputError
 from server.common.mesh_io import Mesh
-from server.stages.asset import BakeConfig, BakeViews, DecimateConfig, TexturedMesh, bake_texture, decimate
-from server.stages.asset.bake import view_samples  # the bake's per-view sampler: vertex colours use the same one
-from server.stages.asset.geometry import vertex_normals
+from server.stages.asset import (
+    BakeConfig,
+    BakeViews,
+    DecimateConfig,
+    TexturedMesh,
+    bake_texture,
+    decimate,
+    vertex_colors_from_views,
+)
 from training.mesh_render import composite_on_white, render_mesh
 
 logger = logging.getLogger("training.texture_eval")
@@ -184,43 +189,6 @@ def find_rendered_objects(root: str | os.PathLike[str]) -> list[Path]:
     """Object folders under a render root (``<folder_id>/<uid>/``) that hold held-out views, sorted."""
     return sorted(p.parent.parent for p in Path(root).glob(f"*/*/{HELDOUT_DIR}/pose.json")
                   if (p.parent.parent / "meta.json").is_file())
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Meshes and colours
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def vertex_colors_from_views(mesh: Mesh, views: BakeViews, config: BakeConfig | None = None) -> np.ndarray:
-    """Colour every vertex from posed views with the bake's per-view sampler: the weighted mean of the bilinear
-    samples of the views that see it (depth visibility, cosine^p and silhouette-edge weights, as for a texel).
-    Vertices no view sees take the colour of the nearest seen vertex.
-
-    Args:
-        mesh: vertices [V, 3], faces [F, 3] in the views' frame.
-        views: the posed sRGB views.
-        config: the bake's settings (visibility slack, weights); default :class:`BakeConfig`.
-
-    Returns:
-        [V, 3] uint8 sRGB.
-    """
-    config = config or BakeConfig()
-    points = np.asarray(mesh.vertices, dtype=np.float64)
-    normals = vertex_normals(mesh.vertices, mesh.faces).astype(np.float64)
-    diagonal = float(np.linalg.norm(points.max(axis=0) - points.min(axis=0)))
-    colour_sum = np.zeros((points.shape[0], 3))
-    weight_sum = np.zeros(points.shape[0])
-    for v in range(len(views.ids)):
-        index, colour, weight = view_samples(mesh, points, normals, views.images[v], views.intrinsics[v],
-                                              views.w2c[v], config, config.depth_tolerance * diagonal)
-        np.add.at(colour_sum, index, weight[:, None] * colour)
-        np.add.at(weight_sum, index, weight)
-    seen = weight_sum > 0
-    colours = np.full((points.shape[0], 3), 128.0)
-    colours[seen] = colour_sum[seen] / weight_sum[seen, None]
-    if seen.any() and not seen.all():
-        colours[~seen] = colours[seen][cKDTree(points[seen]).query(points[~seen], k=1)[1]]
-    return np.clip(np.rint(colours), 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,14 @@
 
 This is the format the pipeline writes, the reconstruction reads and the asset stage bakes from; the stage-1 images
 such as ``0.png`` may sit beside the nearby views; only the pose of ``0.png`` is needed, as the reference frame.
+
+Pixel convention of the views and of pose.json's intrinsics: pixel (row i, column j) covers [j, j + 1] × [i, i + 1]
+in pixel units and is centred at (j + 0.5, i + 0.5), so a centred camera has its principal point at (W/2, H/2) (128
+for the 256² views) — Zero123's and Blender's renders. The asset stage samples the views in exactly this convention
+(:mod:`server.stages.asset.raster`: a point projecting to (j + 0.5, i + 0.5) reads pixel (i, j)). The
+reconstruction's colour blending (:mod:`server.stages.reconstruction.rendering_network`) keeps the reference code's
+``grid_sample(align_corners=True)`` sampling, which puts pixel centres at integers: it reads the same views half a
+pixel up and left of the bake, faithful to the trained weights rather than to the geometry.
 """
 
 from __future__ import annotations

@@ -173,3 +173,11 @@ def test_the_command_renders_with_blender_and_reports(tmp_path: Path, capsys: py
                                                          "texeval-000003-2000-vertex-colours.glb"}
     record = json.loads((out / "report.json").read_text())
     assert all(math.isfinite(r["psnr"]) and r["iou"] > 0.9 for r in record["rows"]), record["rows"]
+
+
+def test_vertex_colours_come_from_the_asset_stage_public_function() -> None:
+    # One sampler for the bake, the bake endpoint's vertex-coloured output and this evaluation (issue #26).
+    import server.stages.asset
+    import training.texture_eval
+
+    assert training.texture_eval.vertex_colors_from_views is server.stages.asset.vertex_colors_from_views

@@ -1,8 +1,17 @@
-"""Texture bake: the posed views projected onto an unwrapped mesh (sRGB bytes, visibility by depth).
+"""Texture bake and vertex colours from posed views (sRGB bytes, visibility by depth), onto any mesh in the views'
+frame: a fresh xatlas unwrap, or the mesh's own UVs.
 
-For every texel covered by a UV triangle, its surface point p and normal n come from barycentric interpolation over
-that triangle. For every view, the mesh is z-buffered at the view's resolution (:func:`render_depth`), and the view
-contributes the bilinear sample of its image at p's projection when
+Pixel convention (one for the whole asset stage, :mod:`server.stages.asset.raster`): pixel (row i, column j) of a
+view covers [j, j + 1] × [i, i + 1] in pixel units and is centred at (j + 0.5, i + 0.5); intrinsics map a camera
+point to those units (principal point (W/2, H/2) for a centred camera, as in pose.json and Blender's renders). A
+surface point that projects to (j + 0.5, i + 0.5) reads exactly pixel (i, j). The reconstruction's colour blending
+(:mod:`server.stages.reconstruction.rendering_network`) keeps the reference code's convention instead (pixel centres
+at integers, ``grid_sample`` with ``align_corners=True``), so it samples the same views half a pixel up and left of
+where the bake does; the reconstruction stays faithful to the weights it was trained with, the bake to the geometry.
+
+Sampling. For every texel covered by a UV triangle, its surface point p and normal n come from barycentric
+interpolation over that triangle. For every view, the mesh is z-buffered at the view's resolution
+(:func:`render_depth`), and the view contributes the bilinear sample of its image at p's projection when
 
 * p is visible: its camera depth matches the z-buffer at its pixel within ``depth_tolerance`` × the mesh's bounding
   diagonal plus the depth change the surface slope allows within that pixel;
@@ -11,8 +20,16 @@ contributes the bilinear sample of its image at p's projection when
 with weight cos(n, direction to the camera)^``cosine_power`` × w_edge, where w_edge rises from 0 to 1 with the
 distance of the pixel from the nearest silhouette or occlusion edge of the z-buffer (``edge_margin``,
 ``edge_ramp``): samples near an edge bleed background or the occluder into the texel, and the camera is least sure
-there. The texel's colour is the weighted mean. Texels no view sees, the gutters between charts and texels at chart
-borders are filled by iterative dilation of the seen colours, then any rest with the mean seen colour.
+there. The texel's colour is the weighted mean (over every surface point the texel stands for, when UV triangles
+overlap). :func:`vertex_colors_from_views` applies the same sampler to the vertices of any mesh.
+
+Fill on the surface, not in the texture. Texels no view sees take their colour from the nearest seen surface across
+the mesh: the seen texels are splatted onto the vertices of their triangles (positions welded, so UV seams do not cut
+the surface), vertices with no seen texel take the colour of the nearest such vertex along the mesh's edges (a
+multi-source Dijkstra over edge lengths), and an unseen texel interpolates its triangle's vertex colours. Colour
+therefore never jumps an empty gap in UV space onto a surface it does not belong to. Texels outside every chart (the
+gutters) then copy the nearest charted texel, so each gutter texel carries the colour of its own chart's border and
+bilinear filtering and mip-mapping at a seam never mix two charts.
 
 Colours stay in sRGB bytes throughout (the views are sRGB PNGs, and the texture is stored as one), so a surface that
 every view shows in the same colour gets exactly that colour.
@@ -24,20 +41,22 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, sparse
+from scipy.sparse import csgraph
 
 from server.common.cameras import PoseFile, opengl_to_opencv
 from server.common.errors import BadInputError
 from server.common.mesh_io import Mesh
-from server.stages.asset.geometry import checked_mesh, vertex_normals
-from server.stages.asset.raster import rasterize_uv, render_depth
-from server.stages.asset.unwrap import UnwrapConfig, unwrap
+from server.stages.asset.geometry import checked_mesh, face_areas, vertex_normals
+from server.stages.asset.raster import render_depth, triangle_pixels
+from server.stages.asset.reports import CleanupReport, DecimateReport
+from server.stages.asset.unwrap import UnwrapConfig, UvLayout, unwrap
 
 if TYPE_CHECKING:
     from server.common.views import ViewSet
@@ -60,7 +79,8 @@ class BakeViews:
     images: tuple[np.ndarray, ...]
     """V arrays [H_v, W_v, 3] uint8 sRGB; pixel (i, j) is centred at (j + 0.5, i + 0.5) in pixel units."""
     intrinsics: np.ndarray
-    """[V, 3, 3] pixel intrinsics, each for its own image's size."""
+    """[V, 3, 3] pixel intrinsics, each for its own image's size, in the pixel convention of the module docstring
+    (a point projecting to (j + 0.5, i + 0.5) reads pixel (i, j); a centred camera's principal point is (W/2, H/2))."""
     w2c: np.ndarray
     """[V, 4, 4] OpenCV world-to-camera (x right, y down, looking along +z) in the pose.json world."""
 
@@ -77,6 +97,21 @@ class BakeViews:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 2:
                 raise BadInputError(f"view {view_id!r} has shape {image.shape} and dtype {image.dtype}; allowed: "
                                     "[H, W, 3] uint8 sRGB with H, W ≥ 2")
+
+    def select(self, ids: Sequence[str]) -> BakeViews:
+        """The views named by ``ids``, in that order.
+
+        Raises:
+            BadInputError: no ids, a repeated id, or an id that is not one of these views.
+        """
+        ids = list(ids)
+        unknown = [i for i in ids if i not in self.ids]
+        if not ids or unknown or len(set(ids)) != len(ids):
+            what = f"unknown ids {unknown[:8]}" if unknown else ("no ids" if not ids else f"repeated ids in {ids}")
+            raise BadInputError(f"cannot select views: {what}; allowed: distinct ids among "
+                                f"{', '.join(self.ids[:8])}{'…' if len(self.ids) > 8 else ''}")
+        index = [self.ids.index(i) for i in ids]
+        return BakeViews(tuple(ids), tuple(self.images[i] for i in index), self.intrinsics[index], self.w2c[index])
 
     @classmethod
     def from_pose_file(cls, poses: PoseFile, images: Mapping[str, np.ndarray]) -> BakeViews:
@@ -118,16 +153,27 @@ class BakeViews:
         return cls(tuple(views.ids), tuple(images), np.asarray(cams.intrinsics, dtype=np.float64), w2c)
 
 
-def load_bake_views(views_dir: str | os.PathLike[str], arrays: dict[str, np.ndarray] | None = None) -> BakeViews:
-    """Every posed view of a run's ``views/`` folder: the 32 nearby views and the stage-1 views that are present.
+def load_bake_views(
+    views_dir: str | os.PathLike[str],
+    arrays: dict[str, np.ndarray] | None = None,
+    ids: Sequence[str] | None = None,
+) -> BakeViews:
+    """The posed views of a run's ``views/`` folder: by default every one present (the 32 nearby views and the
+    stage-1 views), or the subset ``ids``.
 
     Reads ``pose.json`` and each image id it lists that names a file of the pipeline's layout (``<i>.png``,
     ``<i>_<j>.png``) present in the folder; other ids are ignored (never a path outside the folder). ``arrays``
     holds views already in memory by file name (the pipeline's, while their PNGs are still being written): they
-    count as present and are not read.
+    count as present and are not read. The intrinsics follow the pixel convention of the module docstring.
+
+    Args:
+        views_dir: the folder.
+        arrays: views in memory by file name.
+        ids: only these views (e.g. ``["0.png", "1_2.png"]``), in pose.json's order; each must be present.
 
     Raises:
-        BadInputError: no folder, no or a broken pose.json, no posed image present, or an unreadable image.
+        BadInputError: no folder, no or a broken pose.json, no posed image present, an unreadable image, or a
+            selected id that is not a present view of the folder.
     """
     from server.common.views import read_rgb  # torch-free import path for callers that only bake
 
@@ -136,21 +182,29 @@ def load_bake_views(views_dir: str | os.PathLike[str], arrays: dict[str, np.ndar
         raise BadInputError(f"views folder {folder} does not exist or is not a folder")
     poses = PoseFile.read(folder / "pose.json")
     arrays = arrays or {}
-    ids = [i for i in poses.c2ws if _VIEW_FILE.match(i) and (i in arrays or (folder / i).is_file())]
-    if not ids:
+    present = [i for i in poses.c2ws if _VIEW_FILE.match(i) and (i in arrays or (folder / i).is_file())]
+    if ids is not None:
+        wanted = list(ids)
+        missing = [i for i in wanted if i not in present]
+        if not wanted or missing:
+            raise BadInputError(f"views {missing[:8] if missing else 'none'} were selected but {folder} "
+                                f"{'lacks them' if missing else 'needs at least one'}; allowed: ids of present "
+                                f"views ({', '.join(present[:8])}{'…' if len(present) > 8 else ''})")
+        present = [i for i in present if i in set(wanted)]
+    if not present:
         raise BadInputError(f"{folder} holds none of the {len(poses.c2ws)} images pose.json lists "
                             f"({', '.join(list(poses.c2ws)[:4])}…); allowed: a views folder of `one2345 generate`")
-    return BakeViews.from_pose_file(poses, {i: arrays[i] if i in arrays else read_rgb(folder / i) for i in ids})
+    return BakeViews.from_pose_file(poses, {i: arrays[i] if i in arrays else read_rgb(folder / i) for i in present})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Bake
+# Settings and results
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class BakeConfig:
-    """Settings of :func:`bake_texture` (module docstring for the method)."""
+    """Settings of :func:`bake_texture` and :func:`vertex_colors_from_views` (module docstring for the method)."""
 
     depth_tolerance: float = 0.003
     """Visibility slack, as a fraction of the mesh's bounding-box diagonal, on top of the slope term. Only
@@ -174,11 +228,12 @@ class BakeConfig:
     edge_depth_jump: float = 0.02
     """A neighbouring pixel whose depth differs by more than this fraction of the depth marks an occlusion edge."""
 
-    dilation_iterations: int = 64
-    """Rounds of one-texel dilation that fill unseen texels and gutters from seen neighbours before the mean fill."""
+    min_uv_area_fraction: float = 0.95
+    """A mesh's own UVs are used when the faces with a proper UV triangle (area > 0, inside [0, 1]²) hold at least
+    this share of the surface area (:func:`check_uvs`); otherwise the mesh is unwrapped afresh."""
 
     unwrap: UnwrapConfig = field(default_factory=UnwrapConfig)
-    """How the mesh is unwrapped."""
+    """How the mesh is unwrapped when it has no usable UVs."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -188,16 +243,51 @@ class BakeConfig:
             "edge_margin": (self.edge_margin, self.edge_margin >= 0, "a number of pixels ≥ 0 (e.g. 1)"),
             "edge_ramp": (self.edge_ramp, self.edge_ramp > 0, "a number of pixels > 0 (e.g. 4)"),
             "edge_depth_jump": (self.edge_depth_jump, self.edge_depth_jump > 0, "a number > 0 (e.g. 0.02)"),
-            "dilation_iterations": (self.dilation_iterations, self.dilation_iterations >= 0, "an integer ≥ 0"),
+            "min_uv_area_fraction": (self.min_uv_area_fraction, 0 <= self.min_uv_area_fraction <= 1,
+                                     "a number in [0, 1] (e.g. 0.95)"),
         }
         for name, (value, ok, allowed) in checks.items():
             if not (ok and math.isfinite(value)):
                 raise BadInputError(f"{name} {value} is invalid; allowed: {allowed}")
 
 
+@dataclass(frozen=True)
+class UvCheck:
+    """Whether a mesh's own UVs can carry a bake (:func:`check_uvs`)."""
+
+    faces: int
+    """Faces checked."""
+    degenerate_faces: int
+    """Faces whose UV triangle has (numerically) zero area: no texel can hold their colour."""
+    outside_faces: int
+    """Faces with a UV corner outside [0, 1]² (tiled or UDIM layouts): one texture cannot hold them."""
+    usable_area_fraction: float
+    """Share of the surface area on faces with a proper UV triangle."""
+    overlap_texels: int
+    """Texels inside two or more UV triangles (mirrored or stacked islands): they get the mean colour of all the
+    surface points they stand for. Reported, never fatal."""
+    overlap_fraction: float
+    """overlap_texels / texels inside some UV triangle."""
+    usable: bool
+    """usable_area_fraction ≥ the bake's ``min_uv_area_fraction``."""
+
+    @property
+    def reason(self) -> str:
+        """One line for logs and reports."""
+        verdict = "usable" if self.usable else "not usable"
+        return (f"UVs {verdict}: {self.usable_area_fraction:.1%} of the area on proper UV triangles "
+                f"({self.degenerate_faces} of {self.faces} faces degenerate, {self.outside_faces} outside [0, 1]²), "
+                f"{self.overlap_texels} overlapping texels ({self.overlap_fraction:.1%})")
+
+    def as_dict(self) -> dict[str, object]:
+        return {"faces": self.faces, "degenerate_faces": self.degenerate_faces, "outside_faces": self.outside_faces,
+                "usable_area_fraction": round(self.usable_area_fraction, 4), "overlap_texels": self.overlap_texels,
+                "overlap_fraction": round(self.overlap_fraction, 4), "usable": self.usable}
+
+
 @dataclass
 class BakeReport:
-    """What the bake did, for logs and tests."""
+    """What the bake (and, from :func:`server.stages.asset.build_asset`, the asset stage) did, for logs and tests."""
 
     seen: np.ndarray
     """[S, S] bool: texels coloured from at least one view."""
@@ -209,6 +299,14 @@ class BakeReport:
     """[V] int64: texels each view contributed to."""
     timings: dict[str, float]
     """Seconds per step: unwrap, rasterize, views (z-buffers and sampling), fill, total."""
+    uv_source: str = "unwrap"
+    """``"mesh"``: the mesh's own UVs were baked onto; ``"unwrap"``: a fresh xatlas unwrap."""
+    uv_check: UvCheck | None = None
+    """The check of the mesh's own UVs, when it had some."""
+    cleanup: CleanupReport | None = None
+    """Set by :func:`server.stages.asset.build_asset`: the components kept and dropped."""
+    decimation: DecimateReport | None = None
+    """Set by :func:`server.stages.asset.build_asset`: the face count reached and how."""
 
     @property
     def coverage(self) -> float:
@@ -234,26 +332,216 @@ class TexturedMesh:
     """How the texture was baked, when it was."""
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The mesh's own UVs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _uv_arrays(mesh: Mesh, uvs: np.ndarray, uv_faces: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    uvs = np.asarray(uvs, dtype=np.float64)
+    uv_faces = mesh.faces if uv_faces is None else np.asarray(uv_faces)
+    if uvs.ndim != 2 or uvs.shape[1] != 2 or uvs.shape[0] == 0 or not np.all(np.isfinite(uvs)):
+        raise BadInputError(f"uvs have shape {uvs.shape}; allowed: [T, 2] finite numbers")
+    if uv_faces.shape != mesh.faces.shape or not np.issubdtype(uv_faces.dtype, np.integer) or \
+            uv_faces.min() < 0 or uv_faces.max() >= uvs.shape[0]:
+        raise BadInputError(f"uv faces have shape {uv_faces.shape} and index {int(uv_faces.min())}.."
+                            f"{int(uv_faces.max())}; allowed: one UV triangle per face, [{mesh.faces.shape[0]}, 3] "
+                            f"indices in 0..{uvs.shape[0] - 1}")
+    return uvs, uv_faces.astype(np.int64)
+
+
+def check_uvs(
+    mesh: Mesh, uvs: np.ndarray, uv_faces: np.ndarray | None = None, size: int = 1024,
+    min_area_fraction: float = BakeConfig.min_uv_area_fraction,
+) -> UvCheck:
+    """Can a mesh's own UVs carry a size×size bake?
+
+    Args:
+        mesh: vertices [V, 3], faces [F, 3].
+        uvs: [T, 2] in the glTF convention of :class:`TexturedMesh` (origin top-left, v downwards).
+        uv_faces: [F, 3] indices into ``uvs``, one UV triangle per face (an OBJ's ``vt`` indices); None: ``uvs`` is
+            per vertex (T = V) and the faces index both.
+        size: texture side, for the overlap count.
+        min_area_fraction: see :attr:`BakeConfig.min_uv_area_fraction`.
+
+    Returns:
+        The :class:`UvCheck`.
+
+    Raises:
+        BadInputError: malformed mesh or UV arrays.
+    """
+    mesh = checked_mesh(mesh)
+    uvs, uv_faces = _uv_arrays(mesh, uvs, uv_faces)
+    tri = uvs[uv_faces]
+    e1, e2 = tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]
+    uv_area = 0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])
+    # Zero in texel units: below a millionth of a texel a triangle holds no texel centre a bake could fill.
+    degenerate = uv_area * size * size < 1e-6
+    outside = ((tri < -1e-6) | (tri > 1 + 1e-6)).any(axis=(1, 2))
+    area = face_areas(mesh.vertices, mesh.faces)
+    proper = ~degenerate & ~outside
+    fraction = float(area[proper].sum() / max(area.sum(), 1e-300))
+    _, pixel, bary = triangle_pixels(tri[proper] * size, size, size)
+    # Interior coverage only: centres on a shared edge count for both neighbours and are no overlap.
+    interior = bary.min(axis=1) > 1e-6
+    counts = np.bincount(pixel[interior], minlength=size * size)
+    covered = np.unique(pixel).shape[0]
+    overlap = int((counts > 1).sum())
+    return UvCheck(faces=int(mesh.faces.shape[0]), degenerate_faces=int(degenerate.sum()),
+                   outside_faces=int(outside.sum()), usable_area_fraction=fraction, overlap_texels=overlap,
+                   overlap_fraction=overlap / max(covered, 1), usable=fraction >= min_area_fraction)
+
+
+def layout_from_uvs(faces: np.ndarray, uvs: np.ndarray, uv_faces: np.ndarray) -> UvLayout:
+    """A :class:`~server.stages.asset.unwrap.UvLayout` of given UVs: one output vertex per distinct (vertex, UV) corner
+    pair, so a vertex is split exactly where the UVs have a seam. UVs are clipped into [0, 1]."""
+    pairs = np.stack([np.asarray(faces, np.int64).reshape(-1), np.asarray(uv_faces, np.int64).reshape(-1)], axis=1)
+    unique, inverse = np.unique(pairs, axis=0, return_inverse=True)
+    uv = np.clip(np.asarray(uvs, dtype=np.float64)[unique[:, 1]], 0.0, 1.0)
+    return UvLayout(unique[:, 0], inverse.reshape(-1, 3).astype(np.int64), uv.astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _accumulate(
+    mesh: Mesh, points: np.ndarray, normals: np.ndarray, views: BakeViews, config: BakeConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Σ weight·colour [N, 3], Σ weight [N] and samples per view [V] of N surface points over every view."""
+    diagonal = float(np.linalg.norm(mesh.vertices.max(axis=0) - mesh.vertices.min(axis=0)))
+    colour_sum = np.zeros((points.shape[0], 3))
+    weight_sum = np.zeros(points.shape[0])
+    samples = np.zeros(len(views.ids), dtype=np.int64)
+    for v in range(len(views.ids)):
+        index, colour, weight = view_samples(mesh, points, normals, views.images[v], views.intrinsics[v],
+                                              views.w2c[v], config, config.depth_tolerance * diagonal)
+        # index is unique within a view, so fancy-index addition is exact.
+        colour_sum[index] += weight[:, None] * colour
+        weight_sum[index] += weight
+        samples[v] = index.shape[0]
+    return colour_sum, weight_sum, samples
+
+
+def vertex_colors_from_views(mesh: Mesh, views: BakeViews | ViewSet, config: BakeConfig | None = None) -> np.ndarray:
+    """Colour every vertex of any mesh in the views' frame with the bake's sampler: the weighted mean of the bilinear
+    samples of the views that see it (depth visibility, cosine^p and silhouette-edge weights, as for a texel; the
+    pixel convention of the module docstring). Vertices no view sees take the colour of the nearest seen vertex along
+    the mesh's surface (:func:`fill_over_surface`), never across a gap; a part no view sees at all gets the mean seen
+    colour (mid grey when nothing is seen).
+
+    Args:
+        mesh: vertices [V, 3], faces [F, 3] in the views' frame (pose.json world).
+        views: the posed sRGB views (:func:`load_bake_views`, optionally a subset) or the reconstruction's ViewSet.
+        config: the bake's settings (visibility slack, weights); default :class:`BakeConfig`.
+
+    Returns:
+        [V, 3] uint8 sRGB.
+    """
+    config = config or BakeConfig()
+    mesh = checked_mesh(mesh)
+    if not isinstance(views, BakeViews):
+        views = BakeViews.from_view_set(views)
+    points = mesh.vertices.astype(np.float64)
+    normals = vertex_normals(mesh.vertices, mesh.faces).astype(np.float64)
+    colour_sum, weight_sum, _ = _accumulate(mesh, points, normals, views, config)
+    seen = weight_sum > 0
+    colours = np.zeros((points.shape[0], 3))
+    colours[seen] = colour_sum[seen] / weight_sum[seen, None]
+    colours = fill_over_surface(colours, seen, mesh.vertices, mesh.faces)
+    return np.clip(np.rint(colours), 0, 255).astype(np.uint8)
+
+
+def fill_over_surface(
+    values: np.ndarray, known: np.ndarray, vertices: np.ndarray, faces: np.ndarray,
+    fallback: np.ndarray | None = None,
+) -> np.ndarray:
+    """Give every unknown vertex the value of the nearest known vertex along the mesh's edges (geodesic along the
+    edge graph, a multi-source Dijkstra). Vertices at the same position are welded first, so a seam split does not
+    cut the surface. A connected part with no known vertex gets ``fallback``, else the mean known value (mid grey,
+    128, when nothing is known).
+
+    Args:
+        values: [V, C] float; rows of unknown vertices are ignored.
+        known: [V] bool.
+        vertices: [V, 3]; faces: [F, 3] int.
+        fallback: [C] for parts with nothing known.
+
+    Returns:
+        [V, C] float64.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    known = np.asarray(known, dtype=bool)
+    out = values.copy()
+    if known.all():
+        return out
+    _, weld = np.unique(np.asarray(vertices), axis=0, return_inverse=True)
+    weld = weld.reshape(-1)
+    count = int(weld.max()) + 1
+    # Per welded point: the mean of its known copies.
+    total = np.zeros((count, values.shape[1]))
+    hits = np.bincount(weld[known], minlength=count).astype(np.float64)
+    np.add.at(total, weld[known], values[known])
+    point_known = hits > 0
+    point_value = np.zeros_like(total)
+    point_value[point_known] = total[point_known] / hits[point_known, None]
+    if not point_known.any():
+        rest = np.full(values.shape[1], 128.0) if fallback is None else np.asarray(fallback, dtype=np.float64)
+        out[:] = rest
+        return out
+
+    points = np.zeros((count, 3))
+    points[weld] = np.asarray(vertices, dtype=np.float64)
+    edges = np.sort(weld[np.asarray(faces)][:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
+    edges = np.unique(edges[edges[:, 0] != edges[:, 1]], axis=0)
+    # Zero-length edges would read as "no edge" in a sparse matrix: a floor keeps them.
+    length = np.maximum(np.linalg.norm(points[edges[:, 0]] - points[edges[:, 1]], axis=1), 1e-12)
+    graph = sparse.coo_matrix((length, (edges[:, 0], edges[:, 1])), shape=(count, count)).tocsr()
+    sources = np.flatnonzero(point_known)
+    distance, _, nearest = csgraph.dijkstra(graph, directed=False, indices=sources, min_only=True,
+                                            return_predecessors=True)
+    reached = np.isfinite(distance)
+    filled = point_value.copy()
+    filled[reached & ~point_known] = point_value[nearest[reached & ~point_known]]
+    rest = point_value[point_known].mean(axis=0) if fallback is None else np.asarray(fallback, dtype=np.float64)
+    filled[~reached] = rest
+    out[~known] = filled[weld[~known]]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bake
+# ----------------------------------------------------------------------------------------------------------------------
+
+
 def bake_texture(
     mesh: Mesh,
     views: BakeViews | ViewSet,
     size: int = 1024,
     config: BakeConfig = BakeConfig(),  # frozen, so a shared default is safe
+    uvs: np.ndarray | None = None,
+    uv_faces: np.ndarray | None = None,
 ) -> TexturedMesh:
-    """Unwrap a mesh and bake its base-colour texture from posed views (module docstring).
+    """Bake a base-colour texture from posed views onto a mesh: onto its own UVs when given and usable, else onto a
+    fresh xatlas unwrap (module docstring for the method; the report's ``uv_source`` and ``uv_check`` say which).
 
     Args:
         mesh: vertices [V, 3] in the views' world frame (pose.json world), faces [F, 3], colours [V, 3] uint8 or None.
         views: :class:`BakeViews` (e.g. :func:`load_bake_views` of a run's views folder) or the reconstruction's
-            :class:`~server.pipeline.reconstruct.ViewSet`.
+            :class:`~server.common.views.ViewSet`; intrinsics in the pixel convention of the module docstring.
         size: texture side in texels.
         config: see :class:`BakeConfig`.
+        uvs: the mesh's own UVs, [T, 2] in the glTF convention (origin at the texture's top-left corner, v
+            downwards; an OBJ's ``vt`` (u, v) is (u, 1 − v) here); None unwraps.
+        uv_faces: [F, 3] indices into ``uvs`` (an OBJ's ``vt`` indices); None: ``uvs`` is per vertex.
 
     Returns:
-        The textured mesh with its :class:`BakeReport` (coverage, timings).
+        The textured mesh with its :class:`BakeReport` (coverage, UV source, timings). Faces keep their order and
+        winding; vertices are split where the UVs have seams.
 
     Raises:
-        BadInputError: a malformed mesh or views, or a size below 8.
+        BadInputError: a malformed mesh, views or UVs, or a size below 8.
     """
     start = time.perf_counter()
     mesh = checked_mesh(mesh)
@@ -261,6 +549,7 @@ def bake_texture(
         views = BakeViews.from_view_set(views)
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
         raise BadInputError(f"texture size {size!r} is invalid; allowed: an integer ≥ 8 (e.g. 1024)")
+    size = int(size)
     timings: dict[str, float] = {}
     clock = start
 
@@ -271,51 +560,90 @@ def bake_texture(
         clock = now
 
     # 1. UV layout; positions, normals and colours follow the vertex copies.
-    layout = unwrap(mesh.vertices, mesh.faces, int(size), config.unwrap)
+    uv_check = None
+    if uvs is not None:
+        uvs, uv_faces = _uv_arrays(mesh, uvs, uv_faces)
+        uv_check = check_uvs(mesh, uvs, uv_faces, size, config.min_uv_area_fraction)
+    if uv_check is not None and uv_check.usable:
+        layout, uv_source = layout_from_uvs(mesh.faces, uvs, uv_faces), "mesh"
+    else:
+        layout, uv_source = unwrap(mesh.vertices, mesh.faces, size, config.unwrap), "unwrap"
     normals = vertex_normals(mesh.vertices, mesh.faces)[layout.vertex_map]
     vertices = mesh.vertices[layout.vertex_map]
     lap("unwrap")
 
-    # 2. Texel centres → surface points and normals.
-    face_index, bary = rasterize_uv(layout.uvs, layout.faces, int(size))
-    texels = np.flatnonzero(face_index.reshape(-1) >= 0)
-    corners = layout.faces[face_index.reshape(-1)[texels]]
-    weights = bary.reshape(-1, 3)[texels].astype(np.float64)
-    points = np.einsum("tk,tkc->tc", weights, vertices[corners].astype(np.float64))
-    texel_normals = np.einsum("tk,tkc->tc", weights, normals[corners].astype(np.float64))
-    texel_normals /= np.maximum(np.linalg.norm(texel_normals, axis=1, keepdims=True), 1e-12)
+    # 2. Texel centres → surface points and normals: every (triangle, texel) pair, so overlapping UV triangles all
+    # contribute to the texels they share.
+    face, pixel, bary = triangle_pixels(layout.uvs.astype(np.float64)[layout.faces] * size, size, size)
+    corners = layout.faces[face]
+    points = np.einsum("tk,tkc->tc", bary, vertices[corners].astype(np.float64))
+    pair_normals = np.einsum("tk,tkc->tc", bary, normals[corners].astype(np.float64))
+    pair_normals /= np.maximum(np.linalg.norm(pair_normals, axis=1, keepdims=True), 1e-12)
     lap("rasterize")
 
-    # 3. Weighted mean over the views that see each texel.
-    diagonal = float(np.linalg.norm(mesh.vertices.max(axis=0) - mesh.vertices.min(axis=0)))
-    colour_sum = np.zeros((texels.shape[0], 3))
-    weight_sum = np.zeros(texels.shape[0])
-    samples = np.zeros(len(views.ids), dtype=np.int64)
-    for v in range(len(views.ids)):
-        index, colour, weight = view_samples(mesh, points, texel_normals, views.images[v], views.intrinsics[v],
-                                              views.w2c[v], config, config.depth_tolerance * diagonal)
-        colour_sum[index] += weight[:, None] * colour
-        weight_sum[index] += weight
-        samples[v] = index.shape[0]
+    # 3. Weighted mean over the views that see each surface point, then over the points of each texel.
+    colour_sum, weight_sum, samples = _accumulate(mesh, points, pair_normals, views, config)
+    texel_weight = np.bincount(pixel, weight_sum, size * size)
+    texel_colour = np.stack([np.bincount(pixel, colour_sum[:, c], size * size) for c in range(3)], axis=1)
+    seen = texel_weight > 0
+    texture = np.zeros((size * size, 3))
+    texture[seen] = texel_colour[seen] / texel_weight[seen, None]
     lap("views")
 
-    # 4. Fill the texels no view sees, the chart borders and the gutters.
-    seen_texels = weight_sum > 0
-    texture = np.zeros((int(size) * int(size), 3), dtype=np.float32)
-    texture[texels[seen_texels]] = colour_sum[seen_texels] / weight_sum[seen_texels, None]
-    seen = np.zeros(int(size) * int(size), dtype=bool)
-    seen[texels[seen_texels]] = True
-    seen = seen.reshape(int(size), int(size))
+    # 4. Unseen texels from the surface, then gutters from their own chart.
+    pair_seen = weight_sum > 0
     fallback = None if mesh.colors is None else mesh.colors.mean(axis=0)
-    filled = fill_unseen(texture.reshape(int(size), int(size), 3), seen, config.dilation_iterations, fallback)
+    unseen_pairs = ~seen[pixel]
+    if unseen_pairs.any():
+        vertex_colour = _surface_colours(mesh, layout, corners, bary, colour_sum, weight_sum, pair_seen, fallback)
+        interpolated = np.einsum("tk,tkc->tc", bary[unseen_pairs], vertex_colour[corners[unseen_pairs]])
+        count = np.bincount(pixel[unseen_pairs], minlength=size * size).astype(np.float64)
+        total = np.stack([np.bincount(pixel[unseen_pairs], interpolated[:, c], size * size) for c in range(3)], 1)
+        fill = count > 0
+        texture[fill] = total[fill] / count[fill, None]
+    charted = np.zeros(size * size, dtype=bool)
+    charted[pixel] = True
+    filled = _dilate_charts(texture.reshape(size, size, 3), charted.reshape(size, size), fallback)
     lap("fill")
     timings["total"] = time.perf_counter() - start
 
-    report = BakeReport(seen=seen, charted=face_index >= 0, view_ids=views.ids, samples_per_view=samples,
-                        timings=timings)
+    report = BakeReport(seen=seen.reshape(size, size), charted=charted.reshape(size, size), view_ids=views.ids,
+                        samples_per_view=samples, timings=timings, uv_source=uv_source, uv_check=uv_check)
     colors = None if mesh.colors is None else mesh.colors[layout.vertex_map]
     return TexturedMesh(vertices=vertices, faces=layout.faces, uvs=layout.uvs, texture=filled, colors=colors,
                         report=report)
+
+
+def _surface_colours(
+    mesh: Mesh, layout: UvLayout, corners: np.ndarray, bary: np.ndarray, colour_sum: np.ndarray,
+    weight_sum: np.ndarray, pair_seen: np.ndarray, fallback: np.ndarray | None,
+) -> np.ndarray:
+    """[V', 3] colour per layout vertex from the seen surface points: each seen point adds its colour to its
+    triangle's corners with its barycentric weight; corners with none take the nearest seen one along the surface."""
+    point_colour = colour_sum[pair_seen] / weight_sum[pair_seen, None]
+    owner = layout.vertex_map[corners[pair_seen]]  # [N, 3] input vertices
+    weight = bary[pair_seen]
+    count = mesh.vertices.shape[0]
+    splat_weight = np.bincount(owner.reshape(-1), weight.reshape(-1), count)
+    splat = np.stack([np.bincount(owner.reshape(-1), (weight[..., None] * point_colour[:, None, :])[..., c].reshape(-1),
+                                  count) for c in range(3)], axis=1)
+    known = splat_weight > 0
+    colour = np.zeros((count, 3))
+    colour[known] = splat[known] / splat_weight[known, None]
+    colour = fill_over_surface(colour, known, mesh.vertices, mesh.faces, fallback)
+    return colour[layout.vertex_map]
+
+
+def _dilate_charts(texture: np.ndarray, charted: np.ndarray, fallback: np.ndarray | None) -> np.ndarray:
+    """Every texel outside the charts copies the nearest charted texel (so a gutter carries its own chart's border
+    colour, never a mix of two charts). Returns [S, S, 3] uint8."""
+    if not charted.any():
+        rest = np.full(3, 128.0) if fallback is None else np.asarray(fallback, dtype=np.float64)
+        return np.broadcast_to(np.clip(np.rint(rest), 0, 255).astype(np.uint8), texture.shape).copy()
+    if not charted.all():
+        index = ndimage.distance_transform_edt(~charted, return_distances=False, return_indices=True)
+        texture = texture[index[0], index[1]]
+    return np.clip(np.rint(texture), 0, 255).astype(np.uint8)
 
 
 def view_samples(
@@ -332,12 +660,13 @@ def view_samples(
 
     Args:
         mesh: the (un-split) mesh, for the z-buffer.
-        points, normals: [T, 3] texel surface points and unit normals.
-        image: [H, W, 3] uint8; intrinsics: [3, 3]; w2c: [4, 4] OpenCV.
+        points, normals: [T, 3] surface points and unit normals.
+        image: [H, W, 3] uint8; intrinsics: [3, 3] in the pixel convention of the module docstring (a point that
+            projects to (j + 0.5, i + 0.5) reads pixel (i, j) exactly); w2c: [4, 4] OpenCV.
         config: bake settings; tolerance: absolute depth slack in world units.
 
     Returns:
-        index: [N] texels the view contributes to; colour: [N, 3] float64 bilinear sRGB samples (0–255);
+        index: [N] points the view contributes to (unique); colour: [N, 3] float64 bilinear sRGB samples (0–255);
         weight: [N] float64 > 0.
     """
     height, width = image.shape[:2]
@@ -357,7 +686,7 @@ def view_samples(
     column, row = column[inside], row[inside]
 
     depth = render_depth(mesh.vertices, mesh.faces, intrinsics, w2c, height, width)
-    # The pixel centre may lie up to √2/2 px from the texel's projection; on a surface tilted by θ the depth changes
+    # The pixel centre may lie up to √2/2 px from the point's projection; on a surface tilted by θ the depth changes
     # by (z/f)·tan θ per pixel there.
     tangent = np.sqrt(np.maximum(1.0 - cosine**2, 0.0)) / cosine
     slack = tolerance + 0.75 * z / intrinsics[0, 0] * tangent
@@ -365,6 +694,7 @@ def view_samples(
                           / config.edge_ramp, 0.0, 1.0)
     weight = cosine**config.cosine_power * edge_weight
     keep = (np.abs(z - depth[row, column]) <= slack) & (weight > 0)
+    # Pixel centres at +0.5: the index-space position of (u, v) is (u − 0.5, v − 0.5).
     colour = _bilinear(image, u[keep] - 0.5, v[keep] - 0.5)
     return index[keep], colour, weight[keep]
 
@@ -402,11 +732,10 @@ def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def fill_unseen(
     texture: np.ndarray, known: np.ndarray, iterations: int, fallback: np.ndarray | None = None
 ) -> np.ndarray:
-    """Fill unknown texels: iterative one-texel dilation (each round, an unknown texel with known 8-neighbours takes
-    their mean), then the mean known colour for whatever is left (``fallback``, else mid grey, if nothing is known).
-
-    Dilation carries chart colours across their borders into the gutters, so bilinear filtering and mip-mapping at a
-    seam read the chart's own colour rather than black.
+    """Texture-space fill, for images with no mesh behind them: iterative one-texel dilation (each round, an unknown
+    texel with known 8-neighbours takes their mean), then the mean known colour for whatever is left (``fallback``,
+    else mid grey, if nothing is known). The bake does not use it: it fills on the surface (module docstring), as
+    texture-space dilation carries colour across empty UV gaps onto charts it does not belong to.
 
     Args:
         texture: [S, S, 3] float colours (values at unknown texels are ignored).

@@ -22,13 +22,13 @@ import io
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from server.common.errors import BadInputError
+from server.common.fsutil import write_bytes_atomic
 from server.common.mesh_io import _to_y_up, srgb_to_linear  # the y-up rotation has one owner
 from server.stages.asset.bake import TexturedMesh
 from server.stages.asset.geometry import vertex_normals
@@ -103,17 +103,7 @@ def _png_bytes(texture: np.ndarray) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, data)  # mode 0666 less the umask, like any file the user makes
 
 
 def _glb_bytes(mesh: TexturedMesh, colors: np.ndarray | None, png: bytes) -> bytes:

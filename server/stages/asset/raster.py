@@ -107,22 +107,40 @@ def render_depth(
 
     Args:
         vertices: [V, 3] world positions; faces: [F, 3] int.
-        intrinsics: [3, 3] pixel intrinsics of this image.
+        intrinsics: [3, 3] pixel intrinsics of this image, in the module's pixel convention (pixel (i, j) is sampled
+            at (j + 0.5, i + 0.5); a centred camera has its principal point at (W/2, H/2)).
         w2c: [4, 4] OpenCV world-to-camera (x right, y down, looking along +z).
         height, width: image size in pixels.
 
     Returns:
         [height, width] float32 z-depth along the optical axis, +inf where no triangle covers the pixel centre.
     """
+    return render_face_ids(vertices, faces, intrinsics, w2c, height, width)[0]
+
+
+def render_face_ids(
+    vertices: np.ndarray, faces: np.ndarray, intrinsics: np.ndarray, w2c: np.ndarray, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`render_depth` plus which triangle is nearest at every pixel centre (same arguments and convention).
+
+    Returns:
+        depth: [height, width] float32 (+inf where uncovered); face: [height, width] int64 index into ``faces``, −1
+        where uncovered.
+    """
+    faces = np.asarray(faces)
     camera = np.asarray(vertices, dtype=np.float64) @ w2c[:3, :3].T + w2c[:3, 3]
     z = camera[:, 2]
-    valid = (z[faces] > 1e-6).all(axis=1)
-    faces = np.asarray(faces)[valid]
+    valid = np.flatnonzero((z[faces] > 1e-6).all(axis=1))
     safe_z = np.where(z > 1e-6, z, 1.0)
     pixels = np.stack([intrinsics[0, 0] * camera[:, 0] / safe_z + intrinsics[0, 1] * camera[:, 1] / safe_z
                        + intrinsics[0, 2], intrinsics[1, 1] * camera[:, 1] / safe_z + intrinsics[1, 2]], axis=1)
-    face, pixel, bary = triangle_pixels(pixels[faces], height, width)
-    inverse_depth = np.einsum("nk,nk->n", bary, 1.0 / z[faces[face]])
+    face, pixel, bary = triangle_pixels(pixels[faces[valid]], height, width)
+    depth_n = 1.0 / np.maximum(np.einsum("nk,nk->n", bary, 1.0 / z[faces[valid][face]]), 1e-12)
     depth = np.full(height * width, np.inf)
-    np.minimum.at(depth, pixel, 1.0 / np.maximum(inverse_depth, 1e-12))
-    return depth.reshape(height, width).astype(np.float32)
+    ids = np.full(height * width, -1, dtype=np.int64)
+    if face.shape[0]:
+        order = np.lexsort((depth_n, pixel))  # by pixel, nearest first
+        first = order[np.r_[True, pixel[order][1:] != pixel[order][:-1]]]
+        depth[pixel[first]] = depth_n[first]
+        ids[pixel[first]] = valid[face[first]]
+    return depth.reshape(height, width).astype(np.float32), ids.reshape(height, width)

@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING
 from server.common.errors import BadInputError
 from server.common.mesh_io import Mesh
 from server.stages.asset.bake import BakeConfig, BakeViews, TexturedMesh, bake_texture
-from server.stages.asset.cleanup import MIN_TARGET_FACES, CleanupConfig, DecimateConfig, clean_mesh, decimate
+from server.stages.asset.cleanup import (
+    MIN_TARGET_FACES,
+    CleanupConfig,
+    DecimateConfig,
+    clean_mesh_with_report,
+    decimate_with_report,
+)
 
 if TYPE_CHECKING:
     from server.common.views import ViewSet
@@ -53,16 +59,22 @@ def build_asset(mesh: Mesh, views: BakeViews | ViewSet, config: AssetConfig = As
         config: see :class:`AssetConfig`.
 
     Returns:
-        The textured mesh; its report's timings gain ``cleanup`` and ``decimate``.
+        The textured mesh; its report's timings gain ``cleanup`` and ``decimate``, and it carries the clean-up's
+        :class:`~server.stages.asset.cleanup.CleanupReport` (small parts kept because the views show them) and the
+        :class:`~server.stages.asset.cleanup.DecimateReport` (faces reached, and why not the budget when missed).
     """
     start = time.perf_counter()
-    mesh = clean_mesh(mesh, config.cleanup)
+    if not isinstance(views, BakeViews):
+        views = BakeViews.from_view_set(views)
+    mesh, cleanup = clean_mesh_with_report(mesh, config.cleanup, views)
     cleaned = time.perf_counter()
+    decimation = None
     if config.target_faces is not None:
-        mesh = decimate(mesh, config.target_faces, config.decimate)
+        mesh, decimation = decimate_with_report(mesh, config.target_faces, config.decimate)
     decimated = time.perf_counter()
     textured = bake_texture(mesh, views, config.texture_size, config.bake)
     if textured.report is not None:
         textured.report.timings = {"cleanup": cleaned - start, "decimate": decimated - cleaned,
                                    **textured.report.timings, "total": time.perf_counter() - start}
+        textured.report.cleanup, textured.report.decimation = cleanup, decimation
     return textured

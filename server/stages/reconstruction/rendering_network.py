@@ -4,6 +4,11 @@ spec §5.8).
 For each vertex the network sees every source view's sampled colour and feature, plus how that view's direction
 relates to the surface normal, and predicts softmax blending weights. The output colour is therefore always a convex
 combination of colours actually sampled from the source images — whatever the weights are.
+
+Pixel convention: as in the reference code, the views are sampled with ``grid_sample(align_corners=True)`` of
+K · w2c projections, i.e. with pixel centres at integer coordinates — half a pixel up and left of the asset stage's
+geometric bake, which centres pixel (i, j) at (j + 0.5, i + 0.5) (:mod:`server.common.views`); kept for fidelity to
+the trained weights.
 """
 
 from __future__ import annotations
