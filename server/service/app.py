@@ -766,6 +766,9 @@ def _install_error_handlers(app: FastAPI, api: APIRouter) -> None:
         parts = []
         for err in e.errors():
             where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            value = err.get("input")
+            if isinstance(value, (int, float, str)) and len(str(value)) <= 80:  # name the bad value when it is short
+                where = f"{where} {value}"
             parts.append(f"{where}: {err.get('msg', 'invalid')}")
         return error_response("bad_input", "; ".join(parts) or "invalid request",
                               fix="see /openapi.json for the expected request")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from server.service import jobs as jobs_module
 from server.service.jobs import Job, JobManager
+from server.service.jobs import store as store_module
 from tests.server.test_app import AUTH, FakePipeline, make_client, png_bytes, submit, wait_state
 
 
@@ -84,7 +84,7 @@ def failing(error: int):
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_submit_on_a_failing_disk_is_507_storage_without_paths(client, jobs_dir, monkeypatch, code):
-    monkeypatch.setattr(jobs_module, "write_json_atomic", failing(code))
+    monkeypatch.setattr(store_module, "write_json_atomic", failing(code))
     r = submit(client)
     assert r.status_code == 507, r.text
     error = r.json()["error"]
@@ -101,14 +101,14 @@ def test_delete_on_a_failing_disk_keeps_the_job(jobs_dir, fake, monkeypatch):
     with make_client(jobs_dir, lambda: fake) as client:
         job_id = done_job(client)
         real_replace = os.replace
-        monkeypatch.setattr(jobs_module.os, "replace", failing(errno.EROFS))
+        monkeypatch.setattr(store_module.os, "replace", failing(errno.EROFS))
         r = client.delete(f"/v1/jobs/{job_id}", headers=AUTH)
         assert r.status_code == 507 and r.json()["error"]["kind"] == "storage", r.text
         assert_no_server_paths(r.text, jobs_dir)
         # Regression: the job used to leave memory first (then 404, and back as "done" after a restart).
         assert client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()["state"] == "done"
         assert client.get(f"/v1/jobs/{job_id}/result", headers=AUTH).status_code == 200
-        monkeypatch.setattr(jobs_module.os, "replace", real_replace)
+        monkeypatch.setattr(store_module.os, "replace", real_replace)
         assert client.delete(f"/v1/jobs/{job_id}", headers=AUTH).status_code == 204
     with make_client(jobs_dir, lambda: fake) as client:  # a restart neither loses nor resurrects anything
         assert client.get("/v1/jobs", headers=AUTH).json()["jobs"] == []
@@ -132,7 +132,7 @@ def test_a_run_that_hits_a_full_disk_fails_with_storage_and_the_worker_lives_on(
 
 
 def test_a_job_log_that_cannot_be_opened_fails_nothing_but_the_log(client, jobs_dir, monkeypatch):
-    monkeypatch.setattr(jobs_module, "append_text_no_follow", failing(errno.EROFS))
+    monkeypatch.setattr(store_module, "append_text_no_follow", failing(errno.EROFS))
     job_id = submit(client).json()["id"]
     assert wait_state(client, job_id)["state"] == "done"  # the worker ran it; only the log lines are lost
 

@@ -110,3 +110,31 @@ def test_full_and_read_only_disk_then_sigkill(small_disk, tmp_path):
         assert "Traceback" not in (tmp_path / "server.log").read_text()
     finally:
         stop(again)
+
+
+def test_the_server_starts_on_a_read_only_jobs_folder_with_an_interrupted_job(small_disk, tmp_path):
+    """Issue #31, finding 5: marking the interrupted job failed cannot be written, so it is reported failed in
+    memory; a damaged record that cannot be moved aside is ignored; the rest is served, and writes are 507."""
+    jobs_dir = small_disk / "jobs"
+    done, files = write_done_job(jobs_dir, 1, mesh_bytes=4096)
+    running, _ = write_done_job(jobs_dir, 2, mesh_bytes=4096)
+    damaged, _ = write_done_job(jobs_dir, 3, mesh_bytes=4096)
+    for job_id, edit in ((running, {"state": "running", "result": None}), (damaged, {"created": 5})):
+        path = jobs_dir / job_id / "status.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    remount(small_disk, "ro")
+    server = start_server(jobs_dir, tmp_path / "server.log")
+    try:
+        status = server.client.get(f"/v1/jobs/{running}").json()
+        assert status["state"] == "failed" and "stopped while this job was running" in status["error"]["message"]
+        assert server.client.get(f"/v1/jobs/{done}/result").content == files["result"]
+        assert server.client.get(f"/v1/jobs/{damaged}").status_code == 404
+        health = server.client.get("/v1/health").json()
+        assert health["status"] == "ok" and health["quarantined"] == 1 and health["worker_alive"] is True
+        assert_storage(post(server), small_disk, "read-only")
+        assert_storage(server.client.put(f"/v1/jobs/{done}/pin"), small_disk, "read-only")
+        assert server.client.get(f"/v1/jobs/{done}").json()["pinned"] is False
+    finally:
+        stop(server)
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log and running in log and "'created'" in log
