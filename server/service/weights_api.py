@@ -106,7 +106,8 @@ class _Download:
 
 class WeightsHealth(BaseModel):
     ready: bool = Field(description="every file the server's preset needs is present: jobs can run")
-    complete: bool = Field(description="every weight file is present (the optional ones too)")
+    complete: bool = Field(description="every weight file is present (the optional ones too; the on-demand "
+                           "text-to-image model is listed in files but not counted)")
     missing: list[str] = Field(description="names of the files that are not present (missing, partial or corrupt)")
     required_missing: list[str] = Field(description="those of them the preset cannot run without")
     downloading: bool = Field(description="a download is running (see GET /v1/weights/download)")
@@ -191,6 +192,12 @@ class ImportRequest(BaseModel):
 # -- the manager ------------------------------------------------------------------------------------------------------
 
 
+def _missing(states: list[weights.FileState]) -> list[str]:
+    """Names of the files not present, leaving out the on-demand ones (the text-to-image model is fetched on first
+    text use, so its absence neither blocks nor makes the image pipeline incomplete; ``files`` still lists it)."""
+    return [s.name for s in states if s.state != "present" and not weights.weight_file(s.name).on_demand]
+
+
 class WeightsManager:
     """The weights folder of a server and its one download job."""
 
@@ -215,8 +222,7 @@ class WeightsManager:
 
     def health(self) -> dict[str, Any]:
         """What ``/v1/health`` says of the weights: a few ``stat`` calls, never a hash."""
-        states = weights.inspect_weights(self.root)
-        missing = [s.name for s in states if s.state != "present"]
+        missing = _missing(weights.inspect_weights(self.root))
         required_missing = [n for n in missing if n in self.config.required]
         with self.lock:
             downloading = self._download.state == "running"
@@ -227,7 +233,7 @@ class WeightsManager:
         """What ``GET /v1/weights`` answers. ``verify`` hashes the present files not hashed yet (slow)."""
         root = self.root
         states = weights.inspect_weights(root, verify=verify, endpoint=self.config.endpoint)
-        missing = [s.name for s in states if s.state != "present"]
+        missing = _missing(states)
         return {"folder": _home_as_tilde(root), "ready": not any(n in self.config.required for n in missing),
                 "complete": not missing, "required": list(self.config.required), "missing": missing,
                 "download_bytes": weights.missing_bytes(states),
@@ -286,7 +292,7 @@ class WeightsManager:
             ApiError: ``conflict`` while another download runs; ``offline`` under HF_HUB_OFFLINE.
             StorageError: the disk lacks the space still needed (nothing is started).
         """
-        names = list(dict.fromkeys(weights.weight_file(n).name for n in files)) if files else None
+        names = list(dict.fromkeys(weights.expand_names(files))) if files else None
         if token is not None and (not token or not all("!" <= c <= "~" for c in token)):
             raise BadInputError("the token must be printable ASCII without spaces (it is sent in an HTTP header)")
         root = self.root
