@@ -105,7 +105,7 @@ class StubLayout:
 
 def draw_panel() -> list:
     calls: list = []
-    addon("panels").ONE2345_PT_generate.draw(SimpleNamespace(layout=StubLayout(calls)), bpy.context)
+    addon("ui.panels").ONE2345_PT_generate.draw(SimpleNamespace(layout=StubLayout(calls)), bpy.context)
     return calls
 
 
@@ -124,7 +124,7 @@ def draw_preferences() -> list:
 
 def draw_object_panel() -> list:
     calls: list = []
-    addon("panels").ONE2345_PT_object.draw(SimpleNamespace(layout=StubLayout(calls)), bpy.context)
+    addon("ui.panels").ONE2345_PT_object.draw(SimpleNamespace(layout=StubLayout(calls)), bpy.context)
     return calls
 
 
@@ -145,10 +145,10 @@ def run(config: dict) -> None:
         record["enabled"] = MODULE in bpy.context.preferences.addons
         record["operators"] = [getattr(bpy.ops.one2345, name).idname()
                                for name in ("generate_mesh", "cancel_job", "check_server", "setup_server_env")]
-        record["cli_registered"] = addon("cli_command")._HANDLE is not None
+        record["cli_registered"] = addon("ops.cli_command")._HANDLE is not None
         record["installed_files"] = sorted(p.name for p in Path(addon().__file__).parent.iterdir())
         record["scene_settings"] = hasattr(bpy.context.scene, "one2345")
-        record["user_dir"] = str(addon("preferences").user_dir())
+        record["user_dir"] = str(addon("core.settings").user_dir())
 
     @scenario
     def panel_idle(record):
@@ -165,7 +165,7 @@ def run(config: dict) -> None:
 
     @scenario
     def request_options(record):
-        to_request, settings = addon("properties").to_request, bpy.context.scene.one2345
+        to_request, settings = addon("core.properties").to_request, bpy.context.scene.one2345
         record["defaults"] = to_request(settings)
         settings.elevation_mode, settings.elevation, settings.use_random_seed = "MANUAL", 15.0, True
         settings.quality, settings.mesh_format, settings.remove_background = "FAST", "GLB", False
@@ -185,7 +185,7 @@ def run(config: dict) -> None:
     def setup_offline(record):
         record["online_access"] = bpy.app.online_access
         record["result"] = sorted(bpy.ops.one2345.setup_server_env())
-        error = addon("jobs").last().error
+        error = addon("core.jobs").last().error
         record["error"] = {"kind": error.kind, "message": error.message, "fix": error.fix}
 
     @scenario
@@ -194,7 +194,7 @@ def run(config: dict) -> None:
         start = time.monotonic()
         record["result"] = sorted(bpy.ops.one2345.generate_mesh(filepath=str(image)))
         record["elapsed"] = time.monotonic() - start
-        error = addon("jobs").last().error
+        error = addon("core.jobs").last().error
         record["error"] = {"kind": error.kind, "message": error.message, "fix": error.fix}
         calls = draw_panel()
         record["panel_operators"] = operator_ids(calls)
@@ -221,19 +221,19 @@ def run(config: dict) -> None:
         bad = work / "broken.png"
         bad.write_bytes(b"this is not a PNG file\n" * 10)
         record["result"] = sorted(bpy.ops.one2345.generate_mesh(filepath=str(bad), **LOW))
-        error = addon("jobs").last().error
+        error = addon("core.jobs").last().error
         record["error"] = {"kind": error.kind, "message": error.message, "fix": error.fix}
-        record["server_running"] = addon("server_process").current_manager().running()
+        record["server_running"] = addon("core.server_process").current_manager().running()
 
     @scenario
     def missing_file(record):
         record["result"] = sorted(bpy.ops.one2345.generate_mesh(filepath=str(work / "nope.png")))
-        error = addon("jobs").last().error
+        error = addon("core.jobs").last().error
         record["error"] = {"kind": error.kind, "message": error.message}
 
     @scenario
     def import_fixtures(record):
-        mesh_import = addon("mesh_import")
+        mesh_import = addon("core.mesh_import")
         bpy.context.scene.cursor.location = (0.0, 0.0, 0.0)
         for path in config["fixtures"]:
             obj = mesh_import.import_mesh(bpy.context, Path(path), f"fixture_{Path(path).suffix[1:]}", size=2.0)
@@ -242,7 +242,7 @@ def run(config: dict) -> None:
 
     @scenario
     def datablock_image(record):
-        mesh_import = addon("mesh_import")
+        mesh_import = addon("core.mesh_import")
         img = bpy.data.images.new("float_source", 4, 2, alpha=True, float_buffer=True)
         pixels = np.zeros((2, 4, 4), np.float32)
         pixels[..., 0] = [[0.0, 0.05, 0.2, 1.0], [0.5, 0.5, 0.5, 0.5]]  # bottom row first in Blender
@@ -259,10 +259,10 @@ def run(config: dict) -> None:
 
     @scenario
     def crash(record):
-        operators, jobs, server_process = addon("operators"), addon("jobs"), addon("server_process")
+        generate, jobs, server_process = addon("ops.generate"), addon("core.jobs"), addon("core.server_process")
         bpy.context.scene.one2345.filepath = str(image)
         bpy.context.scene.one2345.image_source = "FILE"
-        job = operators.start_generation(bpy.context)
+        job = generate.start_generation(bpy.context)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not job.drain():
             if job.server_job_id and job.progress.fraction > 0:
@@ -277,13 +277,13 @@ def run(config: dict) -> None:
         record["seconds_to_error"] = time.monotonic() - killed
         record["state"] = job.state
         record["error"] = job.error and {"kind": job.error.kind, "message": job.error.message, "fix": job.error.fix}
-        record["imported"] = operators.finish_generation(bpy.context, job) is not None
+        record["imported"] = generate.finish_generation(bpy.context, job) is not None
         record["active_cleared"] = jobs.active() is None
         record["panel_operators"] = operator_ids(draw_panel())
 
     @scenario
     def generate(record):
-        jobs, server_process = addon("jobs"), addon("server_process")
+        jobs, server_process = addon("core.jobs"), addon("core.server_process")
         bpy.context.scene.cursor.location = (1.0, 2.0, 0.5)
         bpy.ops.ed.undo_push(message="before generate")  # background mode starts without an undo stack
         before = set(bpy.data.objects)
@@ -333,7 +333,7 @@ def run(config: dict) -> None:
 
     @scenario
     def cli(record):
-        command = addon("cli_command").command
+        command = addon("ops.cli_command").command
         out = work / "cli-out"
         args = ["generate", str(image), "--out", str(out), "--steps", "2", "--steps-stage2", "2",
                 "--resolution", "32", "--seed", "0", "--format", "obj"]
@@ -344,9 +344,9 @@ def run(config: dict) -> None:
 
     @scenario
     def cancel(record):
-        operators = addon("operators")
+        generate = addon("ops.generate")
         objects_before = len(bpy.data.objects)
-        job = operators.start_generation(bpy.context)
+        job = generate.start_generation(bpy.context)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not job.drain():
             if job.server_job_id and job.progress.fraction > 0:
@@ -360,10 +360,10 @@ def run(config: dict) -> None:
         job.wait(timeout=60)
         record["seconds_to_cancelled"] = time.monotonic() - cancelled_at
         record["state"] = job.state
-        operators.finish_generation(bpy.context, job)
+        generate.finish_generation(bpy.context, job)
         record["objects_added"] = len(bpy.data.objects) - objects_before
-        manager = addon("server_process").current_manager()
-        connection = manager.ensure(addon("preferences").launch_settings(prefs()))
+        manager = addon("core.server_process").current_manager()
+        connection = manager.ensure(addon("core.settings").launch_settings(prefs()))
         record["server_state"] = connection.client().status(job.server_job_id)["state"]
         record["poll_after"] = bpy.ops.one2345.generate_mesh.poll()
 
@@ -374,11 +374,11 @@ def run(config: dict) -> None:
 
     @scenario
     def low_vram_fix(record):
-        operators, preferences = addon("operators"), addon("preferences")
-        record["oom_fixes"] = [fix[0] for fix in operators.FIXES["out_of_memory"]]
+        tasks, settings = addon("ops.tasks"), addon("core.settings")
+        record["oom_fixes"] = [fix[0] for fix in tasks.FIXES["out_of_memory"]]
         record["result"] = sorted(bpy.ops.one2345.use_low_vram())
         record["pref"] = prefs().low_vram
-        record["launch"] = preferences.launch_settings(prefs()).low_vram
+        record["launch"] = settings.launch_settings(prefs()).low_vram
         prefs().low_vram = False
 
     @scenario
@@ -387,7 +387,7 @@ def run(config: dict) -> None:
         result = bpy.ops.one2345.generate_mesh(filepath=str(image), colours="TEXTURE", texture_size="512",
                                                target_faces=1000, **LOW)
         record["result"] = sorted(result)
-        job = addon("jobs").last()
+        job = addon("core.jobs").last()
         record["error"] = job.error and str(job.error)
         new = [o for o in bpy.data.objects if o not in before]
         obj = new[0]
@@ -419,7 +419,7 @@ def run(config: dict) -> None:
 
     @scenario
     def review(record):
-        jobs = addon("jobs")
+        jobs = addon("core.jobs")
         settings = bpy.context.scene.one2345
         result = bpy.ops.one2345.generate_mesh(filepath=str(image), review=True, **LOW)
         record["result"] = sorted(result)
@@ -485,10 +485,10 @@ def run(config: dict) -> None:
         review_job = RESULTS["review"]["props"]["one2345_job_id"]
         wm.one2345_history_index = [i.job_id for i in items].index(review_job)
         calls: list = []
-        addon("panels").ONE2345_PT_history.draw(SimpleNamespace(layout=StubLayout(calls)), bpy.context)
+        addon("ui.panels").ONE2345_PT_history.draw(SimpleNamespace(layout=StubLayout(calls)), bpy.context)
         record["panel_operators"] = operator_ids(calls)
         record["open_folder"] = sorted(bpy.ops.one2345.open_history_folder())
-        record["folder"] = str(Path(addon("server_state").STATE.jobs_dir) / review_job)
+        record["folder"] = str(Path(addon("core.server_state").STATE.jobs_dir) / review_job)
         before = set(bpy.data.objects)
         record["import"] = sorted(bpy.ops.one2345.history_job(action="IMPORT", job_id=review_job))
         (obj,) = [o for o in bpy.data.objects if o not in before]
@@ -501,19 +501,19 @@ def run(config: dict) -> None:
         doomed = RESULTS["regenerate"]["variation_job"]
         record["delete"] = sorted(bpy.ops.one2345.delete_history_job(job_id=doomed))
         record["after_delete"] = doomed in [i.job_id for i in wm.one2345_history]
-        connection = addon("server_process").current_manager().ensure(
-            addon("preferences").launch_settings(prefs()))
+        connection = addon("core.server_process").current_manager().ensure(
+            addon("core.settings").launch_settings(prefs()))
         try:
             connection.client().status(doomed)
             record["server_after_delete"] = "still there"
-        except addon("client").ServerError as exc:
+        except addon("core.client").ServerError as exc:
             record["server_after_delete"] = exc.kind
         record["pinned"] = connection.client().status(review_job)["pinned"]
 
     @scenario
     def weights(record):
-        server_process, preferences, operators = addon("server_process"), addon("preferences"), addon("operators")
-        weights_ops = addon("weights_ops")
+        server_process, settings, tasks = addon("core.server_process"), addon("core.settings"), addon("ops.tasks")
+        weights_ops, preferences_ui = addon("ops.weights"), addon("ui.preferences")
         server_process.current_manager().stop()
         os.environ["ONE2345_WEIGHTS_TABLE"] = config["weights_table"]
         os.environ["HF_ENDPOINT"] = config["hub_url"]
@@ -529,7 +529,7 @@ def run(config: dict) -> None:
             record["generate_refusal"] = str(exc)
         calls = draw_preferences()
         record["prefs_buttons"] = [(c["args"][0], c["kwargs"].get("text")) for c in calls if c["call"] == "operator"]
-        connect, _ = preferences.connector(prefs())
+        connect, _ = settings.connector(prefs())
         task = weights_ops.WeightsDownload(connect, poll_interval=0.05)
         weights_ops._DOWNLOAD[:] = [task]
         task.start()
@@ -541,7 +541,7 @@ def run(config: dict) -> None:
                 break
             time.sleep(0.05)
         calls = []
-        weights_ops.draw_weights(StubLayout(calls))
+        preferences_ui.draw_weights(StubLayout(calls))
         record["progress_bar"] = [c["kwargs"].get("text") for c in calls if c["call"] == "progress"]
         record["cancel"] = sorted(bpy.ops.one2345.cancel_weights_download())
         task.wait(timeout=30)
@@ -555,7 +555,7 @@ def run(config: dict) -> None:
         before = set(bpy.data.objects)
         record["generate"] = sorted(bpy.ops.one2345.generate_mesh(filepath=str(image), **LOW))
         record["generated"] = len([o for o in bpy.data.objects if o not in before])
-        record["missing_weights_fix"] = [fix[0] for fix in operators.FIXES["missing_weights"]]
+        record["missing_weights_fix"] = [fix[0] for fix in tasks.FIXES["missing_weights"]]
         server_process.current_manager().stop()
         del os.environ["ONE2345_WEIGHTS_TABLE"], os.environ["HF_ENDPOINT"]
         bpy.context.preferences.system.use_online_access = False
@@ -563,8 +563,8 @@ def run(config: dict) -> None:
 
     @scenario
     def remote(record):
-        server_process, preferences = addon("server_process"), addon("preferences")
-        connection = server_process.current_manager().ensure(preferences.launch_settings(prefs()))
+        server_process, settings = addon("core.server_process"), addon("core.settings")
+        connection = server_process.current_manager().ensure(settings.launch_settings(prefs()))
         p = prefs()
         p.server_mode, p.server_url, p.server_token = "REMOTE", connection.url, connection.token
         bpy.ops.one2345.check_server()
@@ -579,13 +579,13 @@ def run(config: dict) -> None:
 
     @scenario
     def stale(record):
-        server_process, preferences = addon("server_process"), addon("preferences")
+        server_process, settings = addon("core.server_process"), addon("core.settings")
         old = server_process.current_manager()
         old_pid = old.process.pid
         record["pid_file_before"] = json.loads(old.pid_file.read_text())["pid"] == old_pid
         # A Blender that crashed never ran stop(): a new session has a fresh manager and only the pid file.
         fresh = server_process.ServerManager(old.state_dir)
-        connection = fresh.ensure(preferences.launch_settings(prefs()))
+        connection = fresh.ensure(settings.launch_settings(prefs()))
         record["note"] = connection.note
         time.sleep(0.2)
         record["old_alive"] = server_process.pid_alive(old_pid)
@@ -596,10 +596,10 @@ def run(config: dict) -> None:
 
     @scenario
     def disable(record):
-        server_process = addon("server_process")
+        server_process = addon("core.server_process")
         pid = RESULTS["stale"]["new_pid"]
         pid_file = server_process.current_manager().pid_file
-        cli_module = addon("cli_command")
+        cli_module = addon("ops.cli_command")
         import addon_utils  # importable only once bpy is
 
         addon_utils.disable(MODULE, default_set=True)  # what Preferences > Add-ons' checkbox does
@@ -695,7 +695,7 @@ def main() -> int:
     finally:
         Path(config["results"]).write_text(json.dumps(RESULTS, indent=1, default=str))
         with contextlib.suppress(Exception):
-            addon("server_process").shutdown()
+            addon("core.server_process").shutdown()
     return 0
 
 

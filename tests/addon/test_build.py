@@ -185,7 +185,7 @@ def copy_package(tmp_path: Path) -> Path:
     ("scene.blend1", ".blend backup"),
     ("old-build.zip", "a zip inside the extension"),
     ("what?.txt", "cannot exist on Windows"),
-    ("Client.py", "differ only in case"),
+    ("core/Client.py", "differ only in case"),
 ])
 def test_forbidden_files_fail_naming_the_file_and_the_rule(tmp_path, monkeypatch, name, rule):
     package = copy_package(tmp_path)
@@ -211,7 +211,7 @@ def test_an_excluded_hidden_file_is_fine_and_a_link_is_refused(tmp_path, monkeyp
     manifest = tmp_path / "blender_manifest.toml"
     manifest.write_text(re.sub(r"paths_exclude_pattern = \[.*?\]", 'paths = ["__init__.py", "link.py"]',
                                build.MANIFEST.read_text(encoding="utf-8"), flags=re.S), encoding="utf-8")
-    (package / "link.py").symlink_to(package / "client.py")
+    (package / "link.py").symlink_to(package / "core" / "client.py")
     monkeypatch.setattr(build, "MANIFEST", manifest)
     with pytest.raises(build.BuildError, match=r"'link\.py': listed for the zip but not a regular file"):
         build.build(tmp_path / "out2", no_blender=True)

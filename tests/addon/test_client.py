@@ -9,7 +9,7 @@ from email.policy import HTTP
 
 import pytest
 
-from one2345_addon.client import Client, ServerError, encode_multipart
+from one2345_addon.core.client import Client, ServerError, encode_multipart
 from tests.addon.fake_server import ScriptedServer, json_reply
 
 

@@ -8,8 +8,8 @@ import socket
 import time
 from pathlib import Path
 
-from one2345_addon import jobs
-from one2345_addon.server_process import Connection
+from one2345_addon.core import jobs
+from one2345_addon.core.server_process import Connection
 from tests.addon.fake_server import ScriptedServer, json_reply
 
 JOB = "0123456789abcdef0123456789abcdef"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from one2345_addon import jobs, server_state
-from one2345_addon.server_process import Connection
+from one2345_addon.core import jobs, server_state
+from one2345_addon.core.server_process import Connection
 from tests.addon.fake_server import ScriptedServer, json_reply
 from tests.addon.test_jobs import DONE, JOB, status
 

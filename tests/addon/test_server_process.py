@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from one2345_addon import build, build_rules, platform_compat, server_process, setup_env
+from one2345_addon import build, build_rules
 from one2345_addon.build import write_wheel
-from one2345_addon.client import Client, ServerError
-from one2345_addon.server_process import LaunchSettings, ServerManager, check_python, pid_alive, split_args
+from one2345_addon.core import platform_compat, server_process, server_slots, setup_env
+from one2345_addon.core.client import Client, ServerError
+from one2345_addon.core.server_process import LaunchSettings, ServerManager, check_python, pid_alive, split_args
 
 FAKE = Path(__file__).with_name("fake_server.py")
 
@@ -134,7 +135,7 @@ def test_unrelated_process_in_a_stale_pid_file_is_left_alone(tmp_path):
     try:
         pid_file = tmp_path / "server.pid.json"
         pid_file.write_text(json.dumps({"pid": sleeper.pid, "url": "http://127.0.0.1:9"}))
-        assert server_process.stop_stale_server(pid_file) is None
+        assert server_slots.stop_stale_server(pid_file) is None
         assert sleeper.poll() is None and not pid_file.exists()
     finally:
         sleeper.kill()
@@ -203,7 +204,7 @@ def test_a_live_owner_in_another_process_keeps_its_server_and_a_dead_ones_is_cle
         their_connection = theirs.ensure(settings(fake_python, state))
         record = json.loads(theirs.pid_file.read_text())
         record.update(owner_pid=owner.pid, owner_start=platform_compat.process_start_time(owner.pid), owner_id="x")
-        server_process.write_record(theirs.pid_file, record)  # slot 1 now belongs to the other process
+        server_slots.write_record(theirs.pid_file, record)  # slot 1 now belongs to the other process
 
         mine = ServerManager(state)
         connection = mine.ensure(settings(fake_python, state))
@@ -235,8 +236,8 @@ def test_a_reused_pid_in_a_stale_record_is_not_killed(tmp_path):
     try:
         pid_file = tmp_path / "server.pid.json"
         # the recorded server had this pid but started at another time: the pid now belongs to someone else
-        server_process.write_record(pid_file, {"owner_pid": 999_999_999, "pid": sleeper.pid, "server_start": "proc:1"})
-        assert server_process.stop_stale_server(pid_file) is None
+        server_slots.write_record(pid_file, {"owner_pid": 999_999_999, "pid": sleeper.pid, "server_start": "proc:1"})
+        assert server_slots.stop_stale_server(pid_file) is None
         assert sleeper.poll() is None and not pid_file.exists()
     finally:
         sleeper.kill()

@@ -13,9 +13,10 @@ from pathlib import Path, PureWindowsPath
 
 import pytest
 
-from one2345_addon import build, build_rules, platform_compat, server_process, setup_env
-from one2345_addon.client import ServerError
-from one2345_addon.setup_env import GpuInfo, TorchChoice, choose_torch
+from one2345_addon import build, build_rules
+from one2345_addon.core import platform_compat, server_process, server_slots, setup_env
+from one2345_addon.core.client import ServerError
+from one2345_addon.core.setup_env import GpuInfo, TorchChoice, choose_torch
 
 INDEX = setup_env.PYTORCH_INDEX
 
@@ -148,7 +149,7 @@ def test_windows_environment_goes_to_a_short_folder_that_fits_max_path():
     assert platform_compat.default_venv_dir("/home/me/ext", "linux") == Path("/home/me/ext/server-env")
     # Server jobs: the deepest file is <job id: 32 hex>/run/views/.pose.json.<8 hex>.tmp (66 characters, the
     # atomic write's temporary name), in the last slot's jobs folder.
-    jobs = server_process.slot_paths(ext, server_process.MAX_SLOTS)[1]
+    jobs = server_slots.slot_paths(ext, server_slots.MAX_SLOTS)[1]
     deepest_job = len(str(jobs)) + 1 + len(f"{'0' * 32}/run/views/.pose.json.{'0' * 8}.tmp")
     assert deepest_job <= 200, deepest_job
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from one2345_addon.platform_compat import pid_alive
+from one2345_addon.core.platform_compat import pid_alive
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]

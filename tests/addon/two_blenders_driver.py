@@ -16,7 +16,7 @@ from pathlib import Path
 import bpy  # noqa: F401 - a real Blender Python process, as the add-on runs in
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from one2345_addon import server_process  # after the path to the source folder
+from one2345_addon.core import server_process  # after the path to the source folder
 
 
 def say(event: str, **fields) -> None:

@@ -9,12 +9,8 @@ Lifecycle decisions:
 * It is reused while alive and its launch settings are unchanged. When it has died, :meth:`ServerManager.ensure`
   starts it again once and says so in :attr:`Connection.note`; a second failure is reported, not retried.
 * Several Blenders (or a ``blender -b -c one2345 generate`` batch) on one machine share the user folder. Each live
-  session owns one *slot*: a record file (``server.pid.json``, ``server-2.pid.json``, …) naming the owner (pid,
-  process start time, and which manager in that process) and its server (pid, start time, URL), with its own jobs
-  folder (``server-jobs``, ``server-jobs-2``, …) and log. A slot whose owner is alive is never touched by anyone
-  else; a slot whose owner is gone (a crashed Blender) is *stale*: the next session stops the server it left running
-  (after checking the pid still is that server) and reuses the slot, so a single-Blender user always gets
-  ``server-jobs`` and its history. Slots are claimed under a short cross-process lock file.
+  session owns one *slot* (its record file, jobs folder and log; see :mod:`server_slots`); a slot left by a crashed
+  Blender is cleaned up and reused, so a single-Blender user always gets ``server-jobs`` and its history.
 * The add-on's version (its manifest) and the server's (the ready line, ``/v1/health``) are compared; a mismatch is
   reported with the fix: run "Set Up Server Environment" again.
 * :meth:`ServerManager.stop` runs on add-on disable and at interpreter exit (``atexit``).
@@ -41,12 +37,17 @@ from typing import IO, Any
 
 from . import platform_compat, setup_env
 from .client import Client, ServerError
+from .server_slots import (
+    MAX_SLOTS,
+    ClaimLock,
+    owner_alive,
+    read_record,
+    slot_paths,
+    stop_recorded_server,
+    write_record,
+)
 
 LOG_TAIL_LINES = 15
-MAX_SLOTS = 16
-"""Concurrent local servers per user folder (one per live Blender session)."""
-CLAIM_LOCK_STALE_S = 30.0
-"""A claim lock older than this was left by a process that died while holding it."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ _VERSION_LINE = re.compile(r'^version\s*=\s*"([^"]+)"', re.MULTILINE)
 def addon_version(package_dir: Path | None = None) -> str | None:
     """The add-on's version: ``blender_manifest.toml`` next to ``__init__.py`` (the installed extension) or, in a
     source checkout, the repository's; None when neither can be read."""
-    here = package_dir or Path(__file__).resolve().parent
+    here = package_dir or Path(__file__).resolve().parent.parent  # the add-on's folder, above core/
     for manifest in (here / "blender_manifest.toml", here.parent / "blender_manifest.toml"):
         with contextlib.suppress(OSError):
             text = manifest.read_text(encoding="utf-8")
@@ -196,150 +197,6 @@ def pid_alive(pid: int) -> bool:
 def terminate_pid(pid: int, timeout: float = 5.0) -> None:
     """SIGTERM, wait up to ``timeout`` s, then SIGKILL; TerminateProcess (or ``taskkill /F``) on Windows."""
     platform_compat.terminate_pid(pid, timeout)
-
-
-def _is_one2345_server(pid: int, url: str) -> bool:
-    """Guard against killing an unrelated process that reused a recorded pid (records without a start time)."""
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():
-        with contextlib.suppress(OSError):
-            args = cmdline.read_bytes().decode("utf-8", "replace").split("\0")
-            # `python -m server serve …`, `python -m server.serve …` or the `one2345 serve …` script
-            return any(a == "server.serve" or ((a in ("server", "one2345") or a.endswith("/one2345"))
-                       and i + 1 < len(args) and args[i + 1] == "serve") for i, a in enumerate(args))
-        return False
-    if not url:
-        return False
-    try:  # No /proc (macOS, Windows): trust the pid only if a One2345 server still answers at the recorded URL.
-        return Client(url, timeout=2.0).health().get("status") == "ok"
-    except ServerError:
-        return False
-
-
-# -- 4. slots: who owns which server and jobs folder ----------------------------------------------------------------
-
-def slot_paths(state_dir: Path, slot: int) -> tuple[Path, Path, Path]:
-    """(record file, jobs folder, log file) of a slot; slot 1 keeps the names of a single-Blender set-up."""
-    suffix = "" if slot == 1 else f"-{slot}"
-    return (state_dir / f"server{suffix}.pid.json", state_dir / f"server-jobs{suffix}",
-            state_dir / "logs" / f"server{suffix}.log")
-
-
-def read_record(path: Path) -> dict[str, Any] | None:
-    """A slot's record, or None when missing or unreadable (a half-written record counts as unreadable)."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def write_record(path: Path, record: dict[str, Any]) -> None:
-    """Replace a record atomically (readers see the old or the new one, never half of one)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(record), encoding="utf-8")
-    for attempt in range(20):
-        try:
-            os.replace(tmp, path)
-            return
-        except PermissionError:  # Windows: a reader has the target open for a moment
-            if attempt == 19:
-                raise
-            time.sleep(0.05)
-
-
-def owner_alive(record: dict[str, Any], own_id: str | None = None) -> bool:
-    """Whether the session that owns a record still runs.
-
-    A record without an owner (written by an older add-on) counts as gone. A record owned by *this* process but by
-    another :class:`ServerManager` is a leftover too: one Blender process uses one manager per user folder (the
-    module's singleton), so the other one was replaced without being stopped.
-    """
-    pid = record.get("owner_pid")
-    if not isinstance(pid, int):
-        return False
-    if pid == os.getpid():
-        return own_id is not None and record.get("owner_id") == own_id
-    return platform_compat.same_process(pid, record.get("owner_start"))
-
-
-def stop_recorded_server(record: dict[str, Any]) -> int | None:
-    """Stop the server a stale record names, if that process still is it; return its pid when stopped."""
-    try:
-        pid = int(record["pid"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    if pid == os.getpid() or not platform_compat.pid_alive(pid):
-        return None
-    started, now = record.get("server_start"), platform_compat.process_start_time(pid)
-    if started and now is not None:
-        if now != started:
-            return None  # the pid now belongs to another process
-    elif not _is_one2345_server(pid, str(record.get("url", ""))):
-        return None
-    platform_compat.terminate_pid(pid)
-    launcher = record.get("launcher_pid")
-    if isinstance(launcher, int) and launcher != pid and platform_compat.same_process(
-            launcher, record.get("launcher_start")):
-        platform_compat.terminate_pid(launcher)
-    return pid
-
-
-def stop_stale_server(pid_file: Path) -> int | None:
-    """Stop the server of a record whose owner is gone and remove the record; return the stopped pid (or None).
-
-    A record whose owner is alive is left alone."""
-    record = read_record(pid_file)
-    if record is not None and owner_alive(record):
-        return None
-    stopped = stop_recorded_server(record) if record is not None else None
-    pid_file.unlink(missing_ok=True)
-    return stopped
-
-
-class _ClaimLock:
-    """A short cross-process mutex (a file created exclusively) around reading and claiming slots."""
-
-    def __init__(self, state_dir: Path, timeout: float = 60.0) -> None:
-        self.path = state_dir / ".slots.lock"
-        self.timeout = timeout
-        self.held = False
-
-    def __enter__(self) -> _ClaimLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if self._holder_gone() or time.monotonic() > deadline:
-                    with contextlib.suppress(OSError):
-                        self.path.unlink()
-                    continue
-                time.sleep(0.02)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps({"pid": os.getpid(), "start": platform_compat.process_start_time(os.getpid())}))
-            self.held = True
-            return self
-
-    def _holder_gone(self) -> bool:
-        try:
-            age = time.time() - self.path.stat().st_mtime
-            holder = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            return False  # being written or just removed: look again
-        if age > CLAIM_LOCK_STALE_S:
-            return True
-        pid = holder.get("pid")
-        return (isinstance(pid, int) and pid != os.getpid()
-                and not platform_compat.same_process(pid, holder.get("start")))
-
-    def __exit__(self, *exc: object) -> None:
-        if self.held:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-            self.held = False
 
 
 class ServerManager:
@@ -437,7 +294,7 @@ class ServerManager:
         """Clean up stale slots, take the first free one; return a note for the user (or None)."""
         stopped: list[int] = []
         busy: list[int] = []
-        with _ClaimLock(self.state_dir):
+        with ClaimLock(self.state_dir):
             free = None
             for slot in range(1, MAX_SLOTS + 1):
                 path = slot_paths(self.state_dir, slot)[0]

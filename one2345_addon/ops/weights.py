@@ -1,8 +1,8 @@
 """Model weights from Blender: see which files the server has, download the missing ones with progress, cancel.
 
-The server does the work (``GET /v1/weights``, ``POST/GET/DELETE /v1/weights/download``); the add-on starts it,
-follows its progress on a worker thread and shows it in the preferences' Weights box. A cancelled download keeps its
-partial file, and the next Download resumes it.
+The server does the work (``GET /v1/weights``, ``POST/GET/DELETE /v1/weights/download``); the add-on starts it and
+follows its progress on a worker thread; the preferences' Weights box (``ui/preferences.py``) shows it. A cancelled
+download keeps its partial file, and the next Download resumes it.
 """
 
 # No `from __future__ import annotations`: Blender reads property annotations as objects, not strings.
@@ -12,10 +12,11 @@ from typing import Any
 
 import bpy
 
-from . import jobs, preferences, server_state
-from .client import ServerError
-from .jobs import JobError, JobFailed, Progress
-from .operators import _redraw, report_failure, run_task
+from ..core import jobs, server_state
+from ..core import settings as addon_prefs
+from ..core.client import ServerError
+from ..core.jobs import JobError, JobFailed, Progress
+from .tasks import redraw, report_failure, run_task
 
 STATE = server_state.STATE
 _DOWNLOAD: list[jobs.Task] = []
@@ -90,16 +91,16 @@ def download_progress(status: dict[str, Any]) -> Progress:
 
 def start_download(context: bpy.types.Context) -> jobs.Task:
     """Start the download task (main thread); in background mode it runs to the end before this returns."""
-    connect, _ = preferences.connector(preferences.get(context))
+    connect, _ = addon_prefs.connector(addon_prefs.get(context))
     task = WeightsDownload(connect)
     _DOWNLOAD[:] = [task]
     jobs.set_last(task)
 
     def done(task: jobs.Task) -> None:
-        prefs = preferences.get()
+        prefs = addon_prefs.get()
         prefs.status_text = ("Weights downloaded: every file is present." if task.state == "done"
                              else f"Weights download {task.state}: {task.error}")
-        _redraw(bpy.context)
+        redraw(bpy.context)
 
     return run_task(task, done)
 
@@ -112,9 +113,9 @@ class ONE2345_OT_refresh_weights(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         """Fetch health and the weights listing on a worker thread."""
-        connect, _ = preferences.connector(preferences.get(context))
+        connect, _ = addon_prefs.connector(addon_prefs.get(context))
         task = run_task(jobs.FunctionTask("weights check", lambda task: _remember(connect().client())),
-                        lambda task: (jobs.set_last(task), _redraw(bpy.context)))
+                        lambda task: (jobs.set_last(task), redraw(bpy.context)))
         if task.finished and task.state == "failed":
             report_failure(self, str(task.error))
             return {"CANCELLED"}
@@ -163,41 +164,6 @@ class ONE2345_OT_cancel_weights_download(bpy.types.Operator):
         """Ask the worker to cancel; it tells the server."""
         current_download().cancel()
         return {"FINISHED"}
-
-
-def draw_weights(layout: bpy.types.UILayout) -> None:
-    """The preferences' Weights box: the folder, each file's state, Download with progress and Cancel."""
-    box = layout.box()
-    row = box.row()
-    row.label(text="Model Weights", icon="FILE_BLEND")
-    row.operator("one2345.refresh_weights", text="", icon="FILE_REFRESH")
-    listing = STATE.weights
-    if listing is None:
-        box.label(text="Not checked yet: Refresh asks the server (starting it if needed).", icon="QUESTION")
-    else:
-        box.label(text=f"Folder: {listing.get('folder')}", icon="FILE_FOLDER")
-        col = box.column(align=True)
-        for f in listing.get("files") or []:
-            state = f.get("state", "?")
-            icon = {"present": "CHECKMARK", "partial": "TIME", "missing": "X", "corrupt": "ERROR"}.get(state, "DOT")
-            size = server_state.human_bytes(f.get("expected_bytes"))
-            needed = "required" if f.get("required") else "optional"
-            col.label(text=f"{f.get('name')}: {state} ({size}, {needed}) — {f.get('licence')}", icon=icon)
-    task = current_download()
-    if task is not None:
-        p = task.progress
-        eta = f", {server_state.format_seconds(p.eta_s)} left" if p.eta_s else ""
-        box.progress(factor=p.fraction, type="BAR", text=f"{p.stage} ({p.fraction:.0%}{eta})")
-        box.operator("one2345.cancel_weights_download", icon="CANCEL")
-        return
-    missing = STATE.missing_bytes()
-    if listing is None or missing > 0:
-        row = box.row()
-        row.scale_y = 1.3
-        row.operator("one2345.download_weights", text=f"Download (≈ {server_state.human_bytes(missing)})",
-                     icon="IMPORT")
-    else:
-        box.label(text="Every weight file is present.", icon="CHECKMARK")
 
 
 CLASSES = (ONE2345_OT_refresh_weights, ONE2345_OT_download_weights, ONE2345_OT_cancel_weights_download)

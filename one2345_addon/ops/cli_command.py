@@ -19,7 +19,8 @@ from typing import Any
 
 import bpy
 
-from . import jobs, preferences, properties, server_process
+from ..core import jobs, properties, server_process
+from ..core import settings as addon_prefs
 
 COMMAND = "one2345"
 _HANDLE: Any = None
@@ -88,13 +89,13 @@ def request_options(args: argparse.Namespace, scene: bpy.types.Scene) -> dict[st
 
 def connector(args: argparse.Namespace) -> tuple[Callable[[], server_process.Connection], Callable[[], int | None]]:
     """(connect, exit_code) for the preferences' server with the command line's overrides."""
-    prefs = preferences.get()
+    prefs = addon_prefs.get()
     if args.server_url:
         connection = server_process.Connection(url=args.server_url, token=args.token, local=False)
         return (lambda: connection), (lambda: None)
     if prefs.server_mode == "REMOTE" and not args.server_python:
-        return preferences.connector(prefs)
-    settings = preferences.launch_settings(prefs)
+        return addon_prefs.connector(prefs)
+    settings = addon_prefs.launch_settings(prefs)
     settings = replace(settings, python=args.server_python or settings.python, device=args.device or settings.device,
                        preset=args.preset or settings.preset, weights_dir=args.weights_dir or settings.weights_dir)
     manager = server_process.manager(settings.state_dir)
@@ -127,7 +128,7 @@ def generate(args: argparse.Namespace) -> int:
             print(f"[{image.name}] error: the image file {str(image)!r} does not exist.", file=sys.stderr)
             failures += 1
             continue
-        job_dir = preferences.user_dir() / "jobs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{index}-{image.stem}"
+        job_dir = addon_prefs.user_dir() / "jobs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{index}-{image.stem}"
         job_dir.mkdir(parents=True, exist_ok=True)
         copy = Path(shutil.copyfile(image, job_dir / f"input{image.suffix.lower()}"))
         job = jobs.GenerateJob(copy, options, job_dir, connect, exit_code, mesh_name=image.stem)

@@ -29,7 +29,7 @@ from .client import ServerError
 
 PYTORCH_INDEX = "https://download.pytorch.org/whl/"
 TORCH_REQUIREMENT = "torch>=2.1"
-WHEEL_FOLDER = Path(__file__).resolve().parent / "server_wheel"
+WHEEL_FOLDER = Path(__file__).resolve().parent.parent / "server_wheel"  # the add-on folder, above core/
 """Where the build puts the server wheel in the extension: ``server_wheel/one2345_blender-<v>-py3-none-any.whl``."""
 CPU_WARNING = ("No NVIDIA GPU driver was found, so the CPU build of PyTorch is installed: generating one mesh will "
                "take hours on the CPU.")

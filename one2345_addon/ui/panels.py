@@ -1,4 +1,4 @@
-"""The "One2345" tab of the 3D Viewport sidebar: drawing only (state lives in the scene settings and in jobs.py)."""
+"""The "One2345" tab of the 3D Viewport sidebar: drawing only (state lives in the scene settings and in core/jobs)."""
 
 from __future__ import annotations
 
@@ -8,24 +8,16 @@ import textwrap
 from pathlib import Path
 
 import bpy
-import bpy.utils.previews
 
-from . import history, jobs, server_state
-from .operators import FIXES
+from ..core import jobs, server_state
+from ..ops.history import describe_options
+from ..ops.tasks import FIXES
+from .history import draw_history
+from .previews import preview_icon
 
 MAIN_VIEW = re.compile(r"^\d+\.png$")
 """Previews shown in the panel: the generated views (``0.png`` …), not the nearby stage-2 views."""
 MAX_PREVIEWS = 8
-_PREVIEWS: dict[str, bpy.utils.previews.ImagePreviewCollection] = {}
-
-
-def preview_icon(path: Path) -> int:
-    """The icon id of an image file, loaded once into the add-on's preview collection."""
-    collection = _PREVIEWS["views"]
-    key = str(path)
-    if key not in collection:
-        collection.load(key, key, "IMAGE")
-    return collection[key].icon_id
 
 
 def wrapped_label(layout: bpy.types.UILayout, text: str, width: int = 48, icon: str = "NONE") -> None:
@@ -213,7 +205,7 @@ class ONE2345_PT_object(bpy.types.Panel):
                      icon="OBJECT_DATA")
         if recipe:
             options = json.loads(recipe).get("options") or {}
-            layout.label(text=history.describe_options(options))
+            layout.label(text=describe_options(options))
         if obj.get("one2345_remesh_of"):
             layout.label(text=f"Re-mesh of job {str(obj['one2345_remesh_of'])[:8]}", icon="MOD_REMESH")
         layout.operator("one2345.remesh", icon="MOD_REMESH")
@@ -236,23 +228,19 @@ class ONE2345_PT_history(bpy.types.Panel):
 
     def draw(self, context: bpy.types.Context) -> None:
         """The list and its actions."""
-        history.draw_history(self.layout, context)
+        draw_history(self.layout, context)
 
 
 CLASSES = (ONE2345_PT_generate, ONE2345_PT_object, ONE2345_PT_history)
 
 
 def register() -> None:
-    """Register the panel and its preview collection."""
-    _PREVIEWS["views"] = bpy.utils.previews.new()
+    """Register the panels."""
     for cls in CLASSES:
         bpy.utils.register_class(cls)
 
 
 def unregister() -> None:
-    """Unregister and free the previews."""
+    """Unregister them."""
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)
-    for collection in _PREVIEWS.values():
-        bpy.utils.previews.remove(collection)
-    _PREVIEWS.clear()

@@ -1,38 +1,23 @@
-"""Add-on preferences: where the server comes from and how it runs. Environment only; job options live in the scene."""
+"""The add-on preferences' class and its drawing: where the server comes from and how it runs, the set-up buttons,
+and the Weights box. Environment only; job options live in the scene. Code that only reads the preferences uses
+``core/settings.py``."""
 
 # No `from __future__ import annotations`: Blender reads property annotations as objects, not strings.
-
-import sys
-from collections.abc import Callable
-from pathlib import Path
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, StringProperty
 
-from . import jobs, server_process
-from .client import ServerError
+from ..core import jobs, server_state
+from ..core import settings as addon_prefs
+from ..ops import weights
 
-PACKAGE = __package__
-"""The add-on's module name (``bl_ext.<repository>.one2345`` when installed as an extension)."""
-
-
-def user_dir() -> Path:
-    """The extension's user folder (survives upgrades; the add-on's own folder may be read-only)."""
-    try:
-        return Path(bpy.utils.extension_path_user(PACKAGE, create=True))
-    except ValueError:  # installed as a legacy add-on, not as an extension
-        return Path(bpy.utils.user_resource("CONFIG", path="one2345", create=True))
-
-
-def get(context: bpy.types.Context | None = None) -> "ONE2345_AP_preferences":
-    """The add-on's preferences."""
-    return (context or bpy.context).preferences.addons[PACKAGE].preferences
+STATE = server_state.STATE
 
 
 class ONE2345_AP_preferences(bpy.types.AddonPreferences):
     """Server interpreter or remote URL, weights, device and the import size."""
 
-    bl_idname = PACKAGE
+    bl_idname = addon_prefs.PACKAGE
 
     server_mode: EnumProperty(
         name="Server", description="Where jobs run",
@@ -107,8 +92,6 @@ class ONE2345_AP_preferences(bpy.types.AddonPreferences):
         elif self.status_text:
             for line in self.status_text.splitlines()[:8]:
                 box.label(text=line)
-        from .weights_ops import draw_weights  # imports operators, which import this module
-
         draw_weights(layout)
         layout.prop(self, "show_advanced")
         if self.show_advanced:
@@ -118,44 +101,39 @@ class ONE2345_AP_preferences(bpy.types.AddonPreferences):
             layout.prop(self, "server_package")
 
 
-def launch_settings(prefs: ONE2345_AP_preferences) -> server_process.LaunchSettings:
-    """Snapshot the preferences (main thread) for starting the server on a worker thread."""
-    return server_process.LaunchSettings(
-        python=bpy.path.abspath(prefs.python_path) if prefs.python_path else "", state_dir=user_dir(),
-        preset=prefs.preset, device=prefs.device, weights_dir=bpy.path.abspath(prefs.weights_dir),
-        extra_args=tuple(server_process.split_args(prefs.extra_args)), startup_timeout=prefs.startup_timeout,
-        offline=not bpy.app.online_access, low_vram=prefs.low_vram)
-
-
-def connector(prefs: ONE2345_AP_preferences) -> tuple[Callable[[], server_process.Connection],
-                                                       Callable[[], int | None]]:
-    """A function (run on a worker thread) returning a live :class:`server_process.Connection`, plus a function
-    returning the local server's exit code once it died (None otherwise)."""
-    if prefs.server_mode == "REMOTE":
-        url, token = prefs.server_url.strip(), prefs.server_token or None
-
-        def connect_remote() -> server_process.Connection:
-            connection = server_process.Connection(url=url, token=token, local=False)
-            connection.client(timeout=10.0).health()
-            return connection
-
-        return connect_remote, lambda: None
-    try:
-        settings = launch_settings(prefs)
-    except ServerError as exc:  # e.g. unbalanced quotes in the extra arguments: the job reports it, not the UI
-        error = exc
-
-        def refuse() -> server_process.Connection:
-            raise error
-
-        return refuse, lambda: None
-    manager = server_process.manager(settings.state_dir)
-    return (lambda: manager.ensure(settings)), manager.exit_code
-
-
-def blender_python() -> str:
-    """Blender's own interpreter (a base for the server environment's venv, never the server itself)."""
-    return sys.executable
+def draw_weights(layout: bpy.types.UILayout) -> None:
+    """The preferences' Weights box: the folder, each file's state, Download with progress and Cancel."""
+    box = layout.box()
+    row = box.row()
+    row.label(text="Model Weights", icon="FILE_BLEND")
+    row.operator("one2345.refresh_weights", text="", icon="FILE_REFRESH")
+    listing = STATE.weights
+    if listing is None:
+        box.label(text="Not checked yet: Refresh asks the server (starting it if needed).", icon="QUESTION")
+    else:
+        box.label(text=f"Folder: {listing.get('folder')}", icon="FILE_FOLDER")
+        col = box.column(align=True)
+        for f in listing.get("files") or []:
+            state = f.get("state", "?")
+            icon = {"present": "CHECKMARK", "partial": "TIME", "missing": "X", "corrupt": "ERROR"}.get(state, "DOT")
+            size = server_state.human_bytes(f.get("expected_bytes"))
+            needed = "required" if f.get("required") else "optional"
+            col.label(text=f"{f.get('name')}: {state} ({size}, {needed}) — {f.get('licence')}", icon=icon)
+    task = weights.current_download()
+    if task is not None:
+        p = task.progress
+        eta = f", {server_state.format_seconds(p.eta_s)} left" if p.eta_s else ""
+        box.progress(factor=p.fraction, type="BAR", text=f"{p.stage} ({p.fraction:.0%}{eta})")
+        box.operator("one2345.cancel_weights_download", icon="CANCEL")
+        return
+    missing = STATE.missing_bytes()
+    if listing is None or missing > 0:
+        row = box.row()
+        row.scale_y = 1.3
+        row.operator("one2345.download_weights", text=f"Download (≈ {server_state.human_bytes(missing)})",
+                     icon="IMPORT")
+    else:
+        box.label(text="Every weight file is present.", icon="CHECKMARK")
 
 
 CLASSES = (ONE2345_AP_preferences,)

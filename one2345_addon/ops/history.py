@@ -1,5 +1,5 @@
-"""History: the server's past jobs in a list (thumbnails of the input and of view 0, date, state, time, settings),
-with Import, Regenerate, Variation, Delete and Open Folder.
+"""History's data and actions: the server's past jobs (input and view-0 thumbnails, date, state, time, settings),
+with Import, Regenerate, Variation, Delete and Open Folder. The list is drawn by ``ui/history.py``.
 
 The list lives in ``window_manager.one2345_history`` (not saved with the file: it mirrors the server). Refresh fetches
 the newest page of ``GET /v1/jobs`` on a worker thread, More the next one; thumbnails are downloaded into the
@@ -15,9 +15,12 @@ from typing import Any
 import bpy
 from bpy.props import BoolProperty, CollectionProperty, FloatProperty, IntProperty, StringProperty
 
-from . import jobs, operators, preferences, server_state
-from .client import ServerError
-from .jobs import GenerateJob
+from ..core import jobs, server_state
+from ..core import settings as addon_prefs
+from ..core.client import ServerError
+from ..core.jobs import GenerateJob
+from .generate import FollowJob, begin, keep_job, new_job_dir
+from .tasks import redraw, report_failure, run_task
 
 PAGE = 20
 STATE = server_state.STATE
@@ -51,7 +54,7 @@ def describe_options(options: dict[str, Any]) -> str:
 
 def thumbs_dir() -> Path:
     """Where History keeps its thumbnails (one pair per job, fetched once)."""
-    return preferences.user_dir() / "history-thumbs"
+    return addon_prefs.user_dir() / "history-thumbs"
 
 
 def fetch_page(client: Any, folder: Path, after: str | None = None) -> dict[str, Any]:
@@ -113,7 +116,7 @@ class ONE2345_OT_refresh_history(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         """Fetch on a worker thread (synchronously in background mode)."""
-        connect, _ = preferences.connector(preferences.get(context))
+        connect, _ = addon_prefs.connector(addon_prefs.get(context))
         after = STATE.history_next if self.more else None
         folder = thumbs_dir()
         append = self.more
@@ -128,16 +131,16 @@ class ONE2345_OT_refresh_history(bpy.types.Operator):
                 fill(bpy.context.window_manager, task.result, append)
             else:
                 jobs.set_last(task)
-            operators._redraw(bpy.context)
+            redraw(bpy.context)
 
-        task = operators.run_task(jobs.FunctionTask("history", fetch), done)
+        task = run_task(jobs.FunctionTask("history", fetch), done)
         if task.finished and task.state != "done":
-            operators.report_failure(self, str(task.error))
+            report_failure(self, str(task.error))
             return {"CANCELLED"}
         return {"FINISHED"}
 
 
-class ONE2345_OT_history_job(operators._FollowJob, bpy.types.Operator):
+class ONE2345_OT_history_job(FollowJob, bpy.types.Operator):
     """Import a past job's mesh, or run its recipe again (Regenerate) or with a new seed (Variation)"""
 
     bl_idname = "one2345.history_job"
@@ -170,11 +173,11 @@ class ONE2345_OT_history_job(operators._FollowJob, bpy.types.Operator):
         if not job_id:
             raise jobs.JobFailed(jobs.JobError("bad_input", "No history item is selected.",
                                                "Refresh the history and select a job"))
-        connect, exit_code = preferences.connector(preferences.get(context))
+        connect, exit_code = addon_prefs.connector(addon_prefs.get(context))
         kind = self.action.lower()
-        job_dir = operators.new_job_dir(f"{kind}")
+        job_dir = new_job_dir(f"{kind}")
         name = f"history_{job_id[:8]}"
-        return operators.begin(GenerateJob(
+        return begin(GenerateJob(
             None, {}, job_dir, connect, exit_code, mesh_name=name,
             existing=job_id if self.action == "IMPORT" else None,
             recipe_of=None if self.action == "IMPORT" else job_id, variation=self.action == "VARIATION"))
@@ -197,9 +200,9 @@ class ONE2345_OT_delete_history_job(bpy.types.Operator):
         item = selected(context)
         job_id = self.job_id or (item.job_id if item is not None else "")
         if not job_id:
-            operators.report_failure(self, "No history item is selected.")
+            report_failure(self, "No history item is selected.")
             return {"CANCELLED"}
-        connect, _ = preferences.connector(preferences.get(context))
+        connect, _ = addon_prefs.connector(addon_prefs.get(context))
 
         def delete(task: jobs.Task) -> str:
             connect().client().cancel(job_id)
@@ -214,14 +217,14 @@ class ONE2345_OT_delete_history_job(bpy.types.Operator):
                         break
                 STATE.history = [s for s in STATE.history if s["id"] != job_id]
             jobs.set_last(task)
-            operators._redraw(bpy.context)
+            redraw(bpy.context)
 
-        task = operators.run_task(jobs.FunctionTask("delete", delete), done)
+        task = run_task(jobs.FunctionTask("delete", delete), done)
         users = objects_of(job_id)
         if users:
             self.report({"WARNING"}, f"Objects {', '.join(users)} came from the deleted job; they keep their mesh.")
         if task.finished and task.state != "done":
-            operators.report_failure(self, str(task.error))
+            report_failure(self, str(task.error))
             return {"CANCELLED"}
         return {"FINISHED"}
 
@@ -236,7 +239,7 @@ class ONE2345_OT_open_history_folder(bpy.types.Operator):
         """Open ``<server jobs folder>/<id>``; its path is reported in background mode."""
         item = selected(context)
         if item is None or not STATE.jobs_dir:
-            operators.report_failure(self, "No job selected, or the server is remote (its folders are on its "
+            report_failure(self, "No job selected, or the server is remote (its folders are on its "
                                            "machine).")
             return {"CANCELLED"}
         folder = Path(STATE.jobs_dir) / item.job_id
@@ -247,50 +250,8 @@ class ONE2345_OT_open_history_folder(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class ONE2345_UL_history(bpy.types.UIList):
-    """A row per job: input and view-0 thumbnails, date, state, time."""
-
-    def draw_item(self, context: bpy.types.Context, layout: bpy.types.UILayout, data: Any, item: Any, icon: int,
-                  active_data: Any, active_property: str, index: int = 0, flt_flag: int = 0) -> None:
-        """Draw one job."""
-        from .panels import preview_icon
-
-        row = layout.row(align=True)
-        for thumb in (item.input_thumb, item.view_thumb):
-            if thumb and Path(thumb).is_file():
-                row.template_icon(icon_value=preview_icon(Path(thumb)), scale=1.6)
-            else:
-                row.label(text="", icon="IMAGE_DATA")
-        col = row.column(align=True)
-        took = f" · {server_state.format_seconds(item.seconds)}" if item.seconds else ""
-        col.label(text=f"{item.created}  {item.state}{took}" + (" · re-mesh" if item.remesh_of else ""))
-        col.label(text=item.settings)
-
-
-def draw_history(layout: bpy.types.UILayout, context: bpy.types.Context) -> None:
-    """The History panel's body."""
-    wm = context.window_manager
-    row = layout.row(align=True)
-    row.operator("one2345.refresh_history", text="Refresh", icon="FILE_REFRESH")
-    if STATE.history_next:
-        row.operator("one2345.refresh_history", text="More", icon="TRIA_DOWN").more = True
-    layout.template_list("ONE2345_UL_history", "", wm, "one2345_history", wm, "one2345_history_index", rows=4)
-    item = selected(context)
-    if item is None:
-        return
-    row = layout.row(align=True)
-    row.enabled = item.state == "done"
-    for action, text, icon in (("IMPORT", "Import", "IMPORT"), ("REGENERATE", "Regenerate", "FILE_REFRESH"),
-                               ("VARIATION", "Variation", "SHADERFX")):
-        op = row.operator("one2345.history_job", text=text, icon=icon)
-        op.action, op.job_id = action, item.job_id
-    row = layout.row(align=True)
-    row.operator("one2345.delete_history_job", text="Delete", icon="TRASH").job_id = item.job_id
-    row.operator("one2345.open_history_folder", icon="FILE_FOLDER")
-
-
 CLASSES = (ONE2345_PG_history_item, ONE2345_OT_refresh_history, ONE2345_OT_history_job,
-           ONE2345_OT_delete_history_job, ONE2345_OT_open_history_folder, ONE2345_UL_history)
+           ONE2345_OT_delete_history_job, ONE2345_OT_open_history_folder)
 
 
 @bpy.app.handlers.persistent
@@ -298,11 +259,11 @@ def _pin_referenced_jobs(*args: object) -> None:
     """After a file opens, pin the server jobs its objects came from, so the size limit never deletes them."""
     ids = sorted({str(obj["one2345_job_id"]) for obj in bpy.data.objects if obj.get("one2345_job_id")})
     if ids:
-        operators.keep_job(preferences.get(), *ids, start_server=False)
+        keep_job(addon_prefs.get(), *ids, start_server=False)
 
 
 def register() -> None:
-    """Register the list, its operators and the pinning handler."""
+    """Register the list's items, its operators and the pinning handler."""
     for cls in CLASSES:
         bpy.utils.register_class(cls)
     bpy.types.WindowManager.one2345_history = CollectionProperty(type=ONE2345_PG_history_item)
