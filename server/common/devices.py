@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 from server.common.errors import BadInputError
 
 
@@ -19,6 +23,25 @@ def resolve_device(name: str) -> str:
     if name != "cpu" and not name.startswith("cuda"):
         raise BadInputError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
     return name
+
+
+@contextlib.contextmanager
+def resident(module: Any, device: str, low_vram: bool) -> Iterator[Any]:
+    """``module`` (an ``nn.Module``) on ``device`` for the block. In low-VRAM mode on CUDA it is moved there for the
+    block only and back to the CPU afterwards, with the allocator's cache freed, so only the model in use holds GPU
+    memory; otherwise the models stay where they are (on the device). Shared by the pipeline and the text-to-image
+    stage, which is loaded beside it."""
+    if not (low_vram and str(device).startswith("cuda")):
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to("cpu")
+        import torch  # only reached on CUDA, where torch is long imported
+
+        torch.cuda.empty_cache()
 
 
 PEAK_MEMORY_BYTES: dict[str, int] = {"paper": int(5.9 * 2**30)}

@@ -22,11 +22,12 @@ from server.pipeline.options import (
 )
 
 if TYPE_CHECKING:
-    from server.pipeline.models import PipelineModels, resident
+    from server.common.devices import resident
+    from server.pipeline.models import PipelineModels
     from server.pipeline.one2345 import One2345Pipeline
 
 _LAZY = {"One2345Pipeline": "server.pipeline.one2345", "PipelineModels": "server.pipeline.models",
-         "resident": "server.pipeline.models"}
+         "resident": "server.common.devices"}
 """Names imported on first use: they bring torch and diffusers, which checking options must not wait for."""
 
 

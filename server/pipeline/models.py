@@ -1,12 +1,6 @@
 """The models a pipeline keeps warm (:class:`PipelineModels`), built for a preset: ``tiny`` (small random models of the
-same classes) or ``paper`` (the official weights), and :func:`resident`, which moves one to the GPU for its stage in
-low-VRAM mode.
-
-Loading the paper models the first time converts the 15.5 GB Zero123-XL checkpoint into a 5 GB diffusers folder (about
-a minute), an install step: :func:`prepare_weights` runs it ahead (``one2345 weights prepare``, ``serve --preload``),
-and while models load, the progress and cancellation given to :func:`loading_observer` reach it as stage ``prepare``
-(the job worker wraps its first load in it, so a first Generate shows the conversion in the job's status).
-"""
+same classes) or ``paper`` (the official weights). In low-VRAM mode each is moved to the GPU for its stage only by
+:func:`server.common.devices.resident`."""
 
 
 from __future__ import annotations
@@ -45,22 +39,6 @@ class PipelineModels:
     segmenter: Any | None = None
     """A :class:`server.stages.preprocess.SamSegmenter`, or None for the weight-free foreground estimate."""
     descriptions: dict[str, str] = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def resident(module: Any, device: str, low_vram: bool) -> Iterator[Any]:
-    """``module`` (an ``nn.Module``) on ``device`` for the block. In low-VRAM mode on CUDA it is moved there for the
-    block only and back to the CPU afterwards, with the allocator's cache freed, so only the model in use holds GPU
-    memory; otherwise the models stay where they are (on the device)."""
-    if not (low_vram and str(device).startswith("cuda")):
-        yield module
-        return
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to("cpu")
-        torch.cuda.empty_cache()
 
 
 HOST_RAM_NEEDED_BYTES: dict[tuple[str, str], int] = {("paper", "cpu"): int(7.0 * 2**30)}

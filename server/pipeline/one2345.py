@@ -41,10 +41,10 @@ from PIL import Image
 
 from server import __version__
 from server.common.cameras import PoseFile
-from server.common.devices import resolve_device
+from server.common.devices import resident, resolve_device
 from server.common.errors import BadInputError, CancelledError
 from server.common.fsutil import write_json_atomic
-from server.pipeline.models import PipelineModels, _paper_models, _tiny_models, resident
+from server.pipeline.models import PipelineModels, _paper_models, _tiny_models
 from server.pipeline.options import PRESETS, GenerateOptions, GenerateResult, Progress, ViewsRecord
 from server.pipeline.reconstruct import reconstruction_fraction
 from server.pipeline.remesh import MeshOutcome, find_run, mesh_views, read_run_meta

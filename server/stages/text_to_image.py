@@ -40,12 +40,11 @@ VAE, 2 for the tiny one); text embeddings ``[B, 77, D]``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from server.common.devices import resident
 from server.common.errors import BadInputError, CancelledError, CheckpointError
 from server.common.fsutil import write_json_atomic
 
@@ -314,20 +314,6 @@ def guidance_embedding(w: torch.Tensor, dim: int, dtype: torch.dtype = torch.flo
 # -- sampling ---------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _visiting(module: torch.nn.Module, device: str, low_vram: bool) -> Iterator[torch.nn.Module]:
-    """``module`` on ``device`` for the block; in low-VRAM mode on CUDA it goes back to the CPU afterwards."""
-    if not (low_vram and str(device).startswith("cuda")):
-        yield module
-        return
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to("cpu")
-        torch.cuda.empty_cache()
-
-
 def generate_images(model: TextToImageModel, prompt: str, *, count: int = 4, seed: int = 0,
                     negative_prompt: str | None = None, device: str = "cpu", low_vram: bool = False,
                     progress: Callable[[int, int], None] | None = None,
@@ -362,7 +348,7 @@ def generate_images(model: TextToImageModel, prompt: str, *, count: int = 4, see
     cfg = config.negative_guidance > 1.0
 
     # 1. Text: the prompt (and the negative prompt, for the explicit guidance).
-    with _visiting(model.text_encoder, device, low_vram):
+    with resident(model.text_encoder, device, low_vram):
         embeddings = encode_texts(model, [text, negative] if cfg else [text], device).to(dtype)
     cond = embeddings[:1].expand(count, -1, -1)
     uncond = embeddings[1:].expand(count, -1, -1) if cfg else None
@@ -381,7 +367,7 @@ def generate_images(model: TextToImageModel, prompt: str, *, count: int = 4, see
     w = w.to(device, dtype)
     denoised = latents
     t0 = time.perf_counter()
-    with _visiting(model.unet, device, low_vram), torch.no_grad():
+    with resident(model.unet, device, low_vram), torch.no_grad():
         for step, t in enumerate(scheduler.timesteps):
             if cancelled():
                 raise CancelledError("the text-to-image call was cancelled")
@@ -400,7 +386,7 @@ def generate_images(model: TextToImageModel, prompt: str, *, count: int = 4, see
     # 3. Decode one image at a time (the VAE's activations at 512² dominate the memory of this stage).
     t0 = time.perf_counter()
     images = []
-    with _visiting(model.vae, device, low_vram), torch.no_grad():
+    with resident(model.vae, device, low_vram), torch.no_grad():
         for i in range(count):
             if cancelled():
                 raise CancelledError("the text-to-image call was cancelled")
