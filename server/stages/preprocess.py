@@ -19,9 +19,8 @@ from :func:`estimate_foreground`, so SAM needs no other model. Every array in th
 
 from __future__ import annotations
 
-import io
 import pickle
-import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,21 +28,17 @@ from typing import TYPE_CHECKING, Literal
 
 import cv2
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from scipy import ndimage
 
 from server.common.errors import BadInputError, CheckpointError, MissingWeightsError
-from server.stages.sam_compat import import_segment_anything
+from server.common.images import ACCEPTED, check_image_size, decoded, open_image
+from server.stages.sam_compat import import_segment_anything, use_chunked_attention
 
 if TYPE_CHECKING:
     import torch
     from segment_anything.modeling import Sam
 
-MAX_PIXELS = 40_000_000
-"""Largest accepted input, in pixels (width × height): far above any useful input (everything is thumbnailed to 512
-first) while keeping the decoded RGBA buffer below ~160 MB."""
-MIN_SIDE = 16
-"""Smallest accepted width or height in pixels; below this there is no object to see."""
 THUMBNAIL_SIZE = 512
 """The reference thumbnails the input to fit 512×512 before segmentation (spec §1.2 step 1)."""
 OUTPUT_SIZE = 256
@@ -53,7 +48,6 @@ OBJECT_FILL = 0.75
 SAM_FETCH_COMMAND = "one2345 weights download --only sam"
 """The command that fetches the SAM ViT-H weights."""
 
-ACCEPTED = "an image file Pillow can read (PNG, JPEG, WebP, TIFF, BMP, GIF, …; 8/16-bit, float, grey, palette, RGB(A))"
 Method = Literal["alpha", "sam", "foreground-estimate", "none"]
 
 
@@ -116,10 +110,7 @@ def _read_bytes(source: str | Path | bytes) -> tuple[bytes, str]:
 
 
 def _open_checked(data: bytes, name: str) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    # Check the header's size before decoding a single pixel: a 60k×60k PNG header costs nothing to send.
-    _check_size(image.size, name)
-    return _loaded(image)
+    return open_image(data, name)  # the size rule from the header, then every pixel (server.common.images)
 
 
 def _loaded(image: Image.Image) -> Image.Image:
@@ -127,40 +118,11 @@ def _loaded(image: Image.Image) -> Image.Image:
     return image
 
 
-def _decode(open_: Callable[[], Image.Image], name: str) -> Image.Image:
-    """Run ``open_`` with Pillow's decompression-bomb warning turned into an error and Pillow's errors translated."""
-    try:
-        # The filter is process-wide while it is active, but it only concerns this one warning category.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return open_()
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-        raise BadInputError(
-            f"input image {name!r} is too large to decode safely ({error}); at most {MAX_PIXELS:,} pixels allowed"
-        ) from error
-    except UnidentifiedImageError as error:
-        raise BadInputError(f"input {name!r} is not an image Pillow can identify; expected {ACCEPTED}") from error
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        # Pillow reports truncated or corrupt data as OSError ("image file is truncated"), SyntaxError (broken
-        # chunks) or ValueError, depending on the plug-in.
-        hint = "" if not ImageFile.LOAD_TRUNCATED_IMAGES else " (PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set)"
-        raise BadInputError(
-            f"input image {name!r} is truncated or corrupt and cannot be decoded: {error}{hint}; expected a complete "
-            f"file, {ACCEPTED}"
-        ) from error
+_decode = decoded  # Pillow's errors in our words; the size rule's own error passes through (issue #31, 11)
 
 
 def _check_size(size: tuple[int, int], name: str) -> None:
-    width, height = size
-    if width * height > MAX_PIXELS:
-        raise BadInputError(
-            f"input image {name!r} is {width}×{height} = {width * height:,} pixels; at most {MAX_PIXELS:,} pixels "
-            "(40 megapixels) are allowed; downscale it first"
-        )
-    if min(width, height) < MIN_SIDE:
-        raise BadInputError(
-            f"input image {name!r} is {width}×{height} pixels; each side must be at least {MIN_SIDE} pixels"
-        )
+    check_image_size(size, f"input image {name!r}")
 
 
 def _exif_transpose(image: Image.Image) -> Image.Image:
@@ -410,9 +372,11 @@ def load_sam_state_dict(model: torch.nn.Module, path: str | Path) -> None:
         raise MissingWeightsError(f"SAM ViT-H weights not found: {path}", fix=f"run `{SAM_FETCH_COMMAND}`")
     fix = f"delete {path} and run `{SAM_FETCH_COMMAND}`"
     try:
-        # weights_only: the published file holds tensors only; nothing in it needs to run code.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        # weights_only: the published file holds tensors only; nothing in it needs to run code. mmap (zip files,
+        # i.e. every torch >= 1.6 save): the weights stay file-backed pages the kernel can drop and re-read, instead
+        # of 2.4 GiB of heap for ViT-H.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"cannot read SAM weights {path}: {error}", fix=fix) from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(
@@ -429,7 +393,15 @@ def load_sam_state_dict(model: torch.nn.Module, path: str | Path) -> None:
             if keys
         )
         raise CheckpointError(f"SAM weights {path} do not fit the SAM network: {details}", fix=fix)
-    model.load_state_dict(state, strict=True)
+    # assign: the model takes the loaded (mapped) tensors themselves rather than copying them into its own storage,
+    # so a model built on the meta device never allocates its weights at all.
+    model.load_state_dict(state, strict=True, assign=True)
+    unset = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if unset:
+        raise CheckpointError(
+            f"SAM network tensors that no checkpoint entry sets and that were built without values: "
+            f"{', '.join(unset[:3])}{', …' if len(unset) > 3 else ''}; build the network on a real device"
+        )
 
 
 class SamSegmenter:
@@ -443,6 +415,8 @@ class SamSegmenter:
         """Wrap an already built SAM model (any size; the predictor resizes to ``model.image_encoder.img_size``)."""
         predictor_cls, _ = _import_segment_anything()
         self.model = model.eval()
+        # ViT-H's global attention blocks would otherwise hold 3 GiB of scores at once on the CPU (issue #25).
+        use_chunked_attention(self.model)
         self.predictor = predictor_cls(self.model)
 
     @classmethod
@@ -477,7 +451,11 @@ class SamSegmenter:
             def build() -> Sam:
                 return registry["vit_h"](checkpoint=None)
 
-        model = build()
+        import torch
+
+        # On the meta device: no 2.4 GiB of random initial values that the checkpoint replaces anyway.
+        with torch.device("meta"):
+            model = build()
         load_sam_state_dict(model, path)
         return cls(model.to(device))
 

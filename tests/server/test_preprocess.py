@@ -251,12 +251,13 @@ def test_rejects_huge_and_tiny_images(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(BadInputError, match=r"too large to decode safely.*40,000,000"):
         pp.load_image(_png_with_header(60_000, 60_000))
     # 7k × 7k = 49 MP is below Pillow's limit but above ours; rejected from the header, before decoding.
-    with pytest.raises(BadInputError, match=r"7000×7000 = 49,000,000 pixels; at most 40,000,000"):
+    with pytest.raises(BadInputError, match=r"7000×7000 = 49,000,000 pixels \(49.0 MP\), too large; allowed: "
+                                             r".*at most 40,000,000"):
         pp.load_image(_png_with_header(7000, 7000))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # our limit does not depend on Pillow's
     with pytest.raises(BadInputError, match="at most 40,000,000"):
         pp.load_image(_png_with_header(60_000, 60_000))
-    with pytest.raises(BadInputError, match="8×100 pixels; each side must be at least 16"):
+    with pytest.raises(BadInputError, match="8×100 px, too small; allowed: each side at least 16 px"):
         pp.load_image(np.zeros((100, 8, 3), np.uint8))
     with pytest.raises(BadInputError, match="at least 16"):
         pp.load_image(_png_bytes(Image.new("RGB", (15, 300))))
@@ -571,3 +572,45 @@ def test_sam_returns_the_last_of_three_masks(sam_checkpoint, monkeypatch: pytest
     np.testing.assert_array_equal(segmenter(rgb, (30, 13, 90, 89)), fixed[2])
     with pytest.raises(BadInputError, match="not inside the 120×100 image"):
         segmenter(rgb, (30, 13, 130, 89))
+
+
+def test_sam_is_built_without_weights_and_keeps_them_mapped(sam_checkpoint) -> None:
+    """Issue #25: ViT-H's 2.4 GiB are neither initialised at random first (the network is built on the meta device)
+    nor copied into the heap (the checkpoint is memory-mapped and its tensors become the parameters)."""
+    import sys
+
+    import torch
+
+    from server.stages.sam_compat import ChunkedAttention
+
+    path, saved = sam_checkpoint
+    built_on: list[torch.device] = []
+
+    def build():
+        built_on.append(torch.empty(0).device)
+        return _tiny_sam(seed=1)
+
+    segmenter = pp.SamSegmenter.from_checkpoint(path, "cpu", build=build)
+    assert built_on == [torch.device("meta")]
+    assert not any(t.is_meta for t in (*segmenter.model.parameters(), *segmenter.model.buffers()))
+    loaded = segmenter.model.state_dict()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert all(isinstance(block.attn, ChunkedAttention) for block in segmenter.model.image_encoder.blocks)
+    if sys.platform.startswith("linux"):
+        with open("/proc/self/maps") as maps:
+            assert str(path) in maps.read()  # the weights are pages of the file, not a heap copy
+
+
+def test_sam_tensors_left_without_values_are_an_error(sam_checkpoint) -> None:
+    """A network whose non-checkpoint tensors were built on the meta device is refused, not run with empty values."""
+    import torch
+
+    path, _ = sam_checkpoint
+
+    def build():
+        model = _tiny_sam(seed=1)
+        model.register_buffer("extra_scale", torch.empty(3, device="meta"), persistent=False)
+        return model
+
+    with pytest.raises(CheckpointError, match="extra_scale"):
+        pp.SamSegmenter.from_checkpoint(path, "cpu", build=build)
