@@ -43,6 +43,22 @@ class Mesh:
     """[V, 3] uint8 RGB per vertex, or None."""
 
 
+@dataclass
+class MeshUvs:
+    """A mesh file's texture coordinates (GLB TEXCOORD_0, OBJ ``vt``, PLY ``s``/``t``), one UV triangle per face.
+
+    The convention is glTF's, the one :func:`server.stages.asset.bake_texture` takes: origin at the texture's top-left
+    corner, v downwards. An OBJ's or PLY's (u, v), whose origin is the bottom-left corner, is stored as (u, 1 − v).
+    """
+
+    uvs: np.ndarray
+    """[T, 2] float32."""
+    faces: np.ndarray
+    """[F, 3] int64 indices into ``uvs``, row f for the mesh's face f (an OBJ's ``vt`` indices; the mesh's own faces
+    for GLB and PLY, whose UVs are per vertex). A face the file gives no UVs points at a zero-area UV triangle, so
+    :func:`server.stages.asset.check_uvs` counts it as degenerate."""
+
+
 def _to_y_up(vertices: np.ndarray) -> np.ndarray:
     """[V, 3] z-up → [V, 3] y-up via (x, y, z) → (x, z, −y): −90° about x, det +1 (Blender glTF "+Y up")."""
     return np.stack([vertices[:, 0], vertices[:, 2], -vertices[:, 1]], axis=1)
@@ -120,7 +136,7 @@ def load_mesh(path: str | os.PathLike[str]) -> Mesh:
     """Read a mesh written by :func:`export_mesh` (GLB: any glTF binary trimesh reads), back in the z-up world frame.
 
     Args:
-        path: a .ply (binary little-endian, triangles), .glb or .obj file.
+        path: a .ply (binary little-endian, triangles), .glb or .obj file (polygons are fanned into triangles).
 
     Returns:
         Mesh with vertices [V, 3] float32, faces [F, 3] int64 and colours [V, 3] uint8 or None.
@@ -128,13 +144,46 @@ def load_mesh(path: str | os.PathLike[str]) -> Mesh:
     Raises:
         BadInputError: unknown suffix, or a file this reader does not understand.
     """
+    return load_mesh_with_uvs(path)[0]
+
+
+def load_mesh_with_uvs(path: str | os.PathLike[str]) -> tuple[Mesh, MeshUvs | None]:
+    """Read a mesh file as :func:`load_mesh` does, with its texture coordinates when it has any.
+
+    UVs come from a GLB's TEXCOORD_0, an OBJ's ``vt`` lines (the ``a/t`` of its faces) or a PLY's ``s``/``t`` (or
+    ``u``/``v``, ``texture_u``/``texture_v``) vertex properties, in the glTF convention of :class:`MeshUvs`.
+
+    Args:
+        path: a .ply, .glb or .obj file; anything may be in it (an upload): whatever does not parse is a
+            BadInputError naming the file and its format, never another exception.
+
+    Returns:
+        (the mesh, checked as :func:`export_mesh` checks it; its UVs, or None when the file has none).
+
+    Raises:
+        BadInputError: unknown suffix, or a file this reader does not understand.
+    """
     path = Path(path)
     suffix = _suffix(path)
-    if suffix == ".ply":
-        return _read_ply(path)
-    if suffix == ".glb":
-        return _read_glb(path)
-    return _read_obj(path)
+    reader = {".ply": _read_ply_uvs, ".glb": _read_glb_uvs, ".obj": _read_obj_uvs}[suffix]
+    try:
+        mesh, uvs = reader(path)
+    except BadInputError:
+        raise
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, struct.error, UnicodeDecodeError) as e:
+        # A damaged or hostile file: its parser's own error, as bad input naming the file.
+        raise BadInputError(f"{path} could not be read as {suffix[1:].upper()} ({type(e).__name__}: "
+                            f"{str(e)[:200]}); allowed: a triangle or polygon mesh in {', '.join(MESH_SUFFIXES)}") \
+            from None
+    mesh = _checked(mesh)
+    if uvs is not None:
+        uv, uv_faces = np.asarray(uvs.uvs, dtype=np.float32), np.asarray(uvs.faces, dtype=np.int64)
+        if uv.ndim != 2 or uv.shape[1] != 2 or uv.shape[0] == 0 or not np.all(np.isfinite(uv)) or \
+                uv_faces.shape != mesh.faces.shape or uv_faces.min() < 0 or uv_faces.max() >= uv.shape[0]:
+            raise BadInputError(f"{path} has texture coordinates of shape {uv.shape} indexed {uv_faces.shape}; "
+                                f"allowed: finite (u, v) pairs, one UV triangle per face ({mesh.faces.shape[0]})")
+        uvs = MeshUvs(uv, uv_faces)
+    return mesh, uvs
 
 
 # PLY -----------------------------------------------------------------------------------------------------------------
@@ -167,7 +216,11 @@ def _ply_bytes(mesh: Mesh) -> bytes:
     return ("\n".join(header) + "\n").encode("ascii") + vertex_data.tobytes() + face_data.tobytes()
 
 
-def _read_ply(path: Path) -> Mesh:
+_PLY_UV_NAMES = (("s", "t"), ("u", "v"), ("texture_u", "texture_v"))
+"""Vertex properties that hold texture coordinates (Blender writes s/t), origin bottom-left like an OBJ's vt."""
+
+
+def _read_ply_uvs(path: Path) -> tuple[Mesh, MeshUvs | None]:
     """Binary little-endian PLY with a vertex element of scalar properties and a triangle face list."""
     raw = path.read_bytes()
     end = raw.find(b"end_header\n")
@@ -184,7 +237,7 @@ def _read_ply(path: Path) -> Mesh:
             elements.append((words[1], int(words[2]), []))
         elif words[:1] == ["property"] and elements:
             elements[-1][2].append(words[1:])
-    vertices = faces = colors = None
+    vertices = faces = colors = uvs = None
     offset = 0
     for name, count, props in elements:
         if name == "vertex":
@@ -194,6 +247,10 @@ def _read_ply(path: Path) -> Mesh:
             vertices = np.stack([data["x"], data["y"], data["z"]], axis=1).astype(np.float32)
             if {"red", "green", "blue"} <= set(dtype.names or ()):
                 colors = np.stack([data["red"], data["green"], data["blue"]], axis=1).astype(np.uint8)
+            for u, v in _PLY_UV_NAMES:
+                if {u, v} <= set(dtype.names or ()):
+                    uvs = np.stack([data[u], 1.0 - data[v].astype(np.float64)], axis=1).astype(np.float32)
+                    break
         elif name == "face" and len(props) == 1 and props[0][0] == "list":
             dtype = np.dtype([("count", _PLY_TYPES[props[0][1]]), ("indices", _PLY_TYPES[props[0][2]], (3,))])
             data = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
@@ -205,7 +262,7 @@ def _read_ply(path: Path) -> Mesh:
             raise BadInputError(f"{path} has PLY element {name!r} this reader does not know; allowed: vertex, face")
     if vertices is None or faces is None:
         raise BadInputError(f"{path} lacks a vertex or face element; allowed: a triangle mesh")
-    return Mesh(vertices, faces, colors)
+    return Mesh(vertices, faces, colors), None if uvs is None else MeshUvs(uvs, faces)
 
 
 # GLB -----------------------------------------------------------------------------------------------------------------
@@ -265,22 +322,33 @@ def _glb_bytes(mesh: Mesh) -> bytes:
             + struct.pack("<II", len(blob), _BIN_CHUNK) + blob)
 
 
-def _read_glb(path: Path) -> Mesh:
-    """Read a GLB back into z-up world coordinates with sRGB uint8 colours (COLOR_0 is linear in glTF)."""
+def _read_glb_uvs(path: Path) -> tuple[Mesh, MeshUvs | None]:
+    """Read a GLB back into z-up world coordinates with sRGB uint8 colours (COLOR_0 is linear in glTF) and its
+    TEXCOORD_0 (every primitive's, as trimesh concatenates them; None when any lacks them)."""
     import trimesh
 
     try:
         tm = trimesh.load(path, file_type="glb", force="mesh", process=False)
-    except (ValueError, KeyError, OSError) as error:
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, struct.error, OSError) as error:
         raise BadInputError(
-            f"{path} could not be read as glTF binary ({error}); allowed: a .glb triangle mesh"
-        ) from error
+            f"{path} could not be read as glTF binary ({type(error).__name__}: {str(error)[:200]}); allowed: a .glb "
+            "triangle mesh"
+        ) from None
+    if not isinstance(tm, trimesh.Trimesh):  # a file of points or lines only: trimesh gives back an empty scene
+        raise BadInputError(f"{path} holds no triangles; allowed: a .glb triangle mesh")
     colors = _glb_linear_colors(path, len(tm.vertices))
     if colors is None and tm.visual.kind == "vertex":  # a GLB of another writer, stored as 8-bit (linear) values
         colors = np.asarray(tm.visual.vertex_colors)[:, :3] / 255.0
     srgb = None if colors is None else np.round(linear_to_srgb(colors) * 255).astype(np.uint8)
     vertices = _from_y_up(np.asarray(tm.vertices, dtype=np.float32))
-    return Mesh(vertices.astype(np.float32), np.asarray(tm.faces, dtype=np.int64), srgb)
+    faces = np.asarray(tm.faces, dtype=np.int64)
+    uvs = None
+    uv = getattr(tm.visual, "uv", None) if tm.visual.kind == "texture" else None
+    if uv is not None and len(uv) == len(vertices):
+        # trimesh turns glTF's (u, v) (origin top-left) into OpenGL's (origin bottom-left); turn it back.
+        uv = np.asarray(uv, dtype=np.float64)
+        uvs = MeshUvs(np.stack([uv[:, 0], 1.0 - uv[:, 1]], axis=1).astype(np.float32), faces)
+    return Mesh(vertices.astype(np.float32), faces, srgb), uvs
 
 
 def _glb_linear_colors(path: Path, count: int) -> np.ndarray | None:
@@ -330,16 +398,25 @@ def _format_rows(row_format: str, rows: np.ndarray, chunk: int = 65536) -> bytes
     return "".join(parts).encode("ascii")
 
 
-def _read_obj(path: Path) -> Mesh:
-    """Wavefront OBJ with ``v x y z [r g b]`` and triangular ``f a b c`` (or ``a/t/n``) lines, positive indices."""
+def _read_obj_uvs(path: Path) -> tuple[Mesh, MeshUvs | None]:
+    """Wavefront OBJ: ``v x y z [r g b]``, ``vt u [v]`` and ``f`` lines of three or more corners ``a``, ``a/t``,
+    ``a//n`` or ``a/t/n`` with positive indices; polygons are fanned into triangles (a fan from the first corner, as
+    Blender's and most importers triangulate a convex polygon).
+
+    UVs: the faces' ``t`` indices into the ``vt`` lines, as (u, 1 − v) (:class:`MeshUvs`); None when no face has
+    one. A face without (in a file where others have them) points at an extra zero-area UV triangle."""
     vertex_lines: list[str] = []
+    uv_lines: list[str] = []
     face_lines: list[str] = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.startswith("v "):
             vertex_lines.append(line[2:])
+        elif line.startswith("vt "):
+            uv_lines.append(line[3:])
         elif line.startswith("f "):
-            face_lines.append(line[2:])
-    allowed = "allowed: 'v x y z' or 'v x y z r g b' lines and triangular 'f a b c' lines with 1-based indices"
+            face_lines.append(line[2:].split("#", 1)[0])
+    allowed = ("allowed: 'v x y z' or 'v x y z r g b' lines, 'vt u v' lines and 'f' lines of 3 or more corners "
+               "'a', 'a/t', 'a//n' or 'a/t/n' with 1-based indices")
     if not vertex_lines or not face_lines:
         raise BadInputError(f"{path} has {len(vertex_lines)} vertices and {len(face_lines)} faces; {allowed}")
     width = len(vertex_lines[0].split())
@@ -348,14 +425,40 @@ def _read_obj(path: Path) -> Mesh:
         # One joined parse instead of a per-line loop: ~10× faster on meshes with 10⁵–10⁶ vertices.
         table = np.array(" ".join(vertex_lines).split(), dtype=np.float64)
         words = face_text.split()
-        faces = np.array([w.split("/", 1)[0] for w in words] if "/" in face_text else words, dtype=np.int64)
+        if "/" in face_text:
+            parts = [w.split("/") for w in words]
+            corners = np.array([p[0] for p in parts], dtype=np.int64)
+            uv_index = np.array([int(p[1]) if len(p) > 1 and p[1] else 0 for p in parts], dtype=np.int64)
+        else:
+            corners, uv_index = np.array(words, dtype=np.int64), np.zeros(len(words), dtype=np.int64)
+        uv_table = np.array([[*row, 0.0, 0.0][:2] for row in ([float(x) for x in t.split()[:2]] for t in uv_lines)],
+                            dtype=np.float64).reshape(-1, 2)
     except ValueError as error:
-        raise BadInputError(f"{path} has an unreadable number ({error}); {allowed}") from error
+        raise BadInputError(f"{path} has an unreadable number ({error}); {allowed}") from None
     if width not in (3, 6) or table.shape[0] != width * len(vertex_lines):
         raise BadInputError(f"{path} has vertex lines of varying or unknown length; {allowed}")
-    if faces.shape[0] != 3 * len(face_lines) or faces.min() < 1 or faces.max() > len(vertex_lines):
-        raise BadInputError(f"{path} has non-triangular faces or indices outside 1..{len(vertex_lines)}; {allowed}")
+    counts = np.array([len(f.split()) for f in face_lines], dtype=np.int64)
+    if counts.min() < 3 or corners.min() < 1 or corners.max() > len(vertex_lines):
+        raise BadInputError(f"{path} has a face of fewer than 3 corners or vertex indices outside "
+                            f"1..{len(vertex_lines)}; {allowed}")
+    if uv_index.min() < 0 or uv_index.max() > len(uv_table):
+        raise BadInputError(f"{path} has texture indices outside 1..{len(uv_table)}; {allowed}")
+    # Fan triangulation: face k with n corners from offset o gives (o, o + i, o + i + 1) for i = 1 … n − 2.
+    fans = counts - 2
+    first = np.repeat(np.cumsum(counts) - counts, fans)
+    step = np.arange(int(fans.sum())) - np.repeat(np.cumsum(fans) - fans, fans) + 1
+    triangles = np.stack([first, first + step, first + step + 1], axis=1)
     table = table.reshape(-1, width)
     colors = np.clip(np.rint(table[:, 3:6] * 255.0), 0, 255).astype(np.uint8) if width == 6 else None
     vertices = _from_y_up(table[:, :3].astype(np.float32))
-    return Mesh(vertices.astype(np.float32), faces.reshape(-1, 3) - 1, colors)
+    mesh = Mesh(vertices.astype(np.float32), corners[triangles] - 1, colors)
+    uv_faces = uv_index[triangles]
+    if not uv_faces.any():
+        return mesh, None
+    # A face with any corner lacking a vt gets the zero-area triangle of an extra UV (0, 0) appended at the end.
+    incomplete = (uv_faces == 0).any(axis=1)
+    uv_faces = uv_faces - 1
+    uv_faces[incomplete] = len(uv_table)
+    uv_table = np.concatenate([uv_table, np.zeros((1, 2))]) if incomplete.any() else uv_table
+    uvs = np.stack([uv_table[:, 0], 1.0 - uv_table[:, 1]], axis=1).astype(np.float32)
+    return mesh, MeshUvs(uvs, uv_faces)

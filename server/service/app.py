@@ -11,6 +11,8 @@ The contract, shared with the Blender add-on, is versioned under ``/v1`` and des
     GET    /v1/jobs/{id}/views/{name}      a generated view (PNG)
     POST   /v1/jobs/{id}/remesh            JSON {resolution, target_faces, texture_size, format} → 202: a new job
                                            meshing the done job's views again (no Zero123; the source is kept)
+    POST   /v1/jobs/{id}/bake              multipart: mesh (GLB/OBJ/PLY) (+ options JSON {texture_size, keep_uvs,
+                                           format}) → 202: a new job baking the done job's views onto that mesh
     POST   /v1/jobs/{id}/reroll            JSON {views: [1, 5], seed?} → a job in review re-rolls those views
     POST   /v1/jobs/{id}/continue          JSON {elevation?} → a job in review goes on to the mesh
     PUT    /v1/jobs/{id}/pin               keep the job when the jobs folder is over its size limit (DELETE: unpin)
@@ -39,6 +41,7 @@ import logging
 import mimetypes
 import os
 import re
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -64,7 +67,7 @@ from server import __version__
 from server.common.devices import PEAK_MEMORY_BYTES, describe_device
 from server.common.errors import BadInputError, One2345Error, only_query
 from server.common.images import check_image_size
-from server.service.jobs import MEDIA_TYPES, REMESH_OPTIONS, ApiError, JobManager, check_options
+from server.service.jobs import BAKE_OPTIONS, MEDIA_TYPES, REMESH_OPTIONS, ApiError, JobManager, check_options
 from server.service.weights_api import WeightsHealth, WeightsManager, weights_router
 
 log = logging.getLogger(__name__)
@@ -180,6 +183,8 @@ class JobResult(BaseModel):
     textured: bool = Field(description="the GLB has a baked base-colour texture (and UVs) instead of vertex colours")
     texture_size: int | None = Field(description="side of the texture in texels; null without one")
     target_faces: int | None = Field(description="the polygon budget asked for; null: every marching-cubes face")
+    uv_source: str | None = Field(None, description="a bake job's UVs: mesh (the uploaded mesh's own) or unwrap (a "
+                                                    "fresh one); null for other jobs and vertex colours")
 
 
 class ReviewView(BaseModel):
@@ -203,8 +208,9 @@ class Review(BaseModel):
 class JobStatus(BaseModel):
     id: str
     state: str = Field(description="queued | running | review | done | failed | cancelled | expired")
-    stage: str | None = Field(description="preprocess, stage1, stage2, elevation, stage1b, stage2b, reconstruct, "
-                                          "asset or export; null while queued")
+    stage: str | None = Field(description="prepare (the one-time set-up while models load), preprocess, stage1, "
+                                          "stage2, elevation, stage1b, stage2b, reconstruct, asset or export; null "
+                                          "while queued")
     step: int
     total: int
     fraction: float = Field(description="overall fraction done, 0…1")
@@ -213,9 +219,14 @@ class JobStatus(BaseModel):
     created: str = Field(description="ISO 8601, UTC")
     options: dict[str, Any]
     previews: list[Preview]
+    message: str | None = Field(default=None, description="a line for people about the current step while one is "
+                                                          "given, e.g. during the one-time set-up (stage prepare): "
+                                                          "\"One-time set-up: converting Zero123-XL …\"; else null")
     error: ErrorDetail | None
     result: JobResult | None
     remesh_of: str | None = Field(description="the job whose views this one re-meshes; null for a generation")
+    bake_of: str | None = Field(None, description="the job whose views this one bakes onto an uploaded mesh; null "
+                                                  "otherwise")
     pinned: bool = Field(description="kept by the jobs folder's size-limit clean-up")
     review: Review | None = Field(description="the views and elevation to review (option review: true); null "
                                               "otherwise")
@@ -301,6 +312,55 @@ def parse_json(text: str | bytes | None, what: str, example: str) -> Any:
 
 _OPTIONS_EXAMPLE = 'send a JSON object, e.g. {"steps_stage1": 50, "format": "glb"}'
 _REMESH_EXAMPLE = 'send a JSON object, e.g. {"target_faces": 20000, "texture_size": 1024}'
+_BAKE_EXAMPLE = 'send a JSON object, e.g. {"texture_size": 1024, "keep_uvs": true, "format": "glb"}'
+MESH_UPLOAD_FORMATS = ("glb", "obj", "ply")
+"""Mesh files a bake accepts, told apart by their content (GLB: the ``glTF`` magic; PLY: the ``ply`` line; OBJ:
+UTF-8 text)."""
+
+
+def inspect_mesh(data: bytes, filename: str | None, config: AppConfig) -> str:
+    """Check an uploaded mesh before a bake is queued (it is read whole now, not minutes later in the worker);
+    return its format (``glb``, ``obj`` or ``ply``).
+
+    Raises:
+        BadInputError: empty, not a GLB, OBJ or PLY file (or not the format its name claims), or a file the mesh
+            reader refuses (the message names the upload, never a server path).
+        ApiError: ``too_large`` over the upload size limit.
+    """
+    from server.common.mesh_io import load_mesh_with_uvs
+
+    name = PurePath((filename or "mesh").replace("\\", "/")).name[:80] or "mesh"
+    if not data:
+        raise BadInputError(f"the mesh {name!r} is empty (0 bytes)", fix="upload a GLB, OBJ or PLY file")
+    if len(data) > config.max_upload_bytes:
+        raise ApiError("too_large", f"the mesh is {len(data) / _MiB:.1f} MiB; the limit is "
+                                    f"{config.max_upload_bytes / _MiB:g} MiB",
+                       fix="decimate the mesh, or start the server with a larger --max-upload-mb")
+    claimed = PurePath(name).suffix.lower().lstrip(".")
+    if data[:4] == b"glTF":
+        fmt = "glb"
+    elif data[:4] in (b"ply\n", b"ply\r"):
+        fmt = "ply"
+    elif claimed in ("glb", "ply"):
+        raise BadInputError(f"the mesh {name!r} is not a {claimed.upper()} file (its first bytes are not a "
+                            f"{claimed.upper()} header)", fix="upload the file itself, as GLB, OBJ or PLY")
+    else:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadInputError(f"the mesh {name!r} is not a GLB, OBJ or PLY file; allowed: "
+                                f"{', '.join(MESH_UPLOAD_FORMATS)} (a .gltf, .fbx or .blend must be exported as one "
+                                "of these)") from None
+        fmt = "obj"
+    with tempfile.TemporaryDirectory(prefix="one2345-mesh-") as folder:
+        path = PurePath(folder) / f"upload.{fmt}"
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            load_mesh_with_uvs(path)
+        except BadInputError as e:  # the reader names its file: the upload's name, not the temporary path
+            raise BadInputError(e.message.replace(str(path), f"the mesh {name!r}"), fix=e.fix) from None
+    return fmt
 
 
 def _refuse_constant(name: str) -> Any:
@@ -714,6 +774,37 @@ def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager |
     async def remesh(job_id: str, request: Request) -> JSONResponse:
         overrides = parse_json(await request.body(), "the re-mesh body", _REMESH_EXAMPLE)
         status = await run_in_threadpool(manager.submit_remesh, job_id, overrides)
+        return JSONResponse({"id": status["id"], "state": status["state"], "url": f"/v1/jobs/{status['id']}"},
+                            status_code=202)
+
+    @router.post("/jobs/{job_id}/bake", status_code=202, response_model=JobCreated,
+                 summary="Bake a done job's views onto an uploaded mesh as a new job",
+                 responses=_errors(400, 401, 404, 409, 413, 429, 507))
+    async def bake(
+        job_id: str,
+        request: Request,
+        mesh: Annotated[UploadFile, File(description="the mesh, in the job's frame: GLB, OBJ or PLY (as the "
+                                                     "job's result), at most --max-upload-mb; its own UVs are "
+                                                     "baked onto when usable", json_schema_extra={"minLength": 1})],
+        options: Annotated[str | None, Form(description="a JSON object with any of: texture_size (256…4096, "
+                                                        "default 1024 for glb; null: vertex colours, the default "
+                                                        "for obj and ply), keep_uvs (bool, default true), format "
+                                                        "(glb|obj|ply, default glb; a texture needs glb)")] = None,
+    ) -> JSONResponse:
+        form = await request.form()
+        unknown = sorted(set(form.keys()) - {"mesh", "options"})
+        if unknown:
+            raise BadInputError(f"unknown form field(s) {unknown}; the form has the parts 'mesh' and 'options'")
+        if len(form.getlist("mesh")) != 1 or len(form.getlist("options")) > 1:
+            raise BadInputError("send exactly one 'mesh' part and at most one 'options' part")
+        body = parse_json(options, "the bake options", _BAKE_EXAMPLE)
+        if isinstance(body, dict) and set(body) - set(BAKE_OPTIONS):  # before the mesh is read: cheap
+            raise BadInputError(f"bake option(s) {sorted(set(body) - set(BAKE_OPTIONS))} are unknown; allowed: "
+                                f"{list(BAKE_OPTIONS)}")
+        await run_in_threadpool(manager.status, job_id)  # a job that does not exist is 404 before the mesh is read
+        data = await mesh.read()
+        ext = await run_in_threadpool(inspect_mesh, data, mesh.filename, config)
+        status = await run_in_threadpool(manager.submit_bake, job_id, data, ext, body)
         return JSONResponse({"id": status["id"], "state": status["state"], "url": f"/v1/jobs/{status['id']}"},
                             status_code=202)
 

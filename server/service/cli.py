@@ -154,6 +154,32 @@ def cmd_remesh(args: argparse.Namespace) -> int:
     return _mesh_from_views(args, run / "views")
 
 
+def cmd_bake(args: argparse.Namespace) -> int:
+    """A finished run's views baked onto the user's mesh (server.pipeline.bake): every path and option is checked
+    before the views are read (which brings torch)."""
+    from server.pipeline.bake import bake_run, check_bake_request
+
+    _check_path(args.mesh, "mesh file", folder=False)
+    explicit_texture = args.texture is not None
+    texture = args.texture if explicit_texture else 1024
+    if explicit_texture and (args.vertex_colors or Path(args.output).suffix.lower() == ".ply"):
+        what = "so was --vertex-colors" if args.vertex_colors else "the output is a PLY, which has no texture"
+        raise BadInputError(f"--texture {args.texture} was given, but {what}",
+                            fix="leave --texture out, or write a .glb or .obj")
+    check_bake_request(args.run_dir, args.mesh, args.output, texture, vertex_colors=args.vertex_colors)
+    start = time.perf_counter()
+    outcome = bake_run(args.run_dir, args.mesh, args.output, texture_size=texture, keep_uvs=args.keep_uvs,
+                       vertex_colors=args.vertex_colors)
+    onto = "its own UVs" if outcome.uv_source == "mesh" else "a fresh unwrap"
+    what = "vertex colours" if outcome.texture_size is None else f"a {outcome.texture_size}² texture on {onto}"
+    print(f"baked {what}: {outcome.uv_reason}; {outcome.vertices:,} vertices, {outcome.faces:,} faces in "
+          f"{time.perf_counter() - start:.1f}s", file=sys.stderr)
+    for extra in [*outcome.files[1:], outcome.meta_path]:
+        print(f"also wrote {extra}", file=sys.stderr)
+    print(outcome.files[0])
+    return 0
+
+
 def cmd_weights_verify(args: argparse.Namespace) -> int:
     if args.all == (args.file is not None):
         raise BadInputError("give either a checkpoint FILE or --all (every weight file of the weights folder)")
@@ -696,6 +722,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_imagine)
 
     add_serve_parser(sub)
+
+    b = sub.add_parser("bake", help="bake a finished run's views onto your own mesh (a retopology with its UVs)",
+                       description="Colour a mesh of your own from the 40 posed views of a finished run, without any "
+                                   "network: a texture baked onto the mesh's own UVs when it has usable ones (else a "
+                                   "fresh unwrap), or vertex colours. The mesh must be in the run's frame (PLY: the "
+                                   "z-up pose.json world; GLB/OBJ: the same y-up files `generate` writes). The "
+                                   "geometry is kept as it is; a record goes to OUT_STEM.meta.json beside -o.")
+    b.add_argument("run_dir", help="the run's folder (<mesh stem>.one2345/) or a server job's folder")
+    b.add_argument("mesh", help="the mesh to colour: .glb, .obj (polygons are triangulated) or .ply")
+    b.add_argument("-o", "--output", required=True,
+                   help="output: .glb or .obj (textured; an OBJ also writes .mtl and _texture.png) or .ply (vertex "
+                        "colours)")
+    b.add_argument("--texture", type=int, default=None, metavar="SIZE",
+                   help="texture side, 256…4096 (default 1024)")
+    b.add_argument("--no-keep-uvs", dest="keep_uvs", action="store_false",
+                   help="unwrap afresh even when the mesh has usable UVs")
+    b.add_argument("--vertex-colors", action="store_true",
+                   help="colour the vertices instead of baking a texture (always so for a .ply)")
+    b.set_defaults(func=cmd_bake)
 
     s = sub.add_parser("sample-views", help="write a synthetic views folder (pose.json + 40 views: the 8 stage-1 "
                                             "views and their 32 nearby views) to try `reconstruct` without running "

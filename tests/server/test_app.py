@@ -369,7 +369,8 @@ def test_openapi_documents_the_api(client):
     assert set(schema["paths"]) == {"/v1/health", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/result",
                                     "/v1/jobs/{job_id}/meta", "/v1/jobs/{job_id}/views/{name}",
                                     "/v1/jobs/{job_id}/input", "/v1/jobs/{job_id}/remesh", "/v1/jobs/{job_id}/reroll",
-                                    "/v1/jobs/{job_id}/continue", "/v1/jobs/{job_id}/pin", *weights}
+                                    "/v1/jobs/{job_id}/continue", "/v1/jobs/{job_id}/pin", "/v1/jobs/{job_id}/bake",
+                                    *weights}
     post = schema["paths"]["/v1/jobs"]["post"]
     assert {"202", "400", "401", "413", "429", "503"} <= set(post["responses"])
     assert "422" not in json.dumps(schema["paths"])

@@ -21,6 +21,7 @@ from outside it imports :mod:`server.common` and :mod:`server.pipeline` (and a s
 from server.common.fsutil import write_json_atomic
 from server.service.jobs.manager import JobManager, JobsConfig
 from server.service.jobs.records import (
+    BAKE_OPTIONS,
     FINISHED,
     JOB_ID_RE,
     MEDIA_TYPES,
@@ -38,6 +39,7 @@ from server.service.jobs.records import (
 from server.service.jobs.worker import Pipeline
 
 __all__ = [
+    "BAKE_OPTIONS",
     "FINISHED",
     "JOB_ID_RE",
     "MEDIA_TYPES",

@@ -28,13 +28,14 @@ from server.service.jobs.records import (
     VIEW_NAME_RE,
     ApiError,
     Job,
+    check_bake_options,
     check_job_id,
     check_options,
     download_name,
     error_dict,
     now_iso,
 )
-from server.service.jobs.store import JobStore, copy_run, folder_bytes
+from server.service.jobs.store import JobStore, copy_run, folder_bytes, run_previews
 from server.service.jobs.worker import JobQueue, Pipeline, Worker, free_gpu_memory
 
 log = logging.getLogger(__package__)
@@ -124,7 +125,8 @@ class JobManager:
         died and no job can run), the models, the queue, the running job, the recent run time, ``worker_alive`` and
         ``quarantined`` (job folders set aside at start-up)."""
         with self.lock:
-            done = sorted((j for j in self._jobs.values() if j.state == "done" and j.remesh_of is None),
+            done = sorted((j for j in self._jobs.values() if j.state == "done" and j.remesh_of is None
+                           and j.bake_of is None),
                           key=lambda j: j.created)[-5:]
             seconds = sorted(j.to_public()["elapsed_s"] for j in done)
             return {"status": "degraded" if self._worker_died() else "ok",
@@ -256,8 +258,48 @@ class JobManager:
             job_id = uuid.uuid4().hex
             job = Job(id=job_id, folder=self.jobs_dir / job_id, created=now_iso(), options=options,
                       input_file=source.input_file, download_stem=source.download_stem, remesh_of=source.id)
-            self._store(job, lambda incoming: copy_run(source.folder, incoming, source.input_file))
+
+            def fill(incoming: Path) -> None:
+                copy_run(source.folder, incoming, source.input_file)
+                job.previews = run_previews(incoming / "run")  # the copied views are its previews from the start
+
+            self._store(job, fill)
             self.store.log(job, f"queued: re-mesh of {source.id}, options {json.dumps(overrides)}")
+            return job.to_public()
+
+    def submit_bake(self, source_id: str, mesh: bytes, ext: str, body: Any) -> dict[str, Any]:
+        """Queue a bake of a done job's views onto an uploaded mesh: a new job (``bake_of`` = the source) that starts
+        from a copy of the source's input, views and meta.json, holds the mesh as ``bake_input.<ext>``, and needs no
+        model. Returns the new job's public status.
+
+        Args:
+            source_id: the job whose views are baked.
+            mesh: the uploaded mesh file, already read as a mesh by the HTTP layer.
+            ext: ``glb``, ``obj`` or ``ply``.
+            body: the bake options (:func:`server.service.jobs.records.check_bake_options`).
+
+        Raises:
+            BadInputError: invalid options.
+            ApiError: ``not_found`` / ``conflict`` for a missing or unfinished source, ``queue_full``, ``internal``
+                as :meth:`submit` (weights are not needed).
+            StorageError: the disk refused the new job's folder.
+        """
+        with self.lock:
+            source = self._done(source_id)
+            options, keep_uvs = check_bake_options(source.options, body)
+            self._refuse_if_unavailable(needs_models=False)
+            job_id = uuid.uuid4().hex
+            bake = {"mesh": f"bake_input.{ext}", "keep_uvs": keep_uvs}
+            job = Job(id=job_id, folder=self.jobs_dir / job_id, created=now_iso(), options=options,
+                      input_file=source.input_file, download_stem=source.download_stem, bake_of=source.id, bake=bake)
+
+            def fill(incoming: Path) -> None:
+                copy_run(source.folder, incoming, source.input_file)
+                (incoming / bake["mesh"]).write_bytes(mesh)
+
+            self._store(job, fill)
+            self.store.log(job, f"queued: bake of {source.id} onto {bake['mesh']} ({len(mesh)} bytes), options "
+                                f"{json.dumps(body)}")
             return job.to_public()
 
     def reroll(self, job_id: str, body: Any) -> dict[str, Any]:
@@ -355,7 +397,7 @@ class JobManager:
         review.require_review(job)
         return job
 
-    def _refuse_if_unavailable(self) -> None:
+    def _refuse_if_unavailable(self, needs_models: bool = True) -> None:
         if self._queue.stopping:
             raise ApiError("internal", "the server is shutting down", fix="start the server again")
         if self._worker_died():
@@ -366,6 +408,8 @@ class JobManager:
             raise ApiError("queue_full", f"{len(self._queue)} jobs are already waiting (the limit is "
                                          f"{self.config.max_queue})", fix=f"retry in about {wait} s",
                            headers={"Retry-After": str(wait)})
+        if not needs_models:  # a bake: the weights and the models do not matter
+            return
         if self.pipeline is None and self.preflight is not None:
             self.preflight()
         if self._load_failure is not None:

@@ -39,6 +39,10 @@ DOWNLOAD_STEM_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 """What the HTTP app's ``download_stem`` leaves of an upload's name: it goes into a Content-Disposition header, so a
 record holding anything else (a CR/LF, a quote) is refused on load."""
 REMESH_OPTIONS = ("resolution", "target_faces", "texture_size", "format")
+BAKE_OPTIONS = ("texture_size", "keep_uvs", "format")
+"""What a bake (``POST /v1/jobs/<id>/bake``) takes besides its mesh."""
+BAKE_MESH_RE = re.compile(r"bake_input\.(?:glb|obj|ply)")
+"""The uploaded mesh's name inside a bake job's folder."""
 """What a re-mesh may change: everything else (elevation, seed, steps…) shaped the views, which it reuses."""
 _ETA_MIN_FRACTION = 0.02
 """Below this overall fraction the rate estimate is mostly start-up cost, so no ETA is given."""
@@ -82,6 +86,36 @@ def check_options(data: Any) -> dict[str, Any]:
                             fix='use "format": "glb", or `one2345 generate --texture SIZE -o OUT.obj` on the command '
                                 "line")
     return asdict(options)
+
+
+def check_bake_options(source_options: dict[str, Any], data: Any) -> tuple[dict[str, Any], bool]:
+    """A bake's options (``texture_size``, ``keep_uvs``, ``format``) over its source job's → (the new job's options,
+    keep_uvs).
+
+    ``format`` defaults to glb; ``texture_size`` to 1024 for a GLB and to null (vertex colours) for a PLY or OBJ, as a
+    job's result is one file (:func:`check_options`). The source's polygon budget does not apply (the mesh is the
+    client's) and a bake never pauses for review.
+
+    Raises:
+        BadInputError: not an object, an unknown field, keep_uvs not a boolean, or what :func:`check_options` refuses.
+    """
+    from server.common.errors import BadInputError
+
+    if not isinstance(data, dict):
+        raise BadInputError(f"the bake options must be a JSON object, got {type(data).__name__}",
+                            fix='e.g. {"texture_size": 1024, "keep_uvs": true, "format": "glb"}')
+    unknown = sorted(set(data) - set(BAKE_OPTIONS))
+    if unknown:
+        raise BadInputError(f"bake option(s) {unknown} are unknown; allowed: {list(BAKE_OPTIONS)}",
+                            fix="the views are the source job's; only the texture and the file format can be chosen")
+    keep_uvs = data.get("keep_uvs", True)
+    if not isinstance(keep_uvs, bool):
+        raise BadInputError(f"option keep_uvs={keep_uvs!r} is not allowed: true or false")
+    fmt = data.get("format", "glb")
+    texture_size = data.get("texture_size", 1024 if fmt == "glb" else None)
+    options = check_options({**source_options, "format": fmt, "texture_size": texture_size, "target_faces": None,
+                             "review": False})
+    return options, keep_uvs
 
 
 def check_job_id(job_id: str) -> str:
@@ -128,12 +162,20 @@ class Job:
     elapsed_s: float = 0.0
     """Seconds the job ran, fixed when it finishes (while it runs, :meth:`elapsed` counts live); 0 while queued."""
     previews: list[str] = field(default_factory=list)
+    message: str | None = None
+    """A line for people about the current step while one is given (the one-time Zero123-XL conversion: "One-time
+    set-up: converting Zero123-XL …"); None otherwise and once a task ends."""
     error: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     """``format``, ``elevation``, ``vertices``, ``faces``, ``textured``, and the files ``mesh`` and ``meta``
     relative to the job folder."""
     remesh_of: str | None = None
     """The id of the job whose views this one re-meshes, or None for a generation."""
+    bake_of: str | None = None
+    """The id of the job whose views this one bakes onto an uploaded mesh, or None."""
+    bake: dict[str, Any] | None = None
+    """A bake job's own settings: ``mesh`` (the upload's name in the job folder, :data:`BAKE_MESH_RE`) and
+    ``keep_uvs``; None for other jobs."""
     review: dict[str, Any] | None = None
     """While paused for review (and after): the views, the elevation and its source, the re-roll seeds, the
     revision (bumped by each re-roll), ``deadline`` (Unix time it expires) and ``timeout_s`` (the review time it was
@@ -154,8 +196,9 @@ class Job:
 
     _RECORD_FIELDS: ClassVar[tuple[str, ...]] = (
         "id", "created", "options", "input_file", "download_stem", "state", "stage", "step", "total", "fraction",
-        "elapsed_s", "previews", "error", "result", "remesh_of", "review", "pinned")
-    _OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = ("remesh_of", "review", "pinned")
+        "elapsed_s", "previews", "message", "error", "result", "remesh_of", "review", "pinned", "bake_of",
+        "bake")
+    _OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = ("remesh_of", "review", "pinned", "message", "bake_of", "bake")
     """Fields added after the first release: a status.json from before them reads back with their default."""
     _PUBLIC_REVIEW: ClassVar[tuple[str, ...]] = (
         "views", "revision", "elevation", "elevation_source", "elevation_uncertain", "elevation_confidence", "seed",
@@ -187,6 +230,10 @@ class Job:
             _check_review(record["review"])
         if record.get("result") is not None:
             _check_result(record["result"])
+        if (record.get("bake_of") is None) != (record.get("bake") is None):
+            raise RecordError("bake", "and bake_of must be both set (a bake job) or both null")
+        if record.get("bake_of") is not None and record.get("remesh_of") is not None:
+            raise RecordError("bake_of", "is set, but so is remesh_of: a job is one or the other")
         if record["state"] == "review" and record.get("review") is None:
             raise RecordError("review", "is missing, but the state is review")
         if record["state"] == "done" and record["result"] is None:
@@ -221,14 +268,16 @@ class Job:
                       "elevation_confidence": self.result.get("elevation_confidence"),
                       "textured": bool(self.result.get("textured", False)),
                       "texture_size": self.result.get("texture_size"),
-                      "target_faces": self.result.get("target_faces")}
+                      "target_faces": self.result.get("target_faces"),
+                      "uv_source": self.result.get("uv_source")}
         return {
             "id": self.id, "state": self.state, "stage": self.stage, "step": self.step, "total": self.total,
             "fraction": self.fraction, "elapsed_s": round(elapsed, 3),
             "eta_s": None if eta is None else round(eta, 1), "created": self.created,
             "options": self.options,
             "previews": [{"name": name, "url": f"{base}/views/{name}"} for name in self.previews],
-            "error": self.error, "result": result, "remesh_of": self.remesh_of, "pinned": self.pinned,
+            "message": self.message, "error": self.error, "result": result, "remesh_of": self.remesh_of,
+            "pinned": self.pinned, "bake_of": self.bake_of,
             "review": self._public_review(),
         }
 
@@ -317,9 +366,14 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "elapsed_s": (lambda v: _is_number(v, 0.0), "a finite number ≥ 0"),
     "previews": (lambda v: isinstance(v, list) and all(_matches(VIEW_NAME_RE)(n) for n in v),
                  "a list of view names (<i>.png, <i>_<j>.png, input_256.png)"),
+    "message": (_or_null(lambda v: _is_text(v, 1000)), "null or a string of at most 1000 characters"),
     "error": (_or_null(_is_error), 'null or {"kind", "message", "fix"} (strings; fix may be null)'),
     "result": (_or_null(lambda v: isinstance(v, dict)), "null or a JSON object"),
     "remesh_of": (_or_null(_matches(JOB_ID_RE)), "null or a job id"),
+    "bake_of": (_or_null(_matches(JOB_ID_RE)), "null or a job id"),
+    "bake": (_or_null(lambda v: isinstance(v, dict) and set(v) == {"mesh", "keep_uvs"}
+                      and _matches(BAKE_MESH_RE)(v["mesh"]) and isinstance(v["keep_uvs"], bool)),
+             'null or {"mesh": "bake_input.<glb|obj|ply>", "keep_uvs": true|false}'),
     "review": (_or_null(lambda v: isinstance(v, dict)), "null or a JSON object"),
     "pinned": (lambda v: isinstance(v, bool), "true or false"),
 }
@@ -339,6 +393,7 @@ _RESULT_OPTIONAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "textured": (lambda v: isinstance(v, bool), "true or false"),
     "texture_size": (_or_null(lambda v: _is_int(v, 1)), "null or an integer ≥ 1"),
     "target_faces": (_or_null(lambda v: _is_int(v, 1)), "null or an integer ≥ 1"),
+    "uv_source": (_or_null(lambda v: v in ("mesh", "unwrap")), "null, mesh or unwrap"),
 }
 _REVIEW_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "views": (lambda v: isinstance(v, list) and all(_is_int(i) and i < 100 for i in v),

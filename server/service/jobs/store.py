@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -288,6 +289,43 @@ def folder_bytes(folder: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_size
     return total
+
+
+def _preview_order(name: str) -> tuple[int, ...]:
+    """``input_256.png`` first, then the views by number: ``0.png``, ``0_0.png`` … ``0_3.png``, ``1.png`` …"""
+    stem = name.removesuffix(".png")
+    return (-1,) if stem == "input_256" else tuple(int(part) for part in stem.split("_"))
+
+
+def _is_plain_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file, not through a link at its end (what :meth:`JobStore.open` would serve)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def preview_path(run_dir: Path, name: str) -> Path:
+    """Where preview ``name`` lies in a run folder: ``input_256.png`` in it, the views in its ``views/``."""
+    return run_dir / name if name == "input_256.png" else run_dir / "views" / name
+
+
+def run_previews(run_dir: Path) -> list[str]:
+    """The preview names a run folder holds, in order: ``input_256.png`` if present, then every view of
+    ``views/`` named like one (:data:`VIEW_NAME_RE`), by number."""
+    try:
+        names = [n for n in os.listdir(run_dir / "views") if n != "input_256.png" and VIEW_NAME_RE.fullmatch(n)]
+    except OSError:
+        names = []
+    names = [n for n in names if _is_plain_file(run_dir / "views" / n)]
+    if _is_plain_file(run_dir / "input_256.png"):
+        names.append("input_256.png")
+    return sorted(names, key=_preview_order)
+
+
+def existing_previews(run_dir: Path, names: Iterable[str]) -> list[str]:
+    """``names`` less those whose file is gone from the run folder (ring 2 moved: its old views were deleted)."""
+    return [n for n in names if _is_plain_file(preview_path(run_dir, n))]
 
 
 def copy_run(source: Path, dest: Path, input_file: str) -> None:

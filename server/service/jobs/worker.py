@@ -2,7 +2,10 @@
 FIFO queue.
 
 The pipeline stays loaded between jobs. A job's progress is written to its status.json at most once a second (and at
-every stage change); cancellation is a flag the pipeline checks between denoising steps. Every outcome of a run — a
+every stage change); cancellation is a flag the pipeline checks between denoising steps. The first job also sees the
+model loading: a one-time Zero123-XL conversion reports as stage ``prepare`` with a ``message``, and its cancellation
+cancels the conversion (:func:`server.pipeline.models.loading_observer`). When a task ends, its previews are the
+names whose file still exists (a moved ring 2 deletes its old views). Every outcome of a run — a
 result, a cancellation, a full GPU or disk, a bug — is handed to the manager as an error dict, and whatever goes
 wrong in one job's housekeeping is logged and the worker goes on to the next job: the thread ends only when it is
 stopped. Which transition an outcome makes (done, review, failed…) is the manager's.
@@ -10,9 +13,12 @@ stopped. Which transition an outcome makes (done, review, failed…) is the mana
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
+import math
+import sys
 import threading
 import time
 import traceback
@@ -25,13 +31,15 @@ import torch
 
 from server.common.errors import CancelledError, One2345Error, storage_error
 from server.service.jobs.records import VIEW_NAME_RE, Job, error_dict
-from server.service.jobs.store import JobStore
+from server.service.jobs.store import JobStore, existing_previews
 
 log = logging.getLogger(__package__)
 
 _STATUS_WRITE_INTERVAL_S = 1.0
 """Progress reports arrive many times a second; status.json is rewritten at most this often (and at every stage
 change), which keeps the disk quiet while a restarted server still sees recent progress."""
+_MESSAGE_MAX = 1000
+"""A progress message longer than this is cut (status.json refuses longer ones when read back)."""
 _HOUSEKEEPING_RETRY_S = 1.0
 """After the housekeeping between jobs failed, the worker looks again this much later."""
 
@@ -165,7 +173,13 @@ class Worker:
         error: dict[str, Any] | None = None
         try:
             self.store.log(job, "running")
-            result = self._generate(job, self._ensure_pipeline())
+            on_progress = self._progress_callback(job)
+            if job.bake_of is not None:  # a bake needs no model: nothing is loaded for it
+                result = self._bake(job, on_progress)
+            else:
+                with _loading_observed(on_progress, job.cancel.is_set):  # a first load may convert Zero123-XL
+                    pipe = self._ensure_pipeline()
+                result = self._generate(job, pipe, on_progress)
         except CancelledError:
             why = "the server was stopped while the job ran" if self.queue.stopping else "the job was cancelled"
             error = error_dict("cancelled", why)
@@ -198,20 +212,23 @@ class Worker:
             # is reported failed after that, so the next job finds the memory free.
             free_gpu_memory()
         with self.lock:
+            job.message = None  # it described a step of this task
+            job.previews = existing_previews(job.folder / "run", job.previews)
             self._complete(job, result, error)
 
-    def _generate(self, job: Job, pipe: Pipeline) -> dict[str, Any]:
-        from server.pipeline import GenerateOptions
-
-        options = GenerateOptions.from_dict(job.options)
-        run_dir = job.folder / "run"
-        last = {"stage": None, "write": 0.0}
+    def _progress_callback(self, job: Job) -> Callable[[Any], None]:
+        """The ``progress`` of one task of ``job``: each :class:`server.pipeline.Progress` report updates the job's
+        stage, step, total, fraction, message and previews, and status.json is rewritten at every stage change and at
+        most once a second otherwise."""
+        last: dict[str, Any] = {"stage": None, "write": 0.0}
 
         def on_progress(p: Any) -> None:
             now = time.monotonic()
             with self.lock:
                 job.stage, job.step, job.total = p.stage, int(p.step), int(p.total)
                 job.fraction = min(max(float(p.fraction), 0.0), 1.0)
+                message = getattr(p, "message", "") or ""  # a line for people; no server path reaches a client
+                job.message = self.store.public(message)[:_MESSAGE_MAX] if message else None
                 job.elapsed_s = job.elapsed()
                 preview = getattr(p, "preview", None)
                 if preview is not None and VIEW_NAME_RE.fullmatch(Path(preview).name):
@@ -220,10 +237,18 @@ class Worker:
                         job.previews.append(name)
                 if p.stage != last["stage"] or now - last["write"] >= _STATUS_WRITE_INTERVAL_S:
                     if p.stage != last["stage"]:
-                        self.store.log(job, f"stage {p.stage} (overall {job.fraction:.0%})")
+                        self.store.log(job, f"stage {p.stage} (overall {job.fraction:.0%})"
+                                            + (f": {job.message}" if job.message else ""))
                     last["stage"], last["write"] = p.stage, now
                     self.store.save_quietly(job)
 
+        return on_progress
+
+    def _generate(self, job: Job, pipe: Pipeline, on_progress: Callable[[Any], None]) -> dict[str, Any]:
+        from server.pipeline import GenerateOptions
+
+        options = GenerateOptions.from_dict(job.options)
+        run_dir = job.folder / "run"
         action = (job.pending or {}).get("action")
         if job.remesh_of is not None:
             out = pipe.remesh(run_dir, options, progress=on_progress, should_cancel=job.cancel.is_set)
@@ -249,6 +274,40 @@ class Worker:
                 "texture_size": options.texture_size, "target_faces": options.target_faces,
                 "mesh": Path(out.mesh_path).relative_to(job.folder).as_posix(),
                 "meta": Path(out.meta_path).relative_to(job.folder).as_posix()}
+
+    def _bake(self, job: Job, on_progress: Callable[[Any], None]) -> dict[str, Any]:
+        """A bake job: the copied views onto the uploaded mesh (:func:`server.pipeline.bake.bake_run`), written as
+        ``run/mesh.<format>`` with the record in ``run/meta.json``."""
+        from server.pipeline.bake import bake_run
+
+        options, run_dir = job.options, job.folder / "run"
+        out = bake_run(run_dir, job.folder / job.bake["mesh"], run_dir / f"mesh.{options['format']}",
+                       texture_size=options["texture_size"], keep_uvs=job.bake["keep_uvs"],
+                       vertex_colors=options["texture_size"] is None, progress=on_progress,
+                       should_cancel=job.cancel.is_set, meta_path=run_dir / "meta.json")
+        self.store.log(job, f"done: baked onto {job.bake['mesh']}, {out.vertices} vertices, {out.faces} faces; "
+                            f"{out.uv_reason}; timings {json.dumps({k: round(v, 3) for k, v in out.timings.items()})}")
+        # The source run's elevation, from the copied meta.json (read, not trusted: a number or 0).
+        elevation, estimate = out.meta.get("elevation"), out.meta.get("elevation_estimate")
+        finite = isinstance(elevation, int | float) and not isinstance(elevation, bool) and math.isfinite(elevation)
+        return {"format": options["format"], "vertices": out.vertices, "faces": out.faces,
+                "elevation": float(elevation) if finite else 0.0,
+                "elevation_uncertain": isinstance(estimate, dict) and estimate.get("uncertain") is True,
+                "textured": out.texture_size is not None, "texture_size": out.texture_size, "target_faces": None,
+                "uv_source": out.uv_source, "mesh": out.files[0].relative_to(job.folder).as_posix(),
+                "meta": out.meta_path.relative_to(job.folder).as_posix()}
+
+
+def _loading_observed(progress: Callable[[Any], None],
+                      should_cancel: Callable[[], bool]) -> contextlib.AbstractContextManager[None]:
+    """:func:`server.pipeline.models.loading_observer` when that module is imported, else nothing to observe. Only
+    the real pipeline's loading converts Zero123-XL, and its module is imported before the first job (``serve``
+    imports ``One2345Pipeline`` before it builds the manager); importing it here for a stand-in loader would make
+    that loader's first job wait seconds for diffusers."""
+    models = sys.modules.get("server.pipeline.models")
+    if models is None:
+        return contextlib.nullcontext()
+    return models.loading_observer(progress, should_cancel)
 
 
 def free_gpu_memory() -> None:
