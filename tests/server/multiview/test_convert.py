@@ -28,6 +28,7 @@ from server.stages.multiview.convert import (
     convert_zero123_checkpoint,
     ensure_converted,
 )
+from server.stages.multiview.convert import folder as convert_folder
 
 TINY = Zero123Architecture(
     unet=LdmUNetConfig(
@@ -537,7 +538,7 @@ def test_ensure_converted_reuses_the_cache(tmp_path: Path, monkeypatch: pytest.M
         calls.append(Path(args[0]))  # type: ignore[arg-type]
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(convert, "_convert", counting)
+    monkeypatch.setattr(convert_folder, "_convert", counting)
     cache = tmp_path / "cache"
     first = ensure_converted(ckpt, cache, architecture=TINY)
     assert first == cache / "zero123-tiny-diffusers" and (first / "unet/config.json").is_file()
