@@ -42,6 +42,9 @@ if [ "$DEVICE" = cuda ]; then
   step gpu-tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu $gpu_tests
   step reconstruct 60 "$PY" -m server.benchmarks.reconstruct --preset paper --resolution 256 --device cuda --repeats 2
   step pipeline 120 "$PY" -m server.benchmarks.pipeline --preset paper --device cuda --repeats 2
+  # #28: the bake on the device, 20 k faces at 1024², with its parity against the numpy path at that size (the CUDA
+  # parity test itself runs in gpu-tests: tests/server/test_bake_torch.py is marked gpu).
+  step bake 90 "$PY" -m server.benchmarks.bake --faces 20000 --size 1024 --device cuda --repeats 2 --compare
   step fit 150 "$PY" -m training.benchmarks.fit --preset paper --device cuda --steps 200 --data "$work/data" \
     --out "$work/fit"
   step predict-4 60 "$PY" -m training.cli predict --data "$work/data" --random-paper --steps 50 --overwrite \
@@ -55,6 +58,7 @@ else
   step reconstruct 300 "$PY" -m server.benchmarks.reconstruct --preset tiny --resolution 64 --device cpu --repeats 1
   step pipeline 300 "$PY" -m server.benchmarks.pipeline --preset tiny --device cpu --steps-stage1 2 --steps-stage2 2 \
     --resolution 32
+  step bake 300 "$PY" -m server.benchmarks.bake --faces 5000 --size 256 --device cpu --path torch --repeats 1 --compare
   step fit 300 "$PY" -m training.benchmarks.fit --preset tiny --device cpu --steps 5 --objects 2 --data "$work/data" \
     --out "$work/fit"
   step predict-4 120 "$PY" -m training.cli predict --data "$work/data" --tiny --steps 2 --overwrite --batch-objects 4 \

@@ -9,7 +9,8 @@ PY=${PYTHON:-python3}
 pure=(diffusers==0.42.1 kornia==0.9.0 trimesh==5.2.0 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0
       pydantic==2.14.4 python-multipart==0.0.34 segment-anything==1.0 annotated-types==0.8.0
       typing-inspection==0.4.5 importlib-metadata==10.2.0 zipp==4.1.2)
-binary=(kornia-rs==0.2.0 pymcubes==0.1.6 pydantic-core==2.50.5)
+# xatlas and fast-simplification: the asset stage's unwrap and decimation, for the bake step (#28).
+binary=(kornia-rs==0.2.0 pymcubes==0.1.6 pydantic-core==2.50.5 xatlas==0.0.11 fast-simplification==0.2.0)
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
   platforms+=(--platform "$p")

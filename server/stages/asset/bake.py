@@ -33,6 +33,12 @@ bilinear filtering and mip-mapping at a seam never mix two charts.
 
 Colours stay in sRGB bytes throughout (the views are sRGB PNGs, and the texture is stored as one), so a surface that
 every view shows in the same colour gets exactly that colour.
+
+Where it runs. ``device=None`` (the default) runs the numpy path here; a torch device (``"cuda"``, ``"cpu"``) runs the
+same method in torch on it (:mod:`server.stages.asset.bake_torch`, issue #28): rasterisation, z-buffers, sampling,
+weighting and the fill's splat on the device; the unwrap, the fill's Dijkstra and the gutter dilation stay on the
+CPU. Both paths compute in float64 in the same order of operations and give the same texture up to round-off (at
+most one sRGB level on a seen texel; tests/server/test_bake_torch.py).
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ from server.stages.asset.reports import CleanupReport, DecimateReport
 from server.stages.asset.unwrap import UnwrapConfig, UvLayout, unwrap
 
 if TYPE_CHECKING:
+    import torch
+
     from server.common.views import ViewSet
 
 _VIEW_FILE = re.compile(r"^\d+(_\d+)?\.png$")
@@ -307,6 +315,8 @@ class BakeReport:
     """Set by :func:`server.stages.asset.build_asset`: the components kept and dropped."""
     decimation: DecimateReport | None = None
     """Set by :func:`server.stages.asset.build_asset`: the face count reached and how."""
+    device: str = "numpy"
+    """Where the sampling ran: ``"numpy"`` (the CPU path) or the torch device (``"cuda:0"``, ``"cpu"``)."""
 
     @property
     def coverage(self) -> float:
@@ -424,7 +434,9 @@ def _accumulate(
     return colour_sum, weight_sum, samples
 
 
-def vertex_colors_from_views(mesh: Mesh, views: BakeViews | ViewSet, config: BakeConfig | None = None) -> np.ndarray:
+def vertex_colors_from_views(
+    mesh: Mesh, views: BakeViews | ViewSet, config: BakeConfig | None = None, device: str | torch.device | None = None
+) -> np.ndarray:
     """Colour every vertex of any mesh in the views' frame with the bake's sampler: the weighted mean of the bilinear
     samples of the views that see it (depth visibility, cosine^p and silhouette-edge weights, as for a texel; the
     pixel convention of the module docstring). Vertices no view sees take the colour of the nearest seen vertex along
@@ -435,9 +447,13 @@ def vertex_colors_from_views(mesh: Mesh, views: BakeViews | ViewSet, config: Bak
         mesh: vertices [V, 3], faces [F, 3] in the views' frame (pose.json world).
         views: the posed sRGB views (:func:`load_bake_views`, optionally a subset) or the reconstruction's ViewSet.
         config: the bake's settings (visibility slack, weights); default :class:`BakeConfig`.
+        device: None samples with numpy; a torch device (``"cuda"``, ``"cpu"``) samples there (module docstring).
 
     Returns:
         [V, 3] uint8 sRGB.
+
+    Raises:
+        BadInputError: a malformed mesh or views, or a device that is not one or not available.
     """
     config = config or BakeConfig()
     mesh = checked_mesh(mesh)
@@ -445,7 +461,13 @@ def vertex_colors_from_views(mesh: Mesh, views: BakeViews | ViewSet, config: Bak
         views = BakeViews.from_view_set(views)
     points = mesh.vertices.astype(np.float64)
     normals = vertex_normals(mesh.vertices, mesh.faces).astype(np.float64)
-    colour_sum, weight_sum, _ = _accumulate(mesh, points, normals, views, config)
+    if device is None:
+        colour_sum, weight_sum, _ = _accumulate(mesh, points, normals, views, config)
+    else:
+        from server.stages.asset import bake_torch
+
+        colour_sum, weight_sum = bake_torch.vertex_sums(mesh, normals, views, config,
+                                                        bake_torch.resolve_device(device))
     seen = weight_sum > 0
     colours = np.zeros((points.shape[0], 3))
     colours[seen] = colour_sum[seen] / weight_sum[seen, None]
@@ -522,6 +544,7 @@ def bake_texture(
     config: BakeConfig = BakeConfig(),  # frozen, so a shared default is safe
     uvs: np.ndarray | None = None,
     uv_faces: np.ndarray | None = None,
+    device: str | torch.device | None = None,
 ) -> TexturedMesh:
     """Bake a base-colour texture from posed views onto a mesh: onto its own UVs when given and usable, else onto a
     fresh xatlas unwrap (module docstring for the method; the report's ``uv_source`` and ``uv_check`` say which).
@@ -535,13 +558,15 @@ def bake_texture(
         uvs: the mesh's own UVs, [T, 2] in the glTF convention (origin at the texture's top-left corner, v
             downwards; an OBJ's ``vt`` (u, v) is (u, 1 − v) here); None unwraps.
         uv_faces: [F, 3] indices into ``uvs`` (an OBJ's ``vt`` indices); None: ``uvs`` is per vertex.
+        device: None bakes with numpy on the CPU; a torch device (``"cuda"``, ``"cuda:1"``, ``"cpu"``) runs the
+            rasterisation, sampling and fill there (module docstring), with the same texture up to round-off.
 
     Returns:
-        The textured mesh with its :class:`BakeReport` (coverage, UV source, timings). Faces keep their order and
-        winding; vertices are split where the UVs have seams.
+        The textured mesh with its :class:`BakeReport` (coverage, UV source, timings, device). Faces keep their order
+        and winding; vertices are split where the UVs have seams.
 
     Raises:
-        BadInputError: a malformed mesh, views or UVs, or a size below 8.
+        BadInputError: a malformed mesh, views or UVs, a size below 8, or a device that is not one or not available.
     """
     start = time.perf_counter()
     mesh = checked_mesh(mesh)
@@ -550,6 +575,11 @@ def bake_texture(
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
         raise BadInputError(f"texture size {size!r} is invalid; allowed: an integer ≥ 8 (e.g. 1024)")
     size = int(size)
+    torch_device = None
+    if device is not None:
+        from server.stages.asset import bake_torch
+
+        torch_device = bake_torch.resolve_device(device)
     timings: dict[str, float] = {}
     clock = start
 
@@ -571,6 +601,22 @@ def bake_texture(
     normals = vertex_normals(mesh.vertices, mesh.faces)[layout.vertex_map]
     vertices = mesh.vertices[layout.vertex_map]
     lap("unwrap")
+    fallback = None if mesh.colors is None else mesh.colors.mean(axis=0)
+    if torch_device is not None:
+        def fill_vertices(colour: np.ndarray, known: np.ndarray) -> np.ndarray:
+            return fill_over_surface(colour, known, mesh.vertices, mesh.faces, fallback)
+
+        texture, seen, charted, samples = bake_torch.bake_layout(mesh, layout, normals, views, size, config,
+                                                                 torch_device, lap, fill_vertices)
+        filled = _dilate_charts(texture.reshape(size, size, 3), charted.reshape(size, size), fallback)
+        lap("fill")
+        timings["total"] = time.perf_counter() - start
+        report = BakeReport(seen=seen.reshape(size, size), charted=charted.reshape(size, size), view_ids=views.ids,
+                            samples_per_view=samples, timings=timings, uv_source=uv_source, uv_check=uv_check,
+                            device=str(torch_device))
+        colors = None if mesh.colors is None else mesh.colors[layout.vertex_map]
+        return TexturedMesh(vertices=vertices, faces=layout.faces, uvs=layout.uvs, texture=filled, colors=colors,
+                            report=report)
 
     # 2. Texel centres → surface points and normals: every (triangle, texel) pair, so overlapping UV triangles all
     # contribute to the texels they share.
@@ -592,7 +638,6 @@ def bake_texture(
 
     # 4. Unseen texels from the surface, then gutters from their own chart.
     pair_seen = weight_sum > 0
-    fallback = None if mesh.colors is None else mesh.colors.mean(axis=0)
     unseen_pairs = ~seen[pixel]
     if unseen_pairs.any():
         vertex_colour = _surface_colours(mesh, layout, corners, bary, colour_sum, weight_sum, pair_seen, fallback)
