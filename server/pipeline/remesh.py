@@ -144,7 +144,9 @@ def mesh_views(
         raw_faces = len(mesh.faces)
         if settings.texture_size is not None:
             config = AssetConfig(target_faces=settings.target_faces, texture_size=settings.texture_size)
-            textured = build_asset(mesh, load_bake_views(views_dir, arrays), config)
+            # The bake follows the reconstruction onto a GPU; on a CPU its numpy path is the faster one.
+            bake_device = str(device) if str(device).startswith("cuda") else None
+            textured = build_asset(mesh, load_bake_views(views_dir, arrays), config, device=bake_device)
             report = textured.report
             timings.update({f"asset.{k}": v for k, v in report.timings.items()})
             faces, vertices = len(textured.faces), len(textured.vertices)

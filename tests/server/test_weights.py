@@ -12,6 +12,7 @@ import pytest
 
 from server.common import weights
 from server.common.errors import BadInputError, CancelledError, CheckpointError, MissingWeightsError
+from server.common.weights import table as weights_table
 from tests.server.fake_hub import FakeHub, payload, serve_hub
 
 SAM_BYTES = payload(3000, 1)
@@ -29,8 +30,8 @@ def small_table(monkeypatch: pytest.MonkeyPatch, pinned: tuple[str, ...] = ("sam
         size_bytes=len(CONTENT[w.name]) if w.name in pinned else None,
         sha256=hashlib.sha256(CONTENT[w.name]).hexdigest() if w.name in pinned else None) for w in weights.WEIGHT_FILES
         if w.name in CONTENT)
-    monkeypatch.setattr(weights, "WEIGHT_FILES", small)
-    monkeypatch.setattr(weights, "REGISTRY", {w.name: w for w in small})
+    monkeypatch.setattr(weights_table, "WEIGHT_FILES", small)
+    monkeypatch.setattr(weights_table, "REGISTRY", {w.name: w for w in small})
 
 
 @pytest.fixture
@@ -187,9 +188,9 @@ def test_cli_list_shows_every_state(tmp_path: Path, capsys: pytest.CaptureFixtur
     from server.service.cli import main
 
     small_table(monkeypatch, pinned=())
-    monkeypatch.setattr(weights, "REGISTRY", {**weights.REGISTRY, "zero123-xl": dataclasses.replace(
+    monkeypatch.setattr(weights_table, "REGISTRY", {**weights.REGISTRY, "zero123-xl": dataclasses.replace(
         weights.REGISTRY["zero123-xl"], approx_size_bytes=15_465_973_531, derived_bytes=5_000_000_000)})
-    monkeypatch.setattr(weights, "WEIGHT_FILES", tuple(weights.REGISTRY.values()))
+    monkeypatch.setattr(weights_table, "WEIGHT_FILES", tuple(weights.REGISTRY.values()))
     root = tmp_path / "weights"
     (root / "sam_vit_h_4b8939.pth").parent.mkdir(parents=True)
     (root / "sam_vit_h_4b8939.pth").write_bytes(SAM_BYTES)
@@ -240,8 +241,8 @@ def partial_size_of(reports: list[weights.DownloadProgress]) -> int:
 
 def test_a_weights_table_replaces_the_files_for_client_tests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """$ONE2345_WEIGHTS_TABLE (a test hook of `serve`): small stand-in files that the server then treats as its own."""
-    monkeypatch.setattr(weights, "WEIGHT_FILES", weights.WEIGHT_FILES)
-    monkeypatch.setattr(weights, "REGISTRY", weights.REGISTRY)
+    monkeypatch.setattr(weights_table, "WEIGHT_FILES", weights.WEIGHT_FILES)
+    monkeypatch.setattr(weights_table, "REGISTRY", weights.REGISTRY)
     table = tmp_path / "table.json"
     table.write_text(json.dumps([{"name": "a", "filename": "dir/a.bin", "size_bytes": 10},
                                  {"name": "b", "filename": "b.bin", "size_bytes": 3, "required": False}]))

@@ -11,6 +11,7 @@ starts without weights, refuses jobs with the download endpoint as the fix, and 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -22,6 +23,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.common import weights
+from server.common.weights import integrity as weights_integrity
+from server.common.weights import table as weights_table
 from server.service.app import AppConfig, create_app
 from server.service.jobs import JobManager, JobsConfig
 from server.service.weights_api import PRESET_REQUIRES, WeightsConfig, WeightsManager
@@ -39,10 +42,10 @@ REQUIRED = PRESET_REQUIRES["paper"]
 def table(monkeypatch: pytest.MonkeyPatch) -> dict[str, weights.WeightFile]:
     """The real table with each file's size and SHA-256 set to those of its small stand-in."""
     small = tuple(dataclasses.replace(w, approx_size_bytes=len(CONTENT[w.name]), size_bytes=len(CONTENT[w.name]),
-                                      sha256=weights.hashlib.sha256(CONTENT[w.name]).hexdigest(), derived_bytes=0)
+                                      sha256=hashlib.sha256(CONTENT[w.name]).hexdigest(), derived_bytes=0)
                   for w in weights.WEIGHT_FILES if w.name in CONTENT)
-    monkeypatch.setattr(weights, "WEIGHT_FILES", small)
-    monkeypatch.setattr(weights, "REGISTRY", {w.name: w for w in small})
+    monkeypatch.setattr(weights_table, "WEIGHT_FILES", small)
+    monkeypatch.setattr(weights_table, "REGISTRY", {w.name: w for w in small})
     return weights.REGISTRY
 
 
@@ -115,7 +118,7 @@ def test_listing_states_and_lazy_checksums(hub: FakeHub, root: Path, tmp_path: P
     put(root, "reconstruction", bytes(bad))  # the right size, the wrong bytes
     hashed: list[Path] = []
     real_sha256 = weights._sha256
-    monkeypatch.setattr(weights, "_sha256", lambda path, *a: hashed.append(path) or real_sha256(path, *a))
+    monkeypatch.setattr(weights_integrity, "_sha256", lambda path, *a: hashed.append(path) or real_sha256(path, *a))
 
     with make_client(tmp_path / "jobs", root) as client:
         assert client.get("/v1/weights").status_code == 401
@@ -275,7 +278,7 @@ def test_nothing_to_fetch_is_done_at_once(hub: FakeHub, root: Path, tmp_path: Pa
 def test_a_full_disk_is_refused_before_anything_moves(hub: FakeHub, root: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(weights.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 12_345, 12_345))
+    monkeypatch.setattr(weights_integrity.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 12_345, 12_345))
     with make_client(tmp_path / "jobs", root) as client:
         answer = client.post("/v1/weights/download", headers=AUTH)
         assert answer.status_code == 507
@@ -291,11 +294,11 @@ def test_the_exact_sizes_from_the_hub_are_checked_again(hub: FakeHub, root: Path
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The table's sizes are rough for the real files: the download checks the hub's sizes before moving a byte."""
     small = {n: dataclasses.replace(w, approx_size_bytes=1, size_bytes=None) for n, w in weights.REGISTRY.items()}
-    monkeypatch.setattr(weights, "REGISTRY", small)
-    monkeypatch.setattr(weights, "WEIGHT_FILES", tuple(small.values()))
-    monkeypatch.setattr(weights, "FREE_SPACE_MARGIN_BYTES", 0)
+    monkeypatch.setattr(weights_table, "REGISTRY", small)
+    monkeypatch.setattr(weights_table, "WEIGHT_FILES", tuple(small.values()))
+    monkeypatch.setattr(weights_table, "FREE_SPACE_MARGIN_BYTES", 0)
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(weights.shutil, "disk_usage", lambda _: usage(10**9, 0, 100_000))
+    monkeypatch.setattr(weights_integrity.shutil, "disk_usage", lambda _: usage(10**9, 0, 100_000))
     with make_client(tmp_path / "jobs", root) as client:
         assert client.post("/v1/weights/download", headers=AUTH).status_code == 202  # 4 bytes by the table
         status = wait(client, "/v1/weights/download", lambda s: s["state"] != "running")

@@ -17,6 +17,9 @@ import pytest
 
 from server.common import weights
 from server.common.errors import MissingWeightsError, StorageError
+from server.common.weights import importing as weights_importing
+from server.common.weights import integrity as weights_integrity
+from server.common.weights import table as weights_table
 from server.service.cli import main
 from tests.server.fake_hub import FakeHub, serve_hub
 from tests.server.test_weights import CONTENT, small_table
@@ -139,7 +142,7 @@ def test_a_file_of_the_right_size_with_wrong_bytes_is_hashed_once_and_fetched_ag
 
     hashed: list[Path] = []
     real = weights._sha256
-    monkeypatch.setattr(weights, "_sha256", lambda path, *a: hashed.append(path) or real(path, *a))
+    monkeypatch.setattr(weights_integrity, "_sha256", lambda path, *a: hashed.append(path) or real(path, *a))
     hub.requests.clear()
     weights.download(["sam", "loftr"], root)
     assert hashed == [] and hub.requests == []  # digests remembered by size and mtime: nothing to do
@@ -154,7 +157,7 @@ def test_verify_all_hashes_every_present_file_with_progress_then_is_instant(
     put(root, "zero123-xl.ckpt", bytes(damaged))
     hashed: list[str] = []
     real = weights._sha256
-    monkeypatch.setattr(weights, "_sha256", lambda path, *a: hashed.append(path.name) or real(path, *a))
+    monkeypatch.setattr(weights_integrity, "_sha256", lambda path, *a: hashed.append(path.name) or real(path, *a))
 
     progress: list[tuple[str, int, int]] = []
     states = {s.name: s for s in weights.verify_all(root, on_hash=lambda *a: progress.append(a))}
@@ -269,13 +272,13 @@ def test_import_across_file_systems_copies_with_the_space_check_and_replaces_a_d
     def no_link(*_: object) -> None:
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(weights.os, "link", no_link)  # as between two disks; ext4/tmpfs have no FICLONE either
+    monkeypatch.setattr(weights_importing.os, "link", no_link)  # as between two disks; ext4/tmpfs lack FICLONE too
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(weights.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 100, 100))
+    monkeypatch.setattr(weights_integrity.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 100, 100))
     with pytest.raises(StorageError, match="not enough free disk space"):
         weights.import_weights(src, root)
-    monkeypatch.setattr(weights, "FREE_SPACE_MARGIN_BYTES", 0)
-    monkeypatch.setattr(weights.shutil, "disk_usage", lambda _: usage(10**9, 0, 10**9))
+    monkeypatch.setattr(weights_table, "FREE_SPACE_MARGIN_BYTES", 0)
+    monkeypatch.setattr(weights_integrity.shutil, "disk_usage", lambda _: usage(10**9, 0, 10**9))
 
     reports: list[weights.DownloadProgress] = []
     results = {r.name: r for r in weights.import_weights(src, root, on_progress=reports.append)}

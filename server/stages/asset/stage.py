@@ -49,7 +49,8 @@ class AssetConfig:
             raise BadInputError(f"texture_size {self.texture_size} is invalid; allowed: an integer ≥ 8 (e.g. 1024)")
 
 
-def build_asset(mesh: Mesh, views: BakeViews | ViewSet, config: AssetConfig = AssetConfig()) -> TexturedMesh:
+def build_asset(mesh: Mesh, views: BakeViews | ViewSet, config: AssetConfig = AssetConfig(),
+                device: str | None = None) -> TexturedMesh:
     """A reconstructed, vertex-coloured mesh → a clean, budgeted, textured mesh (export with
     :func:`server.stages.asset.export_textured_mesh`).
 
@@ -57,6 +58,8 @@ def build_asset(mesh: Mesh, views: BakeViews | ViewSet, config: AssetConfig = As
         mesh: in the pose.json world (as :func:`server.pipeline.reconstruct.reconstruct_mesh` returns it).
         views: the posed views (:func:`server.stages.asset.load_bake_views` of the run's views folder, or the ViewSet).
         config: see :class:`AssetConfig`.
+        device: where the bake runs (:func:`~server.stages.asset.bake_texture`): None for the numpy path, which is
+            the faster one on a CPU; a CUDA device for the torch path.
 
     Returns:
         The textured mesh; its report's timings gain ``cleanup`` and ``decimate``, and it carries the clean-up's
@@ -72,7 +75,7 @@ def build_asset(mesh: Mesh, views: BakeViews | ViewSet, config: AssetConfig = As
     if config.target_faces is not None:
         mesh, decimation = decimate_with_report(mesh, config.target_faces, config.decimate)
     decimated = time.perf_counter()
-    textured = bake_texture(mesh, views, config.texture_size, config.bake)
+    textured = bake_texture(mesh, views, config.texture_size, config.bake, device=device)
     if textured.report is not None:
         textured.report.timings = {"cleanup": cleaned - start, "decimate": decimated - cleaned,
                                    **textured.report.timings, "total": time.perf_counter() - start}

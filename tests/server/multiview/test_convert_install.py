@@ -26,6 +26,8 @@ from server.pipeline import models
 from server.pipeline.options import Progress
 from server.stages.multiview import convert
 from server.stages.multiview.convert import ConversionProgress, ensure_converted, verify_converted
+from server.stages.multiview.convert import folder as convert_folder
+from server.stages.multiview.convert import ldm as convert_ldm
 from tests.server.multiview.test_convert import TINY, ldm_unet_shapes, ldm_vae_shapes, make_state_dict, write_ckpt
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -197,9 +199,9 @@ def nothing_copied(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
         seen["load"].append(kwargs)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(convert, "_write_safetensors", no_write)
-    monkeypatch.setattr(convert.tempfile, "mkdtemp", no_write)
-    monkeypatch.setattr(convert.torch, "load", spy_load)
+    monkeypatch.setattr(convert_folder, "_write_safetensors", no_write)
+    monkeypatch.setattr(convert_folder.tempfile, "mkdtemp", no_write)
+    monkeypatch.setattr(convert_ldm.torch, "load", spy_load)
     return seen
 
 
@@ -263,7 +265,7 @@ def test_a_truncated_checkpoint_is_called_damaged_with_a_fix_that_refetches(
     cut = tmp_path / "zero123-xl.ckpt"
     cut.write_bytes(data[: len(data) * 2 // 3])
     entry = dataclasses.replace(weights_table.REGISTRY["zero123-xl"], size_bytes=len(data))
-    monkeypatch.setattr(weights_table, "WEIGHT_FILES", (entry,))
+    monkeypatch.setattr(weights_table.table, "WEIGHT_FILES", (entry,))
     with pytest.raises(CheckpointError) as info:
         ensure_converted(cut, tmp_path / "cache", architecture=TINY)
     message = info.value.message
@@ -290,7 +292,7 @@ def test_a_damaged_converted_folder_is_rebuilt_and_verify_finds_a_changed_byte(
 
     conversions: list[Path] = []
     real = convert._convert
-    monkeypatch.setattr(convert, "_convert", lambda *a, **k: conversions.append(a[1]) or real(*a, **k))
+    monkeypatch.setattr(convert_folder, "_convert", lambda *a, **k: conversions.append(a[1]) or real(*a, **k))
 
     # Half-size UNet file: caught by the size check of every ensure_converted, and rebuilt.
     data = unet.read_bytes()
@@ -331,7 +333,7 @@ def test_model_loading_reports_the_conversion_as_stage_prepare(
     root = tmp_path / "weights"
     root.mkdir()
     ckpt.rename(root / "zero123-xl.ckpt")
-    monkeypatch.setattr(convert, "ZERO123_XL", TINY)
+    monkeypatch.setattr(convert_folder, "ZERO123_XL", TINY)
     seen: list[Progress] = []
     folder = models.prepare_weights(root, progress=seen.append)
     assert folder == root / "converted" / "zero123-xl-diffusers"
@@ -363,7 +365,7 @@ def test_weights_prepare_command(ckpt: Path, tmp_path: Path, monkeypatch: pytest
     root = tmp_path / "weights"
     root.mkdir()
     ckpt.rename(root / "zero123-xl.ckpt")
-    monkeypatch.setattr(convert, "ZERO123_XL", TINY)
+    monkeypatch.setattr(convert_folder, "ZERO123_XL", TINY)
     assert main(["weights", "prepare", "--weights-dir", str(root)]) == 0
     out, err = capsys.readouterr()
     folder = root / "converted" / "zero123-xl-diffusers"
@@ -387,17 +389,17 @@ def test_weights_prepare_command(ckpt: Path, tmp_path: Path, monkeypatch: pytest
 CHILD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
-    from server.stages.multiview import convert
+    from server.stages.multiview.convert import folder
     from tests.server.multiview.test_convert import TINY
-    convert.ZERO123_XL = TINY
-    real = convert._write_safetensors
+    folder.ZERO123_XL = TINY
+    real = folder._write_safetensors
     def slow(path, tensors, on_bytes):
         if path.parent.name == "vae":
             print("WRITING-VAE", flush=True)
             for _ in range(1200):
                 time.sleep(0.05)
         return real(path, tensors, on_bytes)
-    convert._write_safetensors = slow
+    folder._write_safetensors = slow
     {call}
 """)
 
