@@ -343,16 +343,22 @@ def _read_glb_uvs(path: Path) -> tuple[Mesh, MeshUvs | None]:
     vertices = _from_y_up(np.asarray(tm.vertices, dtype=np.float32))
     faces = np.asarray(tm.faces, dtype=np.int64)
     uvs = None
+    # Read TEXCOORD_0 as stored (glTF's convention, origin top-left): trimesh keeps UVs only on a textured visual,
+    # so it drops them from a GLB without a material or with vertex colours, as artists' exports often are.
+    stored = _glb_attribute(path, "TEXCOORD_0", len(vertices))
     uv = getattr(tm.visual, "uv", None) if tm.visual.kind == "texture" else None
-    if uv is not None and len(uv) == len(vertices):
+    if stored is not None:
+        uvs = MeshUvs(stored.astype(np.float32), faces)
+    elif uv is not None and len(uv) == len(vertices):
         # trimesh turns glTF's (u, v) (origin top-left) into OpenGL's (origin bottom-left); turn it back.
         uv = np.asarray(uv, dtype=np.float64)
         uvs = MeshUvs(np.stack([uv[:, 0], 1.0 - uv[:, 1]], axis=1).astype(np.float32), faces)
     return Mesh(vertices.astype(np.float32), faces, srgb), uvs
 
 
-def _glb_linear_colors(path: Path, count: int) -> np.ndarray | None:
-    """The exact float COLOR_0 of a single-primitive GLB as we write it, else None (trimesh's 8-bit copy is used)."""
+def _glb_attribute(path: Path, name: str, count: int) -> np.ndarray | None:
+    """[count, width] float64 of a float vertex attribute (``COLOR_0``, ``TEXCOORD_0``) of a single-primitive GLB,
+    read exactly as stored; None when the file has several primitives or the attribute is absent or not float."""
     data = path.read_bytes()
     (json_length,) = struct.unpack_from("<I", data, 12)
     gltf = json.loads(data[20: 20 + json_length])
@@ -360,17 +366,22 @@ def _glb_linear_colors(path: Path, count: int) -> np.ndarray | None:
     meshes = gltf.get("meshes", [])
     if len(meshes) != 1 or len(meshes[0]["primitives"]) != 1:
         return None
-    index = meshes[0]["primitives"][0]["attributes"].get("COLOR_0")
+    index = meshes[0]["primitives"][0]["attributes"].get(name)
     if index is None:
         return None
     accessor = gltf["accessors"][index]
     if accessor["componentType"] != _FLOAT or accessor["count"] != count:
         return None
     view = gltf["bufferViews"][accessor["bufferView"]]
-    width = {"VEC3": 3, "VEC4": 4}[accessor["type"]]
+    width = {"VEC2": 2, "VEC3": 3, "VEC4": 4}[accessor["type"]]
     start = view.get("byteOffset", 0) + accessor.get("byteOffset", 0)
-    values = np.frombuffer(blob, dtype="<f4", count=count * width, offset=start).reshape(count, width)
-    return values[:, :3].astype(np.float64)
+    return np.frombuffer(blob, dtype="<f4", count=count * width, offset=start).reshape(count, width).astype(np.float64)
+
+
+def _glb_linear_colors(path: Path, count: int) -> np.ndarray | None:
+    """The exact float COLOR_0 of a single-primitive GLB as we write it, else None (trimesh's 8-bit copy is used)."""
+    values = _glb_attribute(path, "COLOR_0", count)
+    return None if values is None else values[:, :3]
 
 
 # OBJ -----------------------------------------------------------------------------------------------------------------

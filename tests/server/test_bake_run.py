@@ -439,3 +439,45 @@ def test_a_bake_jobs_record_is_checked_field_by_field():
         with pytest.raises(RecordError) as caught:
             Job.from_record(FOLDER, {**good, **change})
         assert caught.value.field == name, (change, caught.value)
+
+
+def _raw_glb(path, positions: np.ndarray, uvs: np.ndarray, colors: np.ndarray, faces: np.ndarray) -> None:
+    """A one-primitive GLB with POSITION, TEXCOORD_0, COLOR_0 and indices and no material, as an artist's export
+    without a texture is: written by hand so no library decides what to keep."""
+    import json
+    import struct
+
+    arrays = [positions.astype("<f4"), uvs.astype("<f4"), colors.astype("<f4"), faces.astype("<u4").ravel()]
+    blob, views, offset = b"", [], 0
+    for a in arrays:
+        data = a.tobytes()
+        views.append({"buffer": 0, "byteOffset": offset, "byteLength": len(data)})
+        blob += data
+        offset += len(data)
+    n = len(positions)
+    gltf = {"asset": {"version": "2.0"}, "buffers": [{"byteLength": len(blob)}], "bufferViews": views,
+            "accessors": [{"bufferView": 0, "componentType": 5126, "count": n, "type": "VEC3",
+                           "min": positions.min(0).tolist(), "max": positions.max(0).tolist()},
+                          {"bufferView": 1, "componentType": 5126, "count": n, "type": "VEC2"},
+                          {"bufferView": 2, "componentType": 5126, "count": n, "type": "VEC4"},
+                          {"bufferView": 3, "componentType": 5125, "count": faces.size, "type": "SCALAR"}],
+            "meshes": [{"primitives": [{"attributes": {"POSITION": 0, "TEXCOORD_0": 1, "COLOR_0": 2},
+                                        "indices": 3}]}],
+            "nodes": [{"mesh": 0}], "scenes": [{"nodes": [0]}], "scene": 0}
+    text = json.dumps(gltf).encode()
+    text += b" " * (-len(text) % 4)
+    blob += b"\0" * (-len(blob) % 4)
+    body = struct.pack("<II", len(text), 0x4E4F534A) + text + struct.pack("<II", len(blob), 0x004E4942) + blob
+    path.write_bytes(struct.pack("<III", 0x46546C67, 2, 12 + len(body)) + body)
+
+
+def test_a_glb_without_material_keeps_its_uvs_beside_vertex_colours(tmp_path):
+    positions = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], dtype=np.float64)
+    uvs = np.array([[0.1, 0.2], [0.9, 0.2], [0.9, 0.8], [0.1, 0.8]])
+    colors = np.tile([0.5, 0.25, 1.0, 1.0], (4, 1))
+    faces = np.array([[0, 1, 2], [0, 2, 3]])
+    _raw_glb(tmp_path / "artist.glb", positions, uvs, colors, faces)
+    mesh, found = load_mesh_with_uvs(tmp_path / "artist.glb")
+    assert found is not None, "TEXCOORD_0 was dropped"
+    assert np.allclose(found.uvs[found.faces], uvs[faces], atol=1e-6)
+    assert mesh.colors is not None and len(mesh.vertices) == 4
