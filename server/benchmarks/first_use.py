@@ -344,7 +344,7 @@ class RandomFill:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Key layouts (written out from ldm/modules/diffusionmodules/{openaimodel,model}.py and clip/model.py; the converter's
-# tests hold an independent copy of the same lists)
+# tests build their tiny checkpoints from these same lists)
 
 
 def ldm_unet_shapes(c: LdmUNetConfig) -> dict[str, tuple[int, ...]]:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from server.benchmarks.first_use import ldm_unet_shapes, ldm_vae_shapes  # the full-size layout's one copy
 from server.common.errors import CheckpointError, MissingWeightsError
 from server.stages.multiview import convert
 from server.stages.multiview.convert import (
@@ -48,135 +49,6 @@ TINY = Zero123Architecture(
 # ---------------------------------------------------------------------------------------------------------------------
 # The LDM naming schemes, written out from ldm/modules/diffusionmodules/{openaimodel,model}.py and clip/model.py
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def ldm_unet_shapes(c: LdmUNetConfig) -> dict[str, tuple[int, ...]]:
-    """openaimodel.UNetModel (use_spatial_transformer, conv proj_in/out, GEGLU feed-forward) parameter shapes."""
-    s: dict[str, tuple[int, ...]] = {}
-    mc, emb = c.model_channels, 4 * c.model_channels
-
-    def linear(p: str, n_out: int, n_in: int, bias: bool = True) -> None:
-        s[f"{p}.weight"] = (n_out, n_in)
-        if bias:
-            s[f"{p}.bias"] = (n_out,)
-
-    def conv(p: str, n_out: int, n_in: int, k: int) -> None:
-        s[f"{p}.weight"], s[f"{p}.bias"] = (n_out, n_in, k, k), (n_out,)
-
-    def norm(p: str, ch: int) -> None:
-        s[f"{p}.weight"], s[f"{p}.bias"] = (ch,), (ch,)
-
-    def resblock(p: str, cin: int, cout: int) -> None:
-        norm(f"{p}.in_layers.0", cin)
-        conv(f"{p}.in_layers.2", cout, cin, 3)
-        linear(f"{p}.emb_layers.1", cout, emb)
-        norm(f"{p}.out_layers.0", cout)
-        conv(f"{p}.out_layers.3", cout, cout, 3)
-        if cin != cout:
-            conv(f"{p}.skip_connection", cout, cin, 1)
-
-    def spatial_transformer(p: str, ch: int) -> None:
-        norm(f"{p}.norm", ch)
-        conv(f"{p}.proj_in", ch, ch, 1)
-        t = f"{p}.transformer_blocks.0"
-        for attn, kv_in in (("attn1", ch), ("attn2", c.context_dim)):
-            linear(f"{t}.{attn}.to_q", ch, ch, bias=False)
-            linear(f"{t}.{attn}.to_k", ch, kv_in, bias=False)
-            linear(f"{t}.{attn}.to_v", ch, kv_in, bias=False)
-            linear(f"{t}.{attn}.to_out.0", ch, ch)
-        linear(f"{t}.ff.net.0.proj", 8 * ch, ch)
-        linear(f"{t}.ff.net.2", ch, 4 * ch)
-        for n in ("norm1", "norm2", "norm3"):
-            norm(f"{t}.{n}", ch)
-        conv(f"{p}.proj_out", ch, ch, 1)
-
-    linear("time_embed.0", emb, mc)
-    linear("time_embed.2", emb, emb)
-    conv("input_blocks.0.0", mc, c.in_channels, 3)
-    skip_channels, ch, ds, k = [mc], mc, 1, 1
-    for level, mult in enumerate(c.channel_mult):
-        for _ in range(c.num_res_blocks):
-            resblock(f"input_blocks.{k}.0", ch, mult * mc)
-            ch = mult * mc
-            if ds in c.attention_resolutions:
-                spatial_transformer(f"input_blocks.{k}.1", ch)
-            skip_channels.append(ch)
-            k += 1
-        if level != len(c.channel_mult) - 1:
-            conv(f"input_blocks.{k}.0.op", ch, ch, 3)
-            skip_channels.append(ch)
-            k, ds = k + 1, ds * 2
-    resblock("middle_block.0", ch, ch)
-    spatial_transformer("middle_block.1", ch)
-    resblock("middle_block.2", ch, ch)
-    k = 0
-    for level, mult in reversed(list(enumerate(c.channel_mult))):
-        for i in range(c.num_res_blocks + 1):
-            resblock(f"output_blocks.{k}.0", ch + skip_channels.pop(), mult * mc)
-            ch, n = mult * mc, 1
-            if ds in c.attention_resolutions:
-                spatial_transformer(f"output_blocks.{k}.1", ch)
-                n = 2
-            if level and i == c.num_res_blocks:
-                conv(f"output_blocks.{k}.{n}.conv", ch, ch, 3)
-                ds //= 2
-            k += 1
-    norm("out.0", ch)
-    conv("out.2", c.out_channels, mc, 3)
-    return s
-
-
-def ldm_vae_shapes(c: LdmVaeConfig) -> dict[str, tuple[int, ...]]:
-    """ldm AutoencoderKL (Encoder/Decoder with mid attention only) parameter shapes, without the prefix."""
-    s: dict[str, tuple[int, ...]] = {}
-
-    def conv(p: str, n_out: int, n_in: int, k: int) -> None:
-        s[f"{p}.weight"], s[f"{p}.bias"] = (n_out, n_in, k, k), (n_out,)
-
-    def norm(p: str, ch: int) -> None:
-        s[f"{p}.weight"], s[f"{p}.bias"] = (ch,), (ch,)
-
-    def resblock(p: str, cin: int, cout: int) -> None:
-        norm(f"{p}.norm1", cin)
-        conv(f"{p}.conv1", cout, cin, 3)
-        norm(f"{p}.norm2", cout)
-        conv(f"{p}.conv2", cout, cout, 3)
-        if cin != cout:
-            conv(f"{p}.nin_shortcut", cout, cin, 1)
-
-    def mid(p: str, ch: int) -> None:
-        resblock(f"{p}.mid.block_1", ch, ch)
-        norm(f"{p}.mid.attn_1.norm", ch)
-        for n in ("q", "k", "v", "proj_out"):
-            conv(f"{p}.mid.attn_1.{n}", ch, ch, 1)
-        resblock(f"{p}.mid.block_2", ch, ch)
-
-    last = len(c.ch_mult) - 1
-    conv("encoder.conv_in", c.ch, c.in_channels, 3)
-    ch = c.ch
-    for i, mult in enumerate(c.ch_mult):
-        for j in range(c.num_res_blocks):
-            resblock(f"encoder.down.{i}.block.{j}", ch, c.ch * mult)
-            ch = c.ch * mult
-        if i != last:
-            conv(f"encoder.down.{i}.downsample.conv", ch, ch, 3)
-    mid("encoder", ch)
-    norm("encoder.norm_out", ch)
-    conv("encoder.conv_out", 2 * c.z_channels, ch, 3)
-    conv("quant_conv", 2 * c.z_channels, 2 * c.z_channels, 1)
-    conv("post_quant_conv", c.z_channels, c.z_channels, 1)
-    ch = c.ch * c.ch_mult[-1]
-    conv("decoder.conv_in", ch, c.z_channels, 3)
-    mid("decoder", ch)
-    for i in reversed(range(len(c.ch_mult))):
-        for j in range(c.num_res_blocks + 1):
-            resblock(f"decoder.up.{i}.block.{j}", ch, c.ch * c.ch_mult[i])
-            ch = c.ch * c.ch_mult[i]
-        if i != 0:
-            conv(f"decoder.up.{i}.upsample.conv", ch, ch, 3)
-    norm("decoder.norm_out", ch)
-    conv("decoder.conv_out", c.out_ch, ch, 3)
-    return s
 
 
 def openai_clip_visual_shapes(c: OpenAIClipVisionConfig) -> dict[str, tuple[int, ...]]:
