@@ -18,7 +18,11 @@ The manifest lives at the repository root and the code in ``one2345_addon/``, bu
    its validator on the staged folder and on the zip, and its build, whose file list must equal ours.
 
 It prints which checks ran on stderr and the zip's path on the last line of stdout. ``--no-blender`` skips step 5.
-This module and ``build_rules`` are developer tools and are excluded from the zip.
+
+``--repo DIR`` (instead of, or with, ``--out``) also puts the zip into ``DIR`` and writes ``DIR/index.json``, so that
+``DIR`` served over HTTP(S) is a remote extension repository (see ``repository``); the index's path is then the last
+line of stdout. ``--repo DIR --index-only`` only rewrites the index from the zips already in ``DIR``.
+This module, ``build_rules`` and ``repository`` are developer tools and are excluded from the zip.
 """
 
 from __future__ import annotations
@@ -38,10 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 try:
-    from . import build_rules
+    from . import build_rules, repository
 except ImportError:  # run as a script: python one2345_addon/build.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from one2345_addon import build_rules  # type: ignore[no-redef]
+    from one2345_addon import build_rules, repository  # type: ignore[no-redef]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
@@ -365,18 +369,83 @@ def build(out: Path, blender_python: str | None = None, blender: str | None = No
     return zip_path
 
 
+def publish(zip_path: Path, repo_dir: Path, report: list[str]) -> Path:
+    """Copy the zip into the repository folder (a hidden name first, then renamed) and rewrite its index.json;
+    return the index's path.
+
+    Raises:
+        BuildError: the folder cannot be indexed (the reason named).
+    """
+    repo_dir = Path(repo_dir).resolve()
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    target = repo_dir / zip_path.name
+    if target != zip_path.resolve():
+        if target.exists():
+            report.append(f"replaced {target} (same version; clients that installed the old bytes see no update)")
+        temp = repo_dir / f".{zip_path.name}.tmp"
+        try:
+            shutil.copyfile(zip_path, temp)
+            os.replace(temp, target)
+        finally:
+            temp.unlink(missing_ok=True)
+    return index_repository(repo_dir, report)
+
+
+def index_repository(repo_dir: Path, report: list[str]) -> Path:
+    """Rewrite ``repo_dir/index.json`` from its zips; return its path.
+
+    Raises:
+        BuildError: the folder cannot be indexed (the reason named).
+    """
+    try:
+        index, listed, older = repository.write_index(Path(repo_dir))
+    except repository.RepositoryError as exc:
+        raise BuildError(str(exc)) from exc
+    report.append(f"wrote {index}: " + ", ".join(f"{a.manifest['id']} {a.manifest['version']} ({a.path.name})"
+                                                  for a in listed))
+    if older:
+        report.append("older versions left in the folder, not listed: " + ", ".join(a.path.name for a in older))
+    report.append(f"serve {index.parent} over HTTP(S) and add the URL of {index.name} in Blender: Preferences > Get "
+                  "Extensions > Repositories > + > Add Remote Repository")
+    return index
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; prints the checks on stderr and the zip's path on the last line of stdout."""
+    """Command-line entry point; prints the checks on stderr and the zip's path (with ``--repo``: then the index's)
+    on the last line of stdout."""
     parser = argparse.ArgumentParser(prog="python -m one2345_addon.build", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="Output folder for the zip (and the staging folder).")
+    parser.add_argument("--out", type=Path, help="Output folder for the zip (and the staging folder); required "
+                                                 "unless --repo is given.")
+    parser.add_argument("--repo", type=Path, help="Also put the zip into this remote-repository folder and write "
+                                                  "its index.json (served over HTTP(S), Blender installs and "
+                                                  "updates the add-on from it).")
+    parser.add_argument("--index-only", action="store_true",
+                        help="With --repo: build nothing, only rewrite index.json from the zips in the folder.")
     parser.add_argument("--blender-python", help="Also run Blender's validator from this Python with the bpy wheel.")
     parser.add_argument("--blender", help="Also run the validator of this blender binary.")
     parser.add_argument("--no-blender", action="store_true",
                         help="Check with the own rules only; do not look for Blender's validator.")
     args = parser.parse_args(argv)
+    if args.out is None and args.repo is None:
+        parser.error("give --out DIR (the zip) or --repo DIR (the zip and a repository index), or both")
+    if args.index_only and (args.repo is None or args.out is not None):
+        parser.error("--index-only rewrites the index of --repo DIR and builds nothing, so it takes --repo and no "
+                     "--out")
     report: list[str] = []
+    printed: list[Path] = []
     try:
-        zip_path = build(args.out, args.blender_python, args.blender, no_blender=args.no_blender, report=report)
+        if args.index_only:
+            printed.append(index_repository(args.repo, report))
+        else:
+            with tempfile.TemporaryDirectory(prefix="one2345-build-") as tmp:
+                out = args.out if args.out is not None else Path(tmp)
+                zip_path = build(out, args.blender_python, args.blender, no_blender=args.no_blender, report=report)
+                if args.repo is not None:
+                    index = publish(zip_path, args.repo, report)
+                    zip_path = Path(args.repo).resolve() / zip_path.name
+                    printed += [zip_path, index]
+                else:
+                    printed.append(zip_path)
     except BuildError as exc:
         for line in report:
             print(line, file=sys.stderr)
@@ -384,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for line in report:
         print(line, file=sys.stderr)
-    print(zip_path)
+    for path in printed:
+        print(path)
     return 0
 
 

@@ -124,6 +124,21 @@ class Client:
         "url"}``."""
         return self._post_json(f"/v1/jobs/{job_id}/remesh", overrides)
 
+    def bake(self, job_id: str, mesh: Path, options: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/jobs/{id}/bake`` (multipart: the ``mesh`` file, GLB/OBJ/PLY in the job's frame, and the
+        ``options`` JSON: ``texture_size``, ``keep_uvs``, ``format``): a new job baking a done job's views onto that
+        mesh; returns ``{"id", "state", "url"}``."""
+        mesh = Path(mesh)
+        try:
+            content = mesh.read_bytes()
+        except OSError as exc:
+            raise ServerError("bad_input", f"Cannot read the mesh {str(mesh)!r}: {exc.strerror or exc}.") from exc
+        body, content_type = encode_multipart({"options": json.dumps(options)}, {
+            "mesh": (mesh.name, content, "model/gltf-binary" if mesh.suffix.lower() == ".glb" else
+                     "application/octet-stream")})
+        return self._json("POST", f"/v1/jobs/{job_id}/bake", body=body, headers={"Content-Type": content_type},
+                          timeout=max(self.timeout, 120.0))
+
     def reroll(self, job_id: str, views: list[int], seed: int | None = None) -> dict[str, Any]:
         """``POST /v1/jobs/{id}/reroll``: regenerate some stage-1 views of a job in review; returns its status."""
         return self._post_json(f"/v1/jobs/{job_id}/reroll", {"views": list(views)} | (
@@ -157,6 +172,20 @@ class Client:
     def cancel_weights_download(self) -> dict[str, Any]:
         """``DELETE /v1/weights/download``: stop the download; the partial file is kept for the next start."""
         return self._json("DELETE", "/v1/weights/download")
+
+    def start_weights_import(self, path: str) -> dict[str, Any]:
+        """``POST /v1/weights/import``: take the weight files of a One-2-3-45 checkout (or a folder of them) on the
+        server's own disk; verified, then linked or copied in. Loopback clients only; shares the download's slot."""
+        return self._post_json("/v1/weights/import", {"path": str(path)})
+
+    def weights_import(self) -> dict[str, Any]:
+        """``GET /v1/weights/import``: progress of the running (or last) task; once done, ``imported`` holds each
+        file's outcome (imported, already present, damaged, not found)."""
+        return self._json("GET", "/v1/weights/import")
+
+    def cancel_weights_import(self) -> dict[str, Any]:
+        """``DELETE /v1/weights/import``: stop the import; nothing half-imported stays."""
+        return self._json("DELETE", "/v1/weights/import")
 
     def cancel(self, job_id: str) -> dict[str, Any] | None:
         """``DELETE /v1/jobs/{id}``: cancels a queued/running job (returns its status) or removes a finished one."""

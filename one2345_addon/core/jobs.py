@@ -49,6 +49,31 @@ class Progress:
     """Seconds since the server started the job."""
     eta_s: float | None = None
     """Estimated seconds left, or None."""
+    message: str | None = None
+    """The server's line for people about the current step (the one-time set-up says what it converts)."""
+    setup: bool = False
+    """The server's stage ``prepare``: a one-time set-up (converting Zero123-XL) inside the first job, during which
+    :attr:`fraction` stays 0; the bar follows :attr:`step` of :attr:`total` instead (:func:`bar`)."""
+
+
+SETUP_PREFIX = "One-time set-up: "
+PREPARE_STAGE = "prepare"
+"""The server's stage name for a one-time set-up while the models load (``server.pipeline.models.PREPARE_STAGE``)."""
+
+
+def bar(progress: Progress, cancelling: bool = False) -> tuple[float, str]:
+    """The panel's progress bar: (factor 0…1, text). A one-time set-up shows its own steps and what it does
+    ("One-time set-up: converting the UNet (3.4 GB) (3/6)") rather than a job stalled at 0 %."""
+    if cancelling:
+        return progress.fraction, "Cancelling…"
+    if progress.setup:
+        what = (progress.message or "converting Zero123-XL").removeprefix(SETUP_PREFIX)
+        steps = f" ({progress.step}/{progress.total})" if progress.total else ""
+        factor = min(max(progress.step / progress.total, 0.0), 1.0) if progress.total else 0.0
+        return factor, f"{SETUP_PREFIX}{what}{steps}"
+    steps = f" {progress.step}/{progress.total}" if progress.total > 1 else ""
+    eta = f", {progress.eta_s:.0f} s left" if progress.eta_s else ""
+    return progress.fraction, f"{progress.stage}{steps} ({progress.fraction:.0%}{eta})"
 
 
 @dataclass(frozen=True)
@@ -564,9 +589,12 @@ def _progress(status: dict[str, Any]) -> Progress:
         return Progress(stage="Waiting for your review", fraction=float(status.get("fraction") or 0.0),
                         elapsed_s=float(status.get("elapsed_s") or 0.0))
     stage = str(status.get("stage") or status.get("state") or "")
-    return Progress(stage=stage.replace("_", " ").capitalize(), step=int(status.get("step") or 0),
-                    total=int(status.get("total") or 0), fraction=float(status.get("fraction") or 0.0),
-                    elapsed_s=float(status.get("elapsed_s") or 0.0), eta_s=status.get("eta_s"))
+    message = status.get("message") if isinstance(status.get("message"), str) else None
+    setup = stage == PREPARE_STAGE and status.get("state") == "running"
+    return Progress(stage="One-time set-up" if setup else stage.replace("_", " ").capitalize(),
+                    step=int(status.get("step") or 0), total=int(status.get("total") or 0),
+                    fraction=float(status.get("fraction") or 0.0), elapsed_s=float(status.get("elapsed_s") or 0.0),
+                    eta_s=status.get("eta_s"), message=message or None, setup=setup)
 
 
 # -- the session's jobs (main thread only) ---------------------------------------------------------------------

@@ -28,6 +28,9 @@ import numpy as np
 from mathutils import Matrix, Vector
 
 COLLECTION = "One2345"
+FRAME_PROPERTY = "one2345_frame"
+"""Custom property of an imported object: the 4×4 matrix (16 floats, row by row) from the job's frame (pose.json,
+z-up) to the object's mesh coordinates, i.e. the import's scale and re-centring."""
 UPLOAD_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 """Image files sent as they are; anything else (EXR, TIFF, packed or painted images) is re-encoded as PNG."""
 
@@ -103,7 +106,8 @@ def import_mesh(context: bpy.types.Context, path: Path, name: str, size: float =
     obj.name = obj.data.name = name
     obj.parent = None
     _move_to_collection(context.scene, obj)
-    _normalise(obj.data, size)
+    frame = _normalise(obj.data, size)
+    obj[FRAME_PROPERTY] = [value for row in frame for value in row]  # Bake Views onto Selected inverts it
     obj.matrix_world = Matrix.Translation(context.scene.cursor.location)
     obj.data.shade_smooth()
     attribute = _colour_attribute(obj.data)
@@ -150,8 +154,9 @@ def _move_to_collection(scene: bpy.types.Scene, obj: bpy.types.Object) -> None:
     collection.objects.link(obj)
 
 
-def _normalise(mesh: bpy.types.Mesh, size: float) -> None:
-    """Origin at the bottom centre of the bounding box; largest dimension ``size`` (if > 0)."""
+def _normalise(mesh: bpy.types.Mesh, size: float) -> Matrix:
+    """Origin at the bottom centre of the bounding box; largest dimension ``size`` (if > 0). Returns the transform
+    applied (the job's frame → the mesh's coordinates)."""
     coords = np.empty(len(mesh.vertices) * 3, dtype=np.float32)
     mesh.vertices.foreach_get("co", coords)
     coords = coords.reshape(-1, 3)
@@ -159,8 +164,10 @@ def _normalise(mesh: bpy.types.Mesh, size: float) -> None:
     pivot = Vector(((lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, lo[2]))
     extent = float((hi - lo).max())
     scale = size / extent if size > 0 and extent > 0 else 1.0
-    mesh.transform(Matrix.Scale(scale, 4) @ Matrix.Translation(-pivot))
+    frame = Matrix.Scale(scale, 4) @ Matrix.Translation(-pivot)
+    mesh.transform(frame)
     mesh.update()
+    return frame
 
 
 def _colour_attribute(mesh: bpy.types.Mesh) -> str | None:

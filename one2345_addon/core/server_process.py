@@ -13,7 +13,9 @@ Lifecycle decisions:
   Blender is cleaned up and reused, so a single-Blender user always gets ``server-jobs`` and its history.
 * The add-on's version (its manifest) and the server's (the ready line, ``/v1/health``) are compared; a mismatch is
   reported with the fix: run "Set Up Server Environment" again.
-* :meth:`ServerManager.stop` runs on add-on disable and at interpreter exit (``atexit``).
+* :meth:`ServerManager.stop` runs on add-on disable and at interpreter exit (``atexit``). A Blender that is killed
+  runs neither, so the server is started with ``--owner-pid`` (Blender's pid) and stops by itself within seconds of
+  Blender's death; the slot clean-up above remains for servers that predate that flag.
 """
 
 from __future__ import annotations
@@ -165,9 +167,14 @@ def check_python(python: str) -> str:
 
 
 def server_command(settings: LaunchSettings, jobs_dir: Path) -> list[str]:
-    """The command line that starts the server: ``<python> -m server serve --port 0 ...``."""
+    """The command line that starts the server: ``<python> -m server serve --port 0 ...``.
+
+    ``--owner-pid`` is this Blender's pid: the server stops by itself within seconds of Blender's death (a crash, a
+    kill, a batch's timeout), which no ``atexit`` handler of a killed Blender could do.
+    """
     cmd = [check_python(settings.python), "-m", "server", "serve", "--host", "127.0.0.1", "--port", "0",
-           "--preset", settings.preset, "--device", settings.device, "--jobs-dir", str(jobs_dir)]
+           "--preset", settings.preset, "--device", settings.device, "--jobs-dir", str(jobs_dir),
+           "--owner-pid", str(os.getpid())]
     if settings.weights_dir.strip():
         cmd += ["--weights-dir", os.path.abspath(os.path.expanduser(settings.weights_dir.strip()))]
     if settings.low_vram:
@@ -393,8 +400,9 @@ class ServerManager:
                 code = proc.returncode
                 log_path = self.log_path
                 self._stop_locked()
+                tail = log_tail(log_path)
                 raise ServerError("server_start_failed", f"The One2345 server exited during start-up (exit code "
-                                  f"{code}). Last lines of its log:\n{log_tail(log_path)}", _start_fix(log_path))
+                                  f"{code}). Last lines of its log:\n{tail}", _start_fix(log_path, tail))
         log_path = self.log_path
         self._stop_locked()
         raise ServerError("server_start_failed", f"The One2345 server did not report ready within {timeout:.0f} s. "
@@ -438,7 +446,10 @@ class ServerManager:
             self._release_slot()
 
 
-def _start_fix(log_path: Path) -> str:
+def _start_fix(log_path: Path, tail: str = "") -> str:
+    if "unrecognized arguments" in tail:  # e.g. --owner-pid: a server older than this add-on
+        return ("The server in that Python is older than this add-on: click 'Set Up Server Environment' (it "
+                "installs the server bundled with the add-on)")
     return (f"Open the server log ({log_path}); if it says 'No module named server', install the server "
             "into that Python or click 'Set Up Server Environment'")
 

@@ -106,8 +106,11 @@ def _printer(name: str) -> Callable[[jobs.Progress], None]:
     last = [""]
 
     def show(p: jobs.Progress) -> None:
-        steps = f" {p.step}/{p.total}" if p.total > 1 else ""
-        line = f"[{name}] {p.stage}{steps} {p.fraction:4.0%}"
+        if p.setup:  # the one-time conversion: what it does and its own steps, not the job's 0 %
+            line = f"[{name}] {jobs.bar(p)[1]}"
+        else:
+            steps = f" {p.step}/{p.total}" if p.total > 1 else ""
+            line = f"[{name}] {p.stage}{steps} {p.fraction:4.0%}"
         if line != last[0]:
             last[0] = line
             print(line, flush=True)

@@ -204,6 +204,10 @@ class FollowJob:
             self.report({"INFO"}, f"{len(job.review.views)} views are ready for review in {job.review.views[0].parent}"
                                   "; re-roll some (one2345.reroll_views) or continue (one2345.continue_job).")
             return {"FINISHED"}
+        return self.finish(context, job)
+
+    def finish(self, context: bpy.types.Context, job: GenerateJob) -> set[str]:
+        """The job ended (main thread): import its result and report; Bake Views onto Selected overrides it."""
         return report_outcome(self, job, finish_generation(context, job))
 
     def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
@@ -229,7 +233,7 @@ class FollowJob:
         if not finished:
             return {"RUNNING_MODAL"}
         context.window_manager.event_timer_remove(self._timer)
-        return report_outcome(self, self._job, finish_generation(context, self._job))
+        return self.finish(context, self._job)
 
 
 class ONE2345_OT_generate_mesh(FollowJob, bpy.types.Operator):

@@ -52,6 +52,9 @@ def draw_history(layout: bpy.types.UILayout, context: bpy.types.Context) -> None
         op = row.operator("one2345.history_job", text=text, icon=icon)
         op.action, op.job_id = action, item.job_id
     row = layout.row(align=True)
+    row.enabled = item.state == "done"
+    row.operator("one2345.bake_views", text="Bake onto Active Object", icon="TEXTURE").job_id = item.job_id
+    row = layout.row(align=True)
     row.operator("one2345.delete_history_job", text="Delete", icon="TRASH").job_id = item.job_id
     row.operator("one2345.open_history_folder", icon="FILE_FOLDER")
 

@@ -108,11 +108,11 @@ def draw_review(layout: bpy.types.UILayout, job: jobs.GenerateJob, settings: bpy
 
 def draw_progress(layout: bpy.types.UILayout, job: jobs.GenerateJob) -> None:
     """Progress bar with stage and step, the previews so far, and Cancel."""
-    p = job.progress
-    steps = f" {p.step}/{p.total}" if p.total > 1 else ""
-    eta = f", {p.eta_s:.0f} s left" if p.eta_s else ""
-    text = "Cancelling…" if job.cancel_requested else f"{p.stage}{steps} ({p.fraction:.0%}{eta})"
-    layout.progress(factor=p.fraction, type="BAR", text=text)
+    factor, text = jobs.bar(job.progress, cancelling=job.cancel_requested)
+    layout.progress(factor=factor, type="BAR", text=text)
+    if job.progress.setup and not job.cancel_requested:
+        layout.label(text="Only the first Generate does this (about a minute); later jobs start at once.",
+                     icon="INFO")
     layout.operator("one2345.cancel_job", text="Cancel (Esc)", icon="CANCEL")
     draw_previews(layout, job.previews)
 
@@ -209,6 +209,9 @@ class ONE2345_PT_object(bpy.types.Panel):
         if obj.get("one2345_remesh_of"):
             layout.label(text=f"Re-mesh of job {str(obj['one2345_remesh_of'])[:8]}", icon="MOD_REMESH")
         layout.operator("one2345.remesh", icon="MOD_REMESH")
+        row = layout.row(align=True)
+        row.operator("one2345.quad_remesh", icon="MOD_REMESH")
+        row.operator("one2345.bake_views", icon="TEXTURE")
         row = layout.row(align=True)
         row.operator("one2345.regenerate", icon="FILE_REFRESH")
         row.operator("one2345.regenerate", text="Variation", icon="SHADERFX").variation = True

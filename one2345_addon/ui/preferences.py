@@ -102,7 +102,8 @@ class ONE2345_AP_preferences(bpy.types.AddonPreferences):
 
 
 def draw_weights(layout: bpy.types.UILayout) -> None:
-    """The preferences' Weights box: the folder, each file's state, Download with progress and Cancel."""
+    """The preferences' Weights box: the folder, each file's state, Download or Import from Folder with progress and
+    Cancel, an import's report per file, and the one-time set-up the first Generate runs."""
     box = layout.box()
     row = box.row()
     row.label(text="Model Weights", icon="FILE_BLEND")
@@ -124,16 +125,29 @@ def draw_weights(layout: bpy.types.UILayout) -> None:
         p = task.progress
         eta = f", {server_state.format_seconds(p.eta_s)} left" if p.eta_s else ""
         box.progress(factor=p.fraction, type="BAR", text=f"{p.stage} ({p.fraction:.0%}{eta})")
-        box.operator("one2345.cancel_weights_download", icon="CANCEL")
+        box.operator("one2345.cancel_weights_download", text=f"Cancel {task.operation.capitalize()}",
+                     icon="CANCEL")
         return
+    report = weights.import_outcomes(STATE.download)
+    if report:
+        col = box.column(align=True)
+        col.label(text="Last import:", icon="IMPORT")
+        for ok, text in report:
+            col.label(text=text, icon="CHECKMARK" if ok else "ERROR")
     missing = STATE.missing_bytes()
     if listing is None or missing > 0:
-        row = box.row()
+        row = box.row(align=True)
         row.scale_y = 1.3
         row.operator("one2345.download_weights", text=f"Download (≈ {server_state.human_bytes(missing)})",
                      icon="IMPORT")
+        row.operator("one2345.import_weights", icon="FILE_FOLDER")
     else:
         box.label(text="Every weight file is present.", icon="CHECKMARK")
+    if weights.conversion_ahead():
+        col = box.column(align=True)
+        col.label(text="The first Generate converts Zero123-XL once (15.5 GB → 5 GB, about a minute).", icon="INFO")
+        col.label(text="To do it now instead, run in a terminal: one2345 weights prepare")
+        col.operator("one2345.copy_prepare_command", icon="COPYDOWN")
 
 
 CLASSES = (ONE2345_AP_preferences,)

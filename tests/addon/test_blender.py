@@ -172,9 +172,10 @@ def test_panel_draws_image_options_and_generate(sessions, version):
 
 def test_preferences_draw_server_settings_and_buttons(sessions, version):
     record = observed(sessions, version, "preferences_draw")
+    # The last three: the Weights box, not checked yet.
     assert record["operators"] == ["one2345.check_server", "one2345.stop_server", "one2345.open_log",
                                    "one2345.setup_server_env", "one2345.open_log", "one2345.refresh_weights",
-                                   "one2345.download_weights"]  # the Weights box, not checked yet
+                                   "one2345.download_weights", "one2345.import_weights"]
     for prop in ("server_mode", "python_path", "weights_dir", "device", "keep_warm", "import_size"):
         assert prop in record["props"]
 
@@ -383,9 +384,11 @@ def test_build_uses_blenders_validator(tmp_path, monkeypatch):
     from one2345_addon import build
 
     bad = tmp_path / "blender_manifest.toml"
-    bad.write_text(build.MANIFEST.read_text().replace('over HTTP"', 'over HTTP."'))
+    text = build.MANIFEST.read_text()
+    assert 'to the server"' in text
+    bad.write_text(text.replace('to the server"', 'to the server."'))
     monkeypatch.setattr(build, "MANIFEST", bad)
-    with pytest.raises(RuntimeError, match=r'"permissions.network" = .*over HTTP\.\'.*must not end with punctuation'):
+    with pytest.raises(RuntimeError, match=r'"permissions.network" = .*the server\.\'.*must not end with punctuation'):
         build.build(tmp_path / "out", no_blender=True)
 
 

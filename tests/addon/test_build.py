@@ -129,11 +129,12 @@ def test_the_toml_subset_reader_equals_tomllib(path):
         build_rules.parse_toml_subset('a = 1\nb = """x\n"""\n')
 
 
-NETWORK = "Talk to the One2345 inference server over HTTP"
-LONG = NETWORK + " on the loopback address only"
+NETWORK = "Install server packages, download weights, talk to the server"
+LONG = NETWORK + " over HTTP"
 ALL = tuple(BPY_ENVS)
 BAD = [  # (what to change, the field named in the message, its value, words of the rule, Blenders that refuse it too)
-    (('over HTTP"', 'over HTTP."'), "permissions.network", NETWORK + ".", "must not end with punctuation", ALL),
+    (('to the server"', 'to the server."'), "permissions.network", NETWORK + ".", "must not end with punctuation",
+     ALL),
     ((NETWORK, LONG), "permissions.network", LONG, f"no longer than 64 characters expected, found {len(LONG)}", ALL),
     (('id = "one2345"', 'id = "one-2345"'), "id", "one-2345", "not a valid Python identifier", ALL),
     (('id = "one2345"', 'id = "one__2345"'), "id", "one__2345", "only single separators", ALL),

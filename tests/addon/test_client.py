@@ -10,7 +10,7 @@ from email.policy import HTTP
 import pytest
 
 from one2345_addon.core.client import Client, ServerError, encode_multipart
-from tests.addon.fake_server import ScriptedServer, json_reply
+from tests.addon.fake_server import FakeWeights, ScriptedServer, json_reply
 
 
 def parse_multipart(body: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]]:
@@ -99,3 +99,49 @@ def test_delete_of_a_finished_job_returns_none():
     with ScriptedServer(lambda request: (204, {}, b"")) as server:
         assert Client(server.url, "t").cancel("c" * 32) is None
     assert server.requests[0]["method"] == "DELETE"
+
+
+def test_weights_import_start_progress_outcome_and_cancel(tmp_path):
+    """#25: the import routes (``POST/GET/DELETE /v1/weights/import``) with the token, the path in a JSON body."""
+    (tmp_path / "zero123-xl.ckpt").write_bytes(b"weights")
+    (tmp_path / "sam_vit_h_4b8939.pth").write_bytes(FakeWeights.DAMAGED)
+    fake = FakeWeights(polls=2)
+    with ScriptedServer(fake.handle) as server:
+        client = Client(server.url, "t")
+        started = client.start_weights_import(str(tmp_path))
+        assert started["state"] == "running" and started["operation"] == "import"
+        request = server.requests[-1]
+        assert (request["method"], request["path"]) == ("POST", "/v1/weights/import")
+        assert json.loads(request["body"]) == {"path": str(tmp_path)}
+        assert request["headers"]["Authorization"] == "Bearer t"
+        with pytest.raises(ServerError) as busy:  # one task at a time, shared with the download
+            client.start_weights_download()
+        assert busy.value.kind == "conflict"
+        while (status := client.weights_import())["state"] == "running":
+            pass
+        assert {i["name"]: i["outcome"] for i in status["imported"]} == {
+            "sam": "damaged", "zero123-xl": "imported", "loftr": "not found", "reconstruction": "not found"}
+        with pytest.raises(ServerError) as idle:
+            client.cancel_weights_import()
+        assert idle.value.kind == "conflict"
+        client.start_weights_import(str(tmp_path))
+        assert client.cancel_weights_import()["state"] == "cancelled"
+        assert [r["method"] for r in server.requests if r["path"] == "/v1/weights/import"][-1] == "DELETE"
+
+
+def test_the_fake_weights_routes_answer_in_the_real_servers_shapes(tmp_path):
+    """The stand-in the Blender tests use must not drift from ``server/service/weights_api.py``."""
+    from server.service.weights_api import DownloadStatus, WeightsListing
+
+    (tmp_path / "zero123-xl.ckpt").write_bytes(b"weights")
+    fake = FakeWeights(polls=2)
+    statuses = [fake.listing()["download"], json.loads(fake.handle({"method": "POST", "path": "/v1/weights/import",
+                                                                     "body": json.dumps({"path": str(tmp_path)})})[2])]
+    while statuses[-1]["state"] == "running":
+        statuses.append(fake.progress())
+    for status in statuses:
+        assert DownloadStatus.model_validate(status).model_dump(exclude_none=True).keys() <= status.keys()
+    assert set(DownloadStatus.model_fields) == set(statuses[-1])
+    listing = fake.listing()
+    WeightsListing.model_validate(listing)
+    assert set(WeightsListing.model_fields) == set(listing)

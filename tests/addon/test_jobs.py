@@ -160,3 +160,33 @@ def test_a_bug_in_the_worker_still_ends_the_job(tmp_path, capsys):
     assert job.wait(timeout=5)
     assert job.state == "failed" and job.error.kind == "internal" and "KeyError: 'oops'" in job.error.message
     assert "Traceback" in capsys.readouterr().err  # the traceback went to the console
+
+
+SETUP_LINE = "One-time set-up: converting Zero123-XL from zero123-xl.ckpt (15.5 GB), about a minute…"
+
+
+def test_a_one_time_set_up_shows_its_message_and_steps_not_a_stalled_zero(tmp_path):
+    """#25: while the first Generate converts Zero123-XL the job's fraction stays 0; the progress says what runs,
+    with a step-based bar."""
+    script = Script([status(stage="prepare", fraction=0.0, message=SETUP_LINE, step=1, total=6),
+                     status(stage="prepare", fraction=0.0, message="converting the UNet (3.4 GB)", step=3, total=6),
+                     status(stage="stage1", fraction=0.2, message=None), DONE])
+    seen: list[jobs.Progress] = []
+    with ScriptedServer(script) as server:
+        job = make_job(tmp_path, server.url)
+        job.on("progress", seen.append).start()
+        assert job.wait(timeout=10) and job.state == "done"
+    setup = [p for p in seen if p.setup]
+    assert [jobs.bar(p) for p in setup] == [
+        (1 / 6, "One-time set-up: converting Zero123-XL from zero123-xl.ckpt (15.5 GB), about a minute… (1/6)"),
+        (0.5, "One-time set-up: converting the UNet (3.4 GB) (3/6)")]
+    after = next(p for p in seen if p.stage == "Stage1")
+    assert not after.setup and jobs.bar(after) == (0.2, "Stage1 2/4 (20%, 3 s left)")
+    assert jobs.bar(setup[0], cancelling=True) == (0.0, "Cancelling…")
+
+
+def test_a_set_up_without_a_message_or_steps_still_says_what_it_is():
+    progress = jobs._progress({"state": "running", "stage": "prepare", "step": 0, "total": 0, "fraction": 0.0})
+    assert progress.setup and jobs.bar(progress) == (0.0, "One-time set-up: converting Zero123-XL")
+    queued = jobs._progress({"state": "queued", "stage": "prepare", "fraction": 0.0})  # only a running job converts
+    assert not queued.setup

@@ -371,3 +371,20 @@ def test_low_vram_and_the_weights_folder_reach_the_server_command(fake_python: P
     assert cmd[cmd.index("--weights-dir") + 1] == str(tmp_path / "w")
     assert cmd[-3:] == ["--low-vram", "--max-queue", "4"]  # the user's extra arguments come last
     assert "--low-vram" not in server_process.server_command(replace(settings, low_vram=False), tmp_path / "jobs")
+
+
+def test_the_server_is_told_to_watch_this_blender(fake_python: Path, tmp_path: Path, manager):
+    """#31 finding 9: the launch passes Blender's own pid, so a killed Blender's server stops by itself (the real
+    round trip, SIGKILL of a bpy process, is tests/addon/test_first_use.py)."""
+    cmd = server_process.server_command(settings(fake_python, tmp_path), tmp_path / "jobs")
+    assert cmd[cmd.index("--owner-pid") + 1] == str(os.getpid())
+    manager.ensure(settings(fake_python, manager.state_dir))
+    assert f"--owner-pid {os.getpid()}" in manager.log_path.read_text()  # the logged command line
+
+
+def test_a_server_too_old_for_the_owner_flag_says_to_set_up_again(fake_python, manager, monkeypatch):
+    monkeypatch.setenv("FAKE_SERVER_MODE", "old")
+    with pytest.raises(ServerError) as caught:
+        manager.ensure(settings(fake_python, manager.state_dir))
+    assert caught.value.kind == "server_start_failed" and "unrecognized arguments: --owner-pid" in caught.value.message
+    assert "older than this add-on" in caught.value.fix and "Set Up Server Environment" in caught.value.fix

@@ -1,7 +1,9 @@
 """Several Blenders on one machine (issue #10 item 5), with real processes: two bpy Pythons (4.2 and 5.0) started at
 the same moment share one user folder and each get a live server with its own jobs folder; neither stops the other's;
 a third session (a headless batch) comes and goes without touching them; a Blender killed with SIGKILL leaves its
-server running, and the next session stops that stale server and reuses its slot and jobs folder."""
+server running, and the next session stops that stale server and reuses its slot and jobs folder. (The stand-in
+server ignores ``--owner-pid``, as a server from before that flag does; the real server stops by itself when its
+Blender dies: ``test_first_use.py``.)"""
 
 from __future__ import annotations
 

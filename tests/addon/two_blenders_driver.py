@@ -3,7 +3,9 @@ add-on's server manager from the source folder the way the add-on does (``server
 
 Usage: ``<bpy python> two_blenders_driver.py CONFIG_JSON``; prints one JSON line per event on stdout and reads
 commands from stdin: ``ensure`` (again), ``jobs`` (an authenticated request), ``exit`` (shut down like disabling the
-add-on). Killing the process with SIGKILL stands in for a crashed Blender.
+add-on). Killing the process with SIGKILL stands in for a crashed Blender. Config: ``python`` (the server
+environment's, or a stand-in), ``state_dir`` (the user folder), optionally ``startup_timeout`` (seconds; a real
+server on a loaded machine needs more than the stand-in's 30).
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ def say(event: str, **fields) -> None:
 def main() -> int:
     config = json.loads(sys.argv[1])
     settings = server_process.LaunchSettings(python=config["python"], state_dir=Path(config["state_dir"]),
-                                             preset="tiny", device="cpu", startup_timeout=30.0)
+                                             preset="tiny", device="cpu",
+                                             startup_timeout=float(config.get("startup_timeout", 30.0)))
     manager = server_process.manager(settings.state_dir)
 
     def ensure() -> None:
         connection = manager.ensure(settings)
         say("ensured", server_pid=connection.pid, jobs_dir=connection.jobs_dir, url=connection.url,
-            note=connection.note, slot=manager.slot, record=str(manager.pid_file))
+            note=connection.note, slot=manager.slot, record=str(manager.pid_file), log=str(manager.log_path))
 
     ensure()
     for line in sys.stdin:
