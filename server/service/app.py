@@ -67,7 +67,15 @@ from server import __version__
 from server.common.devices import PEAK_MEMORY_BYTES, describe_device
 from server.common.errors import BadInputError, One2345Error, only_query
 from server.common.images import check_image_size
-from server.service.jobs import BAKE_OPTIONS, MEDIA_TYPES, REMESH_OPTIONS, ApiError, JobManager, check_options
+from server.service.jobs import (
+    BAKE_OPTIONS,
+    MEDIA_TYPES,
+    REMESH_OPTIONS,
+    ApiError,
+    JobManager,
+    check_options,
+    error_dict,
+)
 from server.service.weights_api import WeightsHealth, WeightsManager, weights_router
 
 log = logging.getLogger(__name__)
@@ -407,7 +415,7 @@ def error_response(kind: str, message: str, fix: str | None = None, headers: dic
     headers = dict(headers or {})
     if kind == "unauthorized":
         headers.setdefault("WWW-Authenticate", "Bearer")
-    return JSONResponse({"error": {"kind": kind, "message": message, "fix": fix}},
+    return JSONResponse({"error": error_dict(kind, message, fix)},
                         status_code=status or STATUS_OF_KIND.get(kind, 500), headers=headers)
 
 

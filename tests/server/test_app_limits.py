@@ -116,3 +116,17 @@ def test_the_schema_states_the_download_token_pattern(tmp_path):
         assert string["pattern"] == "^[!-~]+$"
         r = c.post("/v1/weights/download", json={"token": "has space"}, headers=WEIGHTS_AUTH)
         assert r.status_code == 400 and "printable ASCII" in r.json()["error"]["message"]
+
+
+def test_no_error_reaches_a_client_without_a_fix():
+    """#31: errors raised without a specific fix carry their kind's default, over HTTP and in a job's status."""
+    from server.service.app import STATUS_OF_KIND, error_response
+    from server.service.jobs import error_dict
+    from server.service.jobs.records import DEFAULT_FIX
+
+    assert set(STATUS_OF_KIND) <= set(DEFAULT_FIX)
+    for kind in STATUS_OF_KIND:
+        body = json.loads(error_response(kind, "what went wrong").body)
+        assert body["error"]["fix"] == DEFAULT_FIX[kind] and body["error"]["fix"]
+        assert error_dict(kind, "what went wrong")["fix"] == DEFAULT_FIX[kind]
+    assert error_dict("storage", "full", "free 2 GB")["fix"] == "free 2 GB"  # a specific fix wins

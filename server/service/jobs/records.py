@@ -130,9 +130,28 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
+DEFAULT_FIX: dict[str, str] = {
+    "bad_input": "correct the value the message names; /openapi.json says what each field allows",
+    "unauthorized": "send the server's token as 'Authorization: Bearer <ONE2345_TOKEN>'",
+    "not_found": "list what exists with GET /v1/jobs (a deleted job, or one the size limit removed, is gone)",
+    "conflict": "read the job's state with GET /v1/jobs/<id>; this request fits another state",
+    "too_large": "send less than the limit the message names",
+    "queue_full": "wait the Retry-After seconds and submit again",
+    "missing_weights": "download them: POST /v1/weights/download, or `one2345 weights download`",
+    "out_of_memory": "turn on low-VRAM mode (`one2345 serve --low-vram`) or lower the resolution",
+    "storage": "free space on the jobs folder's disk (or make it writable), then try again",
+    "offline": "run the server with network access, or bring the files in with `one2345 weights import PATH`",
+    "cancelled": "submit the job again to run it",
+    "internal": "see the server's log (stderr) for the traceback; this is a bug worth reporting",
+}
+"""What to do about an error of each kind when the code that raised it knows nothing more specific, so no error
+reaches a client with ``fix: null``."""
+
+
 def error_dict(kind: str, message: str, fix: str | None = None) -> dict[str, Any]:
-    """A job's ``error`` field, shaped like the HTTP error body's ``error`` object."""
-    return {"kind": kind, "message": message, "fix": fix}
+    """A job's ``error`` field, shaped like the HTTP error body's ``error`` object (the kind's default fix when
+    ``fix`` is None)."""
+    return {"kind": kind, "message": message, "fix": fix or DEFAULT_FIX.get(kind)}
 
 
 def download_name(stem: str, fmt: str) -> str:
