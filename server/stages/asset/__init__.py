@@ -9,7 +9,7 @@ folder, never Zero123):
    stalls; :func:`decimate_with_report` says what was reached and why.
 3. :func:`bake_texture` — xatlas unwrap (or the mesh's own UVs, :func:`check_uvs`), then a base-colour texture
    projected from every posed view with a depth visibility test, unseen texels filled over the surface
-   (:mod:`server.stages.asset.bake`, :mod:`server.stages.asset.unwrap`, :mod:`server.stages.asset.raster`).
+   (:mod:`server.stages.asset.bake`, :mod:`server.stages.asset.views`, :mod:`server.stages.asset.unwrap`, :mod:`server.stages.asset.raster`).
    :func:`vertex_colors_from_views` colours any mesh's vertices with the same sampler.
 4. :func:`export_textured_mesh` — GLB with an embedded PBR texture, or OBJ + MTL + PNG
    (:mod:`server.stages.asset.export`).
@@ -25,14 +25,12 @@ A stage: imports :mod:`server.common` only.
 from server.stages.asset.bake import (
     BakeConfig,
     BakeReport,
-    BakeViews,
     TexturedMesh,
     UvCheck,
     bake_texture,
     check_uvs,
     fill_over_surface,
     fill_unseen,
-    load_bake_views,
     vertex_colors_from_views,
 )
 from server.stages.asset.cleanup import (
@@ -51,6 +49,7 @@ from server.stages.asset.export import TEXTURED_SUFFIXES, export_textured_mesh
 from server.stages.asset.raster import rasterize_uv, render_depth, render_face_ids
 from server.stages.asset.stage import AssetConfig, build_asset
 from server.stages.asset.unwrap import UnwrapConfig, UvLayout, unwrap
+from server.stages.asset.views import BakeViews, load_bake_views
 
 __all__ = [
     "TEXTURED_SUFFIXES",

@@ -41,7 +41,7 @@ from server.stages.asset.unwrap import UvLayout
 
 # What this module reads of bake.py's BakeViews and BakeConfig (bake imports this module, so not the reverse).
 class BakeViews(Protocol):
-    """:class:`server.stages.asset.bake.BakeViews`: V posed sRGB images in the pixel convention of the module."""
+    """:class:`server.stages.asset.views.BakeViews`: V posed sRGB images in the pixel convention of the module."""
 
     @property
     def ids(self) -> tuple[str, ...]: ...
@@ -382,7 +382,7 @@ def bake_layout(
 
     Args:
         mesh: the checked input mesh; layout: its UV layout; normals: [V', 3] vertex normals of the layout's copies.
-        views: the :class:`~server.stages.asset.bake.BakeViews`; size: texture side; config: the BakeConfig.
+        views: the :class:`~server.stages.asset.views.BakeViews`; size: texture side; config: the BakeConfig.
         device: where to run; lap: ``lap(step)`` records a step's time (called after a device synchronisation).
         fill_vertices: ``fill_vertices(colours [V, 3], known [V])`` → [V, 3] float64 colours of the input mesh's
             vertices, the unknown ones filled over the surface (:func:`server.stages.asset.bake.fill_over_surface`).

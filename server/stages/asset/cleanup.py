@@ -35,7 +35,7 @@ from server.stages.asset.raster import render_face_ids
 from server.stages.asset.reports import CleanupReport, DecimateReport
 
 if TYPE_CHECKING:
-    from server.stages.asset.bake import BakeViews
+    from server.stages.asset.views import BakeViews
 
 logger = logging.getLogger("server.stages.asset")
 

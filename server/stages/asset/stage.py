@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from server.common.errors import BadInputError
 from server.common.mesh_io import Mesh
-from server.stages.asset.bake import BakeConfig, BakeViews, TexturedMesh, bake_texture
+from server.stages.asset.bake import BakeConfig, TexturedMesh, bake_texture
 from server.stages.asset.cleanup import (
     MIN_TARGET_FACES,
     CleanupConfig,
@@ -16,6 +16,7 @@ from server.stages.asset.cleanup import (
     clean_mesh_with_report,
     decimate_with_report,
 )
+from server.stages.asset.views import BakeViews
 
 if TYPE_CHECKING:
     from server.common.views import ViewSet
