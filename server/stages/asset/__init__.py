@@ -9,7 +9,8 @@ folder, never Zero123):
    stalls; :func:`decimate_with_report` says what was reached and why.
 3. :func:`bake_texture` — xatlas unwrap (or the mesh's own UVs, :func:`check_uvs`), then a base-colour texture
    projected from every posed view with a depth visibility test, unseen texels filled over the surface
-   (:mod:`server.stages.asset.bake`, :mod:`server.stages.asset.views`, :mod:`server.stages.asset.unwrap`, :mod:`server.stages.asset.raster`).
+   (:mod:`server.stages.asset.bake`, :mod:`server.stages.asset.views`, :mod:`server.stages.asset.unwrap`,
+   :mod:`server.stages.asset.raster`).
    :func:`vertex_colors_from_views` colours any mesh's vertices with the same sampler.
 4. :func:`export_textured_mesh` — GLB with an embedded PBR texture, or OBJ + MTL + PNG
    (:mod:`server.stages.asset.export`).
