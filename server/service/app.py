@@ -3,7 +3,12 @@
 The contract, shared with the Blender add-on, is versioned under ``/v1`` and described at ``/openapi.json``:
 
     GET    /v1/health                      no token; status, version, device, models loaded, queue length
-    POST   /v1/jobs                        multipart: image (+ options JSON) → 202 {"id", "state", "url"}
+    POST   /v1/jobs                        multipart: image (+ options JSON) → 202 {"id", "state", "url"}; or
+                                           no image and options {"image_of": <images job id>, "index": i, …}: the
+                                           input is that job's candidate i, its prompt recorded in the recipe
+    POST   /v1/images                      JSON {prompt, count 1–8, seed?, negative_prompt?} → 202: a job of kind
+                                           images whose result is count candidate PNGs (text to image)
+    GET    /v1/jobs/{id}/candidates/{i}.png  a candidate of a done images job (PNG)
     GET    /v1/jobs?limit=N&after=ID       a page of jobs, newest first (including those found on disk at start)
     GET    /v1/jobs/{id}                   state, stage, step/total, fraction, elapsed, ETA, previews, error, result
     GET    /v1/jobs/{id}/result            the mesh (glb, ply or obj) as an attachment
@@ -195,6 +200,18 @@ class JobResult(BaseModel):
                                                     "fresh one); null for other jobs and vertex colours")
 
 
+class ImagesResult(BaseModel):
+    candidates: list[Preview] = Field(description="the candidate images 0.png…, in order")
+    seed: int = Field(description="the set's seed: candidate i came from seed + i")
+
+
+class ImagesRequest(BaseModel):
+    prompt: str = Field(description="what to picture, as typed (the server's template adds the framing)")
+    count: int = Field(4, description="how many candidates, 1…8")
+    seed: int | None = Field(None, description="null (drawn) or 0…2³²−count")
+    negative_prompt: str | None = Field(None, description="null for the server's default")
+
+
 class ReviewView(BaseModel):
     name: str = Field(description="the stage-1 view's file name, e.g. 5.png")
     url: str
@@ -215,6 +232,7 @@ class Review(BaseModel):
 
 class JobStatus(BaseModel):
     id: str
+    kind: str = Field("mesh", description="mesh (an image-to-3D, re-mesh or bake job) or images (POST /v1/images)")
     state: str = Field(description="queued | running | review | done | failed | cancelled | expired")
     stage: str | None = Field(description="prepare (the one-time set-up while models load), preprocess, stage1, "
                                           "stage2, elevation, stage1b, stage2b, reconstruct, asset or export; null "
@@ -231,7 +249,9 @@ class JobStatus(BaseModel):
                                                           "given, e.g. during the one-time set-up (stage prepare): "
                                                           "\"One-time set-up: converting Zero123-XL …\"; else null")
     error: ErrorDetail | None
-    result: JobResult | None
+    result: JobResult | ImagesResult | None
+    images: dict[str, Any] | None = Field(None, description="an images job's request: prompt, count, seed (the "
+                                                           "drawn one when none was given), negative_prompt")
     remesh_of: str | None = Field(description="the job whose views this one re-meshes; null for a generation")
     bake_of: str | None = Field(None, description="the job whose views this one bakes onto an uploaded mesh; null "
                                                   "otherwise")
@@ -319,6 +339,35 @@ def parse_json(text: str | bytes | None, what: str, example: str) -> Any:
 
 
 _OPTIONS_EXAMPLE = 'send a JSON object, e.g. {"steps_stage1": 50, "format": "glb"}'
+_IMAGES_EXAMPLE = 'send a JSON object, e.g. {"prompt": "a rusty fire hydrant", "count": 4, "seed": 7}'
+
+
+def parse_images_request(body: Any) -> dict[str, Any]:
+    """The body of ``POST /v1/images`` → ``{"prompt", "count", "seed", "negative_prompt"}`` (count 4 and seed and
+    negative prompt null by default), checked as far as it can be without the model
+    (:func:`server.stages.text_to_image.check_request`).
+
+    Raises:
+        BadInputError: not an object, an unknown field, an empty prompt, a count outside 1…8, a bad seed.
+    """
+    from server.stages.text_to_image import check_request, check_text
+
+    if not isinstance(body, dict):
+        raise BadInputError(f"the images body must be a JSON object, got {type(body).__name__}", fix=_IMAGES_EXAMPLE)
+    fields = ("prompt", "count", "seed", "negative_prompt")
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise BadInputError(f"images field(s) {unknown} are unknown; allowed: {list(fields)}", fix=_IMAGES_EXAMPLE)
+    if "prompt" not in body:
+        raise BadInputError("the images body lacks its prompt", fix=_IMAGES_EXAMPLE)
+    request = {"prompt": body["prompt"], "count": body.get("count", 4), "seed": body.get("seed"),
+               "negative_prompt": body.get("negative_prompt")}
+    check_request(request["prompt"], request["count"], request["seed"])
+    if request["negative_prompt"] is not None:
+        check_text(request["negative_prompt"], "negative prompt")
+    return request
+
+
 _REMESH_EXAMPLE = 'send a JSON object, e.g. {"target_faces": 20000, "texture_size": 1024}'
 _BAKE_EXAMPLE = 'send a JSON object, e.g. {"texture_size": 1024, "keep_uvs": true, "format": "glb"}'
 MESH_UPLOAD_FORMATS = ("glb", "obj", "ply")
@@ -707,29 +756,69 @@ def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager |
                  responses=_errors(400, 401, 413, 429, 503, 507))
     async def submit(
         request: Request,
-        image: Annotated[UploadFile, File(description="the image: PNG, JPEG, WebP, BMP, TIFF or GIF, at most "
-                                                      "--max-upload-mb, 16 px…40 MP (never empty)",
-                                          json_schema_extra={"minLength": 1})],
+        image: Annotated[UploadFile | None, File(description="the image: PNG, JPEG, WebP, BMP, TIFF or GIF, at most "
+                                                             "--max-upload-mb, 16 px…40 MP (never empty); left out "
+                                                             "when the options name a candidate (image_of, index)",
+                                                 json_schema_extra={"minLength": 1})] = None,
         options: Annotated[str | None, Form(description="a JSON object with any of: elevation (null or −60…70), "
                                                         "seed (null or 0…2³²−1), steps_stage1 (2…200), "
                                                         "steps_stage2 (2…200), guidance (1…20), resolution "
                                                         "(32…512), format (ply|glb|obj), remove_background "
                                                         "(bool), target_faces (null or 1000…2000000), "
                                                         "texture_size (null or 256…4096, glb only), review (bool), "
-                                                        "view_seeds (null or {view: seed})")] = None,
+                                                        "view_seeds (null or {view: seed}); and, instead of an "
+                                                        "image, image_of (an images job's id) with index (its "
+                                                        "candidate)")] = None,
     ) -> JSONResponse:
         form = await request.form()  # already parsed for the parameters above; checked for stray parts here
         unknown = sorted(set(form.keys()) - {"image", "options"})
         if unknown:
             raise BadInputError(f"unknown form field(s) {unknown}; the form has the parts 'image' and 'options'")
-        if len(form.getlist("image")) != 1 or len(form.getlist("options")) > 1:
+        if len(form.getlist("image")) > 1 or len(form.getlist("options")) > 1:
             raise BadInputError("send exactly one 'image' part and at most one 'options' part")
+        raw = parse_json(options, "options", _OPTIONS_EXAMPLE)
+        if isinstance(raw, dict) and ("image_of" in raw or "index" in raw):
+            # A candidate of an images job as the input: the smallest change to this route (no image part).
+            if image is not None:
+                raise BadInputError("send either an 'image' part or options image_of and index, not both")
+            rest = {k: v for k, v in raw.items() if k not in ("image_of", "index")}
+            if "image_of" not in raw or "index" not in raw:
+                raise BadInputError("options image_of and index go together: the images job's id and the "
+                                    "candidate's number", fix='e.g. {"image_of": "<images job id>", "index": 2}')
+            source, index = raw["image_of"], raw["index"]
+            if not isinstance(source, str):
+                raise BadInputError(f"option image_of={source!r} is not allowed: an images job's id (a string)")
+            status = await run_in_threadpool(manager.submit_from_candidate, source, index, "candidate",
+                                             check_options(rest))
+            return JSONResponse({"id": status["id"], "state": status["state"], "url": f"/v1/jobs/{status['id']}"},
+                                status_code=202)
+        if image is None:
+            raise BadInputError("send exactly one 'image' part (or options image_of and index, naming a candidate "
+                                "of an images job)")
         data = await image.read()
-        parsed = parse_options(options)
+        parsed = check_options(raw)
         ext = await run_in_threadpool(inspect_image, data, config)
         status = await run_in_threadpool(manager.submit, data, ext, download_stem(image.filename), parsed)
         return JSONResponse({"id": status["id"], "state": status["state"], "url": f"/v1/jobs/{status['id']}"},
                             status_code=202)
+
+    @router.post("/images", status_code=202, response_model=JobCreated,
+                 summary="Make candidate images of a prompt (a job of kind images)",
+                 openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                     "schema": {**ImagesRequest.model_json_schema(), "additionalProperties": False}}}}},
+                 responses=_errors(400, 401, 429, 507))
+    async def submit_images(request: Request) -> JSONResponse:
+        body = parse_json(await request.body(), "the images body", _IMAGES_EXAMPLE)
+        status = await run_in_threadpool(manager.submit_images, parse_images_request(body))
+        return JSONResponse({"id": status["id"], "state": status["state"], "url": f"/v1/jobs/{status['id']}"},
+                            status_code=202)
+
+    @router.get("/jobs/{job_id}/candidates/{name}", response_class=OpenFileResponse,
+                summary="A candidate image of a done images job",
+                responses={200: {"content": {"image/png": {}}, "description": "the candidate"},
+                           **_errors(401, 404, 409, 507)})
+    def job_candidate(job_id: str, name: str) -> OpenFileResponse:
+        return OpenFileResponse(manager.open_candidate(job_id, name), media_type="image/png")
 
     @router.get("/jobs", response_model=JobList, summary="Jobs, newest first, a page at a time",
                 responses=_errors(400, 401, 404))

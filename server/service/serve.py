@@ -385,7 +385,7 @@ def serve(settings: ServeSettings, stdout: TextIO | None = None) -> int:
     from server.common.devices import resolve_device
     from server.pipeline import PRESETS, One2345Pipeline
     from server.service.app import AppConfig, create_app
-    from server.service.jobs import JobManager
+    from server.service.jobs import JobManager, TextToImage
     from server.service.weights_api import WeightsConfig, WeightsManager
 
     try:
@@ -399,7 +399,8 @@ def serve(settings: ServeSettings, stdout: TextIO | None = None) -> int:
             return One2345Pipeline.from_preset(settings.preset, device=device, weights_dir=settings.weights_dir,
                                                low_vram=settings.low_vram)
 
-        manager = JobManager(jobs_dir, load, settings.jobs_config)
+        manager = JobManager(jobs_dir, load, settings.jobs_config,
+                             TextToImage(settings.preset, device, settings.weights_dir, settings.low_vram))
         if settings.preset == "paper":  # what an interrupted Zero123 conversion left (4–5 GB), whatever killed it
             from server.pipeline.models import remove_interrupted_conversions
 

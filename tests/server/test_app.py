@@ -145,7 +145,8 @@ def test_job_round_trip(client, tmp_path):
                                 "meta_url": f"/v1/jobs/{body['id']}/meta", "elevation": 12.5,
                                 "vertices": len(box.vertices), "faces": len(box.faces),
                                 "elevation_uncertain": False, "elevation_confidence": None,
-                                "textured": False, "texture_size": None, "target_faces": None}
+                                "textured": False, "texture_size": None, "target_faces": None,
+                                "uv_source": None}  # which UVs a bake used (#26); null for other jobs
     assert status["remesh_of"] is None
     assert [p["name"] for p in status["previews"]] == ["input_256.png", "0.png"]
 
@@ -370,7 +371,7 @@ def test_openapi_documents_the_api(client):
                                     "/v1/jobs/{job_id}/meta", "/v1/jobs/{job_id}/views/{name}",
                                     "/v1/jobs/{job_id}/input", "/v1/jobs/{job_id}/remesh", "/v1/jobs/{job_id}/reroll",
                                     "/v1/jobs/{job_id}/continue", "/v1/jobs/{job_id}/pin", "/v1/jobs/{job_id}/bake",
-                                    *weights}
+                                    "/v1/images", "/v1/jobs/{job_id}/candidates/{name}", *weights}
     post = schema["paths"]["/v1/jobs"]["post"]
     assert {"202", "400", "401", "413", "429", "503"} <= set(post["responses"])
     assert "422" not in json.dumps(schema["paths"])

@@ -27,6 +27,7 @@ GOOD = {"id": FOLDER.name, "created": "2026-01-01T00:00:00.000000+00:00", "optio
         "input_file": "input.png", "download_stem": "my_photo", "state": "done", "stage": "export", "step": 1,
         "total": 1, "fraction": 1.0, "elapsed_s": 1.5, "previews": ["input_256.png", "0.png", "0_3.png"],
         "message": None, "error": None, "remesh_of": None, "pinned": False, "bake_of": None, "bake": None,
+        "images": None,
         "result": {"format": "glb", "elevation": 12.5, "vertices": 8, "faces": 12, "mesh": "run/mesh.glb",
                    "meta": "run/meta.json", "elevation_uncertain": False, "elevation_confidence": None,
                    "textured": False, "texture_size": None, "target_faces": None},
@@ -75,7 +76,7 @@ BAD_FIELDS = [
 def test_a_record_this_server_writes_reads_back_whole():
     job = Job.from_record(FOLDER, GOOD)
     assert job.to_record() == {k: GOOD[k] for k in job.to_record()}
-    older = ("remesh_of", "review", "pinned", "message", "bake_of", "bake")  # fields added after the first release
+    older = ("remesh_of", "review", "pinned", "message", "bake_of", "bake", "images")  # added after the first release
     assert Job.from_record(FOLDER, {k: v for k, v in GOOD.items() if k not in older})
     assert Job.from_record(FOLDER, edited("created", "2000-01-01T00:00:00")).created == "2000-01-01T00:00:00"
     assert Job.from_record(FOLDER, edited("review.timeout_s", DELETE)).review["views"] == list(range(8))

@@ -36,7 +36,7 @@ from server.service.jobs.records import (
     error_dict,
     now_iso,
 )
-from server.service.jobs.worker import Pipeline
+from server.service.jobs.worker import Pipeline, TextToImage
 
 __all__ = [
     "BAKE_OPTIONS",
@@ -52,6 +52,7 @@ __all__ = [
     "JobsConfig",
     "Pipeline",
     "RecordError",
+    "TextToImage",
     "check_job_id",
     "check_options",
     "error_dict",

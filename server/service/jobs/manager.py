@@ -36,7 +36,7 @@ from server.service.jobs.records import (
     now_iso,
 )
 from server.service.jobs.store import JobStore, copy_run, folder_bytes, run_previews
-from server.service.jobs.worker import JobQueue, Pipeline, Worker, free_gpu_memory
+from server.service.jobs.worker import JobQueue, MakeImages, Pipeline, Worker, free_gpu_memory
 
 log = logging.getLogger(__package__)
 
@@ -67,10 +67,12 @@ class JobManager:
         load_pipeline: builds the pipeline (loads the models); called once, in the worker thread unless
             :meth:`preload` was called first.
         config: queue and cancellation limits.
+        make_images: makes an images job's candidates (:data:`server.service.jobs.worker.MakeImages`); None: images
+            jobs are refused.
     """
 
     def __init__(self, jobs_dir: str | Path, load_pipeline: Callable[[], Pipeline],
-                 config: JobsConfig | None = None) -> None:
+                 config: JobsConfig | None = None, make_images: MakeImages | None = None) -> None:
         self.jobs_dir = Path(jobs_dir)
         self.config = config or JobsConfig()
         self._load_pipeline = load_pipeline
@@ -79,7 +81,7 @@ class JobManager:
         self.store = JobStore(self.jobs_dir)
         self._queue = JobQueue(self.lock)
         self._worker = Worker(self.lock, self._queue, self.store, self._ensure_pipeline, self._complete,
-                              self._expire_reviews)
+                              self._expire_reviews, make_images)
         self._load_failure: tuple[float, One2345Error] | None = None
         self._durations: deque[float] = deque(maxlen=10)
         self.preflight: Callable[[], None] | None = None
@@ -126,7 +128,7 @@ class JobManager:
         ``quarantined`` (job folders set aside at start-up)."""
         with self.lock:
             done = sorted((j for j in self._jobs.values() if j.state == "done" and j.remesh_of is None
-                           and j.bake_of is None),
+                           and j.bake_of is None and j.images is None),
                           key=lambda j: j.created)[-5:]
             seconds = sorted(j.to_public()["elapsed_s"] for j in done)
             return {"status": "degraded" if self._worker_died() else "ok",
@@ -176,21 +178,35 @@ class JobManager:
         """(the open mesh file, its format, its download file name) of a done job; ApiError not_found / conflict
         otherwise. The caller closes the file. The name holds only ``[A-Za-z0-9._-]`` (a header carries it)."""
         with self.lock:
-            job = self._done(job_id)
+            job = self._mesh_done(job_id)
             fmt = job.result["format"]
             return self.store.open(job, job.result["mesh"]), fmt, download_name(job.download_stem, fmt)
 
     def open_meta(self, job_id: str) -> BinaryIO:
         """The open meta.json of a done job (the caller closes it)."""
         with self.lock:
-            job = self._done(job_id)
+            job = self._mesh_done(job_id)
             return self.store.open(job, job.result["meta"])
 
     def open_input(self, job_id: str) -> tuple[BinaryIO, str]:
         """The open uploaded image of a job, byte for byte, and its file name (the caller closes it)."""
         with self.lock:
             job = self._get(job_id)
+            if job.images is not None:
+                raise ApiError("not_found", f"job {job_id} is an images job: it has no input image",
+                               fix=f"fetch its candidates: GET /v1/jobs/{job_id}/candidates/<i>.png")
             return self.store.open(job, job.input_file), job.input_file
+
+    def open_candidate(self, job_id: str, name: str) -> BinaryIO:
+        """An open candidate image ``<i>.png`` of a done images job (the caller closes it); ApiError not_found for
+        another job kind or name, conflict while the job is not done."""
+        with self.lock:
+            job = self._done(job_id)
+            if job.images is None or name not in job.result["candidates"]:
+                raise ApiError("not_found", f"job {job_id} has no candidate {name[:80]!r}"
+                               + (f": its candidates are {', '.join(job.result['candidates'])}"
+                                  if job.images is not None else ": it is not an images job (POST /v1/images)"))
+            return self.store.open(job, f"candidates/{name}")
 
     def open_view(self, job_id: str, name: str) -> BinaryIO:
         """An open preview image of the job (the caller closes it); ApiError not_found for other names or views not
@@ -234,6 +250,83 @@ class JobManager:
             self.store.log(job, f"queued: input {job.input_file} ({len(image)} bytes), options {json.dumps(options)}")
             return job.to_public()
 
+    def submit_images(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Queue an images job: ``request`` holds :data:`server.service.jobs.records.IMAGES_FIELDS`, already checked
+        (:func:`server.stages.text_to_image.check_request`); a seed of None is drawn here, so the record holds the
+        seed the candidates are made from. Returns its public status.
+
+        Raises:
+            BadInputError: the server has no text-to-image model.
+            ApiError: as :meth:`submit` (``queue_full``, ``internal``); the image-to-3D weights are not needed.
+            StorageError: the disk refused the new job's folder.
+        """
+        import random
+
+        from server.common.errors import BadInputError
+        from server.stages.text_to_image import MAX_COUNT
+
+        if self._worker.make_images is None:
+            raise BadInputError("this server makes no images from text (it was started without a text-to-image "
+                                "model)", fix="submit an image with POST /v1/jobs")
+        self._worker.make_images.check_prompt(request["prompt"], request["negative_prompt"])
+        request = dict(request)
+        if request["seed"] is None:
+            request["seed"] = random.SystemRandom().randrange(2**32 - MAX_COUNT)
+        with self.lock:
+            self._refuse_if_unavailable(needs_models=False)
+            job_id = uuid.uuid4().hex
+            job = Job(id=job_id, folder=self.jobs_dir / job_id, created=now_iso(), options={},
+                      input_file="input.png", download_stem="images", images=request)
+            self._store(job, lambda incoming: None)
+            self.store.log(job, f"queued: images {json.dumps(request)}")
+            return job.to_public()
+
+    def submit_from_candidate(self, source_id: str, index: Any, download_stem: str,
+                              options: dict[str, Any]) -> dict[str, Any]:
+        """Queue an image-to-3D job whose input is candidate ``index`` of the done images job ``source_id``: the
+        candidate is copied as ``input.png`` and its record (:class:`server.stages.text_to_image.TextSource`) as
+        ``text.json``, which the worker hands to the pipeline so that the run's recipe records the prompt, model,
+        seed and index. Returns its public status.
+
+        Raises:
+            BadInputError: ``source_id`` is not an images job, or ``index`` is not one of its candidates.
+            ApiError: ``not_found`` (no such job), ``conflict`` (not done yet), and as :meth:`submit`.
+            StorageError: the disk refused the new job's folder.
+        """
+        from server.common.errors import BadInputError
+        from server.stages.text_to_image import TextSource
+
+        with self.lock:
+            source = self._get(source_id)
+            if source.images is None:
+                raise BadInputError(f"job {source_id} is not an images job, so image_of cannot name it",
+                                    fix="image_of takes the id of a job made with POST /v1/images")
+            source = self._done(source_id)
+            count = len(source.result["candidates"])
+            if not (isinstance(index, int) and not isinstance(index, bool) and 0 <= index < count):
+                raise BadInputError(f"candidate index={index!r} does not exist: job {source_id} has {count} "
+                                    f"candidates, so index is an integer in [0, {count - 1}]")
+            with self.store.open(source, "candidates/candidates.json") as f:
+                try:
+                    text = TextSource(**json.loads(f.read())["sources"][index])
+                except (ValueError, TypeError, KeyError, IndexError) as e:
+                    raise BadInputError(f"candidates.json of job {source_id} is damaged ({type(e).__name__})",
+                                        fix="make the candidates again with POST /v1/images") from None
+            with self.store.open(source, f"candidates/{index}.png") as f:
+                image = f.read()
+            self._refuse_if_unavailable()
+            job_id = uuid.uuid4().hex
+            job = Job(id=job_id, folder=self.jobs_dir / job_id, created=now_iso(), options=options,
+                      input_file="input.png", download_stem=download_stem)
+
+            def fill(incoming: Path) -> None:
+                (incoming / job.input_file).write_bytes(image)
+                text.write(incoming)
+
+            self._store(job, fill)
+            self.store.log(job, f"queued: candidate {index} of images job {source_id}, options {json.dumps(options)}")
+            return job.to_public()
+
     def submit_remesh(self, source_id: str, overrides: dict[str, Any]) -> dict[str, Any]:
         """Queue a re-mesh of a done job: a new job with the source's options, ``overrides`` applied, that starts
         from a copy of the source's input, views and meta.json. Returns the new job's public status.
@@ -252,7 +345,7 @@ class JobManager:
                                 f"{list(REMESH_OPTIONS)}", fix="the others shaped the views; submit the image again "
                                                                "to change them")
         with self.lock:
-            source = self._done(source_id)
+            source = self._mesh_done(source_id)
             options = check_options({**source.options, **overrides})
             self._refuse_if_unavailable()
             job_id = uuid.uuid4().hex
@@ -285,7 +378,7 @@ class JobManager:
             StorageError: the disk refused the new job's folder.
         """
         with self.lock:
-            source = self._done(source_id)
+            source = self._mesh_done(source_id)
             options, keep_uvs = check_bake_options(source.options, body)
             self._refuse_if_unavailable(needs_models=False)
             job_id = uuid.uuid4().hex
@@ -392,6 +485,15 @@ class JobManager:
                            else None)
         return job
 
+    def _mesh_done(self, job_id: str) -> Job:
+        """A done job that made a mesh; an images job is not_found here (it has candidates, no mesh)."""
+        job = self._done(job_id)
+        if job.images is not None:
+            raise ApiError("not_found", f"job {job_id} is an images job: it made candidate images, not a mesh",
+                           fix=f"fetch them with GET /v1/jobs/{job_id}/candidates/<i>.png, or make a mesh of one: "
+                               'POST /v1/jobs with options {"image_of": "<id>", "index": <i>}')
+        return job
+
     def _in_review(self, job_id: str) -> Job:
         job = self._get(job_id)
         review.require_review(job)
@@ -471,7 +573,7 @@ class JobManager:
             self._pause(job, result["review"])
         elif error is None:
             job.result = result
-            job.stage, job.fraction = "export", 1.0
+            job.stage, job.fraction = "export" if job.images is None else "text_to_image", 1.0
             self._finish(job, "done", None)
         elif retry:
             self._end_task(job)

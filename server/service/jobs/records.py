@@ -39,11 +39,13 @@ DOWNLOAD_STEM_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 """What the HTTP app's ``download_stem`` leaves of an upload's name: it goes into a Content-Disposition header, so a
 record holding anything else (a CR/LF, a quote) is refused on load."""
 REMESH_OPTIONS = ("resolution", "target_faces", "texture_size", "format")
+"""What a re-mesh may change: everything else (elevation, seed, steps…) shaped the views, which it reuses."""
 BAKE_OPTIONS = ("texture_size", "keep_uvs", "format")
 """What a bake (``POST /v1/jobs/<id>/bake``) takes besides its mesh."""
 BAKE_MESH_RE = re.compile(r"bake_input\.(?:glb|obj|ply)")
 """The uploaded mesh's name inside a bake job's folder."""
-"""What a re-mesh may change: everything else (elevation, seed, steps…) shaped the views, which it reuses."""
+IMAGES_FIELDS = ("prompt", "count", "seed", "negative_prompt")
+"""An images job's request (``POST /v1/images``), as kept in its record."""
 _ETA_MIN_FRACTION = 0.02
 """Below this overall fraction the rate estimate is mostly start-up cost, so no ETA is given."""
 
@@ -195,6 +197,9 @@ class Job:
     bake: dict[str, Any] | None = None
     """A bake job's own settings: ``mesh`` (the upload's name in the job folder, :data:`BAKE_MESH_RE`) and
     ``keep_uvs``; None for other jobs."""
+    images: dict[str, Any] | None = None
+    """An images job's request (``POST /v1/images``: :data:`IMAGES_FIELDS`, the seed drawn at submission when the
+    client gave none); None for a mesh job. Its result is ``{"candidates": ["0.png", …], "seed"}``."""
     review: dict[str, Any] | None = None
     """While paused for review (and after): the views, the elevation and its source, the re-roll seeds, the
     revision (bumped by each re-roll), ``deadline`` (Unix time it expires) and ``timeout_s`` (the review time it was
@@ -216,12 +221,18 @@ class Job:
     _RECORD_FIELDS: ClassVar[tuple[str, ...]] = (
         "id", "created", "options", "input_file", "download_stem", "state", "stage", "step", "total", "fraction",
         "elapsed_s", "previews", "message", "error", "result", "remesh_of", "review", "pinned", "bake_of",
-        "bake")
-    _OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = ("remesh_of", "review", "pinned", "message", "bake_of", "bake")
+        "bake", "images")
+    _OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = ("remesh_of", "review", "pinned", "message", "bake_of", "bake",
+                                                   "images")
     """Fields added after the first release: a status.json from before them reads back with their default."""
     _PUBLIC_REVIEW: ClassVar[tuple[str, ...]] = (
         "views", "revision", "elevation", "elevation_source", "elevation_uncertain", "elevation_confidence", "seed",
         "view_seeds", "notes")
+
+    @property
+    def kind(self) -> str:
+        """``images`` for a text-to-image job (``POST /v1/images``), ``mesh`` for every other."""
+        return "mesh" if self.images is None else "images"
 
     def to_record(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._RECORD_FIELDS}
@@ -247,7 +258,13 @@ class Job:
             raise RecordError("id", f"is {_show(record['id'])}, not the folder's name {folder.name!r}")
         if record.get("review") is not None:
             _check_review(record["review"])
-        if record.get("result") is not None:
+        if record.get("images") is not None:
+            _check_part("images", record["images"], _IMAGES_FIELDS, {})
+            if record.get("remesh_of") is not None or record.get("bake_of") is not None:
+                raise RecordError("images", "is set, but so is remesh_of or bake_of: an images job makes no mesh")
+            if record.get("result") is not None:
+                _check_images_result(record["result"])
+        elif record.get("result") is not None:
             _check_result(record["result"])
         if (record.get("bake_of") is None) != (record.get("bake") is None):
             raise RecordError("bake", "and bake_of must be both set (a bake job) or both null")
@@ -279,7 +296,10 @@ class Job:
         elapsed = self.elapsed()
         eta = self.eta(elapsed)
         result = None
-        if self.result is not None:
+        if self.result is not None and self.images is not None:
+            result = {"candidates": [{"name": n, "url": f"{base}/candidates/{n}"} for n in self.result["candidates"]],
+                      "seed": self.result["seed"]}
+        elif self.result is not None:
             result = {"url": f"{base}/result", "format": self.result["format"], "meta_url": f"{base}/meta",
                       "elevation": self.result["elevation"], "vertices": self.result["vertices"],
                       "faces": self.result["faces"],
@@ -290,13 +310,14 @@ class Job:
                       "target_faces": self.result.get("target_faces"),
                       "uv_source": self.result.get("uv_source")}
         return {
-            "id": self.id, "state": self.state, "stage": self.stage, "step": self.step, "total": self.total,
+            "id": self.id, "kind": self.kind, "state": self.state, "stage": self.stage, "step": self.step,
+            "total": self.total,
             "fraction": self.fraction, "elapsed_s": round(elapsed, 3),
             "eta_s": None if eta is None else round(eta, 1), "created": self.created,
             "options": self.options,
             "previews": [{"name": name, "url": f"{base}/views/{name}"} for name in self.previews],
             "message": self.message, "error": self.error, "result": result, "remesh_of": self.remesh_of,
-            "pinned": self.pinned, "bake_of": self.bake_of,
+            "pinned": self.pinned, "bake_of": self.bake_of, "images": self.images,
             "review": self._public_review(),
         }
 
@@ -395,6 +416,7 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
              'null or {"mesh": "bake_input.<glb|obj|ply>", "keep_uvs": true|false}'),
     "review": (_or_null(lambda v: isinstance(v, dict)), "null or a JSON object"),
     "pinned": (lambda v: isinstance(v, bool), "true or false"),
+    "images": (_or_null(lambda v: isinstance(v, dict)), "null or a JSON object"),
 }
 """Each field of status.json → its check and what it allows (for the log line)."""
 
@@ -443,6 +465,25 @@ def _check_part(name: str, value: dict[str, Any], required: dict[str, tuple[Call
     for key, (check, allowed) in optional.items():
         if key in value:
             _require(check(value[key]), f"{name}.{key}", allowed, value[key])
+
+
+_IMAGES_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "prompt": (lambda v: _is_text(v, 4000) and bool(v.strip()), "a non-empty string"),
+    "count": (lambda v: _is_int(v, 1) and v <= 8, "an integer in [1, 8]"),
+    "seed": (_is_int, "an integer ≥ 0"),
+    "negative_prompt": (_or_null(lambda v: _is_text(v, 4000)), "null or a string"),
+}
+CANDIDATE_NAME_RE = re.compile(r"[0-9]\.png")
+"""A candidate image of an images job: ``candidates/<i>.png``, i in 0…7."""
+
+
+def _check_images_result(result: Any) -> None:
+    if not isinstance(result, dict) or set(result) != {"candidates", "seed"}:
+        raise RecordError("result", f"is {_show(result)}; an images job's result is {{\"candidates\", \"seed\"}}")
+    _require(isinstance(result["candidates"], list) and 1 <= len(result["candidates"]) <= 8
+             and all(_matches(CANDIDATE_NAME_RE)(n) for n in result["candidates"]),
+             "result.candidates", "a list of 1 to 8 names <i>.png", result["candidates"])
+    _require(_is_int(result["seed"]), "result.seed", "an integer ≥ 0", result["seed"])
 
 
 def _check_result(result: dict[str, Any]) -> None:

@@ -98,6 +98,50 @@ class JobQueue:
         return jobs
 
 
+class TextToImage:
+    """The server's text-to-image calls: :func:`server.stages.text_to_image.make_candidates` with its preset, device
+    and weights bound, and the prompt's check against the text encoder's tokenizer before a job is queued (the
+    tokenizer alone is loaded, once; the model is loaded by each job and released after it)."""
+
+    def __init__(self, preset: str, device: str, weights_dir: str | Path | None = None,
+                 low_vram: bool = False) -> None:
+        self.preset, self.device, self.weights_dir, self.low_vram = preset, device, weights_dir, low_vram
+        self._tokenizer: Any = None
+
+    def __call__(self, prompt: str, **kwargs: Any) -> Any:
+        """Candidates of ``prompt`` (``count``, ``seed``, ``negative_prompt``, ``progress``, ``should_cancel``)."""
+        from server.stages.text_to_image import make_candidates
+
+        return make_candidates(prompt, preset=self.preset, device=self.device, weights_dir=self.weights_dir,
+                               low_vram=self.low_vram, **kwargs)
+
+    def check_prompt(self, prompt: str, negative_prompt: str | None) -> None:
+        """Raise BadInputError for a prompt (or negative prompt) the text encoder cannot take whole, naming the
+        limit. Without the weights the check waits for the job (which then reports the missing weights)."""
+        from server.stages import text_to_image as t2i
+
+        if self._tokenizer is None:
+            if self.preset == "tiny":
+                self._tokenizer = t2i.tiny_tokenizer()
+            else:
+                from transformers import CLIPTokenizer
+
+                from server.common.weights import default_weights_dir, group_folder
+
+                root = Path(self.weights_dir).expanduser() if self.weights_dir else default_weights_dir()
+                folder = group_folder(t2i.WEIGHTS_GROUP, root) / "tokenizer"
+                if not all((folder / name).is_file() for name in t2i.COMPONENT_FILES["tokenizer"]):
+                    return
+                self._tokenizer = CLIPTokenizer.from_pretrained(folder)
+        config = t2i.TINY_CONFIG if self.preset == "tiny" else t2i.TextToImageConfig()
+        t2i.check_prompt(prompt, self._tokenizer, template=config.template)
+        if negative_prompt is not None:
+            t2i.check_prompt(negative_prompt, self._tokenizer, what="negative prompt")
+
+
+MakeImages = TextToImage
+"""What makes an images job's candidates (a stand-in in tests)."""
+
 Outcome = Callable[[Job, "dict[str, Any] | None", "dict[str, Any] | None"], None]
 """``(job, result, error)``: exactly one of result (a done job's result, or ``{"review": record}``) and error."""
 
@@ -109,8 +153,9 @@ class Worker:
 
     def __init__(self, lock: threading.RLock, queue: JobQueue, store: JobStore,
                  ensure_pipeline: Callable[[], Pipeline], complete: Outcome,
-                 housekeeping: Callable[[], float | None]) -> None:
+                 housekeeping: Callable[[], float | None], make_images: MakeImages | None = None) -> None:
         self.lock, self.queue, self.store = lock, queue, store
+        self.make_images = make_images
         self._ensure_pipeline, self._complete, self._housekeeping = ensure_pipeline, complete, housekeeping
         self.running: Job | None = None
         self._thread: threading.Thread | None = None
@@ -176,6 +221,8 @@ class Worker:
             on_progress = self._progress_callback(job)
             if job.bake_of is not None:  # a bake needs no model: nothing is loaded for it
                 result = self._bake(job, on_progress)
+            elif job.images is not None:  # the text-to-image model is loaded and released by the call itself
+                result = self._images(job, on_progress)
             else:
                 with _loading_observed(on_progress, job.cancel.is_set):  # a first load may convert Zero123-XL
                     pipe = self._ensure_pipeline()
@@ -244,7 +291,8 @@ class Worker:
 
         return on_progress
 
-    def _generate(self, job: Job, pipe: Pipeline, on_progress: Callable[[Any], None]) -> dict[str, Any]:
+    def _generate_with(self, job: Job, pipe: Pipeline, on_progress: Callable[[Any], None],
+                       extra: dict[str, Any]) -> dict[str, Any]:
         from server.pipeline import GenerateOptions
 
         options = GenerateOptions.from_dict(job.options)
@@ -260,10 +308,10 @@ class Worker:
             out = pipe.finish(run_dir, options, progress=on_progress, should_cancel=job.cancel.is_set)
         elif options.review:
             return {"review": pipe.generate_views(job.folder / job.input_file, run_dir, options,
-                                                  progress=on_progress, should_cancel=job.cancel.is_set)}
+                                                  progress=on_progress, should_cancel=job.cancel.is_set, **extra)}
         else:
             out = pipe(job.folder / job.input_file, run_dir, options, progress=on_progress,
-                       should_cancel=job.cancel.is_set)
+                       should_cancel=job.cancel.is_set, **extra)
         self.store.log(job, f"done: {out.vertices} vertices, {out.faces} faces, elevation {out.elevation:.1f}° "
                             f"({out.elevation_source}{', uncertain' if out.elevation_uncertain else ''}), "
                             f"timings {json.dumps(out.timings)}")
@@ -274,6 +322,32 @@ class Worker:
                 "texture_size": options.texture_size, "target_faces": options.target_faces,
                 "mesh": Path(out.mesh_path).relative_to(job.folder).as_posix(),
                 "meta": Path(out.meta_path).relative_to(job.folder).as_posix()}
+
+    def _images(self, job: Job, on_progress: Callable[[Any], None]) -> dict[str, Any]:
+        """An images job: ``count`` candidates written to ``candidates/`` (``<i>.png`` and ``candidates.json``)."""
+        from server.pipeline import Progress
+
+        if self.make_images is None:
+            raise One2345Error("this server was started without a text-to-image model")
+        request = job.images
+
+        def progress(step: int, total: int) -> None:
+            on_progress(Progress("text_to_image", step, total, step / max(total, 1)))
+
+        candidates = self.make_images(request["prompt"], count=request["count"], seed=request["seed"],
+                                      negative_prompt=request["negative_prompt"], progress=progress,
+                                      should_cancel=job.cancel.is_set)
+        paths = candidates.write(job.folder / "candidates")
+        self.store.log(job, f"done: {len(paths)} candidates of {candidates.model}, seed {candidates.seed}, "
+                            f"timings {json.dumps(candidates.timings)}")
+        return {"candidates": [p.name for p in paths], "seed": int(candidates.seed)}
+
+    def _generate(self, job: Job, pipe: Pipeline, on_progress: Callable[[Any], None]) -> dict[str, Any]:
+        from server.stages.text_to_image import TextSource
+
+        text = TextSource.read(job.folder)  # a job made from an images job's candidate: its recipe records the prompt
+        extra = {} if text is None else {"text": text}
+        return self._generate_with(job, pipe, on_progress, extra)
 
     def _bake(self, job: Job, on_progress: Callable[[Any], None]) -> dict[str, Any]:
         """A bake job: the copied views onto the uploaded mesh (:func:`server.pipeline.bake.bake_run`), written as
