@@ -325,7 +325,8 @@ def test_remesh_of_a_run_with_a_damaged_meta_json_is_bad_input(meta, needle, tmp
     run_dir = tmp_path / "photo.one2345"
     write_views_dir(run_dir / "views", polar=75.0)
     (run_dir / "meta.json").write_text(meta)
-    monkeypatch.setattr("server.service.cli.commands._load_model", lambda a: pytest.fail("loaded a model for a bad record"))
+    monkeypatch.setattr("server.service.cli.commands._load_model",
+                        lambda a: pytest.fail("loaded a model for a bad record"))
     code, err = run(["remesh", str(run_dir), "-o", str(tmp_path / "m.glb")], capsys)
     assert code == 2 and needle in err and "Traceback" not in err, err
     assert "--preset and --resolution" in err
