@@ -25,7 +25,8 @@ The contract, shared with the Blender add-on, is versioned under ``/v1`` and des
     GET    /v1/weights                     the weight files (state, size, checksum, licence); POST/GET/DELETE
                                            /v1/weights/download: the download job (server/weights_api.py)
 
-Every error is ``{"error": {"kind", "message", "fix"}}`` with the status code of its kind (:data:`STATUS_OF_KIND`);
+Every error is ``{"error": {"kind", "message", "fix"}}`` with the status code of its kind
+(:data:`server.service.schemas.STATUS_OF_KIND`; the guard and the whole-form parser are :mod:`server.service.guard`);
 no message names a server path (files are named relative to their job). The only 5xx answers by design are 503
 ``missing_weights`` (and ``offline``: a weights download under HF_HUB_OFFLINE) and 507 ``storage`` (the disk refused
 a write, or lacks the space a weights download needs); a 500 ``internal`` is a bug, and even then the
@@ -39,7 +40,6 @@ an error.
 
 from __future__ import annotations
 
-import hmac
 import io
 import json
 import logging
@@ -47,8 +47,8 @@ import mimetypes
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Annotated, Any, BinaryIO
@@ -57,21 +57,17 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute, APIRouter
+from fastapi.routing import APIRouter
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, Field
-from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from server import __version__
 from server.common.devices import PEAK_MEMORY_BYTES, describe_device
 from server.common.errors import BadInputError, One2345Error, only_query
 from server.common.images import check_image_size
+from server.service.guard import FORM_SLACK_BYTES, MIB, Guard, Receive, Scope, Send, WholeFormRoute
 from server.service.jobs import (
     BAKE_OPTIONS,
     MEDIA_TYPES,
@@ -79,34 +75,24 @@ from server.service.jobs import (
     ApiError,
     JobManager,
     check_options,
-    error_dict,
 )
-from server.service.weights_api import WeightsHealth, WeightsManager, weights_router
+from server.service.schemas import (
+    DOWNLOAD_TOKEN_PATTERN,
+    Health,
+    ImagesRequest,
+    JobCreated,
+    JobList,
+    JobStatus,
+    documented_errors,
+    error_response,
+)
+from server.service.weights_api import WeightsManager, weights_router
 
 log = logging.getLogger(__name__)
 
-STATUS_OF_KIND = {
-    "bad_input": 400, "unauthorized": 401, "not_found": 404, "conflict": 409, "too_large": 413,
-    "queue_full": 429, "internal": 500, "missing_weights": 503, "out_of_memory": 507, "storage": 507,
-    "cancelled": 409, "offline": 503,
-}
-"""HTTP status of each error kind. ``cancelled`` and ``out_of_memory`` normally appear only inside a job's status
-(the job failed, the request did not); the codes are used if such an error ever reaches a response directly."""
 IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "GIF": "gif"}
 """Image formats accepted for upload (Pillow format name → file extension). Other decoders are never invoked on
 uploaded bytes."""
-_MiB = 2**20
-_FORM_SLACK_BYTES = 64 * 1024
-"""Room for the multipart framing and the options part on top of the image size limit."""
-MAX_FIELD_BYTES = _MiB
-"""Largest form part that is not a file (the ``options`` JSON): Starlette's own limit, named here so the error can
-say it."""
-REFUSED_BODY_DRAIN_BYTES = _MiB
-"""A request refused before its body is read (a wrong token) has a body of at most this size read and discarded, so
-the connection stays usable; a larger one is not read at all: the answer goes out with ``Connection: close``."""
-DOWNLOAD_TOKEN_PATTERN = r"^[!-~]+$"
-"""A hub token in POST /v1/weights/download: printable ASCII without spaces (checked by the weights manager; stated in
-the schema)."""
 _FILE_CHUNK = 256 * 1024
 
 
@@ -120,158 +106,12 @@ class AppConfig:
     """Device reported by /v1/health until the pipeline is loaded (then the pipeline's own)."""
     preset: str = "paper"
     """Model preset reported by /v1/health."""
-    max_upload_bytes: int = 20 * _MiB
+    max_upload_bytes: int = 20 * MIB
     """Largest accepted image file (20 MiB by default; --max-upload-mb)."""
     max_pixels: int = 40_000_000
     """Largest accepted image area (40 MP): bigger images would only be downscaled to 256² at great cost."""
     min_side: int = 16
     """Smallest accepted image width and height: below it there is no object to see."""
-
-
-# -- response schemas (for /openapi.json and the add-on's authors) --------------------------------------------------
-
-
-class ErrorDetail(BaseModel):
-    kind: str = Field(description="bad_input | unauthorized | not_found | conflict | too_large | queue_full | "
-                                  "missing_weights | offline | out_of_memory | storage | cancelled | internal")
-    message: str = Field(description="what went wrong, naming the offending value and what is allowed")
-    fix: str | None = Field(description="a short instruction that resolves the problem, if one exists")
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
-
-
-class DeviceInfo(BaseModel):
-    name: str = Field(description="e.g. NVIDIA H200, or the CPU's name")
-    kind: str = Field(description="cuda or cpu")
-    memory_free_bytes: int | None = Field(description="free device memory now (CUDA only)")
-    memory_total_bytes: int | None
-
-
-class Health(BaseModel):
-    status: str = Field(description='"ok", or "degraded" when the worker thread has died (no job can run)')
-    version: str
-    device: str
-    preset: str
-    models_loaded: dict[str, str] = Field(description="model name → what was loaded; empty until the first job "
-                                                      "(or --preload)")
-    queue_length: int = Field(description="jobs waiting behind the running one")
-    running: str | None = Field(description="id of the running job, or null")
-    worker_alive: bool = Field(description="the thread that runs jobs is alive")
-    quarantined: int = Field(description="job folders set aside at start-up (to .quarantine/ in the jobs folder) "
-                                         "because their status.json was damaged; the server's log names each")
-    recent_job_s: float | None = Field(None, description="median seconds of the last (up to 5) finished "
-                                                         "generations: the add-on's time estimate; null before the "
-                                                         "first")
-    device_info: DeviceInfo | None = Field(None, description="the device's name and free memory")
-    run_needs_bytes: int | None = Field(None, description="peak device memory of one run of this preset, as "
-                                                          "measured; null when negligible or unknown")
-    weights: WeightsHealth | None = Field(None, description="which weight files are missing (GET /v1/weights "
-                                                            "for details); null when the server has no weights "
-                                                            "manager")
-
-
-class JobCreated(BaseModel):
-    id: str = Field(description="32 lowercase hex digits")
-    state: str
-    url: str = Field(description="the job's status URL")
-
-
-class Preview(BaseModel):
-    name: str
-    url: str
-
-
-class JobResult(BaseModel):
-    url: str
-    format: str
-    meta_url: str
-    elevation: float = Field(description="degrees above the horizon of the input view")
-    vertices: int
-    faces: int
-    elevation_uncertain: bool = Field(description="the elevation was estimated without confidence (or fell back to "
-                                                  "0°): the mesh may be wrong; set the elevation by hand")
-    elevation_confidence: float | None = Field(description="0–1 confidence of the estimate; null when given")
-    textured: bool = Field(description="the GLB has a baked base-colour texture (and UVs) instead of vertex colours")
-    texture_size: int | None = Field(description="side of the texture in texels; null without one")
-    target_faces: int | None = Field(description="the polygon budget asked for; null: every marching-cubes face")
-    uv_source: str | None = Field(None, description="a bake job's UVs: mesh (the uploaded mesh's own) or unwrap (a "
-                                                    "fresh one); null for other jobs and vertex colours")
-
-
-class ImagesResult(BaseModel):
-    candidates: list[Preview] = Field(description="the candidate images 0.png…, in order")
-    seed: int = Field(description="the set's seed: candidate i came from seed + i")
-
-
-class ImagesRequest(BaseModel):
-    prompt: str = Field(description="what to picture, as typed (the server's template adds the framing)")
-    count: int = Field(4, description="how many candidates, 1…8")
-    seed: int | None = Field(None, description="null (drawn) or 0…2³²−count")
-    negative_prompt: str | None = Field(None, description="null for the server's default")
-
-
-class ReviewView(BaseModel):
-    name: str = Field(description="the stage-1 view's file name, e.g. 5.png")
-    url: str
-
-
-class Review(BaseModel):
-    views: list[ReviewView] = Field(description="the 8 stage-1 views: 0–3 and 4–7 (or 8–11, by the elevation)")
-    revision: int = Field(description="bumped by every re-roll: fetch the views again when it changes")
-    elevation: float = Field(description="degrees above the horizon that the rest of the run will use")
-    elevation_source: str = Field(description="estimated, fallback or given")
-    elevation_uncertain: bool
-    elevation_confidence: float | None
-    seed: int = Field(description="the run's seed")
-    view_seeds: dict[str, int] = Field(description="re-rolled views → the seed each was last generated with")
-    notes: list[str]
-    expires_in_s: float | None = Field(description="seconds until the review expires; null unless in review")
-
-
-class JobStatus(BaseModel):
-    id: str
-    kind: str = Field("mesh", description="mesh (an image-to-3D, re-mesh or bake job) or images (POST /v1/images)")
-    state: str = Field(description="queued | running | review | done | failed | cancelled | expired")
-    stage: str | None = Field(description="prepare (the one-time set-up while models load), preprocess, stage1, "
-                                          "stage2, elevation, stage1b, stage2b, reconstruct, asset or export; null "
-                                          "while queued")
-    step: int
-    total: int
-    fraction: float = Field(description="overall fraction done, 0…1")
-    elapsed_s: float = Field(description="seconds spent running")
-    eta_s: float | None = Field(description="estimated seconds left; null when unknown")
-    created: str = Field(description="ISO 8601, UTC")
-    options: dict[str, Any]
-    previews: list[Preview]
-    message: str | None = Field(default=None, description="a line for people about the current step while one is "
-                                                          "given, e.g. during the one-time set-up (stage prepare): "
-                                                          "\"One-time set-up: converting Zero123-XL …\"; else null")
-    error: ErrorDetail | None
-    result: JobResult | ImagesResult | None
-    images: dict[str, Any] | None = Field(None, description="an images job's request: prompt, count, seed (the "
-                                                           "drawn one when none was given), negative_prompt")
-    remesh_of: str | None = Field(description="the job whose views this one re-meshes; null for a generation")
-    bake_of: str | None = Field(None, description="the job whose views this one bakes onto an uploaded mesh; null "
-                                                  "otherwise")
-    pinned: bool = Field(description="kept by the jobs folder's size-limit clean-up")
-    review: Review | None = Field(description="the views and elevation to review (option review: true); null "
-                                              "otherwise")
-
-
-class JobList(BaseModel):
-    jobs: list[JobStatus]
-    total: int = Field(description="jobs in all")
-    next: str | None = Field(description="pass as ?after= for the next page; null on the last page")
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    names = {400: "bad input", 401: "missing or wrong bearer token", 404: "no such job or file",
-             409: "the job is not done", 413: "the upload is too large", 429: "the queue is full (see Retry-After)",
-             503: "model weights are missing (see Retry-After)",
-             507: "the server's disk refused the write (full or read-only)"}
-    return {code: {"model": ErrorBody, "description": names[code]} for code in codes}
 
 
 # -- pure helpers ---------------------------------------------------------------------------------------------------
@@ -290,8 +130,8 @@ def inspect_image(data: bytes, config: AppConfig) -> str:
     if not data:
         raise BadInputError("the image is empty (0 bytes)", fix="upload a PNG, JPEG or WebP file")
     if len(data) > config.max_upload_bytes:
-        raise ApiError("too_large", f"the image is {len(data) / _MiB:.1f} MiB; the limit is "
-                                    f"{config.max_upload_bytes / _MiB:g} MiB",
+        raise ApiError("too_large", f"the image is {len(data) / MIB:.1f} MiB; the limit is "
+                                    f"{config.max_upload_bytes / MIB:g} MiB",
                        fix="downscale or recompress the image (the model sees it at 256×256)")
     accepted = ", ".join(IMAGE_FORMATS)
     try:
@@ -390,8 +230,8 @@ def inspect_mesh(data: bytes, filename: str | None, config: AppConfig) -> str:
     if not data:
         raise BadInputError(f"the mesh {name!r} is empty (0 bytes)", fix="upload a GLB, OBJ or PLY file")
     if len(data) > config.max_upload_bytes:
-        raise ApiError("too_large", f"the mesh is {len(data) / _MiB:.1f} MiB; the limit is "
-                                    f"{config.max_upload_bytes / _MiB:g} MiB",
+        raise ApiError("too_large", f"the mesh is {len(data) / MIB:.1f} MiB; the limit is "
+                                    f"{config.max_upload_bytes / MIB:g} MiB",
                        fix="decimate the mesh, or start the server with a larger --max-upload-mb")
     claimed = PurePath(name).suffix.lower().lstrip(".")
     if data[:4] == b"glTF":
@@ -458,260 +298,6 @@ class OpenFileResponse(Response):
             self.file.close()
 
 
-def error_response(kind: str, message: str, fix: str | None = None, headers: dict[str, str] | None = None,
-                   status: int | None = None) -> JSONResponse:
-    """The JSON error envelope ``{"error": {"kind", "message", "fix"}}`` with the status code of ``kind``."""
-    headers = dict(headers or {})
-    if kind == "unauthorized":
-        headers.setdefault("WWW-Authenticate", "Bearer")
-    return JSONResponse({"error": error_dict(kind, message, fix)},
-                        status_code=status or STATUS_OF_KIND.get(kind, 500), headers=headers)
-
-
-# -- the multipart form: whole or refused ------------------------------------------------------------------------------
-
-
-class _WholeFormParser(MultiPartParser):
-    """Starlette's multipart parser, refusing a body that ends before its closing boundary.
-
-    python-multipart stops at the end of the data without complaint wherever it is, and Starlette then returns the
-    parts finished so far: a body cut short inside ``options`` would become a job at the default options. A form
-    counts only when the parser reached the closing ``--boundary--``.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.ended = False
-
-    def on_end(self) -> None:
-        self.ended = True
-
-    def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        try:
-            super().on_part_data(data, start, end)
-        except MultiPartException:  # Starlette's text names neither the part nor what it is for
-            raise MultiPartException(
-                f"the form part {self._current_part.field_name!r} is over {self.max_part_size // 1024} KiB; a part "
-                "other than the image file may hold at most that much (options is a small JSON object)") from None
-
-    async def parse(self) -> FormData:
-        form = await super().parse()
-        if not self.ended:
-            await form.close()
-            raise MultiPartException(
-                "the multipart body ends before its closing boundary (--<boundary>--): the upload was cut short, so "
-                "none of its parts is used; send the whole form again")
-        return form
-
-
-class _WholeFormRequest(Request):
-    """A request whose multipart form is parsed by :class:`_WholeFormParser` (other bodies as Starlette does)."""
-
-    def form(self, *, max_files: int | float = 1000, max_fields: int | float = 1000,  # type: ignore[override]
-             max_part_size: int = MAX_FIELD_BYTES) -> Awaitable[FormData]:
-        return self._whole_form(max_files, max_fields, max_part_size)
-
-    async def _whole_form(self, max_files: int | float, max_fields: int | float, max_part_size: int) -> FormData:
-        if self._form is not None:
-            return self._form
-        content_type, _ = parse_options_header(self.headers.get("Content-Type"))
-        if content_type != b"multipart/form-data":
-            return await super().form(max_files=max_files, max_fields=max_fields, max_part_size=max_part_size)
-        try:
-            async with aclosing(self.stream()) as stream:
-                self._form = await _WholeFormParser(self.headers, stream, max_files=max_files, max_fields=max_fields,
-                                                    max_part_size=max_part_size).parse()
-        except MultiPartException as e:  # raised as HTTPException so that FastAPI passes it on unchanged
-            raise StarletteHTTPException(status_code=400, detail=e.message) from None
-        return self._form
-
-
-class _WholeFormRoute(APIRoute):
-    """An API route whose handler sees a :class:`_WholeFormRequest`."""
-
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
-        handler = super().get_route_handler()
-
-        async def whole_form_handler(request: Request) -> Response:
-            return await handler(_WholeFormRequest(request.scope, request.receive))
-
-        return whole_form_handler
-
-
-# -- the guard: authentication and body size, before anything is parsed ---------------------------------------------
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class Guard:
-    """ASGI middleware: bearer token on ``/v1`` (except ``/v1/health``), a cap on the request body size, whole bodies
-    read before any answer, and the last line of defence against bugs.
-
-    The token is compared in constant time. A request with a wrong token, or whose Content-Length is over the cap,
-    is answered before its body is read: the body is never asked for, so uvicorn sends no ``100 Continue`` and a
-    client that waits for one (curl, for any upload over 1 KiB) sends nothing; such a connection is closed after the
-    answer. A client that sends its body anyway with a wrong token has a body of up to
-    :data:`REFUSED_BODY_DRAIN_BYTES` read and discarded (the connection stays open); a larger one is not read at
-    all, and the answer goes out with ``Connection: close``. A body sent without a length (chunked) is counted as it
-    streams and refused when it crosses the cap.
-
-    When the app answers before it has read the whole body (a form refused part-way through, an options part over
-    its limit), the rest of the body (at most the cap) is read before the answer goes out: a connection that closes
-    after the answer (``Connection: close`` from the client) would otherwise close with bytes unread, and the
-    client's TCP would see a reset instead of the answer.
-
-    A client that goes away in the middle of its request is logged as one line. An exception that escapes the app
-    (a bug) is answered here with a 500 ``internal`` that names only its type, because Starlette's own last-resort
-    handler re-raises it and uvicorn then drops the connection.
-    """
-
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], token: str, max_body: int) -> None:
-        self.app = app
-        self.token = token.encode()
-        self.max_body = max_body
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        if path.startswith("/v1/") and path != "/v1/health" and not self._authorised(scope):
-            await self._refuse(scope, receive, send, error_response(
-                "unauthorized", "missing or wrong bearer token",
-                fix="send the header 'Authorization: Bearer <token>' with the token of ONE2345_TOKEN or of the "
-                    "token file named in the server's ready line"), drain=REFUSED_BODY_DRAIN_BYTES)
-            return
-        declared = _content_length(scope)
-        if declared is not None and declared > self.max_body:
-            await self._refuse(scope, receive, send, self._too_large())
-            return
-
-        received = 0
-        body_done = not _has_body(scope)
-        exceeded = False
-        response_started = False
-
-        async def counting_receive() -> Message:
-            nonlocal received, exceeded, body_done
-            message = await receive()
-            if message["type"] != "http.request":  # http.disconnect: nothing more will come
-                body_done = True
-                return message
-            received += len(message.get("body", b""))
-            body_done = not message.get("more_body", False)
-            if received > self.max_body:
-                exceeded = True
-                raise _BodyTooLarge
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal response_started
-            if exceeded:
-                # Whatever the app answers to a body cut short (a parse error, usually) is replaced by the 413.
-                if message["type"] == "http.response.start" and not response_started:
-                    response_started = True
-                    await _closing(self._too_large())(scope, receive, send)
-                return
-            if message["type"] == "http.response.start" and not response_started:
-                response_started = True
-                if not body_done and not await _drain(receive, self.max_body - received):
-                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, guarded_send)
-        except _BodyTooLarge:
-            if not response_started:
-                await _closing(self._too_large())(scope, receive, send)
-        except ClientDisconnect:
-            log.info("client %s went away in the middle of %s %s (%d bytes of its body received)",
-                     _client(scope), scope.get("method"), path[:200], received)
-        except Exception as e:
-            log.exception("unhandled error in %s %s", scope.get("method"), path[:200])
-            if response_started:
-                raise  # half a response is out: only closing the connection can tell the client
-            response_started = True
-            await error_response("internal", f"an unexpected {type(e).__name__} in the server; the request was "
-                                             "not completed", fix="see the server's log (stderr); please report "
-                                                                  "it")(scope, receive, send)
-
-    def _authorised(self, scope: Scope) -> bool:
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, given = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)
-        return False
-
-    def _too_large(self) -> JSONResponse:
-        limit = (self.max_body - _FORM_SLACK_BYTES) / _MiB
-        return error_response("too_large", f"the request body is larger than the upload limit of {limit:g} MiB",
-                              fix="downscale or recompress the image, or start the server with a larger "
-                                  "--max-upload-mb")
-
-    @staticmethod
-    async def _refuse(scope: Scope, receive: Receive, send: Send, response: Response,
-                      drain: int | None = None) -> None:
-        """Answer without asking for the body. A client waiting for ``100 Continue`` never sent it, so the
-        connection cannot carry another request: it is closed after the answer (cleanly, as nothing is left unread).
-        With ``drain``, a body sent anyway is read and discarded first when it is at most ``drain`` bytes; a larger
-        one is left unread and the connection closed after the answer."""
-        if (b"expect", b"100-continue") in [(name, value.lower()) for name, value in scope["headers"]]:
-            response.headers["connection"] = "close"
-        elif drain is not None and _has_body(scope):
-            declared = _content_length(scope)
-            if (declared is not None and declared > drain) or not await _drain(receive, drain):
-                response.headers["connection"] = "close"
-        await response(scope, receive, send)
-
-
-async def _drain(receive: Receive, limit: int) -> bool:
-    """Read and discard the rest of a request body; False when more than ``limit`` bytes of it remain (the rest is
-    left unread) or the client went away."""
-    read = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return False
-        read += len(message.get("body", b""))
-        if read > limit:
-            return False
-        if not message.get("more_body", False):
-            return True
-
-
-def _closing(response: Response) -> Response:
-    response.headers["connection"] = "close"
-    return response
-
-
-def _has_body(scope: Scope) -> bool:
-    """Whether the request declares a body: a Content-Length over 0 or a Transfer-Encoding (chunked)."""
-    return any(name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b""))
-               for name, value in scope["headers"])
-
-
-def _client(scope: Scope) -> str:
-    client = scope.get("client")
-    return f"{client[0]}:{client[1]}" if client else "?"
-
-
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
 # -- the app ----------------------------------------------------------------------------------------------------------
 
 
@@ -742,7 +328,7 @@ def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager |
     app = FastAPI(title="One2345 inference server", version=__version__, lifespan=lifespan,
                   description="Image → 3D mesh jobs (One-2-3-45). All /v1 routes except /v1/health need "
                               "'Authorization: Bearer <token>'.")
-    router = APIRouter(prefix="/v1", route_class=_WholeFormRoute)
+    router = APIRouter(prefix="/v1", route_class=WholeFormRoute)
 
     @router.get("/health", response_model=Health, summary="Is the server up, and what is it doing")
     def health() -> dict[str, Any]:
@@ -753,7 +339,7 @@ def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager |
                 "weights": weights.health() if weights is not None else None}
 
     @router.post("/jobs", status_code=202, response_model=JobCreated, summary="Submit an image",
-                 responses=_errors(400, 401, 413, 429, 503, 507))
+                 responses=documented_errors(400, 401, 413, 429, 503, 507))
     async def submit(
         request: Request,
         image: Annotated[UploadFile | None, File(description="the image: PNG, JPEG, WebP, BMP, TIFF or GIF, at most "
@@ -806,7 +392,7 @@ def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager |
                  summary="Make candidate images of a prompt (a job of kind images)",
                  openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                      "schema": {**ImagesRequest.model_json_schema(), "additionalProperties": False}}}}},
-                 responses=_errors(400, 401, 429, 507))
+                 responses=documented_errors(400, 401, 429, 507))
     async def submit_images(request: Request) -> JSONResponse:
         body = parse_json(await request.body(), "the images body", _IMAGES_EXAMPLE)
         status = await run_in_threadpool(manager.submit_images, parse_images_request(body))
@@ -816,12 +402,12 @@ def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager |
     @router.get("/jobs/{job_id}/candidates/{name}", response_class=OpenFileResponse,
                 summary="A candidate image of a done images job",
                 responses={200: {"content": {"image/png": {}}, "description": "the candidate"},
-                           **_errors(401, 404, 409, 507)})
+                           **documented_errors(401, 404, 409, 507)})
     def job_candidate(job_id: str, name: str) -> OpenFileResponse:
         return OpenFileResponse(manager.open_candidate(job_id, name), media_type="image/png")
 
     @router.get("/jobs", response_model=JobList, summary="Jobs, newest first, a page at a time",
-                responses=_errors(400, 401, 404))
+                responses=documented_errors(400, 401, 404))
     def list_jobs(request: Request,
                   limit: Annotated[int | None, Query(ge=1, le=1000, description="jobs per page, 1…1000 (default: "
                                                                              "all)")] = None,
@@ -831,13 +417,14 @@ def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager |
         return manager.list_jobs(limit, after)
 
     @router.get("/jobs/{job_id}", response_model=JobStatus, summary="A job's state and progress",
-                responses=_errors(401, 404))
+                responses=documented_errors(401, 404))
     def job_status(job_id: str) -> dict[str, Any]:
         return manager.status(job_id)
 
     @router.get("/jobs/{job_id}/result", response_class=OpenFileResponse, summary="The mesh of a done job",
                 responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()},
-                                 "description": "the mesh file as an attachment"}, **_errors(401, 404, 409, 507)})
+                                 "description": "the mesh file as an attachment"},
+                           **documented_errors(401, 404, 409, 507)})
     def job_result(job_id: str) -> OpenFileResponse:
         file, fmt, filename = manager.open_result(job_id)
         return OpenFileResponse(file, media_type=MEDIA_TYPES[fmt], filename=filename)
@@ -845,20 +432,20 @@ def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager |
     @router.get("/jobs/{job_id}/meta", response_class=OpenFileResponse, summary="meta.json of a done job",
                 responses={200: {"content": {"application/json": {"schema": {"type": "object"}}},
                                  "description": "elevation, timings, options, versions"},
-                           **_errors(401, 404, 409, 507)})
+                           **documented_errors(401, 404, 409, 507)})
     def job_meta(job_id: str) -> OpenFileResponse:
         return OpenFileResponse(manager.open_meta(job_id), media_type="application/json")
 
     @router.get("/jobs/{job_id}/input", response_class=OpenFileResponse, summary="The uploaded image, byte for byte",
                 responses={200: {"content": {"image/*": {}}, "description": "the input image"},
-                           **_errors(401, 404, 507)})
+                           **documented_errors(401, 404, 507)})
     def job_input(job_id: str) -> OpenFileResponse:
         file, name = manager.open_input(job_id)
         return OpenFileResponse(file, media_type=mimetypes.guess_type(name)[0] or "application/octet-stream")
 
     @router.get("/jobs/{job_id}/views/{name}", response_class=OpenFileResponse, summary="A generated view",
                 responses={200: {"content": {"image/png": {}}, "description": "the view"},
-                           **_errors(401, 404, 507)})
+                           **documented_errors(401, 404, 507)})
     def job_view(job_id: str, name: str) -> OpenFileResponse:
         return OpenFileResponse(manager.open_view(job_id, name), media_type="image/png")
 
@@ -867,7 +454,7 @@ def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager |
                  openapi_extra={"requestBody": {"content": {"application/json": {"schema": {
                      "type": "object", "additionalProperties": False,
                      "properties": {name: {} for name in REMESH_OPTIONS}}}}}},
-                 responses=_errors(400, 401, 404, 409, 429, 503, 507))
+                 responses=documented_errors(400, 401, 404, 409, 429, 503, 507))
     async def remesh(job_id: str, request: Request) -> JSONResponse:
         overrides = parse_json(await request.body(), "the re-mesh body", _REMESH_EXAMPLE)
         status = await run_in_threadpool(manager.submit_remesh, job_id, overrides)
@@ -876,7 +463,7 @@ def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager |
 
     @router.post("/jobs/{job_id}/bake", status_code=202, response_model=JobCreated,
                  summary="Bake a done job's views onto an uploaded mesh as a new job",
-                 responses=_errors(400, 401, 404, 409, 413, 429, 507))
+                 responses=documented_errors(400, 401, 404, 409, 413, 429, 507))
     async def bake(
         job_id: str,
         request: Request,
@@ -907,30 +494,30 @@ def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager |
 
     @router.post("/jobs/{job_id}/reroll", status_code=202, response_model=JobStatus,
                  summary="Re-roll some stage-1 views of a job in review",
-                 responses=_errors(400, 401, 404, 409, 429, 507))
+                 responses=documented_errors(400, 401, 404, 409, 429, 507))
     async def reroll(job_id: str, request: Request) -> dict[str, Any]:
         body = parse_json(await request.body(), "the re-roll body", 'send e.g. {"views": [1, 5], "seed": 7}')
         return await run_in_threadpool(manager.reroll, job_id, body)
 
     @router.post("/jobs/{job_id}/continue", status_code=202, response_model=JobStatus,
-                 summary="Go on from review to the mesh", responses=_errors(400, 401, 404, 409, 429, 507))
+                 summary="Go on from review to the mesh", responses=documented_errors(400, 401, 404, 409, 429, 507))
     async def continue_job(job_id: str, request: Request) -> dict[str, Any]:
         body = parse_json(await request.body(), "the continue body", 'send {} or e.g. {"elevation": 20}')
         return await run_in_threadpool(manager.continue_job, job_id, body)
 
     @router.put("/jobs/{job_id}/pin", response_model=JobStatus, summary="Keep a job through size-limit clean-ups",
-                responses=_errors(401, 404, 507))
+                responses=documented_errors(401, 404, 507))
     def pin(job_id: str) -> dict[str, Any]:
         return manager.set_pinned(job_id, True)
 
     @router.delete("/jobs/{job_id}/pin", response_model=JobStatus, summary="Let size-limit clean-ups remove a job",
-                   responses=_errors(401, 404, 507))
+                   responses=documented_errors(401, 404, 507))
     def unpin(job_id: str) -> dict[str, Any]:
         return manager.set_pinned(job_id, False)
 
     @router.delete("/jobs/{job_id}", response_model=JobStatus, summary="Cancel a job, or delete a finished one",
                    responses={204: {"description": "the finished job's folder was removed"},
-                              **_errors(401, 404, 507)})
+                              **documented_errors(401, 404, 507)})
     def delete_job(job_id: str) -> Response:
         status = manager.cancel_or_delete(job_id)
         return Response(status_code=204) if status is None else JSONResponse(status)
@@ -939,7 +526,7 @@ def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager |
         router.include_router(weights_router(weights))
     app.include_router(router)
     _install_error_handlers(app, router)
-    app.add_middleware(Guard, token=config.token, max_body=config.max_upload_bytes + _FORM_SLACK_BYTES)
+    app.add_middleware(Guard, token=config.token, max_body=config.max_upload_bytes + FORM_SLACK_BYTES)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

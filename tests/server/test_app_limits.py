@@ -120,9 +120,9 @@ def test_the_schema_states_the_download_token_pattern(tmp_path):
 
 def test_no_error_reaches_a_client_without_a_fix():
     """#31: errors raised without a specific fix carry their kind's default, over HTTP and in a job's status."""
-    from server.service.app import STATUS_OF_KIND, error_response
     from server.service.jobs import error_dict
     from server.service.jobs.records import DEFAULT_FIX
+    from server.service.schemas import STATUS_OF_KIND, error_response
 
     assert set(STATUS_OF_KIND) <= set(DEFAULT_FIX)
     for kind in STATUS_OF_KIND:
