@@ -14,13 +14,8 @@ a server that cannot use the UVs).
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
-import os
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import bpy
@@ -29,25 +24,12 @@ from mathutils import Matrix
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the stand-ins; not the repository root, so the source add-on stays out of reach
-from fake_server import FakeBake, ScriptedServer, json_reply  # noqa: E402 - after the path
+from blender_session import RESULTS, run_session, scenario  # noqa: E402 - after the path
+from fake_server import FakeBake, ScriptedServer, json_reply  # noqa: E402
 
 MODULE = "bl_ext.user_default.one2345"
-RESULTS: dict[str, dict] = {}
 
 
-def scenario(function):
-    """Run a scenario, recording its observations or its traceback under its name."""
-    name = function.__name__
-    start = time.monotonic()
-    record: dict = {}
-    try:
-        function(record)
-    except Exception:  # the traceback is the observation; later scenarios still run
-        record["exception"] = traceback.format_exc()
-    record["seconds"] = round(time.monotonic() - start, 2)
-    RESULTS[name] = record
-    print(f"[session] {name}: {record['seconds']} s{' FAILED' if 'exception' in record else ''}", flush=True)
-    return function
 
 
 def coords(obj) -> list:
@@ -206,21 +188,5 @@ def run(config: dict) -> None:
     server.__exit__(None, None, None)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", type=Path, required=True)
-    config = json.loads(parser.parse_args().config.read_text())
-    try:
-        run(config)
-    except Exception:  # set-up outside a scenario failed: the traceback is the observation
-        RESULTS["_session"] = {"exception": traceback.format_exc()}
-    finally:
-        Path(config["results"]).write_text(json.dumps(RESULTS, indent=1, default=str))
-    return 0
-
-
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # no interpreter teardown: the results are on disk (see blender_session.py)
+    run_session(run)

@@ -55,6 +55,24 @@ def scenario(function):
     return function
 
 
+def run_session(run) -> None:
+    """The main of a session script beside this one: ``--config`` → ``run(config)`` → :data:`RESULTS` on disk (a
+    failure outside any scenario recorded as ``_session``), then exit without the interpreter's teardown (see the
+    end of this file)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", type=Path, required=True)
+    config = json.loads(parser.parse_args().config.read_text())
+    try:
+        run(config)
+    except Exception:  # set-up outside a scenario failed: the traceback is the observation
+        RESULTS["_session"] = {"exception": traceback.format_exc()}
+    finally:
+        Path(config["results"]).write_text(json.dumps(RESULTS, indent=1, default=str))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def addon(name: str = ""):
     """The installed add-on's (sub)module."""
     return importlib.import_module(f"{MODULE}.{name}" if name else MODULE)

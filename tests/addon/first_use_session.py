@@ -13,7 +13,6 @@ download that brings Zero123-XL in: the note about the first Generate, which goe
 
 from __future__ import annotations
 
-import argparse
 import functools
 import http.server
 import importlib
@@ -24,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,29 +30,15 @@ import bpy
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the stand-ins; not the repository root, so the source add-on stays out of reach
-from blender_session import StubLayout  # noqa: E402 - after the path
+from blender_session import StubLayout, run_session, scenario  # noqa: E402 - after the path
 from fake_server import FakeWeights, ScriptedServer, json_reply  # noqa: E402
 
-RESULTS: dict[str, dict] = {}
 MODULE: list[str] = []
 """The installed add-on's module name, ``bl_ext.<repository module>.one2345``."""
 JOB = "0123456789abcdef0123456789abcdef"
 SETUP_LINE = "One-time set-up: converting Zero123-XL from zero123-xl.ckpt (15.5 GB), about a minute…"
 
 
-def scenario(function):
-    """Run a scenario, recording its observations or its traceback under its name."""
-    name = function.__name__
-    start = time.monotonic()
-    record: dict = {}
-    try:
-        function(record)
-    except Exception:  # the traceback is the observation; later scenarios still run
-        record["exception"] = traceback.format_exc()
-    record["seconds"] = round(time.monotonic() - start, 2)
-    RESULTS[name] = record
-    print(f"[session] {name}: {record['seconds']} s{' FAILED' if 'exception' in record else ''}", flush=True)
-    return function
 
 
 def addon(name: str = ""):
@@ -282,21 +266,5 @@ def run(config: dict) -> None:
     fake.__exit__(None, None, None)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", type=Path, required=True)
-    config = json.loads(parser.parse_args().config.read_text())
-    try:
-        run(config)
-    except Exception:  # set-up outside a scenario failed: the traceback is the observation
-        RESULTS["_session"] = {"exception": traceback.format_exc()}
-    finally:
-        Path(config["results"]).write_text(json.dumps(RESULTS, indent=1, default=str))
-    return 0
-
-
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # no interpreter teardown: the results are on disk (see blender_session.py)
+    run_session(run)
