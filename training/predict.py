@@ -123,7 +123,7 @@ def predict_objects(model, folders: Sequence[Path], steps: int, guidance: float,
 def run_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from server.stages.multiview.zero123 import load_zero123, tiny_zero123
+    from server.stages.multiview.checkpoint import load_zero123, tiny_zero123
 
     objects = find_objects(args.data)
     if args.shard:

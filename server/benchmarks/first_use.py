@@ -7,8 +7,9 @@ What an artist's first Generate does, measured phase by phase with synthetic wei
    default: the raw UNet, its EMA copy, the VAE, the whole OpenAI CLIP ViT-L/14 in half precision, AdamW's two moments
    for the UNet and ``cc_projection``, and an unreferenced ``padding`` record for the bytes the known parts do not
    explain), plus SAM ViT-H, LoFTR and reconstruction files in their published formats. Every tensor is written
-   straight to disk as it is made (:class:`StreamingCheckpointWriter`), so writing needs about 0.3 GiB of RAM,
-   whatever the file's size; the result reads back with ``torch.load(mmap=True)``.
+   straight to disk as it is made (:class:`~server.benchmarks.streamed_checkpoint.StreamingCheckpointWriter`), so
+   writing needs about 0.3 GiB of RAM, whatever the file's size; the result reads back with
+   ``torch.load(mmap=True)``. The layouts and writers of the files are in :mod:`server.benchmarks.synthetic_weights`.
 2. ``convert``: :func:`server.stages.multiview.convert.ensure_converted` on the checkpoint, its pages first dropped
    from the page cache (cold cache, as after a download).
 3. ``load``: ``One2345Pipeline.from_preset("paper", device="cpu")``: Zero123, reconstruction, SAM ViT-H and LoFTR.
@@ -32,13 +33,11 @@ import dataclasses
 import json
 import os
 import shutil
-import struct
 import sys
 import tempfile
 import threading
 import time
-import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,24 +45,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from server.stages.multiview.convert import (
-    ZERO123_XL,
-    LdmUNetConfig,
-    LdmVaeConfig,
-    OpenAIClipVisionConfig,
-    Zero123Architecture,
+from server.benchmarks.streamed_checkpoint import RandomFill, StreamingCheckpointWriter
+from server.benchmarks.synthetic_weights import (
+    ZERO123_XL_BYTES,
+    tiny_architecture,
+    tiny_sam,
+    write_loftr,
+    write_reconstruction,
+    write_sam,
+    zero123_checkpoint,
 )
-from server.stages.sam_compat import import_segment_anything
+from server.stages.multiview.convert import ZERO123_XL
 
 GIB = 2**30
-ZERO123_XL_BYTES = 15_465_973_531
-"""The pinned size of the official ``zero123-xl.ckpt`` (the outside measurement's copy had 15,465,819,153 B)."""
 FULL_DISK_BYTES = 21 * 10**9
 """Disk the full-size run needs at its peak: the checkpoint (15.5 GB), its conversion (5 GB), SAM (2.6 GB) less what
 the order of writing frees (nothing: all stay until the end), rounded down from 23.1 GB because nothing else is
 written; checked against ``shutil.disk_usage`` with 1 GB to spare."""
-_ALIGN = 64
-"""Data alignment of each record, as ``torch.save`` writes it (mmap-friendly)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -159,446 +157,6 @@ class _PhaseContext:
 def _disk_used(path: Path) -> int:
     usage = shutil.disk_usage(path)
     return usage.total - usage.free
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# A torch.save-compatible zip file written one tensor at a time
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A tensor to be made while writing: its shape and dtype; ``fill`` makes its values (contiguous)."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype = torch.float32
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * torch.empty((), dtype=self.dtype).element_size()
-
-
-_STORAGE_CLASSES = {torch.float32: "FloatStorage", torch.float16: "HalfStorage", torch.int64: "LongStorage",
-                    torch.int32: "IntStorage", torch.uint8: "ByteStorage", torch.bool: "BoolStorage"}
-
-
-class _StorageRef:
-    def __init__(self, key: str, dtype: torch.dtype, numel: int) -> None:
-        self.key, self.dtype, self.numel = key, dtype, numel
-
-
-class _TensorRef:
-    """Pickles as ``torch.save`` pickles a contiguous tensor that owns its storage."""
-
-    def __init__(self, storage: _StorageRef, shape: tuple[int, ...]) -> None:
-        self.storage, self.shape = storage, shape
-
-    def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
-        import collections
-
-        stride, step = [], 1
-        for size in reversed(self.shape):
-            stride.insert(0, step)
-            step *= size
-        return (torch._utils._rebuild_tensor_v2,
-                (self.storage, 0, tuple(self.shape), tuple(stride), False, collections.OrderedDict()))
-
-
-class StreamingCheckpointWriter:
-    """Writes ``torch.save(obj, path)``'s zip format (protocol-2 pickle, 64-byte-aligned stored records, zip64) with
-    every tensor made by ``fill`` just before its bytes are written and dropped right after, so memory stays at one
-    tensor whatever the file's size. Leaves of ``obj`` may be :class:`TensorSpec` or real tensors.
-
-    ``target_bytes`` (optional) pads the file to exactly that size with a last, unreferenced record ``padding``
-    (which ``torch.load`` ignores), for a stand-in of a file whose every byte the known parts do not explain.
-    """
-
-    def __init__(self, path: Path, fill: Callable[[TensorSpec], torch.Tensor], target_bytes: int | None = None) -> None:
-        self.path, self.fill, self.target_bytes = Path(path), fill, target_bytes
-        self.archive = "archive"
-        self._entries: list[tuple[bytes, int, int, int]] = []  # name, crc, size, local header offset
-        self._offset = 0
-
-    def write(self, obj: Any) -> int:
-        """Write ``obj``; returns the file's size in bytes."""
-        import pickle
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "wb") as self._file:
-            self._record(".format_version", b"1")
-            self._record(".storage_alignment", str(_ALIGN).encode())
-            self._record("byteorder", sys.byteorder.encode())
-            counter = iter(range(1 << 62))
-            refs = self._write_tensors(obj, counter)
-            payload = _pickle_dumps(refs, pickle)
-            self._record("data.pkl", payload)
-            self._record("version", b"3\n")
-            self._record(".data/serialization_id", b"0" * 40)
-            if self.target_bytes is not None:
-                self._pad_to(self.target_bytes)
-            self._central_directory()
-        return self.path.stat().st_size
-
-    def _write_tensors(self, obj: Any, counter: Iterator[int]) -> Any:
-        if isinstance(obj, TensorSpec | torch.Tensor):
-            tensor = self.fill(obj) if isinstance(obj, TensorSpec) else obj.detach().contiguous().cpu()
-            key = str(next(counter))
-            data = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else np.empty(0, np.uint8)
-            self._record(f"data/{key}", memoryview(data))
-            return _TensorRef(_StorageRef(key, tensor.dtype, tensor.numel()), tuple(tensor.shape))
-        if isinstance(obj, Mapping):
-            return {k: self._write_tensors(v, counter) for k, v in obj.items()}
-        if isinstance(obj, list | tuple):
-            return type(obj)(self._write_tensors(v, counter) for v in obj)
-        return obj
-
-    # Zip records (APPNOTE 6.3: local header + zip64 extra + alignment extra, stored, no data descriptor).
-    def _local_header(self, name: bytes, crc: int, size: int, align: bool) -> bytes:
-        zip64 = struct.pack("<HHQQ", 0x0001, 16, size, size)
-        fixed = 30 + len(name) + len(zip64)
-        pad = (-(self._offset + fixed + 4)) % _ALIGN if align else 0
-        extra = zip64 + (struct.pack("<HH", 0x4246, pad) + b"Z" * pad if align else b"")
-        return struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, 0, 0, 0, 0x21, crc, 0xFFFFFFFF, 0xFFFFFFFF, len(name),
-                           len(extra)) + name + extra
-
-    def _record(self, name: str, data: bytes | memoryview) -> None:
-        full = f"{self.archive}/{name}".encode()
-        size = len(data) if isinstance(data, bytes) else data.nbytes
-        crc = zlib.crc32(data)
-        header = self._local_header(full, crc, size, align=True)
-        self._entries.append((full, crc, size, self._offset))
-        self._file.write(header)
-        self._file.write(data)
-        self._offset += len(header) + size
-
-    def _pad_to(self, target: int) -> None:
-        name = f"{self.archive}/padding".encode()
-        directory = sum(46 + len(n) + 28 for n, *_ in self._entries) + 46 + len(name) + 28
-        header = 30 + len(name) + 20  # unaligned: the size is then linear in the padding's length
-        size = target - self._offset - header - directory - 56 - 20 - 22
-        if size < 0:
-            raise ValueError(f"the known parts already take {target - size:,} bytes, more than the {target:,} "
-                             "asked for")
-        crc, chunk, left = 0, bytes(16 * 2**20), size
-        offset = self._offset
-        self._file.write(self._local_header(name, 0, size, align=False))
-        while left:  # zeros in 16 MiB pieces; the CRC is patched in afterwards
-            piece = chunk[: min(left, len(chunk))]
-            crc = zlib.crc32(piece, crc)
-            self._file.write(piece)
-            left -= len(piece)
-        end = self._file.tell()
-        self._file.seek(offset + 14)
-        self._file.write(struct.pack("<I", crc))
-        self._file.seek(end)
-        self._entries.append((name, crc, size, offset))
-        self._offset = end
-
-    def _central_directory(self) -> None:
-        start = self._offset
-        for name, crc, size, offset in self._entries:
-            extra = struct.pack("<HHQQQ", 0x0001, 24, size, size, offset)
-            self._file.write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 0, 0, 0x21, crc, 0xFFFFFFFF,
-                                         0xFFFFFFFF, len(name), len(extra), 0, 0, 0, 0, 0xFFFFFFFF) + name + extra)
-        end = self._file.tell()
-        count = len(self._entries)
-        self._file.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, end - start, start))
-        self._file.write(struct.pack("<IIQI", 0x07064B50, 0, end, 1))
-        self._file.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))
-
-
-def _pickle_dumps(obj: Any, pickle: Any) -> bytes:
-    import io
-
-    class Pickler(pickle.Pickler):
-        def persistent_id(self, item: object) -> tuple | None:
-            if isinstance(item, _StorageRef):
-                return ("storage", getattr(torch, _STORAGE_CLASSES[item.dtype]), item.key, "cpu", item.numel)
-            return None
-
-    buffer = io.BytesIO()
-    Pickler(buffer, protocol=2).dump(obj)
-    return buffer.getvalue()
-
-
-class RandomFill:
-    """Tensor values for :class:`StreamingCheckpointWriter`: slices of one N(0, σ²) pool (so 15 GB of values cost one
-    pool's worth of random numbers), at a rotating offset; integers are small counts. Returned tensors are views."""
-
-    def __init__(self, pool_bytes: int = 128 * 2**20, std: float = 0.02, seed: int = 0) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        self.pool = torch.randn(pool_bytes // 4, generator=generator) * std
-        self.half_pool = self.pool.half()
-        self.position = 0
-
-    def __call__(self, spec: TensorSpec) -> torch.Tensor:
-        numel = int(np.prod(spec.shape, dtype=np.int64))
-        if not spec.dtype.is_floating_point:
-            return torch.arange(numel, dtype=torch.int64).remainder(100).to(spec.dtype).reshape(spec.shape)
-        pool = self.half_pool if spec.dtype == torch.float16 else self.pool
-        if numel > pool.numel():  # e.g. CLIP's token embedding: tiled (one tensor's worth of memory)
-            return pool.repeat(-(-numel // pool.numel()))[:numel].reshape(spec.shape)
-        start = self.position % max(pool.numel() - numel, 1)
-        self.position += 7919 * (numel % 1013 + 1)
-        return pool[start : start + numel].to(spec.dtype).reshape(spec.shape)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Key layouts (written out from ldm/modules/diffusionmodules/{openaimodel,model}.py and clip/model.py; the converter's
-# tests build their tiny checkpoints from these same lists)
-
-
-def ldm_unet_shapes(c: LdmUNetConfig) -> dict[str, tuple[int, ...]]:
-    """openaimodel.UNetModel parameter shapes (spatial transformers with conv proj_in/out, GEGLU feed-forward)."""
-    s: dict[str, tuple[int, ...]] = {}
-    mc, emb = c.model_channels, 4 * c.model_channels
-
-    def linear(p: str, n_out: int, n_in: int, bias: bool = True) -> None:
-        s[f"{p}.weight"] = (n_out, n_in)
-        if bias:
-            s[f"{p}.bias"] = (n_out,)
-
-    def conv(p: str, n_out: int, n_in: int, k: int) -> None:
-        s[f"{p}.weight"], s[f"{p}.bias"] = (n_out, n_in, k, k), (n_out,)
-
-    def norm(p: str, ch: int) -> None:
-        s[f"{p}.weight"], s[f"{p}.bias"] = (ch,), (ch,)
-
-    def resblock(p: str, cin: int, cout: int) -> None:
-        norm(f"{p}.in_layers.0", cin)
-        conv(f"{p}.in_layers.2", cout, cin, 3)
-        linear(f"{p}.emb_layers.1", cout, emb)
-        norm(f"{p}.out_layers.0", cout)
-        conv(f"{p}.out_layers.3", cout, cout, 3)
-        if cin != cout:
-            conv(f"{p}.skip_connection", cout, cin, 1)
-
-    def spatial_transformer(p: str, ch: int) -> None:
-        norm(f"{p}.norm", ch)
-        conv(f"{p}.proj_in", ch, ch, 1)
-        t = f"{p}.transformer_blocks.0"
-        for attn, kv_in in (("attn1", ch), ("attn2", c.context_dim)):
-            linear(f"{t}.{attn}.to_q", ch, ch, bias=False)
-            linear(f"{t}.{attn}.to_k", ch, kv_in, bias=False)
-            linear(f"{t}.{attn}.to_v", ch, kv_in, bias=False)
-            linear(f"{t}.{attn}.to_out.0", ch, ch)
-        linear(f"{t}.ff.net.0.proj", 8 * ch, ch)
-        linear(f"{t}.ff.net.2", ch, 4 * ch)
-        for n in ("norm1", "norm2", "norm3"):
-            norm(f"{t}.{n}", ch)
-        conv(f"{p}.proj_out", ch, ch, 1)
-
-    linear("time_embed.0", emb, mc)
-    linear("time_embed.2", emb, emb)
-    conv("input_blocks.0.0", mc, c.in_channels, 3)
-    skip_channels, ch, ds, k = [mc], mc, 1, 1
-    for level, mult in enumerate(c.channel_mult):
-        for _ in range(c.num_res_blocks):
-            resblock(f"input_blocks.{k}.0", ch, mult * mc)
-            ch = mult * mc
-            if ds in c.attention_resolutions:
-                spatial_transformer(f"input_blocks.{k}.1", ch)
-            skip_channels.append(ch)
-            k += 1
-        if level != len(c.channel_mult) - 1:
-            conv(f"input_blocks.{k}.0.op", ch, ch, 3)
-            skip_channels.append(ch)
-            k, ds = k + 1, ds * 2
-    resblock("middle_block.0", ch, ch)
-    spatial_transformer("middle_block.1", ch)
-    resblock("middle_block.2", ch, ch)
-    k = 0
-    for level, mult in reversed(list(enumerate(c.channel_mult))):
-        for i in range(c.num_res_blocks + 1):
-            resblock(f"output_blocks.{k}.0", ch + skip_channels.pop(), mult * mc)
-            ch, n = mult * mc, 1
-            if ds in c.attention_resolutions:
-                spatial_transformer(f"output_blocks.{k}.1", ch)
-                n = 2
-            if level and i == c.num_res_blocks:
-                conv(f"output_blocks.{k}.{n}.conv", ch, ch, 3)
-                ds //= 2
-            k += 1
-    norm("out.0", ch)
-    conv("out.2", c.out_channels, mc, 3)
-    return s
-
-
-def ldm_vae_shapes(c: LdmVaeConfig) -> dict[str, tuple[int, ...]]:
-    """ldm AutoencoderKL parameter shapes (Encoder/Decoder with mid attention only), without the prefix."""
-    s: dict[str, tuple[int, ...]] = {}
-
-    def conv(p: str, n_out: int, n_in: int, k: int) -> None:
-        s[f"{p}.weight"], s[f"{p}.bias"] = (n_out, n_in, k, k), (n_out,)
-
-    def norm(p: str, ch: int) -> None:
-        s[f"{p}.weight"], s[f"{p}.bias"] = (ch,), (ch,)
-
-    def resblock(p: str, cin: int, cout: int) -> None:
-        norm(f"{p}.norm1", cin)
-        conv(f"{p}.conv1", cout, cin, 3)
-        norm(f"{p}.norm2", cout)
-        conv(f"{p}.conv2", cout, cout, 3)
-        if cin != cout:
-            conv(f"{p}.nin_shortcut", cout, cin, 1)
-
-    def mid(p: str, ch: int) -> None:
-        resblock(f"{p}.mid.block_1", ch, ch)
-        norm(f"{p}.mid.attn_1.norm", ch)
-        for n in ("q", "k", "v", "proj_out"):
-            conv(f"{p}.mid.attn_1.{n}", ch, ch, 1)
-        resblock(f"{p}.mid.block_2", ch, ch)
-
-    last = len(c.ch_mult) - 1
-    conv("encoder.conv_in", c.ch, c.in_channels, 3)
-    ch = c.ch
-    for i, mult in enumerate(c.ch_mult):
-        for j in range(c.num_res_blocks):
-            resblock(f"encoder.down.{i}.block.{j}", ch, c.ch * mult)
-            ch = c.ch * mult
-        if i != last:
-            conv(f"encoder.down.{i}.downsample.conv", ch, ch, 3)
-    mid("encoder", ch)
-    norm("encoder.norm_out", ch)
-    conv("encoder.conv_out", 2 * c.z_channels, ch, 3)
-    conv("quant_conv", 2 * c.z_channels, 2 * c.z_channels, 1)
-    conv("post_quant_conv", c.z_channels, c.z_channels, 1)
-    ch = c.ch * c.ch_mult[-1]
-    conv("decoder.conv_in", ch, c.z_channels, 3)
-    mid("decoder", ch)
-    for i in reversed(range(len(c.ch_mult))):
-        for j in range(c.num_res_blocks + 1):
-            resblock(f"decoder.up.{i}.block.{j}", ch, c.ch * c.ch_mult[i])
-            ch = c.ch * c.ch_mult[i]
-        if i != 0:
-            conv(f"decoder.up.{i}.upsample.conv", ch, ch, 3)
-    norm("decoder.norm_out", ch)
-    conv("decoder.conv_out", c.out_ch, ch, 3)
-    return s
-
-
-def openai_clip_shapes(c: OpenAIClipVisionConfig, text_width: int = 768, text_layers: int = 12,
-                       vocab: int = 49408, context: int = 77) -> dict[str, tuple[int, ...]]:
-    """clip.model.CLIP parameter shapes: the VisionTransformer under ``visual.`` and the text transformer (which the
-    checkpoint carries and the converter ignores)."""
-
-    def resblocks(prefix: str, w: int, layers: int) -> dict[str, tuple[int, ...]]:
-        s: dict[str, tuple[int, ...]] = {}
-        for i in range(layers):
-            p = f"{prefix}.resblocks.{i}"
-            s |= {f"{p}.attn.in_proj_weight": (3 * w, w), f"{p}.attn.in_proj_bias": (3 * w,),
-                  f"{p}.attn.out_proj.weight": (w, w), f"{p}.attn.out_proj.bias": (w,),
-                  f"{p}.ln_1.weight": (w,), f"{p}.ln_1.bias": (w,), f"{p}.mlp.c_fc.weight": (4 * w, w),
-                  f"{p}.mlp.c_fc.bias": (4 * w,), f"{p}.mlp.c_proj.weight": (w, 4 * w), f"{p}.mlp.c_proj.bias": (w,),
-                  f"{p}.ln_2.weight": (w,), f"{p}.ln_2.bias": (w,)}
-        return s
-
-    w, grid = c.width, c.image_resolution // c.patch_size
-    shapes = {"positional_embedding": (context, text_width), "text_projection": (text_width, c.embed_dim),
-              "logit_scale": (), "token_embedding.weight": (vocab, text_width), "ln_final.weight": (text_width,),
-              "ln_final.bias": (text_width,)}
-    shapes |= resblocks("transformer", text_width, text_layers)
-    shapes |= {"visual.class_embedding": (w,), "visual.positional_embedding": (grid * grid + 1, w),
-               "visual.proj": (w, c.embed_dim), "visual.conv1.weight": (w, 3, c.patch_size, c.patch_size),
-               "visual.ln_pre.weight": (w,), "visual.ln_pre.bias": (w,), "visual.ln_post.weight": (w,),
-               "visual.ln_post.bias": (w,)}
-    shapes |= {f"visual.{k}": v for k, v in resblocks("transformer", w, c.layers).items()}
-    return shapes
-
-
-def zero123_checkpoint(arch: Zero123Architecture, *, text_width: int = 768, text_layers: int = 12,
-                       vocab: int = 49408) -> dict[str, Any]:
-    """The Lightning checkpoint of a Zero123 LatentDiffusion, leaves as :class:`TensorSpec` (real tensors for the
-    schedule): ``state_dict`` (raw UNet, EMA copy, VAE, CLIP in fp16, ``cc_projection``, schedule buffers) and
-    ``optimizer_states`` (AdamW's ``exp_avg`` and ``exp_avg_sq`` for every trained parameter: UNet + cc_projection)."""
-    unet = {f"model.diffusion_model.{k}": v for k, v in ldm_unet_shapes(arch.unet).items()}
-    cc = {"cc_projection.weight": (arch.unet.context_dim, arch.image_encoder.embed_dim + 4),
-          "cc_projection.bias": (arch.unet.context_dim,)}
-    state: dict[str, Any] = {k: TensorSpec(v) for k, v in unet.items()}
-    state |= {"model_ema." + k.removeprefix("model.").replace(".", ""): TensorSpec(v) for k, v in unet.items()}
-    state["model_ema.decay"] = torch.tensor(0.9999)
-    state["model_ema.num_updates"] = torch.tensor(105000, dtype=torch.int32)
-    state |= {f"first_stage_model.{k}": TensorSpec(v) for k, v in ldm_vae_shapes(arch.vae).items()}
-    clip = openai_clip_shapes(arch.image_encoder, text_width, text_layers, vocab)
-    state |= {f"cond_stage_model.model.{k}": TensorSpec(v, torch.float16) for k, v in clip.items()}
-    state |= {k: TensorSpec(v) for k, v in cc.items()}
-    betas = torch.linspace(arch.beta_start**0.5, arch.beta_end**0.5, arch.num_train_timesteps, dtype=torch.float64)
-    state["betas"] = (betas**2).float()
-    state["alphas_cumprod"] = torch.cumprod(1 - betas**2, 0).float()
-    trained = [*unet.values(), *cc.values()]
-    adam = {i: {"step": torch.tensor(105000.0), "exp_avg": TensorSpec(shape), "exp_avg_sq": TensorSpec(shape)}
-            for i, shape in enumerate(trained)}
-    groups = [{"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "amsgrad": False,
-               "params": list(range(len(trained)))}]
-    return {"epoch": 3, "global_step": 105000, "pytorch-lightning_version": "1.4.2", "state_dict": state,
-            "optimizer_states": [{"state": adam, "param_groups": groups}], "lr_schedulers": []}
-
-
-def tiny_architecture() -> Zero123Architecture:
-    """A Zero123 small enough for a test (the converter's tests use the same sizes)."""
-    return Zero123Architecture(
-        unet=LdmUNetConfig(image_size=8, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                           attention_resolutions=(1,), num_heads=2, context_dim=16),
-        vae=LdmVaeConfig(resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4),
-        image_encoder=OpenAIClipVisionConfig(image_resolution=8, patch_size=4, width=32, layers=2, heads=2,
-                                             embed_dim=20))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The other weight files
-
-
-def _spec_state(model: torch.nn.Module) -> dict[str, TensorSpec]:
-    return {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-
-
-def write_sam(path: Path, fill: RandomFill, tiny: bool) -> int:
-    """``sam_vit_h_4b8939.pth``: a plain state dict of SAM ViT-H (built on the meta device: shapes only)."""
-    registry = import_segment_anything().sam_model_registry
-    with torch.device("meta"):
-        model = _tiny_sam() if tiny else registry["vit_h"](checkpoint=None)
-    return StreamingCheckpointWriter(path, fill).write(_spec_state(model))
-
-
-def _tiny_sam() -> torch.nn.Module:
-    """SAM with a 64-px, 2-block ViT (one windowed, one global attention block)."""
-    modeling = import_segment_anything().modeling
-    dim = 16
-    return modeling.Sam(
-        image_encoder=modeling.ImageEncoderViT(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2,
-                                               out_chans=dim, use_rel_pos=True, window_size=2,
-                                               global_attn_indexes=(1,)),
-        prompt_encoder=modeling.PromptEncoder(embed_dim=dim, image_embedding_size=(4, 4), input_image_size=(64, 64),
-                                              mask_in_chans=4),
-        mask_decoder=modeling.MaskDecoder(
-            transformer_dim=dim, transformer=modeling.TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=32,
-                                                                        num_heads=2),
-            num_multimask_outputs=3, iou_head_depth=1, iou_head_hidden_dim=16))
-
-
-def write_loftr(path: Path, fill: RandomFill) -> int:
-    """``indoor_ds_new.ckpt``: a Lightning checkpoint with LoFTR under ``state_dict``, keys prefixed ``matcher.``."""
-    from kornia.feature import LoFTR
-
-    from server.stages.elevation.matchers import loftr_config
-
-    with torch.device("meta"):
-        model = LoFTR(pretrained=None, config=loftr_config())
-    state = {f"matcher.{k}": v for k, v in _spec_state(model).items()}
-    return StreamingCheckpointWriter(path, fill).write({"epoch": 29, "global_step": 0, "state_dict": state})
-
-
-def write_reconstruction(path: Path, fill: RandomFill) -> int:
-    """``ckpt_215000.pth``: the four networks' state dicts at the top level, plus ``iter_step``."""
-    from server.stages.reconstruction.checkpoint import OFFICIAL_NETWORKS
-    from server.stages.reconstruction.model import build_model
-
-    with torch.device("meta"):
-        model = build_model("paper", seed=0)
-    nets: dict[str, Any] = {name: {} for name in OFFICIAL_NETWORKS}
-    for key, spec in _spec_state(model).items():
-        net, _, rest = key.partition(".")
-        nets[net][rest] = spec
-    return StreamingCheckpointWriter(path, fill).write({**nets, "iter_step": 215000, "val_step": 0})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -698,7 +256,7 @@ def run(directory: Path, *, tiny: bool = False, keep: bool = False, steps: int =
             from server.stages.preprocess import SamSegmenter
 
             with measure.phase("load", work):
-                segmenter = SamSegmenter.from_checkpoint(work / weight_file("sam").local_name, build=_tiny_sam)
+                segmenter = SamSegmenter.from_checkpoint(work / weight_file("sam").local_name, build=tiny_sam)
             with measure.phase("generate", work):
                 mask = segmenter(_photo(64), (16, 16, 47, 47))
             result["mask_pixels"] = int(mask.sum())

@@ -3,6 +3,7 @@ and output paths checked before any work is done."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -181,3 +182,13 @@ def check_folder_path(path: str | Path, what: str) -> Path:
                 raise BadInputError(f"{what} {path}: {ancestor} is a file, not a folder")
             break
     return path
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the plain files under ``folder`` (links not followed; 0 for what cannot be read)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total

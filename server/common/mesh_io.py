@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,13 +61,13 @@ class MeshUvs:
     :func:`server.stages.asset.check_uvs` counts it as degenerate."""
 
 
-def _to_y_up(vertices: np.ndarray) -> np.ndarray:
+def to_y_up(vertices: np.ndarray) -> np.ndarray:
     """[V, 3] z-up → [V, 3] y-up via (x, y, z) → (x, z, −y): −90° about x, det +1 (Blender glTF "+Y up")."""
     return np.stack([vertices[:, 0], vertices[:, 2], -vertices[:, 1]], axis=1)
 
 
 def _from_y_up(vertices: np.ndarray) -> np.ndarray:
-    """[V, 3] y-up → [V, 3] z-up, the inverse of :func:`_to_y_up`: (x, y, z) → (x, −z, y)."""
+    """[V, 3] y-up → [V, 3] z-up, the inverse of :func:`to_y_up`: (x, y, z) → (x, −z, y)."""
     return np.stack([vertices[:, 0], -vertices[:, 2], vertices[:, 1]], axis=1)
 
 
@@ -281,7 +283,9 @@ def linear_to_srgb(c: np.ndarray) -> np.ndarray:
 
 
 _GLB_MAGIC, _JSON_CHUNK, _BIN_CHUNK = 0x46546C67, 0x4E4F534A, 0x004E4942
-_FLOAT, _UNSIGNED_INT, _ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 5126, 5125, 34962, 34963
+GLTF_FLOAT, GLTF_UNSIGNED_INT, GLTF_ARRAY_BUFFER, GLTF_ELEMENT_ARRAY_BUFFER = 5126, 5125, 34962, 34963
+"""glTF's accessor ``componentType`` codes (float32, uint32) and bufferView ``target`` codes (vertex data,
+indices)."""
 
 
 def _glb_bytes(mesh: Mesh) -> bytes:
@@ -289,32 +293,42 @@ def _glb_bytes(mesh: Mesh) -> bytes:
     our sRGB vertex colours are decoded; storing floats keeps every 8-bit sRGB value exact), uint32 indices.
 
     Written by hand (about as long as driving an exporter) so the colour encoding is explicit."""
-    positions = np.ascontiguousarray(_to_y_up(mesh.vertices), dtype="<f4")
+    positions = np.ascontiguousarray(to_y_up(mesh.vertices), dtype="<f4")
     indices = np.ascontiguousarray(mesh.faces, dtype="<u4")
     arrays = [positions]
     attributes = {"POSITION": 0}
-    accessors = [{"bufferView": 0, "componentType": _FLOAT, "count": len(positions), "type": "VEC3",
+    accessors = [{"bufferView": 0, "componentType": GLTF_FLOAT, "count": len(positions), "type": "VEC3",
                   "min": positions.min(axis=0).tolist(), "max": positions.max(axis=0).tolist()}]
     if mesh.colors is not None:
         arrays.append(np.ascontiguousarray(srgb_to_linear(mesh.colors / 255.0), dtype="<f4"))
         attributes["COLOR_0"] = 1
-        accessors.append({"bufferView": 1, "componentType": _FLOAT, "count": len(positions), "type": "VEC3"})
+        accessors.append({"bufferView": 1, "componentType": GLTF_FLOAT, "count": len(positions), "type": "VEC3"})
     arrays.append(indices)
-    accessors.append({"bufferView": len(arrays) - 1, "componentType": _UNSIGNED_INT, "count": indices.size,
+    accessors.append({"bufferView": len(arrays) - 1, "componentType": GLTF_UNSIGNED_INT, "count": indices.size,
                       "type": "SCALAR"})
 
-    views, blob = [], b""
-    for i, array in enumerate(arrays):
-        data = array.tobytes()
-        target = _ELEMENT_ARRAY_BUFFER if i == len(arrays) - 1 else _ARRAY_BUFFER
-        views.append({"buffer": 0, "byteOffset": len(blob), "byteLength": len(data), "target": target})
-        blob += data + b"\0" * (-len(data) % 4)
     gltf = {
         "asset": {"version": "2.0", "generator": "one2345"},
         "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0, "name": "one2345"}],
         "meshes": [{"primitives": [{"attributes": attributes, "indices": len(accessors) - 1, "mode": 4}]}],
-        "accessors": accessors, "bufferViews": views, "buffers": [{"byteLength": len(blob)}],
+        "accessors": accessors,
     }
+    targets = [GLTF_ARRAY_BUFFER] * (len(arrays) - 1) + [GLTF_ELEMENT_ARRAY_BUFFER]
+    return pack_glb(gltf, [(array.tobytes(), target) for array, target in zip(arrays, targets, strict=True)])
+
+
+def pack_glb(gltf: dict[str, Any], pieces: Sequence[tuple[bytes, int | None]]) -> bytes:
+    """A glTF 2.0 binary file: the JSON ``gltf`` and one BIN chunk holding ``pieces`` back to back, each padded to
+    4 bytes. Piece i (its bytes and its bufferView ``target``, None for none, e.g. an embedded image) becomes
+    bufferView i; ``bufferViews`` and ``buffers`` are added as the JSON's last keys."""
+    views, blob = [], b""
+    for data, target in pieces:
+        view: dict[str, int] = {"buffer": 0, "byteOffset": len(blob), "byteLength": len(data)}
+        if target is not None:
+            view["target"] = target
+        views.append(view)
+        blob += data + b"\0" * (-len(data) % 4)
+    gltf = {**gltf, "bufferViews": views, "buffers": [{"byteLength": len(blob)}]}
     text = json.dumps(gltf, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 4)
     total = 12 + 8 + len(text) + 8 + len(blob)
@@ -370,7 +384,7 @@ def _glb_attribute(path: Path, name: str, count: int) -> np.ndarray | None:
     if index is None:
         return None
     accessor = gltf["accessors"][index]
-    if accessor["componentType"] != _FLOAT or accessor["count"] != count:
+    if accessor["componentType"] != GLTF_FLOAT or accessor["count"] != count:
         return None
     view = gltf["bufferViews"][accessor["bufferView"]]
     width = {"VEC2": 2, "VEC3": 3, "VEC4": 4}[accessor["type"]]
@@ -389,18 +403,18 @@ def _glb_linear_colors(path: Path, count: int) -> np.ndarray | None:
 
 def _obj_bytes(mesh: Mesh) -> bytes:
     """Wavefront OBJ, y-up: ``v x y z [r g b]`` (colour floats in 0..1) and 1-based ``f a b c``."""
-    vertices = _to_y_up(mesh.vertices).astype(np.float64)
+    vertices = to_y_up(mesh.vertices).astype(np.float64)
     # %.9g round-trips float32 exactly; colours c/255 with 6 digits round back to the same byte.
     if mesh.colors is not None:
         rows = np.concatenate([vertices, mesh.colors.astype(np.float64) / 255.0], axis=1)
-        v_lines = _format_rows("v %.9g %.9g %.9g %.6g %.6g %.6g\n", rows)
+        v_lines = format_rows("v %.9g %.9g %.9g %.6g %.6g %.6g\n", rows)
     else:
-        v_lines = _format_rows("v %.9g %.9g %.9g\n", vertices)
-    f_lines = _format_rows("f %d %d %d\n", mesh.faces + 1)
+        v_lines = format_rows("v %.9g %.9g %.9g\n", vertices)
+    f_lines = format_rows("f %d %d %d\n", mesh.faces + 1)
     return b"# One2345 mesh, y-up\n" + v_lines + f_lines
 
 
-def _format_rows(row_format: str, rows: np.ndarray, chunk: int = 65536) -> bytes:
+def format_rows(row_format: str, rows: np.ndarray, chunk: int = 65536) -> bytes:
     """Apply a printf row format to every row of a [N, K] array, in chunks (far faster than a per-row loop)."""
     parts = []
     for start in range(0, rows.shape[0], chunk):

@@ -2,7 +2,8 @@
 
 - :mod:`.one2345` — :class:`One2345Pipeline`, one image → a coloured 360° mesh as numbered stages.
 - :mod:`.options` — what a run is asked for (:class:`GenerateOptions`) and gives back; :mod:`.models` — the models a
-  preset keeps warm.
+  preset keeps warm; :mod:`.loading` — watching and stopping their load (the one-time conversion's progress),
+  without torch.
 - :mod:`.reconstruct` — 32 posed views → a vertex-coloured mesh; :mod:`.remesh` — a finished run meshed again
   (resolution, clean-up, decimation, texture) without Zero123.
 

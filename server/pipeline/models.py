@@ -5,25 +5,20 @@ same classes) or ``paper`` (the official weights). In low-VRAM mode each is move
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
 
-from server.common.errors import CancelledError
+from server.pipeline.loading import conversion_progress, observed
 from server.pipeline.options import Progress
 from server.stages.elevation import ElevationEstimator, FlowMatcher, SiftMatcher, available_matchers
-from server.stages.multiview.zero123 import (
-    Zero123Model,
-    tiny_zero123,
-)
+from server.stages.multiview.checkpoint import tiny_zero123
+from server.stages.multiview.zero123 import Zero123Model
 from server.stages.reconstruction.model import ReconstructionModel, build_model
 
 log = logging.getLogger(__name__)
@@ -89,39 +84,6 @@ def _tiny_models() -> PipelineModels:
                       "matcher": "flow+sift", "segmenter": "weight-free foreground estimate"})
 
 
-PREPARE_STAGE = "prepare"
-"""The :class:`Progress` stage of the one-time Zero123 conversion while models load."""
-
-_observer = threading.local()
-
-
-@contextlib.contextmanager
-def loading_observer(progress: Callable[[Progress], None] | None = None,
-                     should_cancel: Callable[[], bool] | None = None) -> Iterator[None]:
-    """Within the block, model loading in this thread (``One2345Pipeline.from_preset``) reports a one-time
-    conversion to ``progress`` (stage ``prepare``) and stops it, with :class:`CancelledError`, when
-    ``should_cancel()`` turns true. Thread-local, so one job's observer never sees another thread's load."""
-    previous = getattr(_observer, "value", None)
-    _observer.value = (progress, should_cancel)
-    try:
-        yield
-    finally:
-        _observer.value = previous
-
-
-def _conversion_progress(progress: Callable[[Progress], None] | None) -> Callable[[Any], None] | None:
-    """A conversion report → :class:`Progress` of stage ``prepare`` (fraction 0: no part of the run is done yet; the
-    conversion's own progress is step/total and the message)."""
-    if progress is None:
-        return None
-
-    def forward(event: Any) -> None:
-        progress(Progress(stage=PREPARE_STAGE, step=event.step, total=event.total, fraction=0.0,
-                          message=event.message))
-
-    return forward
-
-
 def prepare_weights(weights_dir: str | Path | None = None, *, progress: Callable[[Progress], None] | None = None,
                     should_cancel: Callable[[], bool] | threading.Event | None = None) -> Path:
     """Convert Zero123-XL now if it has not been (or its converted folder is damaged); the converted folder.
@@ -140,7 +102,7 @@ def prepare_weights(weights_dir: str | Path | None = None, *, progress: Callable
     from server.stages.multiview.convert import ensure_converted
 
     root = Path(weights_dir).expanduser() if weights_dir else default_weights_dir()
-    return ensure_converted(resolve("zero123-xl", root), root / "converted", progress=_conversion_progress(progress),
+    return ensure_converted(resolve("zero123-xl", root), root / "converted", progress=conversion_progress(progress),
                             should_cancel=should_cancel)
 
 
@@ -154,58 +116,18 @@ def remove_interrupted_conversions(weights_dir: str | Path | None = None) -> lis
     return remove(root / "converted")
 
 
-def progress_lines(write: Callable[[str], None]) -> Callable[[Progress], None]:
-    """A progress callback that writes each new message once (the conversion repeats its message while writing)."""
-    last: list[str] = []
-
-    def on_progress(p: Progress) -> None:
-        if p.message and p.message not in last[-1:]:
-            last.append(p.message)
-            write(p.message)
-
-    return on_progress
-
-
-@contextlib.contextmanager
-def stop_on_signals(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[threading.Event]:
-    """SIGTERM during the block stops the main thread's work with :class:`CancelledError`, as Ctrl-C does with
-    KeyboardInterrupt (whose default stays), so a one-time conversion removes its temporary folder before the process
-    ends instead of dying with it; the yielded event is set as well, for work running in other threads. Later signals
-    are ignored while that clean-up runs. Outside the main thread nothing is installed (Python delivers signals to
-    the main thread only)."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def on_signal(sig: int, _: FrameType | None) -> None:
-        if stop.is_set():
-            return
-        stop.set()
-        raise CancelledError(f"stopped by {signal.Signals(sig).name} while loading the models; nothing half-written "
-                             "was kept")
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            if handler is not None:
-                signal.signal(sig, handler)
-
-
 def _paper_models(device: str, weights_dir: str | Path | None, download_missing: bool,
                   load_device: str | None = None, progress: Callable[[Progress], None] | None = None,
                   should_cancel: Callable[[], bool] | None = None) -> PipelineModels:
     """The official models, loaded onto ``load_device`` (default ``device``; the CPU in low-VRAM mode) in the
     precision ``device`` computes in. A one-time conversion reports to ``progress`` and honours ``should_cancel``
-    (default: those of the enclosing :func:`loading_observer`)."""
+    (default: those of the enclosing :func:`server.pipeline.loading.loading_observer`)."""
     load_device = load_device or device
-    observed_progress, observed_cancel = getattr(_observer, "value", None) or (None, None)
+    observed_progress, observed_cancel = observed()
     progress = progress or observed_progress
     should_cancel = should_cancel or observed_cancel
     from server.common.weights import default_weights_dir, download, require, resolve
-    from server.stages.multiview.zero123 import load_zero123
+    from server.stages.multiview.checkpoint import load_zero123
     from server.stages.preprocess import SamSegmenter
     from server.stages.reconstruction.checkpoint import load_reconstruction_model
 

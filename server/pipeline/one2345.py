@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ from server.stages.multiview.zero123 import (
     stage1b_deltas,
 )
 from server.stages.text_to_image import TextSource
+
+if TYPE_CHECKING:  # the type only: the module itself is imported where a run first needs it
+    from server.stages.preprocess import ImageSource
 
 
 class _Tracker:
@@ -193,7 +196,7 @@ class One2345Pipeline:
 
     def __call__(
         self,
-        image: str | Path | Image.Image | np.ndarray | bytes,
+        image: ImageSource,
         run_dir: str | Path,
         options: GenerateOptions | None = None,
         progress: Callable[[Progress], None] | None = None,
@@ -228,7 +231,7 @@ class One2345Pipeline:
 
     def generate_views(
         self,
-        image: str | Path | Image.Image | np.ndarray | bytes,
+        image: ImageSource,
         run_dir: str | Path,
         options: GenerateOptions | None = None,
         progress: Callable[[Progress], None] | None = None,

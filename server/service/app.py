@@ -312,8 +312,8 @@ def create_app(manager: JobManager, config: AppConfig, weights: WeightsManager |
             the preset needs, and a finished download lifts a missing-weights refusal at once.
     """
     if weights is not None:
-        manager.preflight = weights.require_ready
-        weights.on_complete(manager.weights_changed)
+        manager.models.preflight = weights.require_ready
+        weights.on_complete(manager.models.forget_failure)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

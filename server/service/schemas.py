@@ -4,15 +4,13 @@ envelope and the status code of each error kind."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from server.service.jobs import (
-    error_dict,
-)
-from server.service.weights_api import WeightsHealth
+from server.service.jobs import error_dict
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +44,15 @@ class DeviceInfo(BaseModel):
     kind: str = Field(description="cuda or cpu")
     memory_free_bytes: int | None = Field(description="free device memory now (CUDA only)")
     memory_total_bytes: int | None
+
+
+class WeightsHealth(BaseModel):
+    ready: bool = Field(description="every file the server's preset needs is present: jobs can run")
+    complete: bool = Field(description="every weight file is present (the optional ones too; the on-demand "
+                           "text-to-image model is listed in files but not counted)")
+    missing: list[str] = Field(description="names of the files that are not present (missing, partial or corrupt)")
+    required_missing: list[str] = Field(description="those of them the preset cannot run without")
+    downloading: bool = Field(description="a download is running (see GET /v1/weights/download)")
 
 
 class Health(BaseModel):
@@ -165,12 +172,18 @@ class JobList(BaseModel):
     next: str | None = Field(description="pass as ?after= for the next page; null on the last page")
 
 
-def documented_errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    names = {400: "bad input", 401: "missing or wrong bearer token", 404: "no such job or file",
-             409: "the job is not done", 413: "the upload is too large", 429: "the queue is full (see Retry-After)",
-             503: "model weights are missing (see Retry-After)",
-             507: "the server's disk refused the write (full or read-only)"}
-    return {code: {"model": ErrorBody, "description": names[code]} for code in codes}
+ERROR_DESCRIPTIONS = {
+    400: "bad input", 401: "missing or wrong bearer token", 404: "no such job or file", 409: "the job is not done",
+    413: "the upload is too large", 429: "the queue is full (see Retry-After)",
+    503: "model weights are missing (see Retry-After)", 507: "the server's disk refused the write (full or read-only)"}
+"""What each error status means on the job routes (``/openapi.json``); a router with other reasons passes its own."""
+
+
+def documented_errors(*codes: int,
+                      descriptions: Mapping[int, str] = ERROR_DESCRIPTIONS) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of a route for the error statuses ``codes``: each the :class:`ErrorBody` envelope with its
+    ``descriptions`` entry (every route's errors are that one envelope; only why a status happens differs)."""
+    return {code: {"model": ErrorBody, "description": descriptions[code]} for code in codes}
 
 
 def error_response(kind: str, message: str, fix: str | None = None, headers: dict[str, str] | None = None,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import logging
 import math
@@ -51,6 +50,7 @@ import uvicorn
 from server import __version__
 from server.common.errors import BadInputError, One2345Error
 from server.common.fsutil import check_folder_path
+from server.common.net import is_loopback
 
 if TYPE_CHECKING:
     from server.service.jobs import JobsConfig
@@ -165,16 +165,6 @@ class ServeSettings:
                    max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
                    review_timeout_min=args.review_timeout_min, max_jobs_gb=args.max_jobs_gb,
                    low_vram=args.low_vram, owner_pid=args.owner_pid)
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def resolve_token(host: str) -> tuple[str, Path | None]:
@@ -416,7 +406,7 @@ def serve(settings: ServeSettings, stdout: TextIO | None = None) -> int:
             log.warning("weight files missing: %s; jobs are refused until they are downloaded", ", ".join(missing))
         elif settings.preload:
             from server.common.errors import CancelledError
-            from server.pipeline.models import loading_observer, progress_lines, stop_on_signals
+            from server.pipeline.loading import loading_observer, progress_lines, stop_on_signals
 
             # A first load converts Zero123-XL (about a minute): log its steps, and let SIGTERM (the add-on's stop)
             # end it cleanly, the half-written folder removed, before uvicorn owns the signals.

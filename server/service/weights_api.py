@@ -25,7 +25,6 @@ set honours them without a restart. The bytes themselves go through
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import shutil
@@ -42,7 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.common import weights
 from server.common.errors import BadInputError, CancelledError, One2345Error, only_query
+from server.common.net import is_loopback
 from server.service.jobs import ApiError, error_dict, now_iso
+from server.service.schemas import documented_errors
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +103,6 @@ class _Download:
 
 
 # -- response schemas -------------------------------------------------------------------------------------------------
-
-
-class WeightsHealth(BaseModel):
-    ready: bool = Field(description="every file the server's preset needs is present: jobs can run")
-    complete: bool = Field(description="every weight file is present (the optional ones too; the on-demand "
-                           "text-to-image model is listed in files but not counted)")
-    missing: list[str] = Field(description="names of the files that are not present (missing, partial or corrupt)")
-    required_missing: list[str] = Field(description="those of them the preset cannot run without")
-    downloading: bool = Field(description="a download is running (see GET /v1/weights/download)")
 
 
 class WeightFileInfo(BaseModel):
@@ -238,7 +230,7 @@ class WeightsManager:
                 "complete": not missing, "required": list(self.config.required), "missing": missing,
                 "download_bytes": weights.missing_bytes(states),
                 "disk_needed_bytes": weights.disk_needed_bytes(states), "disk_free_bytes": _free_bytes(root),
-                "offline": weights._env_offline(), "files": [s.to_json() for s in states],
+                "offline": weights.env_offline(), "files": [s.to_json() for s in states],
                 "download": self.progress()}
 
     def progress(self) -> dict[str, Any]:
@@ -269,7 +261,7 @@ class WeightsManager:
         absent = [s for s in states if s.state != "present"]
         if not absent:
             return
-        listing = weights._listing(absent)
+        listing = weights.describe_states(absent)
         status = self.progress()
         headers: dict[str, str] = {}
         if status["state"] == "running":
@@ -303,7 +295,7 @@ class WeightsManager:
                                    "/v1/weights/download")
             states = weights.inspect_weights(root, names=names)
             todo = [s for s in states if s.state != "present"]
-            if todo and weights._env_offline():
+            if todo and weights.env_offline():
                 raise ApiError("offline", "the server runs offline (HF_HUB_OFFLINE=1), so it cannot download "
                                           f"{', '.join(s.name for s in todo)}",
                                fix="restart the server without HF_HUB_OFFLINE, or copy the files into its weights "
@@ -487,13 +479,7 @@ def _free_bytes(root: Path) -> int:
 
 def _is_loopback_client(request: Request) -> bool:
     """Whether the request comes from this machine (an import names a path on the server's disk)."""
-    host = request.client.host if request.client is not None else ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(request.client.host if request.client is not None else "")
 
 
 _ERROR_DESCRIPTIONS = {
@@ -507,10 +493,7 @@ _ERROR_DESCRIPTIONS = {
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    body = {"type": "object", "properties": {"error": {"type": "object", "properties": {
-        "kind": {"type": "string"}, "message": {"type": "string"}, "fix": {"type": ["string", "null"]}}}}}
-    return {code: {"description": _ERROR_DESCRIPTIONS[code], "content": {"application/json": {"schema": body}}}
-            for code in codes}
+    return documented_errors(*codes, descriptions=_ERROR_DESCRIPTIONS)
 
 
 def weights_router(manager: WeightsManager) -> APIRouter:

@@ -49,13 +49,15 @@ SAM_FETCH_COMMAND = "one2345 weights download --only sam"
 """The command that fetches the SAM ViT-H weights."""
 
 Method = Literal["alpha", "sam", "foreground-estimate", "none"]
+ImageSource = str | Path | bytes | Image.Image | np.ndarray
+"""What :func:`load_image` reads: a file path, the file's bytes, a PIL image or an array (see there)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading
 
 
-def load_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.Image:
+def load_image(source: ImageSource) -> Image.Image:
     """Read an image into 8-bit RGB or RGBA with EXIF orientation applied.
 
     Modes are converted by value, not clipped: 16-bit (``I;16*``, and ``I`` taken as 16-bit) is divided by 257,
@@ -556,7 +558,7 @@ class PreprocessResult:
 
 
 def preprocess(
-    source: str | Path | bytes | Image.Image | np.ndarray,
+    source: ImageSource,
     remove_background: bool = True,
     segmenter: SamSegmenter | None = None,
 ) -> PreprocessResult:

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.benchmarks import first_use
-from server.benchmarks.first_use import RandomFill, StreamingCheckpointWriter, TensorSpec
+from server.benchmarks import first_use, synthetic_weights
+from server.benchmarks.streamed_checkpoint import RandomFill, StreamingCheckpointWriter, TensorSpec
+from server.benchmarks.synthetic_weights import ZERO123_XL_BYTES
 
 
 def test_streamed_checkpoint_loads_like_torch_save(tmp_path: Path) -> None:
@@ -58,7 +59,7 @@ def test_full_size_layout_is_zero123_xl() -> None:
     """The full layout's key names and sizes: what the converter reads, with the published parameter counts."""
     from server.stages.multiview import convert
 
-    layout = first_use.zero123_checkpoint(convert.ZERO123_XL)
+    layout = synthetic_weights.zero123_checkpoint(convert.ZERO123_XL)
     state = layout["state_dict"]
     meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, TensorSpec) else v
             for k, v in state.items()}
@@ -67,7 +68,7 @@ def test_full_size_layout_is_zero123_xl() -> None:
     unet = sum(meta[k].numel() for k in state if k.startswith("model.diffusion_model."))
     assert unet == 859_520_964 + 4 * 320 * 9  # SD-1.x's UNet with 8 input channels
     known = sum(v.nbytes for v in _leaves(layout) if isinstance(v, TensorSpec))
-    assert 0.95 * first_use.ZERO123_XL_BYTES < known < first_use.ZERO123_XL_BYTES  # padding is a few per cent
+    assert 0.95 * ZERO123_XL_BYTES < known < ZERO123_XL_BYTES  # padding is a few per cent
     adam = layout["optimizer_states"][0]["state"]
     assert len(adam) == sum(1 for k in state if k.startswith("model.diffusion_model.")) + 2
 

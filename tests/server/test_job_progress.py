@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,6 +29,8 @@ from server.stages.multiview.convert import folder as convert_folder
 from tests.server.multiview.test_convert import TINY, make_state_dict, write_ckpt
 from tests.server.test_app import AUTH, FakePipeline, make_client, submit, wait_state
 from tests.server.test_review import FAST, post, send, tiny_client, wait
+
+REPO = Path(__file__).resolve().parents[2]
 
 CONVERTED = "zero123-xl-diffusers"
 """The converted folder of ``zero123-xl.ckpt`` under ``<weights>/converted``."""
@@ -138,6 +142,54 @@ def test_a_server_stop_during_the_conversion_records_the_job_cancelled(tmp_path,
     assert record["state"] == "cancelled" and "server was stopped" in record["error"]["message"]
     assert record["message"] is None
     assert leftovers(loader.root) == []
+
+
+
+_ANY_LOADER_PROBE = """
+import io, json, sys
+from PIL import Image
+from server.common.errors import MissingWeightsError
+from server.pipeline import Progress
+from server.pipeline.loading import observed
+from server.service.jobs import JobManager, check_options
+
+seen = {}
+
+def loader():
+    progress, should_cancel = observed()
+    seen.update(observed=progress is not None and should_cancel is not None,
+                models_imported="server.pipeline.models" in sys.modules)
+    if progress is not None:
+        progress(Progress("prepare", 1, 2, 0.0, message="One-time set-up: a stand-in step"))
+    raise MissingWeightsError("the stand-in loads nothing")
+
+manager = JobManager(sys.argv[1], loader)
+manager.start()
+png = io.BytesIO()
+Image.new("RGB", (64, 64), "white").save(png, format="PNG")
+job = manager.submit(png.getvalue(), "png", "x", check_options({}))["id"]
+manager._jobs[job].finished.wait(60)
+manager.stop()
+heavy = sorted(m for m in ("server.pipeline.models", "diffusers") if m in sys.modules)
+print(json.dumps({**seen, "heavy": heavy, "state": manager.status(job)["state"],
+                  "log": (manager.jobs_dir / job / "log.txt").read_text()}))
+"""
+
+
+def test_any_pipeline_loader_sees_the_jobs_loading_observer_without_the_model_modules(tmp_path):
+    """The worker sets the loading observer around every first load, not only once ``server.pipeline.models``
+    happens to be imported: a loader in a fresh process (nothing imported the models module) receives the job's
+    progress and cancel flag, and its ``prepare`` report reaches the job, with neither the models module nor
+    diffusers imported for it.
+
+    Before: the worker looked the models module up in ``sys.modules`` and observed nothing when it was absent."""
+    done = subprocess.run([sys.executable, "-c", _ANY_LOADER_PROBE, str(tmp_path / "jobs")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["observed"] is True and report["models_imported"] is False and report["heavy"] == []
+    assert report["state"] == "failed"
+    assert "stage prepare (overall 0%): One-time set-up: a stand-in step" in report["log"]
 
 
 # -- previews that match the files (issue #31, finding 17) -----------------------------------------------------------

@@ -64,17 +64,17 @@ def test_chunked_attention_equals_the_original_for_any_chunk_size():
 
 def test_chunked_sam_gives_the_same_masks():
     """A SAM with a windowed and a global block: masks equal and logits within float rounding, chunked or not."""
-    from server.benchmarks.first_use import _tiny_sam
+    from server.benchmarks.synthetic_weights import tiny_sam
     from server.stages.sam_compat import ChunkedAttention, use_chunked_attention
 
     sam = import_segment_anything()
     torch.manual_seed(3)
-    plain_model = _tiny_sam().eval()
+    plain_model = tiny_sam().eval()
     with torch.no_grad():
         for name, parameter in plain_model.named_parameters():
             if "rel_pos" in name:
                 parameter.normal_()
-    chunked_model = _tiny_sam().eval()
+    chunked_model = tiny_sam().eval()
     chunked_model.load_state_dict(plain_model.state_dict())
     keys = chunked_model.state_dict().keys()
     assert use_chunked_attention(chunked_model, chunk_bytes=64) == 2

@@ -117,8 +117,8 @@ def test_listing_states_and_lazy_checksums(hub: FakeHub, root: Path, tmp_path: P
     bad[100] ^= 1
     put(root, "reconstruction", bytes(bad))  # the right size, the wrong bytes
     hashed: list[Path] = []
-    real_sha256 = weights._sha256
-    monkeypatch.setattr(weights_integrity, "_sha256", lambda path, *a: hashed.append(path) or real_sha256(path, *a))
+    real_sha256 = weights.sha256_file
+    monkeypatch.setattr(weights_integrity, "sha256_file", lambda path, *a: hashed.append(path) or real_sha256(path, *a))
 
     with make_client(tmp_path / "jobs", root) as client:
         assert client.get("/v1/weights").status_code == 401
@@ -364,6 +364,29 @@ def test_the_openapi_schema_lists_the_weights_routes(tmp_path: Path, root: Path)
     assert {"get", "post", "delete"} <= set(schema["paths"]["/v1/weights/import"])
     assert schema["paths"]["/v1/weights/download"]["post"]["security"] == [{"bearer": []}]
     assert "weights" in schema["components"]["schemas"]["Health"]["properties"]
+
+
+def test_the_weights_routes_document_their_errors_with_the_one_error_envelope(tmp_path: Path, root: Path) -> None:
+    """Every documented error of the weights routes is the :class:`ErrorBody` the job routes document (one builder,
+    ``documented_errors``), with the weights' own reason for each status.
+
+    Before: the weights router wrote its own inline copy of the envelope (a cycle kept it from the job routes' one)."""
+    with make_client(tmp_path / "jobs", root) as client:
+        schema = client.get("/openapi.json").json()
+    seen = set()
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            for code, response in operation["responses"].items():
+                if int(code) < 400 or not path.startswith("/v1/weights"):
+                    continue
+                assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+                seen.add((path, method, code, response["description"]))
+    assert ("/v1/weights/download", "post", "507", "storage: the weights folder's disk lacks the space still needed "
+            "(the message names both sizes)") in seen
+    assert ("/v1/weights/import", "delete", "409", "a download or import is already running (POST), or none is "
+            "(DELETE)") in seen
+    tasks = {(f"/v1/weights/{task}", m) for task in ("download", "import") for m in ("get", "post", "delete")}
+    assert {(path, method) for path, method, _, _ in seen} == {("/v1/weights", "get"), *tasks}
 
 
 def test_the_paper_server_starts_without_weights_and_downloads_them(hub: FakeHub, tmp_path: Path,

@@ -141,8 +141,8 @@ def test_a_file_of_the_right_size_with_wrong_bytes_is_hashed_once_and_fetched_ag
     assert ("sam", 3000) in checking and ("loftr", 5000) in checking
 
     hashed: list[Path] = []
-    real = weights._sha256
-    monkeypatch.setattr(weights_integrity, "_sha256", lambda path, *a: hashed.append(path) or real(path, *a))
+    real = weights.sha256_file
+    monkeypatch.setattr(weights_integrity, "sha256_file", lambda path, *a: hashed.append(path) or real(path, *a))
     hub.requests.clear()
     weights.download(["sam", "loftr"], root)
     assert hashed == [] and hub.requests == []  # digests remembered by size and mtime: nothing to do
@@ -156,8 +156,8 @@ def test_verify_all_hashes_every_present_file_with_progress_then_is_instant(
     damaged[0] ^= 1
     put(root, "zero123-xl.ckpt", bytes(damaged))
     hashed: list[str] = []
-    real = weights._sha256
-    monkeypatch.setattr(weights_integrity, "_sha256", lambda path, *a: hashed.append(path.name) or real(path, *a))
+    real = weights.sha256_file
+    monkeypatch.setattr(weights_integrity, "sha256_file", lambda path, *a: hashed.append(path.name) or real(path, *a))
 
     progress: list[tuple[str, int, int]] = []
     states = {s.name: s for s in weights.verify_all(root, on_hash=lambda *a: progress.append(a))}

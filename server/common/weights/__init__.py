@@ -56,21 +56,20 @@ from server.common.weights import table
 from server.common.weights.download import (
     DownloadProgress,
     ProgressCallback,
-    _env_offline,
-    _listing,
-    _transport_errors,
+    describe_states,
     download,
+    env_offline,
     require,
 )
 from server.common.weights.importing import IMPORT_OUTCOMES, ImportResult, import_weights
 from server.common.weights.integrity import (
     FileState,
     HashCallback,
-    _sha256,
     check_free_space,
     disk_needed_bytes,
     inspect_weights,
     missing_bytes,
+    sha256_file,
     verify_all,
 )
 from server.common.weights.table import (
@@ -86,12 +85,12 @@ from server.common.weights.table import (
     TEXT_TO_IMAGE_REPO,
     WEIGHTS_DIR_ENV,
     WeightFile,
-    _fix_for,
-    _human_size,
     default_weights_dir,
     download_command,
     expand_names,
+    fix_for,
     group_folder,
+    human_size,
     install_table,
     resolve,
     weight_file,
@@ -109,12 +108,11 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "CHECKSUMS_FILE", "DEFAULT_ENDPOINT", "FREE_SPACE_MARGIN_BYTES", "HUB_CARD_LICENCE", "HUB_REPO_ID",
-    "HUB_REVISION", "IMPORT_OUTCOMES", "PARTIAL_SUFFIX", "REGISTRY", "STATES", "TABLE_ENV", "TEXT_TO_IMAGE_GROUP",
-    "TEXT_TO_IMAGE_REPO", "WEIGHTS_DIR_ENV", "WEIGHT_FILES", "CheckpointError", "DownloadProgress", "FileState",
-    "HashCallback", "ImportResult", "MissingWeightsError", "ProgressCallback", "WeightFile", "_env_offline",
-    "_fix_for", "_human_size", "_listing", "_sha256", "_transport_errors", "check_free_space", "default_weights_dir",
-    "disk_needed_bytes", "download", "download_command", "expand_names", "group_folder", "import_weights",
-    "inspect_weights", "install_table", "missing_bytes", "require", "resolve", "table", "verify_all", "weight_file",
-    "weight_group",
+    "CHECKSUMS_FILE", "DEFAULT_ENDPOINT", "FREE_SPACE_MARGIN_BYTES", "HUB_CARD_LICENCE", "HUB_REPO_ID", "HUB_REVISION",
+    "IMPORT_OUTCOMES", "PARTIAL_SUFFIX", "REGISTRY", "STATES", "TABLE_ENV", "TEXT_TO_IMAGE_GROUP", "TEXT_TO_IMAGE_REPO",
+    "WEIGHTS_DIR_ENV", "WEIGHT_FILES", "CheckpointError", "DownloadProgress", "FileState", "HashCallback",
+    "ImportResult", "MissingWeightsError", "ProgressCallback", "WeightFile", "check_free_space", "default_weights_dir",
+    "describe_states", "disk_needed_bytes", "download", "download_command", "env_offline", "expand_names", "fix_for",
+    "group_folder", "human_size", "import_weights", "inspect_weights", "install_table", "missing_bytes", "require",
+    "resolve", "sha256_file", "table", "verify_all", "weight_file", "weight_group",
 ]

@@ -1,7 +1,7 @@
 """Fetching weight files from the hub: :func:`download` (resumable, verified, with progress), :func:`require` (the
 one error listing every unusable file), and the messages that name what is missing and the command that fetches it.
 
-Hashing goes through ``integrity._sha256`` looked up at call time, so that a patched one is seen here too.
+Hashing goes through ``integrity.sha256_file`` looked up at call time, so that a patched one is seen here too.
 """
 
 from __future__ import annotations
@@ -21,22 +21,22 @@ from server.common.errors import CancelledError, CheckpointError, MissingWeights
 from server.common.weights import integrity
 from server.common.weights.integrity import (
     FileState,
-    _partials,
-    _read_records,
-    _record,
-    _state_of,
     check_free_space,
     inspect_weights,
+    partial_downloads,
+    read_records,
+    record_digest,
+    state_of,
 )
 from server.common.weights.table import (
-    _SHA256,
     PARTIAL_SUFFIX,
+    SHA256_HEX,
     WeightFile,
-    _entries,
-    _fix_for,
-    _human_size,
     default_weights_dir,
     expand_names,
+    fix_for,
+    human_size,
+    select_entries,
     weight_file,
 )
 
@@ -127,15 +127,15 @@ def download(
         StorageError: the disk has less free space than the files still to fetch need (nothing was downloaded).
         CancelledError: ``should_cancel`` returned True.
     """
-    entries = _entries(names, on_demand=False)
+    entries = select_entries(names, on_demand=False)
     root = Path(weights_dir).expanduser() if weights_dir is not None else default_weights_dir()
-    offline = offline or _env_offline()
+    offline = offline or env_offline()
     cancelled = should_cancel or (lambda: False)
 
     # 1. What to fetch.
     paths: dict[str, Path] = {}
     todo: list[tuple[WeightFile, FileState]] = []
-    records = _read_records(root)
+    records = read_records(root)
     for entry in entries:
         on_hash = None
         if on_progress is not None:
@@ -143,7 +143,7 @@ def download(
                 on_progress(DownloadProgress(file=name, phase="checking", file_done=total, file_total=total, done=0,
                                              total=0, transferred=0, files_done=0, files_total=len(entries),
                                              hashed=done))
-        state = _state_of(entry, root, records, verify=verify, on_hash=on_hash, should_cancel=cancelled)
+        state = state_of(entry, root, records, verify=verify, on_hash=on_hash, should_cancel=cancelled)
         if state.state == "present":
             paths[entry.name] = root / entry.local_name
         else:
@@ -151,8 +151,8 @@ def download(
     if todo and offline:
         raise MissingWeightsError(
             f"offline (--offline or HF_HUB_OFFLINE=1), and weight files are missing or damaged in {root}: "
-            f"{_listing(s for _, s in todo)}",
-            fix=_fix_for([e for e, _ in todo], root, offline_hint=True),
+            f"{describe_states(s for _, s in todo)}",
+            fix=fix_for([e for e, _ in todo], root, offline_hint=True),
         )
     if not todo:
         return paths
@@ -165,8 +165,8 @@ def download(
         try:
             remotes.append(_remote(entry, root / entry.local_name, endpoint=endpoint, token=token))
         except MissingWeightsError as e:  # one message with every file still to fetch and one command for all
-            raise MissingWeightsError(f"{e.message}; still to fetch: {_listing(s for _, s in todo)}",
-                                      fix=_fix_for([e for e, _ in todo], root, network_hint=True)) from e
+            raise MissingWeightsError(f"{e.message}; still to fetch: {describe_states(s for _, s in todo)}",
+                                      fix=fix_for([e for e, _ in todo], root, network_hint=True)) from e
 
     # 3. Room for it.
     check_free_space(root, sum(r.needed_bytes for r in remotes))
@@ -179,7 +179,7 @@ def download(
                                                  should_cancel=cancelled)
         except MissingWeightsError as e:
             left = [r.entry for r in remotes[i:]]
-            raise MissingWeightsError(e.message, fix=_fix_for(left, root, network_hint=True)
+            raise MissingWeightsError(e.message, fix=fix_for(left, root, network_hint=True)
                                       + " (it resumes from the partial file)") from e
     return {e.name: paths[e.name] for e in entries}
 
@@ -201,10 +201,10 @@ def require(names: Iterable[str], weights_dir: str | os.PathLike[str] | None = N
     if not absent:
         return {n: root / weight_file(n).local_name for n in needed}
     also = [s for s in states if s.name in extra and s.state != "present"]
-    message = f"{purpose} needs weight files that are not usable in {root}: {_listing(absent)}"
+    message = f"{purpose} needs weight files that are not usable in {root}: {describe_states(absent)}"
     if also:
-        message += f"; also absent (optional, a weight-free fallback is used): {_listing(also)}"
-    raise MissingWeightsError(message, fix=_fix_for([weight_file(s.name) for s in (*absent, *also)], root))
+        message += f"; also absent (optional, a weight-free fallback is used): {describe_states(also)}"
+    raise MissingWeightsError(message, fix=fix_for([weight_file(s.name) for s in (*absent, *also)], root))
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,7 @@ def _remote(entry: WeightFile, path: Path, *, endpoint: str | None, token: str |
         raise MissingWeightsError(f"{url} answered without an ETag; it does not look like a Hugging Face hub endpoint")
 
     etag = meta.etag  # already unquoted by huggingface_hub
-    hub_sha256 = etag.lower() if _SHA256.match(etag.lower()) else None
+    hub_sha256 = etag.lower() if SHA256_HEX.match(etag.lower()) else None
     if entry.size_bytes is not None and meta.size is not None and meta.size != entry.size_bytes:
         log.warning("the hub's %s has %d bytes, the table's pin %d: the hub's size is used", entry.filename,
                     meta.size, entry.size_bytes)
@@ -279,7 +279,7 @@ def _remote(entry: WeightFile, path: Path, *, endpoint: str | None, token: str |
 
     partial = path.with_name(f"{path.name}.{re.sub(r'[^0-9A-Za-z_-]', '_', etag)}{PARTIAL_SUFFIX}")
     # A partial file of another remote version cannot be resumed: its bytes belong to a different file.
-    for stale in _partials(path):
+    for stale in partial_downloads(path):
         if stale != partial:
             stale.unlink()
     resume = partial.stat().st_size if partial.exists() else 0
@@ -384,20 +384,20 @@ def _transfer(remote: _Remote, root: Path, *, token: str | None, progress: bool,
     digest = None
     if remote.expected_sha256 is not None:
         tally.emit(remote, "verifying")
-        digest = integrity._sha256(partial, should_cancel, lambda done: tally.emit(remote, "verifying", done))
+        digest = integrity.sha256_file(partial, should_cancel, lambda done: tally.emit(remote, "verifying", done))
         if digest != remote.expected_sha256:
             partial.unlink()
             raise CheckpointError(
                 f"downloaded {entry.filename!r} has SHA-256 {digest} but the hub says {remote.expected_sha256}; "
                 "partial file deleted", fix=f"run `{entry.download_command}` again")
     os.replace(partial, path)  # only now does a damaged file of that name go
-    _record(root, entry, path, sha256=digest, hub=(remote.expected_size, remote.expected_sha256))
+    record_digest(root, entry, path, sha256=digest, hub=(remote.expected_size, remote.expected_sha256))
     tally.files_done += 1
     tally.emit(remote, "done")
     return path
 
 
-def _env_offline() -> bool:
+def env_offline() -> bool:
     """HF_HUB_OFFLINE read now (huggingface_hub reads it once at import time)."""
     from huggingface_hub import constants
 
@@ -417,8 +417,8 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _listing(states: Iterable[FileState]) -> str:
+def describe_states(states: Iterable[FileState]) -> str:
     """``name (file, ~size, what is wrong)`` for each state, comma-separated."""
     words = {"missing": "missing", "partial": "partly downloaded", "corrupt": "damaged"}
-    return ", ".join(f"{s.name} ({s.filename}, ~{_human_size(s.expected_bytes)}, {words.get(s.state, s.state)}"
+    return ", ".join(f"{s.name} ({s.filename}, ~{human_size(s.expected_bytes)}, {words.get(s.state, s.state)}"
                      + (f": {s.problem}" if s.problem else "") + ")" for s in states)

@@ -16,8 +16,8 @@ from typing import Any
 from server.common.errors import BadInputError, CancelledError
 from server.common.weights import integrity
 from server.common.weights.download import DownloadProgress, ProgressCallback
-from server.common.weights.integrity import _read_records, _record, _reference, _state_of, check_free_space
-from server.common.weights.table import _HASH_CHUNK, WeightFile, _entries, default_weights_dir
+from server.common.weights.integrity import check_free_space, read_records, record_digest, reference_of, state_of
+from server.common.weights.table import HASH_CHUNK_BYTES, WeightFile, default_weights_dir, select_entries
 
 IMPORT_OUTCOMES = ("imported", "already present", "damaged", "not found")
 
@@ -68,7 +68,7 @@ def import_weights(source: str | os.PathLike[str], weights_dir: str | os.PathLik
                             "holding the weight files")
     root = Path(weights_dir).expanduser() if weights_dir is not None else default_weights_dir()
     cancelled = should_cancel or (lambda: False)
-    entries = _entries(names, on_demand=False)
+    entries = select_entries(names, on_demand=False)
     found: dict[str, Path] = {}
     for entry in entries:
         for rel in entry.import_candidates:
@@ -103,20 +103,20 @@ def import_weights(source: str | os.PathLike[str], weights_dir: str | os.PathLik
 def _import_one(entry: WeightFile, src: Path, rel: str, root: Path, report: Callable[..., None],
                 cancelled: Callable[[], bool]) -> ImportResult:
     dest = root / entry.local_name
-    records = _read_records(root)
+    records = read_records(root)
     record = records.get(entry.local_name)
-    exact, reference = _reference(entry, record if isinstance(record, dict) else {})
+    exact, reference = reference_of(entry, record if isinstance(record, dict) else {})
     size = src.stat().st_size
     if exact is not None and size != exact:
         return ImportResult(entry.name, "damaged", source=rel, checksum="mismatch",
                             detail=f"it has {size:,} bytes, the hub's file has {exact:,}")
     if dest.is_file():
         if dest.exists() and os.path.samefile(dest, src):
-            state = _state_of(entry, root, records, verify=True, should_cancel=cancelled,
+            state = state_of(entry, root, records, verify=True, should_cancel=cancelled,
                               on_hash=lambda done, total: report("verifying", done, done))
             outcome = "already present" if state.state == "present" else "damaged"
             return ImportResult(entry.name, outcome, source=rel, checksum=state.checksum, detail=state.problem)
-        state = _state_of(entry, root, records, verify=True, should_cancel=cancelled,
+        state = state_of(entry, root, records, verify=True, should_cancel=cancelled,
                           on_hash=lambda done, total: report("checking", 0, done))
         if state.state == "present":
             return ImportResult(entry.name, "already present", source=rel, checksum=state.checksum)
@@ -128,14 +128,14 @@ def _import_one(entry: WeightFile, src: Path, rel: str, root: Path, report: Call
         how, digest = _place(src, tmp, size, root, report, cancelled)
         if digest is None:
             report("verifying", 0)
-            digest = integrity._sha256(tmp, cancelled, lambda done: report("verifying", done, done))
+            digest = integrity.sha256_file(tmp, cancelled, lambda done: report("verifying", done, done))
         if reference is not None and digest != reference:
             return ImportResult(entry.name, "damaged", source=rel, checksum="mismatch",
                                 detail=f"its SHA-256 is {digest}, the reference is {reference}")
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-    _record(root, entry, dest, sha256=digest)
+    record_digest(root, entry, dest, sha256=digest)
     return ImportResult(entry.name, "imported", how=how, source=rel,
                         checksum="verified" if reference is not None else "unavailable")
 
@@ -170,7 +170,7 @@ def _place(src: Path, tmp: Path, size: int, root: Path, report: Callable[..., No
     digest = hashlib.sha256()
     done = 0
     with src.open("rb") as fin, tmp.open("wb") as fout:
-        while chunk := fin.read(_HASH_CHUNK):
+        while chunk := fin.read(HASH_CHUNK_BYTES):
             if cancelled():
                 raise CancelledError("the weights import was cancelled")
             fout.write(chunk)

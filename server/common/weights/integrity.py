@@ -23,15 +23,15 @@ from server.common.errors import CancelledError, StorageError
 from server.common.fsutil import write_json_atomic
 from server.common.weights import table
 from server.common.weights.table import (
-    _HASH_CHUNK,
-    _SHA256,
     CHECKSUMS_FILE,
+    HASH_CHUNK_BYTES,
     PARTIAL_SUFFIX,
+    SHA256_HEX,
     WEIGHTS_DIR_ENV,
     WeightFile,
-    _entries,
-    _human_size,
     default_weights_dir,
+    human_size,
+    select_entries,
     weight_file,
 )
 
@@ -50,10 +50,10 @@ def check_free_space(root: Path, needed: int) -> None:
     margin = table.FREE_SPACE_MARGIN_BYTES
     if needed + margin > free:
         raise StorageError(
-            f"not enough free disk space for the weights: {_human_size(needed)} ({needed:,} bytes) needed plus a "
-            f"{_human_size(margin)} margin, {_human_size(free)} ({free:,} bytes) free on the disk "
+            f"not enough free disk space for the weights: {human_size(needed)} ({needed:,} bytes) needed plus a "
+            f"{human_size(margin)} margin, {human_size(free)} ({free:,} bytes) free on the disk "
             "of the weights folder",
-            fix=f"free at least {_human_size(needed + margin - free)} on that disk, or point "
+            fix=f"free at least {human_size(needed + margin - free)} on that disk, or point "
             f"{WEIGHTS_DIR_ENV} (the server's --weights-dir) at a folder on a larger disk",
         )
 
@@ -107,9 +107,9 @@ def inspect_weights(
     second call hashes nothing. ``on_hash(name, done, total)`` reports each chunk hashed.
     """
     root = Path(weights_dir).expanduser() if weights_dir is not None else default_weights_dir()
-    entries = _entries(names, on_demand=True)
-    records = _read_records(root)
-    return [_state_of(entry, root, records, verify=verify, endpoint=endpoint, should_cancel=should_cancel,
+    entries = select_entries(names, on_demand=True)
+    records = read_records(root)
+    return [state_of(entry, root, records, verify=verify, endpoint=endpoint, should_cancel=should_cancel,
                       on_hash=None if on_hash is None else functools.partial(on_hash, entry.name))
             for entry in entries]
 
@@ -141,22 +141,24 @@ def _on_demand(name: str) -> bool:
     return entry is not None and entry.on_demand
 
 
-def _reference(entry: WeightFile, record: dict[str, Any]) -> tuple[int | None, str | None]:
+def reference_of(entry: WeightFile, record: dict[str, Any]) -> tuple[int | None, str | None]:
     """The exact size and SHA-256 a file must have: the hub's, recorded when this code downloaded it, else the
     table's pins."""
     size, sha = record.get("expected_size"), record.get("expected_sha256")
     size = size if isinstance(size, int) and not isinstance(size, bool) else entry.size_bytes
-    sha = sha if isinstance(sha, str) and _SHA256.match(sha) else entry.sha256
+    sha = sha if isinstance(sha, str) and SHA256_HEX.match(sha) else entry.sha256
     return size, sha
 
 
-def _state_of(entry: WeightFile, root: Path, records: dict[str, Any], *, verify: bool,
-              endpoint: str | None = None, on_hash: HashCallback | None = None,
-              should_cancel: Callable[[], bool] | None = None) -> FileState:
+def state_of(entry: WeightFile, root: Path, records: dict[str, Any], *, verify: bool,
+             endpoint: str | None = None, on_hash: HashCallback | None = None,
+             should_cancel: Callable[[], bool] | None = None) -> FileState:
+    """The :class:`FileState` of ``entry`` in ``root``, given the checksum ``records`` (:func:`read_records`);
+    with ``verify`` a present file whose digest is not recorded for its size and mtime is hashed and recorded."""
     path = root / entry.local_name
     record = records.get(entry.local_name)
     record = record if isinstance(record, dict) else {}
-    exact, reference = _reference(entry, record)
+    exact, reference = reference_of(entry, record)
     base = {"name": entry.name, "filename": entry.filename, "purpose": entry.purpose, "required": entry.required,
             "licence": entry.licence, "source": entry.source_url(endpoint),
             "expected_bytes": exact if exact is not None else entry.approx_size_bytes, "size_exact": exact is not None}
@@ -165,7 +167,7 @@ def _state_of(entry: WeightFile, root: Path, records: dict[str, Any], *, verify:
     except OSError:
         st = None
     if st is None or not path.is_file():  # a FIFO or a folder in its place is no weight file (and is never read)
-        partial = max((p.stat().st_size for p in _partials(path)), default=None)
+        partial = max((p.stat().st_size for p in partial_downloads(path)), default=None)
         if partial is None:
             return FileState(**base, state="missing", bytes_on_disk=0, checksum=None)
         return FileState(**base, state="partial", bytes_on_disk=partial, checksum=None)
@@ -178,8 +180,8 @@ def _state_of(entry: WeightFile, root: Path, records: dict[str, Any], *, verify:
     fresh = record.get("size") == st.st_size and record.get("mtime_ns") == st.st_mtime_ns
     digest = record.get("sha256") if fresh else None
     if digest is None and verify:
-        digest = _sha256(path, should_cancel, None if on_hash is None else lambda done: on_hash(done, st.st_size))
-        _record(root, entry, path, sha256=digest)
+        digest = sha256_file(path, should_cancel, None if on_hash is None else lambda done: on_hash(done, st.st_size))
+        record_digest(root, entry, path, sha256=digest)
     if digest is None:
         return FileState(**base, state="present", bytes_on_disk=st.st_size, checksum="unchecked")
     if digest != reference:
@@ -197,14 +199,14 @@ def verify_all(weights_dir: str | os.PathLike[str] | None = None, *,
     return inspect_weights(weights_dir, verify=True, on_hash=on_hash, should_cancel=should_cancel)
 
 
-def _partials(path: Path) -> list[Path]:
+def partial_downloads(path: Path) -> list[Path]:
     """Partial downloads of ``path`` (one per remote version it was fetched from)."""
     if not path.parent.is_dir():
         return []
     return sorted(path.parent.glob(f"{glob.escape(path.name)}.*{PARTIAL_SUFFIX}"))
 
 
-def _read_records(root: Path) -> dict[str, Any]:
+def read_records(root: Path) -> dict[str, Any]:
     """The checksum records of ``root`` (empty when absent or unreadable: they are a cache, never the truth)."""
     try:
         data = json.loads((root / CHECKSUMS_FILE).read_text(encoding="utf-8"))
@@ -213,13 +215,13 @@ def _read_records(root: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _record(root: Path, entry: WeightFile, path: Path, *, sha256: str | None,
-            hub: tuple[int | None, str | None] | None = None) -> None:
+def record_digest(root: Path, entry: WeightFile, path: Path, *, sha256: str | None,
+                  hub: tuple[int | None, str | None] | None = None) -> None:
     """Remember the digest of ``path`` for its current size and mtime, and ``hub`` (the hub's size and SHA-256 seen
     at download; None keeps those recorded before). A cache that cannot be written costs only a re-hash later."""
     st = path.stat()
     with _records_lock:
-        records = _read_records(root)
+        records = read_records(root)
         old = records.get(entry.local_name)
         old = old if isinstance(old, dict) else {}
         size, sha = hub if hub is not None else (old.get("expected_size"), old.get("expected_sha256"))
@@ -229,13 +231,13 @@ def _record(root: Path, entry: WeightFile, path: Path, *, sha256: str | None,
             write_json_atomic(root / CHECKSUMS_FILE, records)
 
 
-def _sha256(path: Path, should_cancel: Callable[[], bool] | None = None,
-            on_bytes: Callable[[int], None] | None = None) -> str:
+def sha256_file(path: Path, should_cancel: Callable[[], bool] | None = None,
+                on_bytes: Callable[[int], None] | None = None) -> str:
     """SHA-256 of ``path``, streamed in 16 MiB chunks; ``on_bytes(done)`` after each."""
     digest = hashlib.sha256()
     done = 0
     with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
+        while chunk := f.read(HASH_CHUNK_BYTES):
             if should_cancel is not None and should_cancel():
                 raise CancelledError("cancelled while a weight file was being verified")
             digest.update(chunk)

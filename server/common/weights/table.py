@@ -24,8 +24,10 @@ HUB_REVISION = "main"
 
 WEIGHTS_DIR_ENV = "ONE2345_WEIGHTS"
 PARTIAL_SUFFIX = ".incomplete"
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_HASH_CHUNK = 16 * 1024 * 1024
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+"""A SHA-256 as the hub and the checksum records write it: 64 lower-case hex digits."""
+HASH_CHUNK_BYTES = 16 * 1024 * 1024
+"""Bytes read at a time when a weight file is hashed or copied."""
 CHECKSUMS_FILE = ".checksums.json"
 """Digests computed so far, per local name: ``{"size", "mtime_ns", "sha256", "expected_sha256", "expected_size"}``."""
 FREE_SPACE_MARGIN_BYTES = 256 * 2**20
@@ -209,7 +211,7 @@ def expand_names(names: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _entries(names: Iterable[str] | None, *, on_demand: bool) -> list[WeightFile]:
+def select_entries(names: Iterable[str] | None, *, on_demand: bool) -> list[WeightFile]:
     """The table entries of ``names`` (groups expanded); None: every entry, the on-demand ones only if asked."""
     if names is None:
         return [w for w in WEIGHT_FILES if on_demand or not w.on_demand]
@@ -276,9 +278,9 @@ def resolve(name: str, weights_dir: str | os.PathLike[str] | None = None) -> Pat
     if path.is_file():
         return path
     raise MissingWeightsError(
-        f"weight file {entry.name!r} ({entry.local_name}, ~{_human_size(entry.approx_size_bytes)}) not found in "
+        f"weight file {entry.name!r} ({entry.local_name}, ~{human_size(entry.approx_size_bytes)}) not found in "
         f"{root} (looked for {path})",
-        fix=_fix_for([entry], root),
+        fix=fix_for([entry], root),
     )
 
 
@@ -303,7 +305,7 @@ def download_command(names: Iterable[str], weights_dir: str | os.PathLike[str] |
     return command
 
 
-def _fix_for(entries: list[WeightFile], root: Path, *, offline_hint: bool = False, network_hint: bool = False) -> str:
+def fix_for(entries: list[WeightFile], root: Path, *, offline_hint: bool = False, network_hint: bool = False) -> str:
     """One shell command that fetches every file of ``entries`` into ``root``."""
     hint = f"run `{download_command([e.name for e in entries], root)}`"
     if offline_hint:
@@ -314,5 +316,6 @@ def _fix_for(entries: list[WeightFile], root: Path, *, offline_hint: bool = Fals
                    "PATH` takes them from a One-2-3-45 checkout)")
 
 
-def _human_size(n: int) -> str:
+def human_size(n: int) -> str:
+    """``n`` bytes, rounded, for messages: ``15.5 GB``, ``46 MB``, ``5 kB``."""
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"

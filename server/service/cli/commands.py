@@ -246,7 +246,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from server.pipeline import One2345Pipeline
-    from server.pipeline.models import host_memory_warning, loading_observer, progress_lines
+    from server.pipeline.loading import loading_observer, progress_lines
+    from server.pipeline.models import host_memory_warning
 
     memory_warning = host_memory_warning(args.preset, device)
     if memory_warning:

@@ -115,7 +115,8 @@ def cmd_weights_prepare(args: argparse.Namespace) -> int:
     """``one2345 weights prepare``: the one-time Zero123-XL conversion now, ahead of the first Generate, with a
     progress line per step. SIGTERM (see :func:`main`) and Ctrl+C stop it; the conversion removes what it had
     written on the way out."""
-    from server.pipeline.models import prepare_weights, progress_lines
+    from server.pipeline.loading import progress_lines
+    from server.pipeline.models import prepare_weights
 
     if args.weights_dir is not None:
         check_folder_path(args.weights_dir, "--weights-dir")
@@ -154,9 +155,9 @@ def cmd_weights_list(args: argparse.Namespace) -> int:
     import json
 
     from server.common.weights import (
-        _human_size,
         default_weights_dir,
         disk_needed_bytes,
+        human_size,
         inspect_weights,
         missing_bytes,
     )
@@ -166,15 +167,15 @@ def cmd_weights_list(args: argparse.Namespace) -> int:
         print(json.dumps([s.to_json() for s in states], indent=2))
         return 0
     for s in states:
-        size = f"{_human_size(s.bytes_on_disk)} / {'' if s.size_exact else '~'}{_human_size(s.expected_bytes)}"
+        size = f"{human_size(s.bytes_on_disk)} / {'' if s.size_exact else '~'}{human_size(s.expected_bytes)}"
         print(f"{s.name:<15} {s.state:<8} {size:<20} {s.checksum or '-':<12} "
               f"{'required' if s.required else 'optional':<9} {s.filename}")
         if s.problem:
             print(f"{'':<15} {s.problem}")
     left = missing_bytes(states)
     folder = args.dir if args.dir is not None else default_weights_dir()
-    print(f"weights folder: {folder}; " + (f"~{_human_size(left)} still to download, "
-                                           f"~{_human_size(disk_needed_bytes(states))} of disk with the one-time "
+    print(f"weights folder: {folder}; " + (f"~{human_size(left)} still to download, "
+                                           f"~{human_size(disk_needed_bytes(states))} of disk with the one-time "
                                            "conversion (one2345 weights download)"
                                            if left else "every file is present"))
     return 0

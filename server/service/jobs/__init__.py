@@ -6,6 +6,7 @@
   the size limit's clean-up, and reading the jobs back at start-up (refused records set aside in ``.quarantine/``).
 - :mod:`.review` — the review state machine: review → re-roll / continue → review or done, expiry.
 - :mod:`.worker` — the queue and the thread that runs each job through the pipeline (progress, cancellation).
+- :mod:`.warm` — the pipeline kept loaded, and the wait after a load that failed for missing weights.
 - :mod:`.manager` — :class:`JobManager`, the façade the HTTP app uses: commands, queries and state transitions.
 
 A new job's folder is filled under a hidden temporary name and renamed into place; a client that disconnects loses
@@ -14,7 +15,7 @@ that were queued or running when the previous server died come back as ``failed`
 (``POST /v1/jobs/<id>/remesh``) starts with a copy of its source's input, views and meta.json and runs only
 reconstruction, the asset stage and export.
 
-Inside the package each module imports only those listed before it (records ← store ← review ← worker ← manager);
+Inside the package each module imports only those listed before it (records ← store ← review ← worker ← warm ← manager);
 from outside it imports :mod:`server.common` and :mod:`server.pipeline` (and a stage's config), never the HTTP app.
 """
 

@@ -1,6 +1,6 @@
 """:class:`JobManager`: the façade the HTTP app uses — the jobs in memory, the commands and queries on them, and the
-transitions of a job's state, over the store (:mod:`.store`), the review rules (:mod:`.review`) and the worker
-(:mod:`.worker`).
+transitions of a job's state, over the store (:mod:`.store`), the review rules (:mod:`.review`), the worker
+(:mod:`.worker`) and the warm pipeline (:mod:`.warm`).
 
 Every mutation happens under :attr:`JobManager.lock`. State a client is told is kept (a new job, a pin, a queued
 re-roll or continue, a deletion) is written before the answer, or the answer is 507 ``storage`` and nothing changed;
@@ -36,6 +36,7 @@ from server.service.jobs.records import (
     now_iso,
 )
 from server.service.jobs.store import JobStore, copy_run, folder_bytes, run_previews
+from server.service.jobs.warm import WarmPipeline
 from server.service.jobs.worker import JobQueue, MakeImages, Pipeline, Worker, free_gpu_memory
 
 log = logging.getLogger(__package__)
@@ -75,18 +76,14 @@ class JobManager:
                  config: JobsConfig | None = None, make_images: MakeImages | None = None) -> None:
         self.jobs_dir = Path(jobs_dir)
         self.config = config or JobsConfig()
-        self._load_pipeline = load_pipeline
-        self.pipeline: Pipeline | None = None
         self.lock = threading.RLock()
+        self.models = WarmPipeline(load_pipeline, self.lock, self.config.missing_weights_retry_s)
+        """The pipeline, once loaded; its ``preflight`` and ``forget_failure`` are the weights manager's hooks."""
         self.store = JobStore(self.jobs_dir)
         self._queue = JobQueue(self.lock)
-        self._worker = Worker(self.lock, self._queue, self.store, self._ensure_pipeline, self._complete,
+        self._worker = Worker(self.lock, self._queue, self.store, self.models.get, self._complete,
                               self._expire_reviews, make_images)
-        self._load_failure: tuple[float, One2345Error] | None = None
         self._durations: deque[float] = deque(maxlen=10)
-        self.preflight: Callable[[], None] | None = None
-        """Run before a job is accepted while the models are not loaded; raises to refuse it (the weights
-        manager's ``require_ready``: 503 missing_weights naming the download endpoint)."""
         loaded = self.store.load()
         self._jobs: dict[str, Job] = {job.id: job for job in loaded.jobs}
         self.quarantined = len(loaded.quarantined)
@@ -96,10 +93,12 @@ class JobManager:
 
     def preload(self) -> Pipeline:
         """Load the models now (``--preload``) instead of on the first job. Errors propagate to the caller."""
-        with self.lock:
-            if self.pipeline is None:
-                self.pipeline = self._load_pipeline()
-            return self.pipeline
+        return self.models.preload()
+
+    @property
+    def pipeline(self) -> Pipeline | None:
+        """The loaded pipeline; None until the first job (or :meth:`preload`) has loaded it."""
+        return self.models.pipeline
 
     def start(self) -> None:
         """Start the worker thread."""
@@ -243,9 +242,7 @@ class JobManager:
         """
         with self.lock:
             self._refuse_if_unavailable()
-            job_id = uuid.uuid4().hex
-            job = Job(id=job_id, folder=self.jobs_dir / job_id, created=now_iso(), options=options,
-                      input_file=f"input.{ext}", download_stem=download_stem)
+            job = self._new_job(options=options, input_file=f"input.{ext}", download_stem=download_stem)
             self._store(job, lambda incoming: (incoming / job.input_file).write_bytes(image))
             self.store.log(job, f"queued: input {job.input_file} ({len(image)} bytes), options {json.dumps(options)}")
             return job.to_public()
@@ -274,9 +271,7 @@ class JobManager:
             request["seed"] = random.SystemRandom().randrange(2**32 - MAX_COUNT)
         with self.lock:
             self._refuse_if_unavailable(needs_models=False)
-            job_id = uuid.uuid4().hex
-            job = Job(id=job_id, folder=self.jobs_dir / job_id, created=now_iso(), options={},
-                      input_file="input.png", download_stem="images", images=request)
+            job = self._new_job(options={}, input_file="input.png", download_stem="images", images=request)
             self._store(job, lambda incoming: None)
             self.store.log(job, f"queued: images {json.dumps(request)}")
             return job.to_public()
@@ -315,9 +310,7 @@ class JobManager:
             with self.store.open(source, f"candidates/{index}.png") as f:
                 image = f.read()
             self._refuse_if_unavailable()
-            job_id = uuid.uuid4().hex
-            job = Job(id=job_id, folder=self.jobs_dir / job_id, created=now_iso(), options=options,
-                      input_file="input.png", download_stem=download_stem)
+            job = self._new_job(options=options, input_file="input.png", download_stem=download_stem)
 
             def fill(incoming: Path) -> None:
                 (incoming / job.input_file).write_bytes(image)
@@ -348,9 +341,8 @@ class JobManager:
             source = self._mesh_done(source_id)
             options = check_options({**source.options, **overrides})
             self._refuse_if_unavailable()
-            job_id = uuid.uuid4().hex
-            job = Job(id=job_id, folder=self.jobs_dir / job_id, created=now_iso(), options=options,
-                      input_file=source.input_file, download_stem=source.download_stem, remesh_of=source.id)
+            job = self._new_job(options=options, input_file=source.input_file, download_stem=source.download_stem,
+                                remesh_of=source.id)
 
             def fill(incoming: Path) -> None:
                 copy_run(source.folder, incoming, source.input_file)
@@ -381,10 +373,9 @@ class JobManager:
             source = self._mesh_done(source_id)
             options, keep_uvs = check_bake_options(source.options, body)
             self._refuse_if_unavailable(needs_models=False)
-            job_id = uuid.uuid4().hex
             bake = {"mesh": f"bake_input.{ext}", "keep_uvs": keep_uvs}
-            job = Job(id=job_id, folder=self.jobs_dir / job_id, created=now_iso(), options=options,
-                      input_file=source.input_file, download_stem=source.download_stem, bake_of=source.id, bake=bake)
+            job = self._new_job(options=options, input_file=source.input_file, download_stem=source.download_stem,
+                                bake_of=source.id, bake=bake)
 
             def fill(incoming: Path) -> None:
                 copy_run(source.folder, incoming, source.input_file)
@@ -463,12 +454,6 @@ class JobManager:
         with self.lock:
             return job.to_public()
 
-    def weights_changed(self) -> None:
-        """Weight files were just completed: forget a model load that failed for missing weights, so the next job
-        loads the models at once rather than after the refusal's Retry-After."""
-        with self.lock:
-            self._load_failure = None
-
     # -- internals --------------------------------------------------------------------------------------------------
 
     def _get(self, job_id: str) -> Job:
@@ -510,17 +495,13 @@ class JobManager:
             raise ApiError("queue_full", f"{len(self._queue)} jobs are already waiting (the limit is "
                                          f"{self.config.max_queue})", fix=f"retry in about {wait} s",
                            headers={"Retry-After": str(wait)})
-        if not needs_models:  # a bake: the weights and the models do not matter
-            return
-        if self.pipeline is None and self.preflight is not None:
-            self.preflight()
-        if self._load_failure is not None:
-            when, error = self._load_failure
-            left = self.config.missing_weights_retry_s - (time.monotonic() - when)
-            if left > 0:
-                raise ApiError(error.kind, error.message, fix=error.fix,
-                               headers={"Retry-After": str(max(1, round(left)))})
-            self._load_failure = None
+        if needs_models:  # a bake or an images job needs neither the image-to-3D weights nor their models
+            self.models.refuse_if_unloadable()
+
+    def _new_job(self, **fields: Any) -> Job:
+        """A new job's record: a fresh id, its folder under the jobs folder, created now, and ``fields``."""
+        job_id = uuid.uuid4().hex
+        return Job(id=job_id, folder=self.jobs_dir / job_id, created=now_iso(), **fields)
 
     def _store(self, job: Job, fill: Callable[[Path], object]) -> None:
         """Write a new job's folder and queue it (lock held)."""
@@ -541,21 +522,6 @@ class JobManager:
         self._queue.put(job)
         self.store.log(job, note)
         return job.to_public()
-
-    def _ensure_pipeline(self) -> Pipeline:
-        if self.pipeline is not None:
-            return self.pipeline
-        try:
-            pipe = self._load_pipeline()
-        except One2345Error as e:
-            if e.kind == "missing_weights":  # MissingWeightsError or CheckpointError: the same remedy
-                with self.lock:
-                    self._load_failure = (time.monotonic(), e)
-            raise
-        with self.lock:
-            self.pipeline = pipe
-        log.info("models loaded: %s", pipe.models_loaded())
-        return pipe
 
     def _expire_reviews(self) -> float | None:
         """Expire the jobs whose review outlived its deadline (lock held); seconds until the next deadline, or None.

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from server.common.errors import One2345Error, storage_error
-from server.common.fsutil import append_text_no_follow, open_regular_inside, write_json_atomic
+from server.common.fsutil import append_text_no_follow, folder_bytes, open_regular_inside, write_json_atomic
 from server.service.jobs.records import (
     FINISHED,
     JOB_ID_RE,
@@ -279,16 +279,6 @@ class JobStore:
 
 def _age(job: Job) -> tuple[str, str]:
     return job.created, job.id
-
-
-def folder_bytes(folder: Path) -> int:
-    """Bytes of the plain files under ``folder`` (links not followed; 0 for what cannot be read)."""
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_size
-    return total
 
 
 def _preview_order(name: str) -> tuple[int, ...]:

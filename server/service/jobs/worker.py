@@ -4,7 +4,7 @@ FIFO queue.
 The pipeline stays loaded between jobs. A job's progress is written to its status.json at most once a second (and at
 every stage change); cancellation is a flag the pipeline checks between denoising steps. The first job also sees the
 model loading: a one-time Zero123-XL conversion reports as stage ``prepare`` with a ``message``, and its cancellation
-cancels the conversion (:func:`server.pipeline.models.loading_observer`). When a task ends, its previews are the
+cancels the conversion (:func:`server.pipeline.loading.loading_observer`). When a task ends, its previews are the
 names whose file still exists (a moved ring 2 deletes its old views). Every outcome of a run — a
 result, a cancellation, a full GPU or disk, a bug — is handed to the manager as an error dict, and whatever goes
 wrong in one job's housekeeping is logged and the worker goes on to the next job: the thread ends only when it is
@@ -13,12 +13,10 @@ stopped. Which transition an outcome makes (done, review, failed…) is the mana
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import logging
 import math
-import sys
 import threading
 import time
 import traceback
@@ -30,6 +28,7 @@ from typing import Any, Protocol
 import torch
 
 from server.common.errors import CancelledError, One2345Error, storage_error
+from server.pipeline.loading import loading_observer
 from server.service.jobs.records import VIEW_NAME_RE, Job, error_dict
 from server.service.jobs.store import JobStore, existing_previews
 
@@ -224,7 +223,7 @@ class Worker:
             elif job.images is not None:  # the text-to-image model is loaded and released by the call itself
                 result = self._images(job, on_progress)
             else:
-                with _loading_observed(on_progress, job.cancel.is_set):  # a first load may convert Zero123-XL
+                with loading_observer(on_progress, job.cancel.is_set):  # a first load may convert Zero123-XL
                     pipe = self._ensure_pipeline()
                 result = self._generate(job, pipe, on_progress)
         except CancelledError:
@@ -370,18 +369,6 @@ class Worker:
                 "textured": out.texture_size is not None, "texture_size": out.texture_size, "target_faces": None,
                 "uv_source": out.uv_source, "mesh": out.files[0].relative_to(job.folder).as_posix(),
                 "meta": out.meta_path.relative_to(job.folder).as_posix()}
-
-
-def _loading_observed(progress: Callable[[Any], None],
-                      should_cancel: Callable[[], bool]) -> contextlib.AbstractContextManager[None]:
-    """:func:`server.pipeline.models.loading_observer` when that module is imported, else nothing to observe. Only
-    the real pipeline's loading converts Zero123-XL, and its module is imported before the first job (``serve``
-    imports ``One2345Pipeline`` before it builds the manager); importing it here for a stand-in loader would make
-    that loader's first job wait seconds for diffusers."""
-    models = sys.modules.get("server.pipeline.models")
-    if models is None:
-        return contextlib.nullcontext()
-    return models.loading_observer(progress, should_cancel)
 
 
 def free_gpu_memory() -> None:

@@ -19,9 +19,7 @@ vertex-coloured GLB) keeps them anyway; pass ``vertex_colors=False`` for files m
 from __future__ import annotations
 
 import io
-import json
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,16 @@ from PIL import Image
 
 from server.common.errors import BadInputError
 from server.common.fsutil import write_bytes_atomic
-from server.common.mesh_io import _to_y_up, srgb_to_linear  # the y-up rotation has one owner
+from server.common.mesh_io import (  # the y-up rotation, GLB container and OBJ rows have one owner
+    GLTF_ARRAY_BUFFER,
+    GLTF_ELEMENT_ARRAY_BUFFER,
+    GLTF_FLOAT,
+    GLTF_UNSIGNED_INT,
+    format_rows,
+    pack_glb,
+    srgb_to_linear,
+    to_y_up,
+)
 from server.stages.asset.bake import TexturedMesh
 from server.stages.asset.geometry import vertex_normals
 
@@ -38,8 +45,6 @@ TEXTURED_SUFFIXES = (".glb", ".obj")
 
 MATERIAL_NAME = "one2345"
 
-_GLB_MAGIC, _JSON_CHUNK, _BIN_CHUNK = 0x46546C67, 0x4E4F534A, 0x004E4942
-_FLOAT, _UNSIGNED_INT, _ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 5126, 5125, 34962, 34963
 _LINEAR, _LINEAR_MIPMAP_LINEAR, _CLAMP_TO_EDGE = 9729, 9987, 33071
 
 
@@ -109,8 +114,8 @@ def _write_atomic(path: Path, data: bytes) -> Path:
 def _glb_bytes(mesh: TexturedMesh, colors: np.ndarray | None, png: bytes) -> bytes:
     """glTF 2.0 binary, y-up: POSITION, NORMAL (welded across UV seams), TEXCOORD_0, optional linear COLOR_0,
     uint32 indices, one metallic-roughness material whose baseColorTexture is the embedded PNG."""
-    positions = np.ascontiguousarray(_to_y_up(mesh.vertices), dtype="<f4")
-    normals = np.ascontiguousarray(_to_y_up(vertex_normals(mesh.vertices, mesh.faces, weld=True)), dtype="<f4")
+    positions = np.ascontiguousarray(to_y_up(mesh.vertices), dtype="<f4")
+    normals = np.ascontiguousarray(to_y_up(vertex_normals(mesh.vertices, mesh.faces, weld=True)), dtype="<f4")
     arrays: list[tuple[bytes, int | None]] = []
     accessors: list[dict] = []
     attributes: dict[str, int] = {}
@@ -124,25 +129,18 @@ def _glb_bytes(mesh: TexturedMesh, colors: np.ndarray | None, png: bytes) -> byt
             attributes[name] = len(accessors) - 1
         return len(accessors) - 1
 
-    add("POSITION", positions, "VEC3", _FLOAT, _ARRAY_BUFFER,
+    add("POSITION", positions, "VEC3", GLTF_FLOAT, GLTF_ARRAY_BUFFER,
         min=positions.min(axis=0).tolist(), max=positions.max(axis=0).tolist())
-    add("NORMAL", normals, "VEC3", _FLOAT, _ARRAY_BUFFER)
-    add("TEXCOORD_0", np.ascontiguousarray(mesh.uvs, dtype="<f4"), "VEC2", _FLOAT, _ARRAY_BUFFER)
+    add("NORMAL", normals, "VEC3", GLTF_FLOAT, GLTF_ARRAY_BUFFER)
+    add("TEXCOORD_0", np.ascontiguousarray(mesh.uvs, dtype="<f4"), "VEC2", GLTF_FLOAT, GLTF_ARRAY_BUFFER)
     if colors is not None:
-        add("COLOR_0", np.ascontiguousarray(srgb_to_linear(colors / 255.0), dtype="<f4"), "VEC3", _FLOAT,
-            _ARRAY_BUFFER)
-    indices = add(None, np.ascontiguousarray(mesh.faces, dtype="<u4"), "SCALAR", _UNSIGNED_INT,
-                  _ELEMENT_ARRAY_BUFFER)
+        add("COLOR_0", np.ascontiguousarray(srgb_to_linear(colors / 255.0), dtype="<f4"), "VEC3", GLTF_FLOAT,
+            GLTF_ARRAY_BUFFER)
+    indices = add(None, np.ascontiguousarray(mesh.faces, dtype="<u4"), "SCALAR", GLTF_UNSIGNED_INT,
+                  GLTF_ELEMENT_ARRAY_BUFFER)
     arrays.append((png, None))
     image_view = len(arrays) - 1
 
-    views, blob = [], b""
-    for data, target in arrays:
-        view = {"buffer": 0, "byteOffset": len(blob), "byteLength": len(data)}
-        if target is not None:
-            view["target"] = target
-        views.append(view)
-        blob += data + b"\0" * (-len(data) % 4)
     gltf = {
         "asset": {"version": "2.0", "generator": "one2345"},
         "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0, "name": "one2345"}],
@@ -154,13 +152,9 @@ def _glb_bytes(mesh: TexturedMesh, colors: np.ndarray | None, png: bytes) -> byt
         "images": [{"bufferView": image_view, "mimeType": "image/png", "name": "base_color"}],
         "samplers": [{"magFilter": _LINEAR, "minFilter": _LINEAR_MIPMAP_LINEAR, "wrapS": _CLAMP_TO_EDGE,
                       "wrapT": _CLAMP_TO_EDGE}],
-        "accessors": accessors, "bufferViews": views, "buffers": [{"byteLength": len(blob)}],
+        "accessors": accessors,
     }
-    text = json.dumps(gltf, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 4)
-    total = 12 + 8 + len(text) + 8 + len(blob)
-    return (struct.pack("<III", _GLB_MAGIC, 2, total) + struct.pack("<II", len(text), _JSON_CHUNK) + text
-            + struct.pack("<II", len(blob), _BIN_CHUNK) + blob)
+    return pack_glb(gltf, arrays)
 
 
 def _mtl_bytes(texture_name: str) -> bytes:
@@ -171,27 +165,18 @@ def _mtl_bytes(texture_name: str) -> bytes:
 
 def _obj_bytes(mesh: TexturedMesh, colors: np.ndarray | None, material_name: str) -> bytes:
     """Wavefront OBJ, y-up: ``v`` (with colours in 0..1 when given), ``vt`` (u, 1 − v), ``vn``, ``f a/a/a …``."""
-    vertices = _to_y_up(mesh.vertices).astype(np.float64)
-    normals = _to_y_up(vertex_normals(mesh.vertices, mesh.faces, weld=True)).astype(np.float64)
+    vertices = to_y_up(mesh.vertices).astype(np.float64)
+    normals = to_y_up(vertex_normals(mesh.vertices, mesh.faces, weld=True)).astype(np.float64)
     uvs = np.stack([mesh.uvs[:, 0], 1.0 - mesh.uvs[:, 1]], axis=1).astype(np.float64)
     # %.9g round-trips float32 exactly; colours c/255 with 6 digits round back to the same byte.
     if colors is not None:
-        v_lines = _format_rows("v %.9g %.9g %.9g %.6g %.6g %.6g\n",
+        v_lines = format_rows("v %.9g %.9g %.9g %.6g %.6g %.6g\n",
                                np.concatenate([vertices, colors.astype(np.float64) / 255.0], axis=1))
     else:
-        v_lines = _format_rows("v %.9g %.9g %.9g\n", vertices)
+        v_lines = format_rows("v %.9g %.9g %.9g\n", vertices)
     corners = np.repeat(mesh.faces + 1, 3, axis=1)
     return b"".join([
         f"# One2345 textured mesh, y-up\nmtllib {material_name}\n".encode("ascii"), v_lines,
-        _format_rows("vt %.9g %.9g\n", uvs), _format_rows("vn %.6g %.6g %.6g\n", normals),
-        f"usemtl {MATERIAL_NAME}\n".encode("ascii"), _format_rows("f %d/%d/%d %d/%d/%d %d/%d/%d\n", corners),
+        format_rows("vt %.9g %.9g\n", uvs), format_rows("vn %.6g %.6g %.6g\n", normals),
+        f"usemtl {MATERIAL_NAME}\n".encode("ascii"), format_rows("f %d/%d/%d %d/%d/%d %d/%d/%d\n", corners),
     ])
-
-
-def _format_rows(row_format: str, rows: np.ndarray, chunk: int = 65536) -> bytes:
-    """Apply a printf row format to every row of a [N, K] array, in chunks (far faster than a per-row loop)."""
-    parts = []
-    for start in range(0, rows.shape[0], chunk):
-        block = rows[start : start + chunk]
-        parts.append((row_format * block.shape[0]) % tuple(block.ravel().tolist()))
-    return "".join(parts).encode("ascii")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -12,9 +11,6 @@ from scipy.spatial import cKDTree
 from server.common.cameras import calc_pose
 from server.common.errors import BadInputError
 from server.stages.elevation.matchers import NUM_VIEWS, PAIRS
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from server.stages.multiview.zero123 import Zero123Model, tiny_zero123
+from server.stages.multiview.checkpoint import tiny_zero123
+from server.stages.multiview.zero123 import Zero123Model
 
 
 @pytest.fixture(scope="module")

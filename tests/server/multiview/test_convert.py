@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from server.benchmarks.first_use import ldm_unet_shapes, ldm_vae_shapes  # the full-size layout's one copy
+from server.benchmarks.synthetic_weights import ldm_unet_shapes, ldm_vae_shapes  # the full-size layout's one copy
 from server.common.errors import CheckpointError, MissingWeightsError
 from server.stages.multiview import convert
 from server.stages.multiview.convert import (
@@ -28,6 +28,7 @@ from server.stages.multiview.convert import (
     Zero123Architecture,
     convert_zero123_checkpoint,
     ensure_converted,
+    recognise,
 )
 from server.stages.multiview.convert import folder as convert_folder
 
@@ -403,7 +404,7 @@ def test_image_encoder_from_folder_when_checkpoint_has_none(tmp_path: Path) -> N
 
 def test_ensure_converted_reuses_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ckpt = write_ckpt(tmp_path / "zero123-tiny.ckpt", make_state_dict())
-    real = convert._convert
+    real = convert_folder._convert
     calls: list[Path] = []
 
     def counting(*args: object, **kwargs: object) -> Path:
@@ -436,10 +437,10 @@ def test_paper_architecture_fits_a_full_size_ldm_layout() -> None:
     shapes |= {"cc_projection.weight": (768, 772), "cc_projection.bias": (768,)}
     parts = convert.convert_state_dict({k: torch.empty(v, device="meta") for k, v in shapes.items()}, arch)
 
-    unet = convert._load_strict(lambda: UNet2DConditionModel(**arch.unet.diffusers_config()), parts.unet, "UNet")
-    vae = convert._load_strict(lambda: AutoencoderKL(**arch.vae.diffusers_config()), parts.vae, "VAE")
+    unet = recognise._load_strict(lambda: UNet2DConditionModel(**arch.unet.diffusers_config()), parts.unet, "UNet")
+    vae = recognise._load_strict(lambda: AutoencoderKL(**arch.vae.diffusers_config()), parts.vae, "VAE")
     clip_config = CLIPVisionConfig(**arch.image_encoder.transformers_config())
-    clip = convert._load_strict(lambda: CLIPVisionModelWithProjection(clip_config), parts.image_encoder, "CLIP")
+    clip = recognise._load_strict(lambda: CLIPVisionModelWithProjection(clip_config), parts.image_encoder, "CLIP")
     # SD-1.x UNet (859 520 964 parameters) plus 4 more input channels of the 320×3×3 conv_in; SD's VAE.
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964 + 4 * 320 * 9
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863

@@ -22,7 +22,7 @@ import torch
 
 from server.common import weights as weights_table
 from server.common.errors import CancelledError, CheckpointError
-from server.pipeline import models
+from server.pipeline import loading, models
 from server.pipeline.options import Progress
 from server.stages.multiview import convert
 from server.stages.multiview.convert import ConversionProgress, ensure_converted, verify_converted
@@ -118,7 +118,7 @@ def test_leftovers_of_a_killed_conversion_are_removed_but_never_a_live_ones(ckpt
     other.mkdir()
 
     # A live process converting "other" holds its lock: its temporary folder is left alone.
-    live = convert._ConversionLock(cache / "other-diffusers")
+    live = convert.ConversionLock(cache / "other-diffusers")
     assert live.try_acquire()
     try:
         assert sorted(p.name for p in models.remove_interrupted_conversions(tmp_path / "w")) == []  # other root
@@ -127,7 +127,7 @@ def test_leftovers_of_a_killed_conversion_are_removed_but_never_a_live_ones(ckpt
         assert other.is_dir() and out.is_dir()
         # The same folder's lock held by a live writer: ensure_converted (cache valid) leaves its temp folder too.
         dead_tmp.mkdir()
-        mine = convert._ConversionLock(out)
+        mine = convert.ConversionLock(out)
         assert mine.try_acquire()
         try:
             assert ensure_converted(ckpt, cache, architecture=TINY) == out
@@ -143,7 +143,7 @@ def test_leftovers_of_a_killed_conversion_are_removed_but_never_a_live_ones(ckpt
 
 def test_a_second_converter_waits_for_the_first_and_reuses_its_folder(ckpt: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    first = convert._ConversionLock(cache / NAME)
+    first = convert.ConversionLock(cache / NAME)
     assert first.try_acquire()
     events: list[ConversionProgress] = []
     result: dict[str, object] = {}
@@ -161,7 +161,7 @@ def test_a_second_converter_waits_for_the_first_and_reuses_its_folder(ckpt: Path
         time.sleep(0.05)
     assert events and events[0].phase == "wait" and str(os.getpid()) in events[0].message
     # The first converter finishes meanwhile (here: converts into place while holding the lock).
-    convert._convert(ckpt, cache / NAME, None, TINY, convert._Reporter(None, lambda: False))
+    convert_folder._convert(ckpt, cache / NAME, None, TINY, convert.Reporter(None, lambda: False))
     first.release()
     thread.join(60)
     assert result.get("out") == cache / NAME, result
@@ -241,7 +241,7 @@ def test_wrong_shapes_are_refused_before_anything_is_copied(tmp_path: Path, noth
 
 def test_no_library_warning_or_accelerate_notice_when_converting_and_loading(
         ckpt: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    from server.stages.multiview.zero123 import load_zero123
+    from server.stages.multiview.checkpoint import load_zero123
 
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught:
@@ -285,13 +285,13 @@ def test_a_damaged_converted_folder_is_rebuilt_and_verify_finds_a_changed_byte(
                              "scheduler/scheduler_config.json"}
     unet = out / "unet/diffusion_pytorch_model.safetensors"
     assert manifest["unet/diffusion_pytorch_model.safetensors"]["size"] == unet.stat().st_size
-    assert manifest["unet/diffusion_pytorch_model.safetensors"]["sha256"] == convert._sha256(unet)
+    assert manifest["unet/diffusion_pytorch_model.safetensors"]["sha256"] == convert_folder._sha256(unet)
     hashed: list[tuple[int, int]] = []
     check = verify_converted(out, progress=lambda done, total: hashed.append((done, total)))
     assert check.ok and check.files == len(manifest) and hashed[-1][0] == hashed[-1][1] == check.bytes_checked
 
     conversions: list[Path] = []
-    real = convert._convert
+    real = convert_folder._convert
     monkeypatch.setattr(convert_folder, "_convert", lambda *a, **k: conversions.append(a[1]) or real(*a, **k))
 
     # Half-size UNet file: caught by the size check of every ensure_converted, and rebuilt.
@@ -337,7 +337,7 @@ def test_model_loading_reports_the_conversion_as_stage_prepare(
     seen: list[Progress] = []
     folder = models.prepare_weights(root, progress=seen.append)
     assert folder == root / "converted" / "zero123-xl-diffusers"
-    assert {p.stage for p in seen} == {models.PREPARE_STAGE} and seen[0].message.startswith("One-time set-up")
+    assert {p.stage for p in seen} == {loading.PREPARE_STAGE} and seen[0].message.startswith("One-time set-up")
     assert seen[-1].step == seen[-1].total and all(p.fraction == 0.0 for p in seen)
 
     # _paper_models (what One2345Pipeline.from_preset calls) passes the observer's callbacks to the conversion.
@@ -350,7 +350,7 @@ def test_model_loading_reports_the_conversion_as_stage_prepare(
     monkeypatch.setattr(models, "prepare_weights", fake_prepare)
     monkeypatch.setattr(weights_table, "require", lambda *a, **k: None)
     cancel = threading.Event().is_set
-    with models.loading_observer(seen.append, cancel), pytest.raises(RuntimeError, match="stop here"):
+    with loading.loading_observer(seen.append, cancel), pytest.raises(RuntimeError, match="stop here"):
         models._paper_models("cpu", root, download_missing=False)
     assert captured == {"progress": seen.append, "should_cancel": cancel}
     with pytest.raises(RuntimeError, match="stop here"):

@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+from server.stages.multiview.checkpoint import tiny_zero123
 from server.stages.multiview.graphs import UNetGraphs
-from server.stages.multiview.zero123 import Zero123Model, generate_views_batch, tiny_zero123
+from server.stages.multiview.zero123 import Zero123Model, generate_views_batch
 
 FOUR_VIEWS = [(0.0, 0.0), (0.0, 90.0), (0.0, 180.0), (0.0, 270.0)]
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.common.errors import BadInputError, CancelledError, CheckpointError, MissingWeightsError
+from server.stages.multiview.checkpoint import load_zero123, save_zero123
 from server.stages.multiview.zero123 import (
     Zero123Config,
     Zero123Model,
@@ -23,10 +24,8 @@ from server.stages.multiview.zero123 import (
     generate_views,
     guided_eps,
     image_to_tensor,
-    load_zero123,
     pose_vectors,
     prepare_stage2_input,
-    save_zero123,
     stage1b_deltas,
     with_unconditional,
 )

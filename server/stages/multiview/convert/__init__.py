@@ -31,7 +31,8 @@ The modules, each importing only those before it:
   :func:`convert_zero123_checkpoint`, :func:`ensure_converted`, :func:`verify_converted`.
 
 The names below are re-exported so that ``from server.stages.multiview.convert import X`` keeps working; code that
-patches a name must patch it in the module that looks it up (e.g. ``convert.folder.ZERO123_XL``).
+patches a name must patch it in the module that looks it up (e.g. ``convert.folder.ZERO123_XL``). A name one module
+takes from another is public (no leading underscore); the private ones stay inside their module.
 
 Part of a stage: imports :mod:`server.common` only.
 """
@@ -39,9 +40,6 @@ Part of a stage: imports :mod:`server.common` only.
 from server.stages.multiview.convert.folder import (
     ConvertedVerification,
     FileRecord,
-    _convert,
-    _sha256,
-    _write_safetensors,
     convert_zero123_checkpoint,
     ensure_converted,
     verify_converted,
@@ -74,13 +72,13 @@ from server.stages.multiview.convert.ldm import (
 )
 from server.stages.multiview.convert.progress import (
     CancelCheck,
+    ConversionLock,
     ConversionProgress,
     ProgressCallback,
-    _ConversionLock,
-    _Reporter,
+    Reporter,
     remove_interrupted_conversions,
 )
-from server.stages.multiview.convert.recognise import ConversionPlan, _load_strict, plan_conversion
+from server.stages.multiview.convert.recognise import ConversionPlan, plan_conversion
 
 __all__ = [
     "CC_PREFIX",
@@ -96,6 +94,7 @@ __all__ = [
     "VAE_TRAINING_ONLY_PREFIX",
     "ZERO123_XL",
     "CancelCheck",
+    "ConversionLock",
     "ConversionPlan",
     "ConversionProgress",
     "ConvertedParts",
@@ -105,13 +104,8 @@ __all__ = [
     "LdmVaeConfig",
     "OpenAIClipVisionConfig",
     "ProgressCallback",
+    "Reporter",
     "Zero123Architecture",
-    "_ConversionLock",
-    "_Reporter",
-    "_convert",
-    "_load_strict",
-    "_sha256",
-    "_write_safetensors",
     "convert_clip_visual",
     "convert_state_dict",
     "convert_unet",

@@ -32,26 +32,26 @@ from server.stages.multiview.convert.ldm import (
     MARKER_NAME,
     ZERO123_XL,
     Zero123Architecture,
-    _raise_if_problems,
     load_lightning_state_dict,
+    raise_if_problems,
 )
 from server.stages.multiview.convert.progress import (
-    _PART_TITLES,
+    PART_TITLES,
     CancelCheck,
+    ConversionLock,
     ProgressCallback,
-    _cancel_fn,
-    _ConversionLock,
-    _human,
-    _leftovers,
-    _remove,
-    _Reporter,
+    Reporter,
+    as_cancel_check,
+    find_leftovers,
+    human_bytes,
     remove_interrupted_conversions,
+    remove_leftovers,
 )
 from server.stages.multiview.convert.recognise import (
-    _image_encoder_dir_config,
-    _stored_dtype,
-    _stored_nbytes,
+    image_encoder_dir_config,
     plan_conversion,
+    stored_dtype,
+    stored_nbytes,
 )
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,10 @@ def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], on_bytes
     offset = 0
     for key in names:
         t = tensors[key]
-        dtype = _stored_dtype(t)
+        dtype = stored_dtype(t)
         if dtype not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"tensor {key!r} has dtype {t.dtype}, which the converter cannot store")
-        n = _stored_nbytes(t)
+        n = stored_nbytes(t)
         header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(t.shape),
                        "data_offsets": [offset, offset + n]}
         offset += n
@@ -102,11 +102,11 @@ def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], on_bytes
             digest.update(chunk)
         for key in names:
             t = tensors[key].detach()
-            data = t.to(dtype=_stored_dtype(t)).contiguous().reshape(-1).view(torch.uint8).numpy()
+            data = t.to(dtype=stored_dtype(t)).contiguous().reshape(-1).view(torch.uint8).numpy()
             f.write(memoryview(data))
             digest.update(memoryview(data))
             del data
-            on_bytes(_stored_nbytes(tensors[key]))
+            on_bytes(stored_nbytes(tensors[key]))
         f.flush()
         os.fsync(f.fileno())
     return FileRecord(size=path.stat().st_size, sha256=digest.hexdigest())
@@ -161,26 +161,26 @@ def convert_zero123_checkpoint(
         CancelledError: ``should_cancel`` became true; nothing of the conversion is left on disk.
     """
     out_dir = Path(out_dir)
-    report = _Reporter(progress, _cancel_fn(should_cancel))
-    lock = _ConversionLock(out_dir)
+    report = Reporter(progress, as_cancel_check(should_cancel))
+    lock = ConversionLock(out_dir)
     lock.acquire(report)
     try:
-        _remove(_leftovers(out_dir.parent, out_dir.name).get(out_dir.name, []), report)
+        remove_leftovers(find_leftovers(out_dir.parent, out_dir.name).get(out_dir.name, []), report)
         return _convert(Path(ckpt_path), out_dir, image_encoder_dir, architecture or ZERO123_XL, report)
     finally:
         lock.release()
 
 
 def _convert(ckpt_path: Path, out_dir: Path, image_encoder_dir: str | os.PathLike[str] | None,
-             architecture: Zero123Architecture, report: _Reporter) -> Path:
+             architecture: Zero123Architecture, report: Reporter) -> Path:
     from diffusers import DDIMScheduler
 
     started = time.monotonic()
     if not ckpt_path.is_file():
         load_lightning_state_dict(ckpt_path)  # raises MissingWeightsError naming the file and the fix
     source_stat = ckpt_path.stat()
-    report("read", f"One-time set-up: converting Zero123-XL from {ckpt_path.name} ({_human(source_stat.st_size)}), "
-                   "about a minute…")
+    report("read", f"One-time set-up: converting Zero123-XL from {ckpt_path.name} "
+                   f"({human_bytes(source_stat.st_size)}), about a minute…")
     state = load_lightning_state_dict(ckpt_path)
     report("check", f"recognising {ckpt_path.name} from its key names and shapes")
     plan = plan_conversion(state, architecture, source=ckpt_path, image_encoder_dir=image_encoder_dir)
@@ -197,7 +197,7 @@ def _convert(ckpt_path: Path, out_dir: Path, image_encoder_dir: str | os.PathLik
 
         def write_part(part: str, tensors: Mapping[str, torch.Tensor], weights_name: str) -> None:
             relative = f"{part}/{weights_name}"
-            title = f"writing {relative} ({_human(sum(_stored_nbytes(t) for t in tensors.values()))})"
+            title = f"writing {relative} ({human_bytes(sum(stored_nbytes(t) for t in tensors.values()))})"
             (tmp / part).mkdir(exist_ok=True)
             report("write", title, step=part, part=part)
             records[relative] = _write_safetensors(tmp / relative, tensors,
@@ -206,12 +206,12 @@ def _convert(ckpt_path: Path, out_dir: Path, image_encoder_dir: str | os.PathLik
         for part, weights_name in (("unet", "diffusion_pytorch_model.safetensors"),
                                    ("vae", "diffusion_pytorch_model.safetensors")):
             tensors = getattr(plan, part)
-            report("convert", f"converting {_PART_TITLES[part]} "
-                              f"({_human(sum(_stored_nbytes(t) for t in tensors.values()))})", step=part, part=part)
+            report("convert", f"converting {PART_TITLES[part]} "
+                              f"({human_bytes(sum(stored_nbytes(t) for t in tensors.values()))})", step=part, part=part)
             plan.configs[part].save_config(tmp / part)
             write_part(part, tensors, weights_name)
 
-        report("convert", f"converting {_PART_TITLES['image_encoder']}", step="image_encoder", part="image_encoder")
+        report("convert", f"converting {PART_TITLES['image_encoder']}", step="image_encoder", part="image_encoder")
         if plan.image_encoder is not None:
             encoder, encoder_tensors, origin = plan.configs["image_encoder"], plan.image_encoder, "checkpoint"
         else:
@@ -256,8 +256,8 @@ def _convert(ckpt_path: Path, out_dir: Path, image_encoder_dir: str | os.PathLik
     finally:
         del state, plan
     elapsed = time.monotonic() - started
-    log.info("converted %s into %s (%s) in %.0f s", ckpt_path.name, out_dir, _human(report.bytes_done), elapsed)
-    report("done", f"Zero123-XL is ready ({_human(report.bytes_done)} in {elapsed:.0f} s)")
+    log.info("converted %s into %s (%s) in %.0f s", ckpt_path.name, out_dir, human_bytes(report.bytes_done), elapsed)
+    report("done", f"Zero123-XL is ready ({human_bytes(report.bytes_done)} in {elapsed:.0f} s)")
     return out_dir
 
 
@@ -291,14 +291,14 @@ def ensure_converted(
     architecture = architecture or ZERO123_XL
     out_dir = cache_dir / f"{ckpt_path.stem}-diffusers"
     if ckpt_path.is_file() and _cache_problem(out_dir, ckpt_path, architecture) is None:
-        if _leftovers(cache_dir, out_dir.name):
+        if find_leftovers(cache_dir, out_dir.name):
             remove_interrupted_conversions(cache_dir)
         return out_dir
-    report = _Reporter(progress, _cancel_fn(should_cancel))
-    lock = _ConversionLock(out_dir)
+    report = Reporter(progress, as_cancel_check(should_cancel))
+    lock = ConversionLock(out_dir)
     lock.acquire(report)
     try:
-        _remove(_leftovers(cache_dir, out_dir.name).get(out_dir.name, []), report)
+        remove_leftovers(find_leftovers(cache_dir, out_dir.name).get(out_dir.name, []), report)
         # Another process may have finished the conversion while this one waited for the lock.
         problem = _cache_problem(out_dir, ckpt_path, architecture) if ckpt_path.is_file() else "no checkpoint"
         if problem is None:
@@ -371,7 +371,7 @@ def verify_converted(
         CancelledError: ``should_cancel`` became true.
     """
     folder = Path(folder)
-    cancel = _cancel_fn(should_cancel)
+    cancel = as_cancel_check(should_cancel)
     marker = _read_json(folder / MARKER_NAME)
     files = marker.get("files") if marker is not None else None
     if not isinstance(files, dict) or not files:
@@ -409,7 +409,7 @@ def _load_image_encoder_dir(
     """The saved CLIPVisionModelWithProjection in ``image_encoder_dir``, loaded strictly, and that folder."""
     from transformers import CLIPVisionModelWithProjection
 
-    _image_encoder_dir_config(image_encoder_dir, ckpt_path.name)
+    image_encoder_dir_config(image_encoder_dir, ckpt_path.name)
     folder = Path(image_encoder_dir)  # type: ignore[arg-type]  # checked just above
     try:
         encoder, info = CLIPVisionModelWithProjection.from_pretrained(folder, output_loading_info=True)
@@ -417,7 +417,7 @@ def _load_image_encoder_dir(
         raise CheckpointError(
             f"image_encoder_dir {folder} does not load as CLIPVisionModelWithProjection: {exc}"
         ) from exc
-    _raise_if_problems(
+    raise_if_problems(
         f"the image encoder in {folder}",
         {
             "missing": sorted(info.get("missing_keys", [])),

@@ -42,7 +42,7 @@ CC_PREFIX = "cc_projection."
 POSE_DIMS = 4
 """[Δpolar, sin Δazimuth, cos Δazimuth, Δradius] appended to the CLIP embedding before ``cc_projection``."""
 
-_DOWNLOAD_FIX = "run `one2345 weights download --only zero123-xl` (or pass the path of an intact zero123-xl.ckpt)"
+DOWNLOAD_FIX = "run `one2345 weights download --only zero123-xl` (or pass the path of an intact zero123-xl.ckpt)"
 _DAMAGED_FIX = ("run `one2345 weights download --only zero123-xl`, which fetches the file again when it is damaged "
                 "(also one copied in by hand), or copy an intact zero123-xl.ckpt over it")
 
@@ -227,7 +227,7 @@ def load_lightning_state_dict(ckpt_path: str | os.PathLike[str]) -> dict[str, to
     """
     path = Path(ckpt_path)
     if not path.is_file():
-        raise MissingWeightsError(f"Zero123 checkpoint {path} not found", fix=_DOWNLOAD_FIX)
+        raise MissingWeightsError(f"Zero123 checkpoint {path} not found", fix=DOWNLOAD_FIX)
     try:
         obj = _torch_load(path)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
@@ -240,7 +240,7 @@ def load_lightning_state_dict(ckpt_path: str | os.PathLike[str]) -> dict[str, to
 
     if not isinstance(obj, Mapping):
         raise CheckpointError(
-            f"{path} holds a {type(obj).__name__}, not a Lightning checkpoint dict", fix=_DOWNLOAD_FIX
+            f"{path} holds a {type(obj).__name__}, not a Lightning checkpoint dict", fix=DOWNLOAD_FIX
         )
     if "state_dict" in obj:
         state = obj["state_dict"]
@@ -250,17 +250,17 @@ def load_lightning_state_dict(ckpt_path: str | os.PathLike[str]) -> dict[str, to
         keys = ", ".join(sorted(map(str, obj))[:8])
         raise CheckpointError(
             f"{path} has no 'state_dict' (top-level keys: {keys}); it is not a Zero123 Lightning checkpoint",
-            fix=_DOWNLOAD_FIX,
+            fix=DOWNLOAD_FIX,
         )
     if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path}: 'state_dict' is a {type(state).__name__}, not a mapping", fix=_DOWNLOAD_FIX)
+        raise CheckpointError(f"{path}: 'state_dict' is a {type(state).__name__}, not a mapping", fix=DOWNLOAD_FIX)
     bad = [str(k) for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if bad:
-        raise CheckpointError(f"{path}: state_dict entries that are not named tensors: {_clip_list(bad)}")
+        raise CheckpointError(f"{path}: state_dict entries that are not named tensors: {short_list(bad)}")
     if not any(k.startswith(UNET_PREFIX) for k in state):
         raise CheckpointError(
             f"{path} has no {UNET_PREFIX}* weights; it is a checkpoint of another network, not Zero123",
-            fix=_DOWNLOAD_FIX,
+            fix=DOWNLOAD_FIX,
         )
     return dict(state)
 
@@ -341,7 +341,7 @@ def extract_unet(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
         for flat, name in flat_to_name.items()
         if flat in ema and ema[flat].shape != raw[name].shape
     )
-    _raise_if_problems(
+    raise_if_problems(
         "the EMA copy of the UNet",
         {"UNet weights without EMA value": missing, "EMA tensors of no UNet weight": unexpected, "shapes": mismatched},
     )
@@ -358,7 +358,7 @@ def convert_unet(ldm_unet: Mapping[str, torch.Tensor], config: LdmUNetConfig) ->
 
     source = {UNET_PREFIX + k: v for k, v in ldm_unet.items()}
     converted = convert_ldm_unet_checkpoint(source, config.diffusers_config())
-    _raise_if_problems("the UNet", {"LDM tensors with no diffusers place": _unused(source, converted)})
+    raise_if_problems("the UNet", {"LDM tensors with no diffusers place": _unused(source, converted)})
     return converted
 
 
@@ -372,9 +372,9 @@ def convert_vae(state: Mapping[str, torch.Tensor], config: LdmVaeConfig) -> dict
 
     source = {k: v for k, v in state.items() if k.startswith(VAE_PREFIX) and not k.startswith(VAE_TRAINING_ONLY_PREFIX)}
     if not source:
-        raise CheckpointError(f"the checkpoint has no VAE ({VAE_PREFIX}* weights)", fix=_DOWNLOAD_FIX)
+        raise CheckpointError(f"the checkpoint has no VAE ({VAE_PREFIX}* weights)", fix=DOWNLOAD_FIX)
     converted = convert_ldm_vae_checkpoint(source, config.diffusers_config())
-    _raise_if_problems("the VAE", {"LDM tensors with no diffusers place": _unused(source, converted)})
+    raise_if_problems("the VAE", {"LDM tensors with no diffusers place": _unused(source, converted)})
     return converted
 
 
@@ -425,7 +425,7 @@ def convert_clip_visual(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
             out.update(mapped)
         else:
             unknown.append(CLIP_VISUAL_PREFIX + key)
-    _raise_if_problems("the CLIP image tower", {"tensors with no transformers place": sorted(unknown)})
+    raise_if_problems("the CLIP image tower", {"tensors with no transformers place": sorted(unknown)})
     return out
 
 
@@ -506,12 +506,14 @@ def _owned_float32(tensors: Mapping[str, torch.Tensor | None]) -> dict[str, torc
     return out
 
 
-def _raise_if_problems(part: str, problems: Mapping[str, list[str]]) -> None:
+def raise_if_problems(part: str, problems: Mapping[str, list[str]]) -> None:
+    """CheckpointError naming every non-empty list of ``problems`` (kind → names) found in ``part``."""
     found = {kind: names for kind, names in problems.items() if names}
     if found:
-        detail = "; ".join(f"{kind} ({len(names)}): {_clip_list(names)}" for kind, names in found.items())
-        raise CheckpointError(f"{part} does not load strictly: {detail}", fix=_DOWNLOAD_FIX)
+        detail = "; ".join(f"{kind} ({len(names)}): {short_list(names)}" for kind, names in found.items())
+        raise CheckpointError(f"{part} does not load strictly: {detail}", fix=DOWNLOAD_FIX)
 
 
-def _clip_list(names: list[str], limit: int = 10) -> str:
+def short_list(names: list[str], limit: int = 10) -> str:
+    """The first ``limit`` names, comma-separated, and how many more there are."""
     return ", ".join(names[:limit]) + (f", … ({len(names) - limit} more)" if len(names) > limit else "")

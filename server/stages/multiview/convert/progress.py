@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.common.errors import CancelledError
+from server.common.fsutil import folder_bytes
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ ProgressCallback = Callable[[ConversionProgress], None]
 CancelCheck = Callable[[], bool] | threading.Event
 
 _STEPS = ("read", "check", "unet", "vae", "image_encoder", "cc_projection", "finish", "done")
-_PART_TITLES = {"unet": "the UNet", "vae": "the VAE", "image_encoder": "the CLIP image encoder",
+PART_TITLES = {"unet": "the UNet", "vae": "the VAE", "image_encoder": "the CLIP image encoder",
                 "cc_projection": "cc_projection"}
 _WRITE_REPORT_BYTES = 64 * 2**20
 """A ``write`` report at most every this many bytes."""
@@ -64,7 +65,10 @@ _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-[^/]+")
 """Hidden folders of an unfinished conversion (``mkdtemp``) or of a replaced one (``replace_dir``)."""
 
 
-class _Reporter:
+class Reporter:
+    """A conversion's progress: ``report(phase, message)`` sends a :class:`ConversionProgress` (and checks for
+    cancellation first); :meth:`wrote` counts bytes written and reports every 64 MiB."""
+
     def __init__(self, callback: ProgressCallback | None, cancel: Callable[[], bool]) -> None:
         self.callback = callback
         self.cancel = cancel
@@ -94,7 +98,8 @@ class _Reporter:
                                  fix="start it again (one2345 weights prepare, or the next Generate)")
 
 
-def _cancel_fn(should_cancel: CancelCheck | None) -> Callable[[], bool]:
+def as_cancel_check(should_cancel: CancelCheck | None) -> Callable[[], bool]:
+    """``should_cancel`` (None, an Event or a function) as a function."""
     if should_cancel is None:
         return lambda: False
     if isinstance(should_cancel, threading.Event):
@@ -102,7 +107,7 @@ def _cancel_fn(should_cancel: CancelCheck | None) -> Callable[[], bool]:
     return should_cancel
 
 
-class _ConversionLock:
+class ConversionLock:
     """An exclusive lock on ``.<folder name>.lock`` beside the converted folder, held for a whole conversion.
 
     Only the holder writes temporary folders, so any temporary folder found by the holder belongs to a process that
@@ -135,7 +140,7 @@ class _ConversionLock:
             os.close(fd)
         return False
 
-    def acquire(self, report: _Reporter, poll_s: float = 0.5) -> None:
+    def acquire(self, report: Reporter, poll_s: float = 0.5) -> None:
         """Wait for the lock, reporting the holder once and honouring cancellation."""
         told = False
         while not self.try_acquire():
@@ -179,7 +184,7 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def _leftovers(cache_dir: Path, name: str | None = None) -> dict[str, list[Path]]:
+def find_leftovers(cache_dir: Path, name: str | None = None) -> dict[str, list[Path]]:
     """Hidden temporary/replaced folders in ``cache_dir``, by the converted folder's name they belong to."""
     found: dict[str, list[Path]] = {}
     try:
@@ -193,16 +198,17 @@ def _leftovers(cache_dir: Path, name: str | None = None) -> dict[str, list[Path]
     return found
 
 
-def _remove(paths: list[Path], report: _Reporter | None = None) -> list[Path]:
+def remove_leftovers(paths: list[Path], report: Reporter | None = None) -> list[Path]:
+    """Delete the leftover folders ``paths`` (the caller holds their lock), logging each; returns those removed."""
     removed = []
     for path in sorted(paths):
-        size = _tree_bytes(path)
+        size = folder_bytes(path)
         shutil.rmtree(path, ignore_errors=True)
         if not path.exists():
             removed.append(path)
-            log.info("removed %s (%s) left by an interrupted Zero123 conversion", path, _human(size))
+            log.info("removed %s (%s) left by an interrupted Zero123 conversion", path, human_bytes(size))
             if report is not None:
-                report("clean", f"removed {path.name} ({_human(size)}) left by an interrupted conversion")
+                report("clean", f"removed {path.name} ({human_bytes(size)}) left by an interrupted conversion")
     return removed
 
 
@@ -215,28 +221,20 @@ def remove_interrupted_conversions(cache_dir: str | os.PathLike[str]) -> list[Pa
         The folders removed.
     """
     removed: list[Path] = []
-    for name in _leftovers(Path(cache_dir)):
-        lock = _ConversionLock(Path(cache_dir) / name)
+    for name in find_leftovers(Path(cache_dir)):
+        lock = ConversionLock(Path(cache_dir) / name)
         if not lock.try_acquire():
             continue
         try:
-            removed += _remove(_leftovers(Path(cache_dir), name).get(name, []))
+            removed += remove_leftovers(find_leftovers(Path(cache_dir), name).get(name, []))
         finally:
             lock.release()
     return removed
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
+    """``n`` bytes in GB, MB or kB with one decimal (or in bytes below 1 kB)."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} B"
-
-
-def _tree_bytes(path: Path) -> int:
-    total = 0
-    for root, _, names in os.walk(path):
-        for name in names:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_size
-    return total

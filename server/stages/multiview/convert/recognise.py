@@ -17,31 +17,33 @@ from torch import nn
 
 from server.common.errors import CheckpointError, MissingWeightsError
 from server.stages.multiview.convert.ldm import (
-    _DOWNLOAD_FIX,
     CC_PREFIX,
     CLIP_VISUAL_PREFIX,
+    DOWNLOAD_FIX,
     POSE_DIMS,
     UNET_PREFIX,
     VAE_PREFIX,
     ZERO123_XL,
     Zero123Architecture,
-    _clip_list,
-    _raise_if_problems,
     convert_clip_visual,
     convert_unet,
     convert_vae,
     extract_cc_projection,
     extract_unet,
+    raise_if_problems,
+    short_list,
 )
 
 
-def _stored_dtype(t: torch.Tensor) -> torch.dtype:
+def stored_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype ``t`` is written in."""
     # float32 everywhere (fp16 CLIP towers are common); the loader casts to the run's precision.
     return torch.float32 if t.is_floating_point() else t.dtype
 
 
-def _stored_nbytes(t: torch.Tensor) -> int:
-    return t.numel() * torch.empty((), dtype=_stored_dtype(t)).element_size()
+def stored_nbytes(t: torch.Tensor) -> int:
+    """Bytes ``t`` takes once written (in :func:`stored_dtype`)."""
+    return t.numel() * torch.empty((), dtype=stored_dtype(t)).element_size()
 
 
 @dataclass
@@ -62,7 +64,7 @@ class ConversionPlan:
     def bytes_to_write(self) -> int:
         """Size of the weight files to write (float32 for every floating tensor)."""
         parts = (self.unet, self.vae, self.image_encoder or {}, self.cc_projection)
-        return sum(_stored_nbytes(t) for part in parts for t in part.values())
+        return sum(stored_nbytes(t) for part in parts for t in part.values())
 
 
 def plan_conversion(
@@ -102,8 +104,8 @@ def plan_conversion(
         for part, tensors in (("unet", unet), ("vae", vae), ("image_encoder", clip or {})):
             missing = sorted(k for k, v in tensors.items() if v is None)
             if missing:  # diffusers' converters write None for a name they expected but did not find
-                raise CheckpointError(f"the {part} has no source tensor for {_clip_list(missing)}; the checkpoint's "
-                                      "layout does not fit the config", fix=_DOWNLOAD_FIX)
+                raise CheckpointError(f"the {part} has no source tensor for {short_list(missing)}; the checkpoint's "
+                                      "layout does not fit the config", fix=DOWNLOAD_FIX)
         configs: dict[str, Any] = {
             "unet": _check_strict(lambda: UNet2DConditionModel(**architecture.unet.diffusers_config()), unet, "UNet"),
             "vae": _check_strict(lambda: AutoencoderKL(**architecture.vae.diffusers_config()), vae, "VAE"),
@@ -112,17 +114,17 @@ def plan_conversion(
         if cc_out != architecture.unet.context_dim:
             raise CheckpointError(
                 f"cc_projection outputs {cc_out} dims but the UNet's context is {architecture.unet.context_dim}",
-                fix=_DOWNLOAD_FIX)
+                fix=DOWNLOAD_FIX)
         if clip is not None:
             clip_config = CLIPVisionConfig(**architecture.image_encoder.transformers_config())
             configs["image_encoder"] = _check_strict(lambda: CLIPVisionModelWithProjection(clip_config), clip,
                                                      "CLIP image tower")
             embed = configs["image_encoder"].config.projection_dim
         else:
-            embed = _image_encoder_dir_config(image_encoder_dir, name).projection_dim
+            embed = image_encoder_dir_config(image_encoder_dir, name).projection_dim
         if embed + POSE_DIMS != cc_in:
             raise CheckpointError(f"cc_projection expects {cc_in - POSE_DIMS}-dim image embeddings but the image "
-                                  f"encoder gives {embed}", fix=_DOWNLOAD_FIX)
+                                  f"encoder gives {embed}", fix=DOWNLOAD_FIX)
     except CheckpointError as exc:
         raise CheckpointError(f"{name}: {exc.message}", fix=exc.fix) from None
     return ConversionPlan(unet=unet, vae=vae, image_encoder=clip, cc_projection=cc, unet_source=unet_source,
@@ -191,7 +193,7 @@ def _check_strict(factory: Callable[[], nn.Module], state: Mapping[str, torch.Te
         for k in sorted(state.keys() & expected.keys())
         if state[k].shape != expected[k].shape
     ]
-    _raise_if_problems(
+    raise_if_problems(
         f"the {part}",
         {
             "model tensors the checkpoint lacks": sorted(expected.keys() - state.keys()),
@@ -209,7 +211,7 @@ def _load_strict(factory: Callable[[], nn.Module], state: dict[str, torch.Tensor
     return module
 
 
-def _image_encoder_dir_config(image_encoder_dir: str | os.PathLike[str] | None, name: str) -> Any:
+def image_encoder_dir_config(image_encoder_dir: str | os.PathLike[str] | None, name: str) -> Any:
     """The CLIPVisionConfig of ``image_encoder_dir`` (the checkpoint has no CLIP tower); read, not loaded."""
     from transformers import CLIPVisionConfig
 
