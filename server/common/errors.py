@@ -123,3 +123,11 @@ def only_query(params: Iterable[str], *allowed: str) -> None:
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise BadInputError(f"unknown query parameter(s) {[u[:40] for u in unknown[:5]]}; allowed: {list(allowed)}")
+
+
+def describe_value(value: object) -> str:
+    """What a message says a wrong argument was: ``'uint8 array of shape (256, 256, 3)'`` for an array (anything with
+    ``dtype`` and ``shape``), else the type name."""
+    if hasattr(value, "dtype") and hasattr(value, "shape"):
+        return f"{value.dtype} array of shape {tuple(value.shape)}"
+    return type(value).__name__

@@ -76,7 +76,7 @@ def host_memory_warning(preset: str, device: str, available: int | None = None) 
             "out-of-memory killer: close other programs first")
 
 
-def _tiny_models() -> PipelineModels:
+def tiny_models() -> PipelineModels:
     return PipelineModels(
         zero123=tiny_zero123(seed=0), reconstruction=build_model("tiny", seed=0),
         elevation=ElevationEstimator([FlowMatcher(), SiftMatcher()]),
@@ -116,7 +116,7 @@ def remove_interrupted_conversions(weights_dir: str | Path | None = None) -> lis
     return remove(root / "converted")
 
 
-def _paper_models(device: str, weights_dir: str | Path | None, download_missing: bool,
+def paper_models(device: str, weights_dir: str | Path | None, download_missing: bool,
                   load_device: str | None = None, progress: Callable[[Progress], None] | None = None,
                   should_cancel: Callable[[], bool] | None = None) -> PipelineModels:
     """The official models, loaded onto ``load_device`` (default ``device``; the CPU in low-VRAM mode) in the

@@ -44,7 +44,7 @@ from server.common.cameras import PoseFile
 from server.common.devices import resident, resolve_device
 from server.common.errors import BadInputError, CancelledError
 from server.common.fsutil import write_json_atomic
-from server.pipeline.models import PipelineModels, _paper_models, _tiny_models
+from server.pipeline.models import PipelineModels, paper_models, tiny_models
 from server.pipeline.options import PRESETS, GenerateOptions, GenerateResult, Progress, ViewsRecord
 from server.pipeline.reconstruct import reconstruction_fraction
 from server.pipeline.remesh import MeshOutcome, find_run, mesh_views, read_run_meta
@@ -184,7 +184,7 @@ class One2345Pipeline:
             raise BadInputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         device = resolve_device(device)
         home = "cpu" if low_vram else device  # where the models rest between stages
-        models = _tiny_models() if preset == "tiny" else _paper_models(device, weights_dir, download_missing, home)
+        models = tiny_models() if preset == "tiny" else paper_models(device, weights_dir, download_missing, home)
         models.zero123.to(device=home, dtype=torch.float16 if device.startswith("cuda") else torch.float32)
         models.reconstruction.to(home)
         if models.segmenter is not None and low_vram:

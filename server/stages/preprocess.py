@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from scipy import ndimage
 
-from server.common.errors import BadInputError, CheckpointError, MissingWeightsError
+from server.common.errors import BadInputError, CheckpointError, MissingWeightsError, describe_value
 from server.common.images import ACCEPTED, check_image_size, decoded, open_image
 from server.stages.sam_compat import import_segment_anything, use_chunked_attention
 
@@ -334,13 +334,8 @@ def _remove_specks(mask: np.ndarray, config: ForegroundConfig) -> np.ndarray:
 
 def _check_rgb(rgb: np.ndarray, name: str) -> None:
     if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise BadInputError(f"{name} must be a uint8 array [H, W, 3], got {_describe(rgb)}")
+        raise BadInputError(f"{name} must be a uint8 array [H, W, 3], got {describe_value(rgb)}")
 
-
-def _describe(value: object) -> str:
-    if isinstance(value, np.ndarray):
-        return f"{value.dtype} array {list(value.shape)}"
-    return type(value).__name__
 
 
 def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -505,7 +500,7 @@ def recentre(rgba: np.ndarray, fill: float = OBJECT_FILL, size: int = OUTPUT_SIZ
         BadInputError: the alpha channel is all zero (no object), or ``fill`` is not in (0, 1].
     """
     if rgba.dtype != np.uint8 or rgba.ndim != 3 or rgba.shape[2] != 4:
-        raise BadInputError(f"rgba must be a uint8 array [H, W, 4], got {_describe(rgba)}")
+        raise BadInputError(f"rgba must be a uint8 array [H, W, 4], got {describe_value(rgba)}")
     if not 0 < fill <= 1:
         raise BadInputError(f"fill must be in (0, 1], got {fill}")
     box = mask_bbox(rgba[..., 3] > 0)

@@ -40,5 +40,5 @@ def test_paper_models_record_the_warning(monkeypatch: pytest.MonkeyPatch, tmp_pa
     records: list[str] = []
     monkeypatch.setattr(models.log, "info", lambda fmt, *args: records.append(fmt % args))
     with pytest.raises(MissingWeightsError):
-        models._paper_models("cpu", tmp_path, download_missing=False)
+        models.paper_models("cpu", tmp_path, download_missing=False)
     assert records and "1.0 GiB of RAM available" in records[0]

@@ -50,7 +50,7 @@ class Converted(Exception):
 
 
 class ConvertingLoader:
-    """Stands in for the paper preset's first load: it runs the real model loading (``models._paper_models``) of a
+    """Stands in for the paper preset's first load: it runs the real model loading (``models.paper_models``) of a
     weights folder holding a tiny ``zero123-xl.ckpt``, so the real conversion reports through whatever observer the
     worker set. The conversion holds at its first weight-file write (its temporary folder on disk) until ``gate`` is
     set or it is cancelled; once converted, the loader returns ``fake``."""
@@ -84,7 +84,7 @@ class ConvertingLoader:
         self.calls += 1
         self.holding.clear()
         try:
-            models._paper_models("cpu", self.root, download_missing=False)
+            models.paper_models("cpu", self.root, download_missing=False)
         except Converted:
             return self.fake
         raise AssertionError("the stand-in conversion always ends with Converted or CancelledError")

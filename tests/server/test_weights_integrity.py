@@ -297,13 +297,13 @@ def test_import_across_file_systems_copies_with_the_space_check_and_replaces_a_d
 
 def test_the_paper_preset_names_every_missing_file_with_one_command(root: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from server.pipeline.models import _paper_models
+    from server.pipeline.models import paper_models
 
     small_table(monkeypatch)
     put(root, weights.REGISTRY["loftr"].local_name, CONTENT["loftr"])
     put(root, "zero123-xl.ckpt", CONTENT["zero123-xl"][:100])  # damaged counts as missing
     with pytest.raises(MissingWeightsError) as info:  # before: only zero123-xl was named, with its own command
-        _paper_models("cpu", root, download_missing=False)
+        paper_models("cpu", root, download_missing=False)
     message = str(info.value)
     assert "zero123-xl (zero123-xl.ckpt, ~60 kB, damaged: it has 100 bytes" in message
     assert "reconstruction (SparseNeuS_demo_v1/exp/lod0/checkpoints/ckpt_215000.pth, ~40 kB, missing)" in message

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from server.common.errors import BadInputError, MissingWeightsError
+from server.common.errors import BadInputError, MissingWeightsError, describe_value
 from server.common.weights import resolve
 from server.stages.elevation.fit import (
     RobustFitConfig,
@@ -29,7 +29,6 @@ from server.stages.elevation.matchers import (
     LoFTRMatcher,
     Matcher,
     SiftMatcher,
-    _describe,
 )
 
 if TYPE_CHECKING:
@@ -88,7 +87,7 @@ def _check_images(images: Sequence[np.ndarray]) -> None:
         raise BadInputError(f"Elevation estimation needs exactly {NUM_VIEWS} images; got {len(images)}.")
     for n, image in enumerate(images):
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise BadInputError(f"Image {n} must be an [H, W, 3] uint8 RGB array; got {_describe(image)}.")
+            raise BadInputError(f"Image {n} must be an [H, W, 3] uint8 RGB array; got {describe_value(image)}.")
     shapes = {image.shape for image in images}
     if len(shapes) != 1:
         raise BadInputError(f"The {NUM_VIEWS} images must have the same size; got {[im.shape for im in images]}.")

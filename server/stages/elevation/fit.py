@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 
 from server.common.errors import BadInputError
-from server.stages.elevation.matchers import ISOTROPIC, MATCH_COLUMNS, NUM_VIEWS, PAIRS, _positive_definite
-from server.stages.elevation.search import PolarSearchConfig, _pose_hypotheses
+from server.stages.elevation.matchers import ISOTROPIC, MATCH_COLUMNS, NUM_VIEWS, PAIRS, positive_definite
+from server.stages.elevation.search import PolarSearchConfig, pose_hypotheses
 
 if TYPE_CHECKING:
     pass
@@ -123,9 +123,9 @@ def _skew(t: np.ndarray) -> np.ndarray:
 
 
 def candidate_poses(polars: np.ndarray, config: PolarSearchConfig | None = None) -> np.ndarray:
-    """[E, 4, 4, 4] OpenCV c2w of the four nearby views under each candidate polar (see :func:`_pose_hypotheses`)."""
+    """[E, 4, 4, 4] OpenCV c2w of the four nearby views under each candidate polar (see :func:`pose_hypotheses`)."""
     config = config or PolarSearchConfig()
-    return np.stack([_pose_hypotheses(float(e), config) for e in polars])
+    return np.stack([pose_hypotheses(float(e), config) for e in polars])
 
 
 def fundamental_matrices(poses: np.ndarray, pair: tuple[int, int], K: np.ndarray) -> np.ndarray:
@@ -365,7 +365,7 @@ def fit_polar(
             continue
         found = _as_match_array(found, (i, j))
         found = found[np.isfinite(found).all(axis=1) & (found[:, 4] > 0)]
-        if not _positive_definite(found[:, 5:]).all():
+        if not positive_definite(found[:, 5:]).all():
             raise BadInputError(f"Matches of pair {(i, j)}: the covariance (columns 5–7, σxx σxy σyy) must be positive "
                                 f"definite in every row (σxx > 0, σxx·σyy > σxy²).")
         if len(found) < config.min_pair_matches:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import cv2
 import numpy as np
 
-from server.common.errors import BadInputError, CheckpointError, MissingWeightsError
+from server.common.errors import BadInputError, CheckpointError, MissingWeightsError, describe_value
 from server.common.weights import resolve
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ MATCH_COLUMNS = ("x0", "y0", "x1", "y1", "conf", "sxx", "sxy", "syy")
 and the covariance (:attr:`Matches.covariance`). :func:`fit_polar` also takes the first five alone (isotropic)."""
 
 
-def _positive_definite(covariance: np.ndarray) -> np.ndarray:
+def positive_definite(covariance: np.ndarray) -> np.ndarray:
     """[...] bool: the rows (σxx, σxy, σyy) of covariance [..., 3] are positive definite (NaN is not)."""
     sxx, sxy, syy = np.moveaxis(covariance, -1, 0)
     return (sxx > 0) & (sxx * syy > sxy**2)
@@ -86,7 +86,7 @@ class Matches:
         if self.covariance.shape != (len(self.confidence), 3):
             raise BadInputError(f"Matches covariance must be [M, 3] (σxx, σxy, σyy) with M = {len(self.confidence)}; "
                                 f"got shape {self.covariance.shape}.")
-        if not (np.isfinite(self.covariance).all() and _positive_definite(self.covariance).all()):
+        if not (np.isfinite(self.covariance).all() and positive_definite(self.covariance).all()):
             raise BadInputError("Matches covariance must be finite and positive definite (σxx > 0, "
                                 "σxx·σyy − σxy² > 0) in every row.")
 
@@ -120,16 +120,10 @@ class Matcher(Protocol):
         ...
 
 
-def _describe(value: object) -> str:
-    """'uint8 array of shape (H, W)' for arrays, else the type name (for error messages)."""
-    if isinstance(value, np.ndarray):
-        return f"{value.dtype} array of shape {value.shape}"
-    return type(value).__name__
-
 
 def _check_gray(image: np.ndarray, which: str) -> None:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 2:
-        raise BadInputError(f"{which} must be a [H, W] uint8 grayscale array; got {_describe(image)}.")
+        raise BadInputError(f"{which} must be a [H, W] uint8 grayscale array; got {describe_value(image)}.")
 
 
 class SiftMatcher:

@@ -35,7 +35,7 @@ class PolarSearchConfig:
     """Two matches sharing an image are linked when their keypoints there are closer than this, pixels."""
 
 
-def _pose_hypotheses(polar: float, config: PolarSearchConfig) -> np.ndarray:
+def pose_hypotheses(polar: float, config: PolarSearchConfig) -> np.ndarray:
     """OpenCV c2w of the four nearby views for a candidate polar angle.
 
     Returns:
@@ -163,7 +163,7 @@ def estimate_polar_from_matches(
     K = np.array([[focal, 0.0, c], [0.0, focal, c], [0.0, 0.0, 1.0]])
 
     def best(candidates: np.ndarray) -> int:
-        errors = np.array([_hypothesis_error(_pose_hypotheses(e, config), both, links, K) for e in candidates])
+        errors = np.array([_hypothesis_error(pose_hypotheses(e, config), both, links, K) for e in candidates])
         # Deviation from the reference only when it would fail: a non-finite error (points at infinity) never wins,
         # where torch.argmin would pick the NaN.
         errors = np.where(np.isfinite(errors), errors, np.inf)

@@ -340,7 +340,7 @@ def test_model_loading_reports_the_conversion_as_stage_prepare(
     assert {p.stage for p in seen} == {loading.PREPARE_STAGE} and seen[0].message.startswith("One-time set-up")
     assert seen[-1].step == seen[-1].total and all(p.fraction == 0.0 for p in seen)
 
-    # _paper_models (what One2345Pipeline.from_preset calls) passes the observer's callbacks to the conversion.
+    # paper_models (what One2345Pipeline.from_preset calls) passes the observer's callbacks to the conversion.
     captured: dict[str, object] = {}
 
     def fake_prepare(weights_dir: object, *, progress: object, should_cancel: object) -> Path:
@@ -351,10 +351,10 @@ def test_model_loading_reports_the_conversion_as_stage_prepare(
     monkeypatch.setattr(weights_table, "require", lambda *a, **k: None)
     cancel = threading.Event().is_set
     with loading.loading_observer(seen.append, cancel), pytest.raises(RuntimeError, match="stop here"):
-        models._paper_models("cpu", root, download_missing=False)
+        models.paper_models("cpu", root, download_missing=False)
     assert captured == {"progress": seen.append, "should_cancel": cancel}
     with pytest.raises(RuntimeError, match="stop here"):
-        models._paper_models("cpu", root, download_missing=False)
+        models.paper_models("cpu", root, download_missing=False)
     assert captured == {"progress": None, "should_cancel": None}  # outside the block: nothing observed
 
 
