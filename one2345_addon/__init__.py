@@ -15,12 +15,12 @@ import atexit
 def register() -> None:
     """Register properties, preferences, operators, the panels and the ``one2345`` command-line command."""
     from .core import properties, server_process
-    from .ops import asset, cli_command, generate, history, server, weights
+    from .ops import asset, cli_command, generate, history, server, text, weights
     from .ui import history as history_list
     from .ui import panels, preferences, previews
 
-    for module in (properties, preferences, generate, asset, server, weights, history, previews, history_list, panels,
-                   cli_command):
+    for module in (properties, preferences, generate, asset, server, weights, text, history, previews, history_list,
+                   panels, cli_command):
         module.register()
     atexit.register(server_process.shutdown)
 
@@ -28,12 +28,12 @@ def register() -> None:
 def unregister() -> None:
     """Cancel the running job, stop the server this session started, and unregister everything."""
     from .core import properties, server_process
-    from .ops import asset, cli_command, generate, history, server, weights
+    from .ops import asset, cli_command, generate, history, server, text, weights
     from .ui import history as history_list
     from .ui import panels, preferences, previews
 
     atexit.unregister(server_process.shutdown)
-    for module in (cli_command, panels, history_list, previews, history, weights, server, asset, generate,
+    for module in (cli_command, panels, history_list, previews, history, text, weights, server, asset, generate,
                    preferences, properties):
         module.unregister()
     server_process.shutdown()

@@ -106,6 +106,24 @@ class Client:
         body, content_type = encode_multipart({"options": json.dumps(options)}, {"image": (image.name, content, ctype)})
         return self._json("POST", "/v1/jobs", body=body, headers={"Content-Type": content_type})
 
+    def submit_images(self, prompt: str, count: int, seed: int | None = None,
+                      negative_prompt: str | None = None) -> dict[str, Any]:
+        """``POST /v1/images``: a job of kind ``images`` making ``count`` candidate pictures of ``prompt`` (sent as
+        typed: the server checks it and names what is wrong); returns ``{"id", "state", "url"}``."""
+        body: dict[str, Any] = {"prompt": prompt, "count": int(count)}
+        if seed is not None:
+            body["seed"] = int(seed)
+        if negative_prompt:
+            body["negative_prompt"] = negative_prompt
+        return self._post_json("/v1/images", body)
+
+    def submit_candidate(self, images_job: str, index: int, options: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/jobs`` without an image part: the input is candidate ``index`` of the done images job
+        ``images_job`` (options ``image_of`` and ``index``), so the run's recipe records the prompt."""
+        payload = {**options, "image_of": images_job, "index": int(index)}
+        body, content_type = encode_multipart({"options": json.dumps(payload)}, {})
+        return self._json("POST", "/v1/jobs", body=body, headers={"Content-Type": content_type})
+
     def status(self, job_id: str) -> dict[str, Any]:
         """``GET /v1/jobs/{id}``: state, stage, step, fraction, previews, error, result."""
         return self._json("GET", f"/v1/jobs/{job_id}")

@@ -10,10 +10,7 @@ the callbacks. Cancellation is an :class:`threading.Event` the worker checks bet
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import queue
-import secrets
 import shutil
 import threading
 import time
@@ -26,6 +23,8 @@ from typing import Any
 
 from . import server_state
 from .client import Client, ServerError
+from .errors import JobError, JobFailed
+from .recipes import parse_recipe, recipe_options
 from .server_process import Connection
 
 POLL_INTERVAL_S = 0.5
@@ -58,7 +57,7 @@ class Progress:
 
 SETUP_PREFIX = "One-time set-up: "
 PREPARE_STAGE = "prepare"
-"""The server's stage name for a one-time set-up while the models load (``server.pipeline.models.PREPARE_STAGE``)."""
+"""The server's stage name for a one-time set-up while the models load (``server.pipeline.loading.PREPARE_STAGE``)."""
 
 
 def bar(progress: Progress, cancelling: bool = False) -> tuple[float, str]:
@@ -74,31 +73,6 @@ def bar(progress: Progress, cancelling: bool = False) -> tuple[float, str]:
     steps = f" {progress.step}/{progress.total}" if progress.total > 1 else ""
     eta = f", {progress.eta_s:.0f} s left" if progress.eta_s else ""
     return progress.fraction, f"{progress.stage}{steps} ({progress.fraction:.0%}{eta})"
-
-
-@dataclass(frozen=True)
-class JobError:
-    """Why a task ended without a result: a kind (drives the fix-it buttons), a message and an optional fix."""
-
-    kind: str
-    message: str
-    fix: str | None = None
-
-    @classmethod
-    def from_exception(cls, exc: ServerError) -> JobError:
-        """The error of a failed request."""
-        return cls(exc.kind, exc.message, exc.fix)
-
-    def __str__(self) -> str:
-        return f"{self.message} Fix: {self.fix}." if self.fix else self.message
-
-
-class JobFailed(Exception):
-    """Raised inside a worker to end the task with a :class:`JobError`."""
-
-    def __init__(self, error: JobError) -> None:
-        super().__init__(error.message)
-        self.error = error
 
 
 @dataclass(frozen=True)
@@ -133,6 +107,8 @@ class JobResult:
     """The mesh carries a baked UV texture instead of vertex colours."""
     remesh_of: str | None = None
     """The server job whose views this result re-meshed."""
+    candidate: tuple[str, int] | None = None
+    """(images job id, index): the candidate of a prompt this result was made from (its ``image_of``)."""
 
 
 @dataclass(frozen=True)
@@ -318,12 +294,16 @@ class GenerateJob(Task):
         existing: a server job to follow and import instead of submitting one (History's Import).
         recipe_of: a done server job whose input and recipe to run again (History's Regenerate); ``variation``
             takes a new seed.
+        candidate: (images job id, index): submit that candidate of a prompt by reference (``image_of``) instead of
+            uploading ``image`` (then the add-on's copy of it); when the server no longer has that images job,
+            ``image`` is uploaded instead, with a note.
     """
 
     def __init__(self, image: Path | None, options: dict[str, Any], job_dir: Path, connect: Callable[[], Connection],
                  server_exit_code: Callable[[], int | None] = lambda: None, mesh_name: str | None = None,
                  poll_interval: float = POLL_INTERVAL_S, remesh_of: str | None = None, existing: str | None = None,
-                 recipe_of: str | None = None, variation: bool = False) -> None:
+                 recipe_of: str | None = None, variation: bool = False,
+                 candidate: tuple[str, int] | None = None) -> None:
         super().__init__("re-mesh" if remesh_of else "import" if existing else "generation")
         self.existing, self.recipe_of, self.variation = existing, recipe_of, variation
         self.image = Path(image) if image is not None else None
@@ -331,6 +311,7 @@ class GenerateJob(Task):
         self.job_dir = Path(job_dir)
         self.mesh_name = mesh_name or (self.image.stem if self.image else "mesh")
         self.remesh_of = remesh_of
+        self.candidate = candidate
         self.server_job_id: str | None = None
         self._connect = connect
         self._server_exit_code = server_exit_code
@@ -389,8 +370,15 @@ class GenerateJob(Task):
             try:
                 if self.remesh_of is not None:
                     return client.remesh(self.remesh_of, self.options)
+                if self.candidate is not None:
+                    return client.submit_candidate(*self.candidate, self.options)
                 return client.submit(self.image, self.options)
             except ServerError as exc:
+                if exc.kind == "not_found" and self.candidate is not None and self.image is not None:
+                    self.post("note", f"The server no longer has images job {self.candidate[0][:8]}: uploaded the "
+                                      "kept copy of the picture (the new recipe does not record the prompt).")
+                    self.candidate = None
+                    continue
                 if exc.kind != "queue_full":
                     raise
                 self.post("progress", Progress(stage="Server busy, waiting in line"))
@@ -518,70 +506,7 @@ class GenerateJob(Task):
                          elevation=result.get("elevation"), vertices=int(result.get("vertices") or 0),
                          faces=int(result.get("faces") or 0), pose=pose, server_job_dir=server_dir,
                          elevation_uncertain=uncertain, input=self.image, textured=bool(result.get("textured")),
-                         remesh_of=status.get("remesh_of"))
-
-
-# -- recipes: how a result was made, to make it again ---------------------------------------------------------
-
-RECIPE_KEYS = ("input_sha256", "options")
-"""What a recipe (meta.json's ``recipe``) must hold for Regenerate."""
-
-
-def parse_recipe(text: str | dict[str, Any]) -> dict[str, Any]:
-    """A recipe from an object's custom property (JSON text) or meta.json, checked.
-
-    Raises:
-        JobFailed: ``bad_input`` when it is not a recipe (naming what is missing).
-    """
-    try:
-        recipe = json.loads(text) if isinstance(text, str) else dict(text)
-    except (ValueError, TypeError) as exc:
-        raise JobFailed(JobError("bad_input", f"The object's One2345 recipe is not valid JSON ({exc}).")) from exc
-    missing = [key for key in RECIPE_KEYS if key not in recipe]
-    if missing or not isinstance(recipe.get("options"), dict):
-        raise JobFailed(JobError("bad_input", f"The object's One2345 recipe lacks {missing or ['options']}; it was "
-                                              "made by an older version.", "Generate it again from its image"))
-    return recipe
-
-
-def recipe_options(recipe: dict[str, Any], variation: bool = False, seed: int | None = None) -> dict[str, Any]:
-    """The job options that make a recipe's result again: exactly its options (with their actual seed and the seeds
-    of re-rolled views), never pausing for review. A variation takes another seed (``seed``, else a random one) and
-    drops the per-view seeds, so every view is new."""
-    options = dict(recipe["options"])
-    options["review"] = False
-    if variation:
-        old = options.get("seed")
-        while seed is None or seed == old:
-            seed = secrets.randbelow(2**31)
-        options["seed"], options["view_seeds"] = int(seed), None
-    return options
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def recipe_input(source: Path, expected_sha256: str, job_dir: Path) -> Path:
-    """Copy an object's input image into ``job_dir``, after checking it is the very file the object was made from.
-
-    (The recipe's own ``input_sha256`` is of the server's re-encoded copy; the add-on records the upload's hash.)
-
-    Raises:
-        JobFailed: ``bad_input`` when the file is gone or has changed.
-    """
-    source = Path(source)
-    if not source.is_file():
-        raise JobFailed(JobError("bad_input", f"The input image of this object, {str(source)!r}, is gone.",
-                                 "Use History to regenerate it from the server's copy, or generate it again"))
-    digest = file_sha256(source)
-    if expected_sha256 and digest != expected_sha256:
-        raise JobFailed(JobError("bad_input", f"The input image {str(source)!r} has changed since the object was "
-                                              f"made (SHA-256 {digest[:12]}…, recorded {expected_sha256[:12]}…).",
-                                 "Generate it again from the image as it is now"))
-    job_dir.mkdir(parents=True, exist_ok=True)
-    return Path(shutil.copyfile(source, job_dir / source.name))
+                         remesh_of=status.get("remesh_of"), candidate=self.candidate)
 
 
 def _progress(status: dict[str, Any]) -> Progress:

@@ -236,9 +236,15 @@ def link_job(obj: bpy.types.Object, result: Any, name: str | None = None) -> Non
     if result.input is not None and Path(result.input).is_file():
         obj["one2345_input"] = str(result.input)
         obj["one2345_input_sha256"] = hashlib.sha256(Path(result.input).read_bytes()).hexdigest()
+    candidate = getattr(result, "candidate", None)
+    if candidate:  # made from a prompt's picture: Regenerate names it again, so the new recipe keeps the prompt
+        obj["one2345_image_of"], obj["one2345_index"] = str(candidate[0]), int(candidate[1])
     recipe = _read_recipe(result.meta)
     if recipe is not None:  # JSON text: an ID property would turn nested nulls and lists into Blender's own types
         obj["one2345_recipe"] = json.dumps(recipe, sort_keys=True)
+        text = recipe.get("text")
+        if isinstance(text, dict) and isinstance(text.get("prompt"), str):
+            obj["one2345_prompt"] = text["prompt"]
 
 
 def _read_recipe(meta: Path | None) -> dict[str, Any] | None:

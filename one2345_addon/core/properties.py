@@ -99,6 +99,20 @@ def skip_save_options() -> dict[str, Any]:
 class ONE2345_PG_settings(JobOptions, bpy.types.PropertyGroup):
     """The panel's settings, stored in the scene."""
 
+    input_mode: EnumProperty(
+        name="Input", description="What the mesh is made from",
+        items=(("IMAGE", "Image", "A picture of the object"),
+               ("PROMPT", "Prompt", "A text prompt: pick one of a few generated pictures, then make its mesh")),
+        default="IMAGE")
+    prompt: StringProperty(name="Prompt", description="What to make, e.g. 'a rusty fire hydrant' (the server adds "
+                                                      "'whole object, centred, plain background')")
+    negative_prompt: StringProperty(name="Negative Prompt",
+                                    description="What the pictures should not show (empty: the server's default)")
+    image_count: IntProperty(name="Images", description="Candidate pictures per set (1…8)", default=4, min=1, max=8)
+    image_seed: IntProperty(name="Image Seed", description="Seed of the pictures (same prompt and seed, same "
+                                                          "pictures); More takes a new one", default=0, min=0)
+    use_random_image_seed: BoolProperty(name="Random Image Seed", default=True,
+                                        description="Let the server pick a new seed for every set of pictures")
     image_source: EnumProperty(
         name="Image", description="Where the input image comes from",
         items=(("FILE", "File", "An image file on disk"),

@@ -20,7 +20,7 @@ import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty
 from mathutils import Matrix
 
-from ..core import jobs, mesh_import, properties
+from ..core import jobs, mesh_import, properties, recipes
 from ..core import settings as addon_prefs
 from ..core.client import Client
 from ..core.jobs import GenerateJob, JobError, JobFailed
@@ -85,14 +85,16 @@ class ONE2345_OT_regenerate(FollowJob, bpy.types.Operator):
 
     def make_job(self, context: bpy.types.Context) -> GenerateJob:
         obj = active_result(context)
-        recipe = jobs.parse_recipe(obj["one2345_recipe"])
+        recipe = recipes.parse_recipe(obj["one2345_recipe"])
         seed = self.seed if self.properties.is_property_set("seed") else None
-        options = jobs.recipe_options(recipe, variation=self.variation, seed=seed)
+        options = recipes.recipe_options(recipe, variation=self.variation, seed=seed)
         job_dir = new_job_dir("variation" if self.variation else "regenerate")
-        image = jobs.recipe_input(Path(obj.get("one2345_input") or ""), obj.get("one2345_input_sha256", ""), job_dir)
+        image = recipes.recipe_input(Path(obj.get("one2345_input") or ""), obj.get("one2345_input_sha256", ""), job_dir)
         connect, exit_code = addon_prefs.connector(addon_prefs.get(context))
+        # A picture of a prompt is named by reference while the server has it, so the new recipe keeps the prompt.
+        candidate = (str(obj["one2345_image_of"]), int(obj["one2345_index"])) if obj.get("one2345_image_of") else None
         return begin(GenerateJob(image, options, job_dir, connect, exit_code,
-                                 mesh_name=obj.get("one2345_name") or obj.name))
+                                 mesh_name=obj.get("one2345_name") or obj.name, candidate=candidate))
 
 
 # -- Quad Remesh ------------------------------------------------------------------------------------------------------

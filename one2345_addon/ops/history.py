@@ -35,6 +35,7 @@ class ONE2345_PG_history_item(bpy.types.PropertyGroup):
     seconds: FloatProperty(name="Time (s)")
     settings: StringProperty(name="Settings")
     remesh_of: StringProperty(name="Re-mesh Of")
+    kind: StringProperty(name="Kind", description="mesh, or images (candidate pictures of a prompt)")
     input_thumb: StringProperty(name="Input Thumbnail", subtype="FILE_PATH")
     view_thumb: StringProperty(name="View 0 Thumbnail", subtype="FILE_PATH")
 
@@ -64,11 +65,15 @@ def fetch_page(client: Any, folder: Path, after: str | None = None) -> dict[str,
     for status in page["jobs"]:
         job_id = status["id"]
         pair = []
-        for name, remote in (("input", "input_256.png"), ("view", "0.png")):
+        # An images job's thumbnails are its first two candidates; a mesh job's its input and view 0.
+        remotes = (("input", "views/input_256.png"), ("view", "views/0.png"))
+        if status.get("kind") == "images":
+            remotes = (("input", "candidates/0.png"), ("view", "candidates/1.png"))
+        for name, remote in remotes:
             path = folder / f"{job_id}_{name}.png"
             if not path.is_file():
                 with contextlib.suppress(ServerError):
-                    client.download(f"/v1/jobs/{job_id}/views/{remote}", path)
+                    client.download(f"/v1/jobs/{job_id}/{remote}", path)
             pair.append(str(path) if path.is_file() else "")
         thumbs[job_id] = pair
     page["thumbs"] = thumbs
@@ -88,7 +93,10 @@ def fill(wm: bpy.types.WindowManager, page: dict[str, Any], append: bool) -> Non
         item.job_id, item.state = status["id"], status["state"]
         item.created = status.get("created", "")[:19].replace("T", " ")
         item.seconds = float(status.get("elapsed_s") or 0.0)
-        item.settings = describe_options(status.get("options") or {})
+        item.kind = status.get("kind") or "mesh"
+        request = status.get("images") or {}
+        item.settings = (f"“{request.get('prompt')}” · {request.get('count')} pictures · seed {request.get('seed')}"
+                         if item.kind == "images" else describe_options(status.get("options") or {}))
         item.remesh_of = status.get("remesh_of") or ""
         item.input_thumb, item.view_thumb = page["thumbs"].get(status["id"], ("", ""))
 
@@ -173,6 +181,9 @@ class ONE2345_OT_history_job(FollowJob, bpy.types.Operator):
         if not job_id:
             raise jobs.JobFailed(jobs.JobError("bad_input", "No history item is selected.",
                                                "Refresh the history and select a job"))
+        if any(s["id"] == job_id and s.get("kind") == "images" for s in STATE.history):
+            raise jobs.JobFailed(jobs.JobError("bad_input", f"Job {job_id[:8]} made pictures of a prompt, not a "
+                                                            "mesh.", "Show Candidates, then Use This on one"))
         connect, exit_code = addon_prefs.connector(addon_prefs.get(context))
         kind = self.action.lower()
         job_dir = new_job_dir(f"{kind}")

@@ -20,6 +20,7 @@ FIXES: dict[str, tuple[tuple[str, str, str], ...]] = {
     "unreachable": (_START, _OPEN_PREFS),
     "unauthorized": (_OPEN_PREFS,),
     "missing_weights": (("one2345.download_weights", "Download Weights", "IMPORT"), _OPEN_PREFS),
+    "missing_text_weights": (("one2345.download_text_weights", "Download Text Model", "IMPORT"), _OPEN_PREFS),
     "out_of_memory": (("one2345.use_low_vram", "Use Low-VRAM Mode", "MEMORY"),
                       ("one2345.lower_resolution", "Lower Mesh Resolution", "MOD_DECIM")),
     "queue_full": (("one2345.generate_mesh", "Try Again", "FILE_REFRESH"),),

@@ -55,21 +55,23 @@ class WeightsDownload(jobs.Task):
     Args:
         connect: returns a live connection (starts the local server when needed).
         poll_interval: seconds between progress requests.
+        files: the names to fetch (the optional text-to-image model's); None: every missing file the server needs.
     """
 
     operation = "download"
 
-    def __init__(self, connect: Any, poll_interval: float = 0.25) -> None:
+    def __init__(self, connect: Any, poll_interval: float = 0.25, files: list[str] | None = None) -> None:
         super().__init__(f"weights {self.operation}")
         self._connect = connect
         self._poll_interval = poll_interval
+        self.files = list(files) if files is not None else None
 
     # -- the endpoints of this operation (an import overrides them) --------------------------------------------
 
     def begin(self, client: Any) -> dict[str, Any]:
         """Start it; a download already running (e.g. started by another Blender) is followed instead."""
         try:
-            return client.start_weights_download()
+            return client.start_weights_download(self.files)
         except ServerError as exc:
             if exc.kind != "conflict":  # 409: one is already running: follow it
                 raise
@@ -219,6 +221,8 @@ def _finished(task: jobs.Task) -> None:
     prefs = addon_prefs.get()
     if task.state == "done" and isinstance(task, WeightsImport):
         prefs.status_text = summary(STATE.download)
+    elif task.state == "done" and getattr(task, "files", None):
+        prefs.status_text = "The text-to-image model is downloaded: Prompt input is ready."
     elif task.state == "done":
         prefs.status_text = "Weights downloaded: every file is present."
     else:
@@ -228,10 +232,11 @@ def _finished(task: jobs.Task) -> None:
     redraw(bpy.context)
 
 
-def start_download(context: bpy.types.Context) -> jobs.Task:
-    """Start the download task (main thread); in background mode it runs to the end before this returns."""
+def start_download(context: bpy.types.Context, files: list[str] | None = None) -> jobs.Task:
+    """Start the download task (main thread) of ``files`` (default: every missing file the server needs); in
+    background mode it runs to the end before this returns."""
     connect, _ = addon_prefs.connector(addon_prefs.get(context))
-    task = WeightsDownload(connect)
+    task = WeightsDownload(connect, files=files)
     _DOWNLOAD[:] = [task]
     jobs.set_last(task)
     return run_task(task, _finished)

@@ -30,7 +30,8 @@ class ONE2345_UL_history(bpy.types.UIList):
                 row.label(text="", icon="IMAGE_DATA")
         col = row.column(align=True)
         took = f" · {server_state.format_seconds(item.seconds)}" if item.seconds else ""
-        col.label(text=f"{item.created}  {item.state}{took}" + (" · re-mesh" if item.remesh_of else ""))
+        what = " · re-mesh" if item.remesh_of else " · pictures" if item.kind == "images" else ""
+        col.label(text=f"{item.created}  {item.state}{took}{what}")
         col.label(text=item.settings)
 
 
@@ -44,6 +45,12 @@ def draw_history(layout: bpy.types.UILayout, context: bpy.types.Context) -> None
     layout.template_list("ONE2345_UL_history", "", wm, "one2345_history", wm, "one2345_history_index", rows=4)
     item = selected(context)
     if item is None:
+        return
+    if item.kind == "images":  # candidate pictures: show them in the panel to use one
+        row = layout.row(align=True)
+        row.enabled = item.state == "done"
+        row.operator("one2345.show_candidates", icon="IMAGE_DATA").job_id = item.job_id
+        row.operator("one2345.delete_history_job", text="Delete", icon="TRASH").job_id = item.job_id
         return
     row = layout.row(align=True)
     row.enabled = item.state == "done"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import bpy
 
-from ..core import jobs, server_state
+from ..core import images, jobs, server_state
 from ..ops.history import describe_options
 from ..ops.tasks import FIXES
 from .history import draw_history
@@ -29,7 +29,11 @@ def wrapped_label(layout: bpy.types.UILayout, text: str, width: int = 48, icon: 
 
 def draw_image_source(layout: bpy.types.UILayout, context: bpy.types.Context,
                       settings: bpy.types.PropertyGroup) -> None:
-    """File, image datablock, or the active image empty."""
+    """Image or Prompt; for an image: a file, an image datablock, or the active image empty."""
+    layout.prop(settings, "input_mode", expand=True)
+    if settings.input_mode == "PROMPT":
+        draw_prompt(layout, settings)
+        return
     layout.prop(settings, "image_source", expand=True)
     if settings.image_source == "FILE":
         layout.prop(settings, "filepath", text="")
@@ -40,6 +44,39 @@ def draw_image_source(layout: bpy.types.UILayout, context: bpy.types.Context,
         ok = obj is not None and obj.type == "EMPTY" and obj.empty_display_type == "IMAGE" and obj.data is not None
         layout.label(text=f"{obj.name}: {obj.data.name}" if ok else "Select an image empty", icon=(
             "IMAGE_REFERENCE" if ok else "ERROR"))
+
+
+def draw_prompt(layout: bpy.types.UILayout, settings: bpy.types.PropertyGroup) -> None:
+    """The prompt, the optional negative prompt, how many pictures and their seed."""
+    layout.prop(settings, "prompt", text="", icon="FONT_DATA")
+    col = layout.column(align=True)
+    col.use_property_split = True
+    col.prop(settings, "negative_prompt")
+    col.prop(settings, "image_count")
+    row = col.row(align=True)
+    row.enabled = not settings.use_random_image_seed
+    row.prop(settings, "image_seed")
+    col.prop(settings, "use_random_image_seed")
+
+
+def draw_candidates(layout: bpy.types.UILayout) -> None:
+    """The sets of pictures, newest first, each large with *Use This*; *More* and *Clear* under them."""
+    shown = images.sets()
+    if not shown:
+        return
+    for number, found in enumerate(shown):
+        box = layout.box()
+        wrapped_label(box, f"“{found.prompt}” · seed {found.seed}" + (" (newest)" if number == 0 else ""),
+                      icon="IMAGE_DATA")
+        grid = box.grid_flow(columns=2, even_columns=True, align=True)
+        for index, path in enumerate(found.paths):
+            cell = grid.column(align=True)
+            cell.template_icon(icon_value=preview_icon(path), scale=6.0)
+            op = cell.operator("one2345.use_candidate", text=f"Use This ({index + 1})", icon="CHECKMARK")
+            op.job_id, op.index = found.job_id, index
+    row = layout.row(align=True)
+    row.operator("one2345.generate_images", text="More", icon="FILE_REFRESH").more = True
+    row.operator("one2345.clear_candidates", icon="X")
 
 
 def draw_options(layout: bpy.types.UILayout, settings: bpy.types.PropertyGroup) -> None:
@@ -146,7 +183,7 @@ def draw_outcome(layout: bpy.types.UILayout, task: jobs.Task | None) -> None:
             box.operator(idname, text=text, icon=icon)
     elif task.state == "cancelled":
         layout.label(text="Cancelled.", icon="CANCEL")
-    elif task.state == "done" and isinstance(task, jobs.GenerateJob):
+    elif task.state == "done" and isinstance(task.result, jobs.JobResult):
         result = task.result
         layout.label(text=f"Done: {result.vertices} vertices, {result.faces} faces", icon="CHECKMARK")
         layout.operator("wm.path_open", text="Open Job Folder", icon="FILE_FOLDER").filepath = str(result.job_dir)
@@ -172,6 +209,16 @@ class ONE2345_PT_generate(bpy.types.Panel):
             draw_review(layout, job, settings)
         elif job is not None:
             draw_progress(layout, job)
+        elif settings.input_mode == "PROMPT":
+            draw_preflight(layout)
+            reason = images.text_block_reason(server_state.STATE.health, server_state.STATE.weights)
+            if reason:  # the button's tooltip says it too, but only on hover
+                wrapped_label(layout, reason, icon="ERROR")
+            row = layout.row()
+            row.scale_y = 1.5
+            row.operator("one2345.generate_images", icon="IMAGE_DATA")
+            draw_outcome(layout, jobs.last())
+            draw_candidates(layout)
         else:
             draw_preflight(layout)
             row = layout.row()
@@ -203,6 +250,8 @@ class ONE2345_PT_object(bpy.types.Panel):
         kind = "texture" if obj.get("one2345_textured") else "vertex colours"
         layout.label(text=f"{obj.name}: {len(obj.data.polygons) if obj.type == 'MESH' else 0} faces, {kind}",
                      icon="OBJECT_DATA")
+        if obj.get("one2345_prompt"):
+            wrapped_label(layout, f"Prompt: “{obj['one2345_prompt']}”", icon="FONT_DATA")
         if recipe:
             options = json.loads(recipe).get("options") or {}
             layout.label(text=describe_options(options))

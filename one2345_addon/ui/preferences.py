@@ -7,7 +7,7 @@ and the Weights box. Environment only; job options live in the scene. Code that 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, StringProperty
 
-from ..core import jobs, server_state
+from ..core import images, jobs, server_state
 from ..core import settings as addon_prefs
 from ..ops import weights
 
@@ -115,6 +115,8 @@ def draw_weights(layout: bpy.types.UILayout) -> None:
         box.label(text=f"Folder: {listing.get('folder')}", icon="FILE_FOLDER")
         col = box.column(align=True)
         for f in listing.get("files") or []:
+            if f in images.text_files(listing):
+                continue  # one line for the whole text model, below
             state = f.get("state", "?")
             icon = {"present": "CHECKMARK", "partial": "TIME", "missing": "X", "corrupt": "ERROR"}.get(state, "DOT")
             size = server_state.human_bytes(f.get("expected_bytes"))
@@ -143,11 +145,29 @@ def draw_weights(layout: bpy.types.UILayout) -> None:
         row.operator("one2345.import_weights", icon="FILE_FOLDER")
     else:
         box.label(text="Every weight file is present.", icon="CHECKMARK")
+    draw_text_model(box, listing)
     if weights.conversion_ahead():
         col = box.column(align=True)
         col.label(text="The first Generate converts Zero123-XL once (15.5 GB → 5 GB, about a minute).", icon="INFO")
         col.label(text="To do it now instead, run in a terminal: one2345 weights prepare")
         col.operator("one2345.copy_prepare_command", icon="COPYDOWN")
+
+
+def draw_text_model(box: bpy.types.UILayout, listing: dict | None) -> None:
+    """The optional text-to-image model (Prompt input): one line for its files, and its own Download."""
+    files = images.text_files(listing)
+    if not files:
+        return
+    missing, size = images.text_missing(listing)
+    total = sum(int(f.get("expected_bytes") or 0) for f in files)
+    col = box.column(align=True)
+    state = "present" if not missing else f"{len(missing)} of {len(files)} files missing"
+    col.label(text=f"Text to 3D (optional): text-to-image model, {state} ({server_state.human_bytes(total)})",
+              icon="CHECKMARK" if not missing else "X")
+    col.label(text=f"Licence: {files[0].get('licence')}")
+    if missing and weights.current_download() is None:
+        col.operator("one2345.download_text_weights",
+                     text=f"Download Text Model (≈ {server_state.human_bytes(size)})", icon="IMPORT")
 
 
 CLASSES = (ONE2345_AP_preferences,)

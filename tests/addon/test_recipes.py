@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from one2345_addon.core import jobs, server_state
+from one2345_addon.core import jobs, recipes, server_state
 from one2345_addon.core.server_process import Connection
 from tests.addon.fake_server import ScriptedServer, json_reply
 from tests.addon.test_jobs import DONE, JOB, status
@@ -118,33 +118,33 @@ RECIPE = {"input_sha256": "ab" * 32, "elevation": 12.0, "options": {
 
 
 def test_recipe_options_repeat_exactly_and_a_variation_draws_a_new_seed():
-    again = jobs.recipe_options(RECIPE)
+    again = recipes.recipe_options(RECIPE)
     assert again == {**RECIPE["options"], "review": False}  # a recipe never waits for a review
-    variation = jobs.recipe_options(RECIPE, variation=True)
+    variation = recipes.recipe_options(RECIPE, variation=True)
     assert variation["seed"] != 5 and variation["view_seeds"] is None and variation["resolution"] == 64
-    assert jobs.recipe_options(RECIPE, variation=True, seed=11)["seed"] == 11
+    assert recipes.recipe_options(RECIPE, variation=True, seed=11)["seed"] == 11
     assert RECIPE["options"]["review"] is True  # the recipe itself is left as it was
 
 
 def test_a_recipe_that_is_not_one_says_what_is_missing():
     with pytest.raises(jobs.JobFailed, match="not valid JSON"):
-        jobs.parse_recipe("{oops")
+        recipes.parse_recipe("{oops")
     with pytest.raises(jobs.JobFailed, match=r"lacks \['input_sha256'\]"):
-        jobs.parse_recipe({"options": {}})
-    assert jobs.parse_recipe(json.dumps(RECIPE)) == RECIPE
+        recipes.parse_recipe({"options": {}})
+    assert recipes.parse_recipe(json.dumps(RECIPE)) == RECIPE
 
 
 def test_the_input_must_be_the_very_file_the_object_was_made_from(tmp_path):
     source = tmp_path / "input.png"
     source.write_bytes(b"the image")
     digest = hashlib.sha256(b"the image").hexdigest()
-    copy = jobs.recipe_input(source, digest, tmp_path / "new")
+    copy = recipes.recipe_input(source, digest, tmp_path / "new")
     assert copy.read_bytes() == b"the image" and copy.parent == tmp_path / "new"
     source.write_bytes(b"painted over")
     with pytest.raises(jobs.JobFailed, match="has changed since the object was made"):
-        jobs.recipe_input(source, digest, tmp_path / "new2")
+        recipes.recipe_input(source, digest, tmp_path / "new2")
     with pytest.raises(jobs.JobFailed, match="is gone"):
-        jobs.recipe_input(tmp_path / "missing.png", digest, tmp_path / "new3")
+        recipes.recipe_input(tmp_path / "missing.png", digest, tmp_path / "new3")
 
 
 def test_preflight_lines_from_the_last_answers():
