@@ -24,7 +24,7 @@ from typing import Any
 from . import server_state
 from .client import Client, ServerError
 from .errors import JobError, JobFailed
-from .recipes import parse_recipe, recipe_options
+from .recipes import parse_recipe, recipe_candidate, recipe_options
 from .server_process import Connection
 
 POLL_INTERVAL_S = 0.5
@@ -362,8 +362,11 @@ class GenerateJob(Task):
         status = client.status(job_id)
         self.image = client.download(f"/v1/jobs/{job_id}/input", self.job_dir / "input.png")
         if status.get("state") == "done" and not self.existing:
-            self.options = recipe_options(parse_recipe(client.meta(job_id).get("recipe") or {}),
-                                          variation=self.variation)
+            recipe = parse_recipe(client.meta(job_id).get("recipe") or {})
+            self.options = recipe_options(recipe, variation=self.variation)
+            # Made from a prompt's candidate: name it again so the new recipe keeps the prompt (the image just
+            # fetched is the fallback when the images job is gone).
+            self.candidate = recipe_candidate(recipe) or self.candidate
 
     def _submit(self, client: Client) -> dict[str, Any]:
         while True:

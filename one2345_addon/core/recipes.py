@@ -81,3 +81,15 @@ def recipe_prompt(recipe: dict[str, Any] | None) -> str | None:
     text = (recipe or {}).get("text")
     prompt = text.get("prompt") if isinstance(text, dict) else None
     return prompt if isinstance(prompt, str) else None
+
+
+def recipe_candidate(recipe: dict[str, Any] | None) -> tuple[str, int] | None:
+    """(images job id, index) of the candidate a result was made from, when the server recorded it (the recipe's
+    ``text.images_job``), so running the recipe again can name the same picture and keep the prompt; else None."""
+    text = (recipe or {}).get("text")
+    if not isinstance(text, dict):
+        return None
+    job, index = text.get("images_job"), text.get("index")
+    if isinstance(job, str) and job and isinstance(index, int) and not isinstance(index, bool) and index >= 0:
+        return job, index
+    return None

@@ -134,6 +134,9 @@ class TextSource:
     negative_guidance: float
     size: int
     template: str
+    images_job: str | None = None
+    """The server's images job the candidate came from (``image_of``), so a client can name the same picture again
+    for Regenerate; None for a run made by the command line."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

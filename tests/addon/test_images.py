@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from one2345_addon.core import images, jobs
+from one2345_addon.core import images, jobs, recipes
 from one2345_addon.core.client import Client
 from one2345_addon.core.server_process import Connection
 from tests.addon.fake_server import ScriptedServer, json_reply
@@ -182,3 +182,43 @@ def test_sets_newest_first_replacing_the_same_job_and_capped():
     assert images.find_set(made[6].job_id) is made[6] and images.find_set("0" * 32) is None
     images.clear_sets()
     assert images.sets() == []
+
+
+def test_running_a_candidates_recipe_again_names_the_candidate_so_the_prompt_is_kept(tmp_path):
+    """History's Regenerate of a mesh made from a candidate (``recipe_of``): the server recorded the images job in
+    the recipe's text, so the new job names that candidate again instead of uploading the fetched picture."""
+    source = "c" * 32
+    recipe = {"input_sha256": "0" * 64, "options": {"seed": 3, "resolution": 32},
+              "text": {"prompt": "a rusty fire hydrant", "seed": 7, "index": 1, "images_job": IMAGES}}
+    script = Script([status(), DONE])
+
+    def server(request: dict):
+        path = request["path"]
+        if path == f"/v1/jobs/{source}":
+            return json_reply(200, {**DONE, "id": source})
+        if path == f"/v1/jobs/{source}/input":
+            return 200, {"Content-Type": "image/png"}, b"the picture"
+        if path == f"/v1/jobs/{source}/meta":
+            return json_reply(200, {"recipe": recipe})
+        return script(request)
+
+    with ScriptedServer(server) as server_:
+        connection = Connection(url=server_.url, token="t", local=False)
+        job = jobs.GenerateJob(None, {}, tmp_path / "job", lambda: connection, poll_interval=0.02,
+                               recipe_of=source).start()
+        assert job.wait(timeout=20)
+    assert job.state == "done", job.error
+    posts = [r for r in server_.requests if r["method"] == "POST"]
+    assert len(posts) == 1
+    form = parse_multipart(posts[0]["body"], posts[0]["headers"]["Content-Type"])
+    options = json.loads(form["options"][1])
+    assert "image" not in form and (options["image_of"], options["index"]) == (IMAGES, 1)
+    assert options["seed"] == 3 and job.result.candidate == (IMAGES, 1)
+
+
+def test_a_recipe_names_its_candidate_only_when_the_server_recorded_it():
+    assert recipes.recipe_candidate({"text": {"images_job": IMAGES, "index": 2}}) == (IMAGES, 2)
+    for text in (None, {"prompt": "x", "index": 2}, {"images_job": IMAGES, "index": True},
+                 {"images_job": "", "index": 0}, {"images_job": IMAGES, "index": -1}, "a prompt"):
+        assert recipes.recipe_candidate({"text": text}) is None, text
+    assert recipes.recipe_candidate(None) is None

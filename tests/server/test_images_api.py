@@ -153,6 +153,7 @@ def test_mesh_job_from_a_candidate_records_the_prompt(parts):
     assert (text.prompt, text.negative_prompt, text.seed, text.index, text.count) == (
         "a rusty fire hydrant", "blurry", 11, 2, 3)
     assert text.model == "tiny random LCM (no weights)"
+    assert text.images_job == source["id"]  # so Regenerate from History can name the same candidate again
     assert client.get(f"/v1/jobs/{status['id']}/input", headers=AUTH).content == pipe.images[-1]
     # an ordinary upload hands no text to the pipeline
     assert wait_state(client, submit(client).json()["id"])["state"] == "done"

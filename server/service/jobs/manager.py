@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -303,7 +303,7 @@ class JobManager:
                                     f"candidates, so index is an integer in [0, {count - 1}]")
             with self.store.open(source, "candidates/candidates.json") as f:
                 try:
-                    text = TextSource(**json.loads(f.read())["sources"][index])
+                    text = replace(TextSource(**json.loads(f.read())["sources"][index]), images_job=source_id)
                 except (ValueError, TypeError, KeyError, IndexError) as e:
                     raise BadInputError(f"candidates.json of job {source_id} is damaged ({type(e).__name__})",
                                         fix="make the candidates again with POST /v1/images") from None
