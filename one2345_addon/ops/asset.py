@@ -416,13 +416,5 @@ def _bake_meta(meta: Path | None) -> dict[str, Any]:
 CLASSES = (ONE2345_OT_remesh, ONE2345_OT_regenerate, ONE2345_OT_quad_remesh, ONE2345_OT_bake_views)
 
 
-def register() -> None:
-    """Register the object actions."""
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister() -> None:
-    """Unregister them."""
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+# Blender's own helper: CLASSES registered in order, unregistered in reverse.
+register, unregister = bpy.utils.register_classes_factory(CLASSES)

@@ -230,13 +230,5 @@ CLASSES = (ONE2345_OT_check_server, ONE2345_OT_start_server, ONE2345_OT_stop_ser
            ONE2345_OT_open_log, ONE2345_OT_open_preferences, ONE2345_OT_lower_resolution, ONE2345_OT_use_low_vram)
 
 
-def register() -> None:
-    """Register the server and fix-it operators."""
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister() -> None:
-    """Unregister them."""
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+# Blender's own helper: CLASSES registered in order, unregistered in reverse.
+register, unregister = bpy.utils.register_classes_factory(CLASSES)

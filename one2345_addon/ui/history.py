@@ -69,13 +69,5 @@ def draw_history(layout: bpy.types.UILayout, context: bpy.types.Context) -> None
 CLASSES = (ONE2345_UL_history,)
 
 
-def register() -> None:
-    """Register the list."""
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister() -> None:
-    """Unregister it."""
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+# Blender's own helper: CLASSES registered in order, unregistered in reverse.
+register, unregister = bpy.utils.register_classes_factory(CLASSES)

@@ -286,13 +286,5 @@ class ONE2345_PT_history(bpy.types.Panel):
 CLASSES = (ONE2345_PT_generate, ONE2345_PT_object, ONE2345_PT_history)
 
 
-def register() -> None:
-    """Register the panels."""
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister() -> None:
-    """Unregister them."""
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+# Blender's own helper: CLASSES registered in order, unregistered in reverse.
+register, unregister = bpy.utils.register_classes_factory(CLASSES)
