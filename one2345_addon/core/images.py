@@ -12,7 +12,6 @@ a picture seen earlier can still be picked after a few more tries (nothing made 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,14 +88,7 @@ class ImagesJob(GenerateJob):
 
     def work(self) -> CandidateSet:
         """Run the images job on the worker thread."""
-        self.post("progress", Progress(stage="Starting server"))
-        connection = self._connect()
-        if connection.note:
-            self.post("note", connection.note)
-        self.check_cancelled()
-        client = connection.client()
-        with contextlib.suppress(ServerError):
-            server_state.STATE.health = client.health()
+        _, client = self._open()
         self.post("progress", Progress(stage="Asking for images"))
         try:
             self.server_job_id = self._submit(client)["id"]

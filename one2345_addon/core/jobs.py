@@ -337,14 +337,7 @@ class GenerateJob(Task):
     def work(self) -> JobResult:
         """Run the job on the worker thread."""
         self.job_dir.mkdir(parents=True, exist_ok=True)
-        self.post("progress", Progress(stage="Starting server"))
-        connection = self._connect()
-        if connection.note:
-            self.post("note", connection.note)
-        self.check_cancelled()
-        client = connection.client()
-        with contextlib.suppress(ServerError):  # for the panel's pre-flight line and Generate's poll()
-            server_state.STATE.health = client.health()
+        connection, client = self._open()
         server_state.STATE.jobs_dir = connection.jobs_dir if connection.local else None
         if self.existing or self.recipe_of:
             self._fetch_source(client, self.existing or self.recipe_of)
@@ -355,6 +348,19 @@ class GenerateJob(Task):
             self.server_job_id = self._submit(client)["id"]
         status = self._follow(client, self.server_job_id)
         return self._collect(client, connection, status)
+
+    def _open(self) -> tuple[Connection, Client]:
+        """Start (or reach) the server, pass on its note, and refresh the health the panel's pre-flight line and
+        Generate's poll() read (worker thread)."""
+        self.post("progress", Progress(stage="Starting server"))
+        connection = self._connect()
+        if connection.note:
+            self.post("note", connection.note)
+        self.check_cancelled()
+        client = connection.client()
+        with contextlib.suppress(ServerError):
+            server_state.STATE.health = client.health()
+        return connection, client
 
     def _fetch_source(self, client: Client, job_id: str) -> None:
         """Download a server job's input image (and, to run it again, its recipe's options) into the job folder."""
