@@ -10,7 +10,7 @@ folder, never Zero123):
 3. :func:`bake_texture` — xatlas unwrap (or the mesh's own UVs, :func:`check_uvs`), then a base-colour texture
    projected from every posed view with a depth visibility test, unseen texels filled over the surface
    (:mod:`server.stages.asset.bake`, :mod:`server.stages.asset.views`, :mod:`server.stages.asset.unwrap`,
-   :mod:`server.stages.asset.raster`).
+   :mod:`server.stages.asset.raster`, :mod:`server.stages.asset.fill`).
    :func:`vertex_colors_from_views` colours any mesh's vertices with the same sampler.
 4. :func:`export_textured_mesh` — GLB with an embedded PBR texture, or OBJ + MTL + PNG
    (:mod:`server.stages.asset.export`).
@@ -30,8 +30,6 @@ from server.stages.asset.bake import (
     UvCheck,
     bake_texture,
     check_uvs,
-    fill_over_surface,
-    fill_unseen,
     vertex_colors_from_views,
 )
 from server.stages.asset.cleanup import (
@@ -47,6 +45,7 @@ from server.stages.asset.cleanup import (
     taubin_smooth,
 )
 from server.stages.asset.export import TEXTURED_SUFFIXES, export_textured_mesh
+from server.stages.asset.fill import fill_over_surface, fill_unseen
 from server.stages.asset.raster import rasterize_uv, render_depth, render_face_ids
 from server.stages.asset.stage import AssetConfig, build_asset
 from server.stages.asset.unwrap import UnwrapConfig, UvLayout, unwrap

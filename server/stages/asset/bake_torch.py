@@ -385,7 +385,7 @@ def bake_layout(
         views: the :class:`~server.stages.asset.views.BakeViews`; size: texture side; config: the BakeConfig.
         device: where to run; lap: ``lap(step)`` records a step's time (called after a device synchronisation).
         fill_vertices: ``fill_vertices(colours [V, 3], known [V])`` → [V, 3] float64 colours of the input mesh's
-            vertices, the unknown ones filled over the surface (:func:`server.stages.asset.bake.fill_over_surface`).
+            vertices, the unknown ones filled over the surface (:func:`server.stages.asset.fill.fill_over_surface`).
 
     Returns:
         texture: [S·S, 3] float64 (zeros outside the charts); seen, charted: [S·S] bool; samples: [V] int64.
