@@ -1,9 +1,9 @@
 """Texture-bake quality on ground truth (#13): a baked texture against vertex colours at the same face count.
 
 Texture quality does not depend on the reconstruction's weights, so it is measured on ground truth: objects rendered
-by the #6 renderer's pieces (:mod:`training.render.texture_views`: the 40-view layout plus held-out cameras, unlit —
-the base colour through an emission shader, a 1-pixel box filter) are coloured in two ways from their 40 views and
-rendered at the held-out cameras, and each render is compared with the ground-truth render there.
+by the #6 renderer's pieces (:mod:`training.render.texture_views`: the 40-view layout plus held-out cameras, a
+1-pixel box filter) are coloured in two ways from their 40 views and rendered at the held-out cameras, and each render
+is compared with the ground-truth render there. Every object is rendered, and scored, in two shadings (see Shading).
 
 Per object, numbered as :func:`evaluate_object` runs:
 
@@ -22,10 +22,24 @@ Per object, numbered as :func:`evaluate_object` runs:
    PSNR over the object's foreground (:func:`psnr`), all held-out views pooled. LPIPS is left out: no maintained
    LPIPS package is installed in the project's environment.
 
-Shading. The renders are unlit, so a pixel is the sRGB base colour averaged over the pixel (Cycles, Standard view
-transform). Colours are interpolated in linear light in both rasterisers, as Cycles and glTF viewers do (vertex
-colours are linear COLOR_0 in the pipeline's GLB; an sRGB texture is decoded before filtering). With lit renders
-(``--shading lit``) the texture carries the views' shading, which matches a new view except for its specular part.
+Shading. ``--shading both`` (the default) renders and scores every object twice, and the report sets the two side by
+side (lit first):
+
+* ``unlit``: each material's base colour through an emission shader (Standard view transform), so a pixel is the sRGB
+  base colour averaged over the pixel — the colour-transfer ceiling, with nothing view-dependent.
+* ``lit``: shaded as Zero123's training views are — Cycles with a sun (soft shadows, a per-object direction from the
+  upper hemisphere), the renderer's soft white environment, Filmic, and glossy parts (about half the parts get a
+  low-roughness, higher-specular Principled BSDF); both the 40 views the bake reads and the held-out views are
+  rendered in that scene (:mod:`training.render.texture_views` has the exact scheme).
+
+The scoring is the same for both: the decimated mesh's texture or vertex colours are rendered *unlit* by
+:mod:`training.mesh_render` and compared with the GT render at each held-out camera. For lit views that is the honest
+test of what the artist gets: the bake can only store the views' shading in the colours (shadows, shading and
+whatever highlights the blend keeps), the same at every camera, while the GT's highlights move with the camera — an
+error floor no colour map can remove, which the lit rows include and the unlit rows leave out.
+
+Colours are interpolated in linear light in both rasterisers, as Cycles and glTF viewers do (vertex colours are
+linear COLOR_0 in the pipeline's GLB; an sRGB texture is decoded before filtering).
 
     one2345-train evaluate-texture --out report/texture --count 4
 """
@@ -72,6 +86,9 @@ DENSE_MESH = "mesh_dense.ply"
 
 TEXTURE = "texture"
 VERTEX = "vertex colours"
+
+SHADINGS = ("lit", "unlit")
+"""The render shadings of :mod:`training.render.texture_views`, in report order."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +169,8 @@ class EvalObject:
     """The 40 views the bake and the vertex colours read."""
     heldout: HeldOutViews
     """The views both are judged on."""
+    shading: str = "unlit"
+    """How the GT was rendered (one of :data:`SHADINGS`); both kinds of view share it."""
 
 
 def _read_rgba(path: Path) -> np.ndarray:
@@ -164,7 +183,8 @@ def load_rendered_object(folder: str | os.PathLike[str]) -> EvalObject:
     the pipeline reads its views) with pose.json, and ``heldout/``.
 
     Raises:
-        BadInputError: a missing file, or a folder without held-out views.
+        BadInputError: a missing file, a folder without held-out views, or lit views of the scene before #26 (an
+            area light, no glossy parts: render them again).
     """
     from server.common.views import read_rgb
     from training.render import layout
@@ -176,19 +196,49 @@ def load_rendered_object(folder: str | os.PathLike[str]) -> EvalObject:
                             "render one with one2345-train evaluate-texture (or training/render/texture_views.py)")
     layout.require_full_views(folder)
     meta = json.loads((folder / layout.META_NAME).read_text(encoding="utf-8"))
+    record = meta.get("texture_eval") or {}
+    shading = record.get("shading", "unlit")
+    if shading not in SHADINGS or (shading == "lit" and "lit" not in record):
+        raise BadInputError(f"{folder} was rendered with shading {shading!r} of an older texture evaluation (allowed: "
+                            "unlit, or lit with the sun and glossy parts); render it again with "
+                            "one2345-train evaluate-texture")
     poses = PoseFile.read(folder / "pose.json")
     images = {view_id: read_rgb(folder / name) for view_id, name in meta["files"].items()}
     held = PoseFile.read(heldout_dir / "pose.json")
     rgba = {view_id: _read_rgba(heldout_dir / view_id) for view_id in held.c2ws}
     vertices, faces = layout.read_ply(folder / DENSE_MESH)
     return EvalObject(folder.name, Mesh(vertices, faces), BakeViews.from_pose_file(poses, images),
-                      HeldOutViews.from_pose_file(held, rgba))
+                      HeldOutViews.from_pose_file(held, rgba), shading)
 
 
 def find_rendered_objects(root: str | os.PathLike[str]) -> list[Path]:
     """Object folders under a render root (``<folder_id>/<uid>/``) that hold held-out views, sorted."""
     return sorted(p.parent.parent for p in Path(root).glob(f"*/*/{HELDOUT_DIR}/pose.json")
                   if (p.parent.parent / "meta.json").is_file())
+
+
+def rendered_shading(folder: str | os.PathLike[str]) -> str | None:
+    """The shading an object folder was rendered with (meta.json's texture_eval record; None if it has none)."""
+    try:
+        meta = json.loads((Path(folder) / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    record = meta.get("texture_eval") if isinstance(meta, dict) else None
+    return record.get("shading") if isinstance(record, dict) else None
+
+
+def find_objects_by_shading(data: str | os.PathLike[str], shadings: Sequence[str]) -> dict[str, list[Path]]:
+    """Rendered objects per shading under ``data``: those of ``data/<shading>/`` (where the command renders them),
+    and those rendered directly under ``data`` (before #26 the command rendered one shading there), by the shading
+    their meta.json records. Shadings with no object are left out."""
+    found: dict[str, list[Path]] = {}
+    flat = find_rendered_objects(data)
+    for shading in shadings:
+        folders = find_rendered_objects(Path(data) / shading)
+        folders += [f for f in flat if rendered_shading(f) == shading]
+        if folders:
+            found[shading] = folders
+    return found
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -268,6 +318,8 @@ class EvalRow:
     """Texture only: share of charted texels some view saw."""
     timings: dict[str, float] | None = None
     """Texture only: the bake's wall seconds per step."""
+    shading: str = "unlit"
+    """How the GT views (the bake's and the held-out ones) were rendered: one of :data:`SHADINGS`."""
 
 
 DENSE = "vertex colours, dense"
@@ -297,7 +349,8 @@ def evaluate_object(obj: EvalObject, config: TextureEvalConfig = TextureEvalConf
     dense = Mesh(surface.vertices, surface.faces, vertex_colors_from_views(surface, obj.views, config.bake))
     vertex_seconds, vertex_cpu = time.perf_counter() - start, time.process_time() - cpu
     score = score_heldout(dense, obj.heldout, config.supersample)
-    rows = [EvalRow(obj.name, None, len(dense.faces), DENSE, score.psnr, score.iou, vertex_seconds, vertex_cpu)]
+    rows = [EvalRow(obj.name, None, len(dense.faces), DENSE, score.psnr, score.iou, vertex_seconds, vertex_cpu,
+                    shading=obj.shading)]
     for target in config.face_counts:
         # 2. The budget (colours follow the decimation, as in the pipeline), then the bake onto the same mesh.
         mesh = decimate(dense, int(target), config.decimate)
@@ -313,16 +366,17 @@ def evaluate_object(obj: EvalObject, config: TextureEvalConfig = TextureEvalConf
         report = textured.report
         rows.append(EvalRow(obj.name, int(target), len(mesh.faces), TEXTURE, score.psnr, score.iou, bake_seconds,
                             bake_cpu, None if report is None else report.coverage,
-                            None if report is None else dict(report.timings)))
+                            None if report is None else dict(report.timings), obj.shading))
         score = score_heldout(mesh, obj.heldout, config.supersample)
         rows.append(EvalRow(obj.name, int(target), len(mesh.faces), VERTEX, score.psnr, score.iou, vertex_seconds,
-                            vertex_cpu))
-        logger.info("%s @ %d faces: texture %.2f dB, vertex colours %.2f dB (bake %.1f s)", obj.name,
-                    len(mesh.faces), rows[-2].psnr, rows[-1].psnr, bake_seconds)
+                            vertex_cpu, shading=obj.shading))
+        logger.info("%s (%s) @ %d faces: texture %.2f dB, vertex colours %.2f dB (bake %.1f s)", obj.name,
+                    obj.shading, len(mesh.faces), rows[-2].psnr, rows[-1].psnr, bake_seconds)
         if export_dir is not None and int(target) in {int(n) for n in export_faces}:
-            export_textured_mesh(textured, Path(export_dir) / f"{obj.name}-{int(target)}-texture.glb",
-                                 vertex_colors=False)
-            export_mesh(mesh, Path(export_dir) / f"{obj.name}-{int(target)}-vertex-colours.glb")
+            # Unlit keeps the names of the single-shading command; lit GLBs carry the shading in their name.
+            stem = f"{obj.name}-{int(target)}" + ("" if obj.shading == "unlit" else f"-{obj.shading}")
+            export_textured_mesh(textured, Path(export_dir) / f"{stem}-texture.glb", vertex_colors=False)
+            export_mesh(mesh, Path(export_dir) / f"{stem}-vertex-colours.glb")
     return rows
 
 
@@ -331,40 +385,57 @@ def evaluate_object(obj: EvalObject, config: TextureEvalConfig = TextureEvalConf
 # ----------------------------------------------------------------------------------------------------------------------
 
 GOAL_DB = {20_000: 3.0, 100_000: 0.0}
-"""The issue's goals: texture − vertex colours PSNR ≥ 3 dB at 20 k faces and ≥ 0 dB at 100 k."""
+"""#13's goals on the unlit views: texture − vertex colours PSNR ≥ 3 dB at 20 k faces and ≥ 0 dB at 100 k (mean)."""
+LIT_GOAL_DB = {20_000: (4.0, 1.0), 100_000: (0.0, None)}
+"""#26's goal on the lit views, (mean, smallest) gain: ≥ 4 dB on average and ≥ 1 dB on every object at 20 k faces;
+#13's ≥ 0 dB at 100 k."""
+
+
+def goal_for(shading: str, budget: int) -> tuple[float | None, float | None]:
+    """(mean, smallest) gain asked for at this budget in this shading; None where no goal is set."""
+    if shading == "lit":
+        return LIT_GOAL_DB.get(budget, (None, None))
+    return GOAL_DB.get(budget), None
 
 
 def summarise(rows: Sequence[EvalRow]) -> list[dict]:
-    """Per budget (ascending): objects, mean PSNR of each method, the texture's mean and smallest gain over vertex
-    colours, the issue's goal for the budget (None if it sets none) and whether the mean gain meets it, and the bake
-    seconds (mean, max) with the mean seconds of each bake step.
+    """Per budget (ascending) and shading (lit first): objects, mean PSNR of each method, the texture's mean and
+    smallest gain over vertex colours, the goal for the budget (``goal``: mean, ``goal_min``: smallest gain; None if
+    none is set) and whether the gains meet it, and the bake seconds (mean, max) with the mean seconds of each step.
 
     Raises:
         BadInputError: a budget with a texture row but no vertex-colour row for the same object, or the reverse.
     """
-    pairs: dict[int, dict[str, dict[str, EvalRow]]] = {}
+    pairs: dict[tuple[int, str], dict[str, dict[str, EvalRow]]] = {}
     for row in rows:
         if row.method in (TEXTURE, VERTEX):
-            pairs.setdefault(int(row.budget), {}).setdefault(row.object, {})[row.method] = row
+            key = (int(row.budget), row.shading)
+            pairs.setdefault(key, {}).setdefault(row.object, {})[row.method] = row
+    order = {shading: n for n, shading in enumerate(SHADINGS)}
     summary = []
-    for budget in sorted(pairs):
-        items = list(pairs[budget].items())
+    for budget, shading in sorted(pairs, key=lambda key: (key[0], order.get(key[1], len(order)), key[1])):
+        items = list(pairs[budget, shading].items())
         if any(set(methods) != {TEXTURE, VERTEX} for _, methods in items):
-            raise BadInputError(f"budget {budget}: every object needs a texture and a vertex-colour row")
+            raise BadInputError(f"budget {budget} ({shading}): every object needs a texture and a vertex-colour row")
         texture = [methods[TEXTURE] for _, methods in items]
         vertex = [methods[VERTEX] for _, methods in items]
         gains = [t.psnr - v.psnr for t, v in zip(texture, vertex, strict=True)]
-        goal = GOAL_DB.get(budget)
+        goal, goal_min = goal_for(shading, budget)
+        met = None
+        if goal is not None:
+            met = bool(np.mean(gains) >= goal and (goal_min is None or np.min(gains) >= goal_min))
         steps = [t.timings or {} for t in texture]
         summary.append({
             "budget": budget,
+            "shading": shading,
             "objects": len(items),
             "texture_psnr": float(np.mean([t.psnr for t in texture])),
             "vertex_psnr": float(np.mean([v.psnr for v in vertex])),
             "gain_mean": float(np.mean(gains)),
             "gain_min": float(np.min(gains)),
             "goal": goal,
-            "met": None if goal is None else bool(np.mean(gains) >= goal),
+            "goal_min": goal_min,
+            "met": met,
             "bake_mean_s": float(np.mean([t.seconds for t in texture])),
             "bake_max_s": float(np.max([t.seconds for t in texture])),
             "bake_cpu_mean_s": float(np.mean([t.cpu_seconds for t in texture])),
@@ -388,33 +459,45 @@ def host_description() -> str:
 
 
 def markdown_report(rows: Sequence[EvalRow], config: TextureEvalConfig, host: str) -> str:
-    """Per-object table, the summary per budget against the goals, and the bake timings."""
+    """Per-object table, the summary per budget with the shadings side by side (lit first) against the goals, and the
+    bake timings."""
     label = {TEXTURE: f"texture {config.texture_size}²", VERTEX: VERTEX, DENSE: DENSE}
-    lines = ["| object | faces | method | PSNR (dB) | silhouette IoU | colouring s |",
-             "|---|---:|---|---:|---:|---:|"]
+    order = {shading: n for n, shading in enumerate(SHADINGS)}
+    rows = sorted(rows, key=lambda r: order.get(r.shading, len(order)))  # stable: each shading keeps its order
+    lines = ["| object | faces | method | shading | PSNR (dB) | silhouette IoU | colouring s |",
+             "|---|---:|---|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r.object} | {r.faces} | {label[r.method]} | {r.psnr:.2f} | {r.iou:.4f} | {r.seconds:.1f} |")
+        lines.append(f"| {r.object} | {r.faces} | {label[r.method]} | {r.shading} | {r.psnr:.2f} | {r.iou:.4f} | "
+                     f"{r.seconds:.1f} |")
     summary = summarise(rows)
-    lines += ["", "| faces | objects | texture PSNR | vertex-colour PSNR | gain (mean) | gain (min) | goal | met |",
-              "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines += ["", "| faces | objects | shading | texture PSNR | vertex-colour PSNR | gain (mean) | gain (min) | goal "
+                  "| met |",
+              "|---:|---:|---|---:|---:|---:|---:|---|---|"]
     for s in summary:
         goal = "—" if s["goal"] is None else f"≥ {s['goal']:g} dB"
+        if s["goal_min"] is not None:
+            goal += f", min ≥ {s['goal_min']:g} dB"
         met = "—" if s["met"] is None else ("yes" if s["met"] else "**no**")
-        lines.append(f"| {s['budget']} | {s['objects']} | {s['texture_psnr']:.2f} | {s['vertex_psnr']:.2f} | "
-                     f"{s['gain_mean']:+.2f} | {s['gain_min']:+.2f} | {goal} | {met} |")
-    dense = [r for r in rows if r.method == DENSE]
-    if dense:
-        lines += ["", f"Vertex colours on the undecimated dense surfaces ({np.mean([r.faces for r in dense]):.0f} "
-                      f"faces on average): {np.mean([r.psnr for r in dense]):.2f} dB."]
+        lines.append(f"| {s['budget']} | {s['objects']} | {s['shading']} | {s['texture_psnr']:.2f} | "
+                     f"{s['vertex_psnr']:.2f} | {s['gain_mean']:+.2f} | {s['gain_min']:+.2f} | {goal} | {met} |")
+    shadings = sorted({r.shading for r in rows}, key=lambda sh: order.get(sh, len(order)))
+    for shading in shadings:
+        dense = [r for r in rows if r.method == DENSE and r.shading == shading]
+        if dense:
+            lines += ["", f"Vertex colours on the undecimated dense surfaces, {shading} "
+                          f"({np.mean([r.faces for r in dense]):.0f} faces on average): "
+                          f"{np.mean([r.psnr for r in dense]):.2f} dB."]
     fastest = f", the fastest of {config.bake_repeats} runs" if config.bake_repeats > 1 else ""
     lines += ["", f"Bake time per object, bake_texture at {config.texture_size}² on the CPU ({host}{fastest}): wall "
                   "seconds (mean, max, mean per step) and CPU seconds of the process (mean):", "",
-              "| faces | wall s | max wall s | CPU s | unwrap | rasterize | views | fill |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| faces | shading | wall s | max wall s | CPU s | unwrap | rasterize | views | fill |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
         steps = s["bake_steps_s"]
-        lines.append(f"| {s['budget']} | {s['bake_mean_s']:.1f} | {s['bake_max_s']:.1f} | {s['bake_cpu_mean_s']:.1f} | "
-                     f"{steps['unwrap']:.1f} | {steps['rasterize']:.1f} | {steps['views']:.1f} | {steps['fill']:.1f} |")
+        lines.append(f"| {s['budget']} | {s['shading']} | {s['bake_mean_s']:.1f} | {s['bake_max_s']:.1f} | "
+                     f"{s['bake_cpu_mean_s']:.1f} | {steps['unwrap']:.1f} | {steps['rasterize']:.1f} | "
+                     f"{steps['views']:.1f} | {steps['fill']:.1f} |")
+    dense = [r for r in rows if r.method == DENSE]
     if dense:
         wall, cpu = np.mean([r.seconds for r in dense]), np.mean([r.cpu_seconds for r in dense])
         lines += ["", f"Vertex colours of a dense surface from the 40 views: {wall:.1f} s wall, {cpu:.1f} s CPU per "
@@ -437,9 +520,10 @@ def object_folder(root: Path, seed: int) -> Path:
     return Path(root) / layout.folder_id_for_index(seed) / f"texeval-{seed:06d}"
 
 
-def render_objects(args: argparse.Namespace, data: Path, seeds: Sequence[int], log_path: Path) -> None:
-    """Run :mod:`training.render.texture_views` for ``seeds`` into ``data`` (it skips objects already rendered with
-    the same settings); its output is appended to ``log_path``.
+def render_objects(args: argparse.Namespace, data: Path, seeds: Sequence[int], log_path: Path,
+                   shading: str = "unlit") -> None:
+    """Run :mod:`training.render.texture_views` for ``seeds`` with ``shading`` into ``data`` (it skips objects
+    already rendered with the same settings); its output is appended to ``log_path``.
 
     Raises:
         BadInputError: no bpy 4.2 interpreter; RuntimeError: the render process failed.
@@ -451,7 +535,7 @@ def render_objects(args: argparse.Namespace, data: Path, seeds: Sequence[int], l
     for seed in seeds:
         command += ["--procedural", str(seed)]
     command += ["--size", str(args.size), "--samples", str(args.samples), "--held-out", str(args.held_out),
-                "--shading", args.shading, "--tiles", str(args.tiles), "--surface", args.surface,
+                "--shading", shading, "--tiles", str(args.tiles), "--surface", args.surface,
                 "--polar", args.polar, "--dense-voxel", repr(args.dense_voxel), "--threads", str(args.threads)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log:
@@ -482,25 +566,40 @@ def config_from_args(args: argparse.Namespace) -> TextureEvalConfig:
                              bake_repeats=args.bake_repeats)
 
 
+def shadings_of(choice: str) -> tuple[str, ...]:
+    """The shadings a ``--shading`` value asks for, in report order (``both``: every one of :data:`SHADINGS`)."""
+    if choice == "both":
+        return SHADINGS
+    if choice not in SHADINGS:
+        raise BadInputError(f"--shading {choice!r} is not usable; allowed: both, {', '.join(SHADINGS)}")
+    return (choice,)
+
+
 def run_evaluate_texture(args: argparse.Namespace) -> int:
     """The ``evaluate-texture`` subcommand; returns the exit status."""
     config = config_from_args(args)
+    shadings = shadings_of(args.shading)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else out / "renders"
     if args.no_render:
-        folders = find_rendered_objects(data)
-        if not folders:
-            raise BadInputError(f"{data} holds no rendered objects with held-out views; drop --no-render to render "
-                                "them")
+        found = find_objects_by_shading(data, shadings)
+        missing = [shading for shading in shadings if shading not in found]
+        if missing:
+            raise BadInputError(f"{data} holds no {' or '.join(missing)} rendered objects with held-out views (looked "
+                                f"in {data}/<shading>/ and {data}/ itself); drop --no-render to render them, or pass "
+                                "--shading with the shading that was rendered")
     else:
         if args.count < 1:
             raise BadInputError(f"--count {args.count} is not usable: render at least one object")
         seeds = list(range(args.first_seed, args.first_seed + args.count))
-        started = time.perf_counter()
-        render_objects(args, data, seeds, out / "render.log")
-        logger.info("rendered in %.0f s", time.perf_counter() - started)
-        folders = [object_folder(data, seed) for seed in seeds]
+        found = {}
+        for shading in shadings:
+            started = time.perf_counter()
+            render_objects(args, data / shading, seeds, out / "render.log", shading)
+            logger.info("rendered %s in %.0f s", shading, time.perf_counter() - started)
+            found[shading] = [object_folder(data / shading, seed) for seed in seeds]
+    folders = [folder for shading in shadings for folder in found[shading]]
     rows: list[EvalRow] = []
     for folder in folders:
         rows += evaluate_object(load_rendered_object(folder), config, out / "glb", args.export_glb or ())
@@ -509,7 +608,7 @@ def run_evaluate_texture(args: argparse.Namespace) -> int:
     (out / "report.md").write_text(report, encoding="utf-8")
     record = {"host": host, "config": {"face_counts": list(config.face_counts), "texture_size": config.texture_size,
                                        "supersample": config.supersample, "jitter": config.jitter,
-                                       "bake_repeats": config.bake_repeats},
+                                       "bake_repeats": config.bake_repeats, "shadings": list(shadings)},
               "objects": [str(f) for f in folders], "rows": [asdict(r) for r in rows], "summary": summarise(rows)}
     (out / "report.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     print(report, end="")
@@ -520,11 +619,12 @@ def add_evaluate_texture_parser(subparsers: argparse._SubParsersAction) -> argpa
     """Register ``evaluate-texture`` on ``one2345-train``'s subparsers."""
     p = subparsers.add_parser(
         "evaluate-texture", help="texture bake vs vertex colours on ground-truth renders (PSNR at held-out views)",
-        description="Render procedural objects (40 layout views + held-out views, unlit), bake textures onto their "
-                    "GT surface decimated to each face count, colour the same meshes per vertex, and compare renders "
-                    "of both with the GT at the held-out cameras (training/texture_eval.py).")
+        description="Render procedural objects (40 layout views + held-out views; lit and unlit), bake textures onto "
+                    "their GT surface decimated to each face count, colour the same meshes per vertex, and compare "
+                    "renders of both with the GT at the held-out cameras (training/texture_eval.py).")
     p.add_argument("--out", required=True, help="report folder (report.md, report.json, render.log, glb/)")
-    p.add_argument("--data", help="render root of the objects (default <out>/renders)")
+    p.add_argument("--data", help="render root of the objects, one folder per shading (default <out>/renders: "
+                                  "<out>/renders/lit, <out>/renders/unlit)")
     p.add_argument("--no-render", action="store_true", help="evaluate every object already under --data as it is")
     p.add_argument("--count", type=int, default=4, help="procedural objects (default 4)")
     p.add_argument("--first-seed", type=int, default=0, help="seed of the first object (default 0)")
@@ -536,7 +636,8 @@ def add_evaluate_texture_parser(subparsers: argparse._SubParsersAction) -> argpa
     p.add_argument("--bake-repeats", type=int, default=1,
                    help="run each bake this many times and report the fastest (default 1)")
     p.add_argument("--export-glb", type=int, action="append",
-                   help="also write <out>/glb/<object>-<N>-{texture,vertex-colours}.glb for budget N (repeatable)")
+                   help="also write <out>/glb/<object>-<N>[-lit]-{texture,vertex-colours}.glb for budget N "
+                        "(repeatable)")
     group = p.add_argument_group("rendering (training/render/texture_views.py)")
     group.add_argument("--size", type=int, default=256, help="image side (default 256, the pipeline's views)")
     group.add_argument("--samples", type=int, default=64, help="Cycles samples per pixel (default 64)")
@@ -544,8 +645,9 @@ def add_evaluate_texture_parser(subparsers: argparse._SubParsersAction) -> argpa
     group.add_argument("--tiles", type=int, default=4, help="texture repeats per part and axis (default 4)")
     group.add_argument("--surface", default="textured", choices=("textured", "mixed", "flat"),
                        help="procedural paint (default textured)")
-    group.add_argument("--shading", default="unlit", choices=("unlit", "lit"),
-                       help="unlit: base colour only (default); lit: the renderer's lights and Filmic")
+    group.add_argument("--shading", default="both", choices=("both", *SHADINGS),
+                       help="both (default): score lit and unlit views side by side; unlit: base colour only; lit: a "
+                            "sun, the soft environment, glossy parts and Filmic, as Zero123's views are shaded")
     group.add_argument("--polar", default="45:105", help="ring polar per object: N or LOW:HIGH (default 45:105)")
     group.add_argument("--dense-voxel", type=float, default=0.004, help="GT remesh voxel (default 0.004)")
     group.add_argument("--threads", type=int, default=0, help="Cycles CPU threads, 0 = all cores")

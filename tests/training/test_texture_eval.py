@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from server.common.cameras import PoseFile, calc_pose
 from server.common.errors import BadInputError
@@ -28,6 +29,7 @@ from training.texture_eval import (
     TEXTURE,
     VERTEX,
     EvalObject,
+    EvalRow,
     HeldOutViews,
     TextureEvalConfig,
     evaluate_object,
@@ -154,8 +156,9 @@ def test_config_refuses_bad_values() -> None:
 
 
 def test_the_command_renders_with_blender_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """One procedural object through the whole command: the Blender script (unlit views, held-out cameras, the dense
-    GT surface), the evaluation and the report files, at toy sizes."""
+    """One procedural object through the whole command, in both shadings (the default): the Blender script (unlit and
+    lit views, held-out cameras, the dense GT surface), the evaluation and the report files, at toy sizes. The lit
+    scene, as Blender held it when rendering (meta.json "scene", read back from bpy), has a sun and glossy parts."""
     bpy42 = Path(os.environ.get("ONE2345_BPY42_PYTHON") or REPO / ".venv-bpy42" / "bin" / "python")
     if not bpy42.exists():
         pytest.fail(f"{bpy42} is missing: run .ci/blender-envs (CI always has it)")
@@ -165,14 +168,46 @@ def test_the_command_renders_with_blender_and_reports(tmp_path: Path, capsys: py
             "--supersample", "2", "--threads", "2", "--export-glb", "2000"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "| texeval-000003 | 2000 | texture 128² |" in printed
+    # One report, both shadings side by side: per object and in the summary, lit first.
+    for shading in ("lit", "unlit"):
+        assert f"| texeval-000003 | 2000 | texture 128² | {shading} |" in printed
+        assert f"| 2000 | 1 | {shading} |" in printed
+    assert printed.index("| 2000 | 1 | lit |") < printed.index("| 2000 | 1 | unlit |")
     assert (out / "report.md").read_text() == printed
-    folder = out / "renders" / "000-000" / "texeval-000003"
-    assert sorted(p.name for p in (folder / "heldout").iterdir()) == ["h0.png", "h1.png", "pose.json"]
-    assert {p.name for p in (out / "glb").iterdir()} == {"texeval-000003-2000-texture.glb",
-                                                         "texeval-000003-2000-vertex-colours.glb"}
+    scenes = {}
+    for shading in ("lit", "unlit"):
+        folder = out / "renders" / shading / "000-000" / "texeval-000003"
+        assert sorted(p.name for p in (folder / "heldout").iterdir()) == ["h0.png", "h1.png", "pose.json"]
+        meta = json.loads((folder / "meta.json").read_text())
+        assert meta["texture_eval"]["shading"] == shading
+        scenes[shading] = meta["scene"]
+    lights = {light["type"]: light for light in scenes["lit"]["lights"]}
+    assert lights["SUN"]["energy"] > 0 and lights["SUN"]["angle_degrees"] > 0
+    assert lights["SUN"]["direction"][2] < 0  # from the upper hemisphere, shining down
+    assert lights["AREA"]["energy"] == 0  # the renderer's area light is replaced by the sun
+    assert scenes["lit"]["world_strength"] > 0  # the renderer's soft environment
+    roughness = [m["roughness"] for m in scenes["lit"]["materials"]]
+    assert all(m["shader"] == "BSDF_PRINCIPLED" for m in scenes["lit"]["materials"])
+    assert min(roughness) <= 0.2 and max(roughness) >= 0.3, roughness  # glossy parts beside rough ones
+    assert max(m["specular"] for m in scenes["lit"]["materials"]) > 0.5
+    # Unlit: no light at all, every material an emission shader.
+    assert all(light["energy"] == 0 for light in scenes["unlit"]["lights"])
+    assert scenes["unlit"]["world_strength"] == 0
+    assert all(m["shader"] == "EMISSION" for m in scenes["unlit"]["materials"])
+    assert {p.name for p in (out / "glb").iterdir()} == {
+        "texeval-000003-2000-texture.glb", "texeval-000003-2000-vertex-colours.glb",
+        "texeval-000003-2000-lit-texture.glb", "texeval-000003-2000-lit-vertex-colours.glb"}
     record = json.loads((out / "report.json").read_text())
+    assert {r["shading"] for r in record["rows"]} == {"lit", "unlit"} and record["config"]["shadings"] == ["lit",
+                                                                                                          "unlit"]
     assert all(math.isfinite(r["psnr"]) and r["iou"] > 0.9 for r in record["rows"]), record["rows"]
+    # The lit GT differs from the unlit one (shading), on the same silhouette.
+    lit = np.asarray(Image.open(out / "renders" / "lit" / "000-000" / "texeval-000003" / "heldout" / "h0.png"))
+    unlit = np.asarray(Image.open(out / "renders" / "unlit" / "000-000" / "texeval-000003" / "heldout" / "h0.png"))
+    assert np.abs(lit[..., :3].astype(int) - unlit[..., :3]).mean() > 5
+    # Evaluating the renders again, one shading, finds them in their shading's folder.
+    assert main([*args[:3], "--no-render", "--shading", "lit", *args[3:]]) == 0
+    assert "| unlit |" not in capsys.readouterr().out
 
 
 def test_vertex_colours_come_from_the_asset_stage_public_function() -> None:
@@ -181,3 +216,62 @@ def test_vertex_colours_come_from_the_asset_stage_public_function() -> None:
     import training.texture_eval
 
     assert training.texture_eval.vertex_colors_from_views is server.stages.asset.vertex_colors_from_views
+
+
+def _pair(name: str, budget: int, shading: str, texture: float, vertex: float) -> list[EvalRow]:
+    return [EvalRow(name, budget, budget, TEXTURE, texture, 1.0, 1.0, shading=shading),
+            EvalRow(name, budget, budget, VERTEX, vertex, 1.0, 1.0, shading=shading)]
+
+
+def test_the_summary_sets_lit_and_unlit_side_by_side_against_their_goals() -> None:
+    # Lit at 20 k: 4 dB on average and 1 dB on every object (#26); unlit: #13's 3 dB mean.
+    rows = (_pair("a", 20_000, "unlit", 30.0, 20.0) + _pair("b", 20_000, "unlit", 30.0, 29.5)
+            + _pair("a", 20_000, "lit", 30.0, 20.0) + _pair("b", 20_000, "lit", 30.0, 29.5)
+            + _pair("a", 100_000, "lit", 30.0, 29.0) + _pair("b", 100_000, "lit", 30.0, 29.0))
+    summary = summarise(rows)
+    assert [(s["budget"], s["shading"]) for s in summary] == [(20_000, "lit"), (20_000, "unlit"), (100_000, "lit")]
+    lit, unlit, lit_100k = summary
+    assert lit["gain_mean"] == pytest.approx(5.25) and lit["gain_min"] == pytest.approx(0.5)
+    assert (lit["goal"], lit["goal_min"], lit["met"]) == (4.0, 1.0, False)  # the mean is met, one object is not
+    assert (unlit["goal"], unlit["goal_min"], unlit["met"]) == (3.0, None, True)
+    assert lit_100k["met"] is True
+    rows += _pair("c", 20_000, "lit", 30.0, 28.0)  # now every lit object gains ≥ 1 dB... but "b" still does not
+    assert summarise(rows)[0]["met"] is False
+    fixed = [r if (r.object, r.budget, r.shading, r.method) != ("b", 20_000, "lit", VERTEX)
+             else EvalRow("b", 20_000, 20_000, VERTEX, 28.5, 1.0, 1.0, shading="lit") for r in rows]
+    assert summarise(fixed)[0]["met"] is True
+    report = markdown_report(rows, TextureEvalConfig(face_counts=(20_000, 100_000)), "test host")
+    assert "| 20000 | 3 | lit | 30.00 |" in report and "≥ 4 dB, min ≥ 1 dB | **no** |" in report
+    assert "| 20000 | 2 | unlit | 30.00 | 24.75 | +5.25 | +0.50 | ≥ 3 dB | yes |" in report
+    assert report.index("| a | 20000 | texture 1024² | lit |") < report.index("| a | 20000 | texture 1024² | unlit |")
+
+
+def _fake_render(folder: Path, record: dict | None) -> Path:
+    (folder / "heldout").mkdir(parents=True)
+    (folder / "heldout" / "pose.json").write_text("{}")
+    meta = {"uid": folder.name} if record is None else {"uid": folder.name, "texture_eval": record}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_renders_are_found_per_shading_and_old_lit_renders_are_refused(tmp_path: Path) -> None:
+    from training.texture_eval import find_objects_by_shading, load_rendered_object
+
+    lit = _fake_render(tmp_path / "lit" / "000-000" / "texeval-000000", {"shading": "lit", "lit": {"sun": 1}})
+    unlit = _fake_render(tmp_path / "unlit" / "000-000" / "texeval-000000", {"shading": "unlit"})
+    # Rendered by the command before #26: one shading, straight under the render root.
+    flat = _fake_render(tmp_path / "000-000" / "texeval-000001", {"shading": "unlit"})
+    old_lit = _fake_render(tmp_path / "000-000" / "texeval-000002", {"shading": "lit"})
+    found = find_objects_by_shading(tmp_path, ("lit", "unlit"))
+    assert found == {"lit": [lit, old_lit], "unlit": [unlit, flat]}
+    assert find_objects_by_shading(tmp_path / "unlit", ("lit",)) == {}
+    (old_lit / "mesh_dense.ply").write_text("")
+    with pytest.raises(BadInputError, match="older texture evaluation"):
+        load_rendered_object(old_lit)  # an area light and no glossy parts: not the lit variant
+
+
+def test_the_command_refuses_a_missing_shading_without_rendering(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    _fake_render(tmp_path / "renders" / "unlit" / "000-000" / "texeval-000000", {"shading": "unlit"})
+    assert main(["evaluate-texture", "--out", str(tmp_path), "--no-render"]) == 2  # both by default: lit is missing
+    assert "holds no lit rendered objects" in capsys.readouterr().err

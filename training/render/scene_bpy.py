@@ -193,6 +193,51 @@ def place_key_light(light: object, direction: np.ndarray, energy: float, distanc
     light.set_energy(energy)
 
 
+def make_sun(angle_degrees: float) -> object:
+    """Create a sun light (a BlenderProc ``Light``, energy 0 until :func:`place_key_light` sets it) whose disc spans
+    ``angle_degrees`` (0 = hard shadows)."""
+    import blenderproc as bproc
+
+    sun = bproc.types.Light(light_type="SUN", name="sun")
+    sun.blender_obj.data.angle = float(np.radians(angle_degrees))
+    sun.set_energy(0.0)
+    return sun
+
+
+def describe_scene(meshes: Sequence[bpy.types.Object]) -> dict:
+    """What the render's lighting and materials are, read back from Blender: every light (type, energy — W, or W/m² for
+    a sun —, the direction it shines towards, sun angle in degrees), the world's strength, and per material of
+    ``meshes`` its Principled BSDF roughness and specular IOR level and whether an Emission shader drives the
+    output (unlit). A JSON-ready dict for meta.json."""
+    lights = []
+    for obj in bpy.data.objects:
+        if obj.type != "LIGHT":
+            continue
+        shine = np.array(obj.matrix_world)[:3, :3] @ np.array([0.0, 0.0, -1.0])  # lights shine along local −z
+        light = {"name": obj.name, "type": obj.data.type, "energy": float(obj.data.energy),
+                 "direction": [round(float(v), 6) for v in shine]}
+        if obj.data.type == "SUN":
+            light["angle_degrees"] = float(np.degrees(obj.data.angle))
+        lights.append(light)
+    world = bpy.context.scene.world
+    background = world.node_tree.nodes.get("Background") if world is not None and world.use_nodes else None
+    materials = []
+    for obj in meshes:
+        for slot in obj.material_slots:
+            tree = slot.material.node_tree
+            bsdf = tree.nodes.get("Principled BSDF")
+            output = next(n for n in tree.nodes if n.type == "OUTPUT_MATERIAL")
+            links = output.inputs["Surface"].links
+            materials.append({
+                "name": slot.material.name,
+                "roughness": None if bsdf is None else float(bsdf.inputs["Roughness"].default_value),
+                "specular": None if bsdf is None else float(bsdf.inputs["Specular IOR Level"].default_value),
+                "shader": links[0].from_node.type if links else None,
+            })
+    return {"lights": lights, "materials": materials,
+            "world_strength": None if background is None else float(background.inputs["Strength"].default_value)}
+
+
 def remove_objects_except(keep: set[str]) -> None:
     """Delete every object whose name is not in ``keep`` (a :func:`snapshot_objects`), then every data block left
     without users (meshes, materials, images), so that memory stays flat over thousands of objects in one process."""

@@ -6,14 +6,25 @@ import blenderproc as bproc  # noqa: I001  (`blenderproc run` requires this impo
 # Per object <out>/<folder_id>/<uid>/ (uid texeval-<seed>): everything render_views.py writes (view PNGs, depth,
 # pose.json, mesh.ply, meta.json with an extra "texture_eval" record), mesh_dense.ply, and heldout/pose.json +
 # heldout/h<k>.png: --held-out cameras at polar angles within the range the 40 cameras span and any azimuth (seeded
-# by the uid), radius 1.2, the same intrinsics. The views differ from render_views.py's in three ways, all for the
+# by the uid), radius 1.2, the same intrinsics. The views differ from render_views.py's in these ways, all for the
 # measurement:
 #
 # * --shading unlit (default): every material's base colour goes straight to an Emission shader under the Standard
 #   view transform, with dithering off, so a pixel is exactly the sRGB base colour averaged over the pixel. A baked
-#   texture rendered without lighting can then be compared with it directly; with --shading lit (the renderer's key
-#   light, ambient and Filmic) the view-dependent specular of the GT would be an error floor that neither method can
-#   reproduce.
+#   texture rendered without lighting can then be compared with it directly.
+# * --shading lit: shaded as Zero123's training views are (Cycles, Filmic, the renderer's denoiser), so that the
+#   evaluation also sees what real views bring — shading, shadows and view-dependent highlights:
+#   - a sun (strength SUN_STRENGTH W/m², angular diameter SUN_ANGLE: soft-edged shadows) from the renderer's per-object
+#     key-light direction (render_views.light_direction: upper hemisphere, polar 0–60°, seeded by the uid), instead of
+#     the renderer's area light (its energy is set to 0);
+#   - the renderer's soft environment: a uniform white world of strength RenderSettings.ambient (0.6);
+#   - glossy parts: each part is glossy with probability 1/2 (at least one per object; drawn per uid, see
+#     glossy_parts), a glossy part's Principled BSDF gets roughness GLOSSY_ROUGHNESS and specular IOR level
+#     GLOSSY_SPECULAR (a varnished or plastic look with a visible highlight); the others keep the generator's
+#     roughness 0.3–0.9 and the default specular.
+#   Both the 40 layout views and the held-out views are rendered in this one scene, so the highlights move between
+#   them as on a real object. The scene as Blender holds it (lights, each material's roughness) is written to
+#   meta.json under "scene", read back from bpy, not from these settings.
 # * the pixel filter is a 1-pixel box (the evaluation's supersampled rasteriser integrates the same footprint);
 #   Cycles' default 1.5-pixel Blackman-Harris would make every GT edge softer than any rasteriser renders it.
 # * --tiles T repeats each part's texture T×T times (colour detail T times finer than the renderer's default
@@ -52,6 +63,21 @@ from training.render.layout import ObjectJob, RenderSettings
 HELDOUT_DIR = "heldout"
 """Sub-folder of an object holding the held-out views and their pose.json."""
 
+SUN_STRENGTH = 3.0
+"""Irradiance of the lit scene's sun (W/m²): a white surface facing it is ~5× brighter than in the shade of the 0.6
+world alone — a clear key-to-fill ratio, with no channel clipped under Filmic."""
+SUN_ANGLE = 5.0
+"""Angular diameter of the sun's disc in degrees: shadow edges a few pixels soft, as an area light's."""
+GLOSSY_SHARE = 0.5
+"""Chance that a part is glossy in the lit scene (at least one part per object is)."""
+GLOSSY_ROUGHNESS = 0.15
+"""Principled BSDF roughness of a glossy part (the generator's parts have 0.3–0.9)."""
+GLOSSY_SPECULAR = 0.8
+"""Principled BSDF specular IOR level of a glossy part (Blender's default 0.5 is IOR 1.5; 0.8 a clear-coat look)."""
+LIT_SCHEME = {"sun_strength": SUN_STRENGTH, "sun_angle": SUN_ANGLE, "glossy_share": GLOSSY_SHARE,
+              "glossy_roughness": GLOSSY_ROUGHNESS, "glossy_specular": GLOSSY_SPECULAR}
+"""The lit scene's parameters, part of meta.json's "texture_eval" record (renders of another scheme are redone)."""
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """What to render (procedural seeds), where, and the evaluation's render settings."""
@@ -78,7 +104,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def eval_settings(args: argparse.Namespace) -> RenderSettings:
-    """The renderer's settings for these views (unlit: Standard view transform, no denoiser, no lights)."""
+    """The renderer's settings for these views (unlit: Standard view transform, no denoiser, no lights; lit: the
+    renderer's Filmic, denoiser and world strength — the sun and glossy parts come from :func:`render_object`)."""
     unlit = args.shading == "unlit"
     return RenderSettings(
         size=args.size, polar=layout.PolarSpec.parse(args.polar), samples=args.samples, denoise=not unlit,
@@ -89,8 +116,32 @@ def eval_settings(args: argparse.Namespace) -> RenderSettings:
 
 def eval_record(args: argparse.Namespace) -> dict:
     """What distinguishes these views from a plain render (stored in meta.json; a mismatch re-renders)."""
-    return {"shading": args.shading, "tiles": args.tiles, "held_out": args.held_out, "samples": args.samples,
-            "size": args.size, "surface": args.surface, "pixel_filter": "box 1px", "dense_voxel": args.dense_voxel}
+    record = {"shading": args.shading, "tiles": args.tiles, "held_out": args.held_out, "samples": args.samples,
+              "size": args.size, "surface": args.surface, "pixel_filter": "box 1px", "dense_voxel": args.dense_voxel}
+    if args.shading == "lit":
+        record["lit"] = dict(LIT_SCHEME)
+    return record
+
+
+def glossy_parts(uid: str, count: int) -> list[bool]:
+    """Which of an object's ``count`` parts are glossy in the lit scene: each with chance :data:`GLOSSY_SHARE`,
+    drawn from the uid; if none is drawn, the first part is."""
+    rng = np.random.default_rng(layout.stable_hash(f"glossy:{uid}"))
+    glossy = [bool(g) for g in rng.random(count) < GLOSSY_SHARE]
+    if count and not any(glossy):
+        glossy[0] = True
+    return glossy
+
+
+def make_glossy(meshes: list, names: set[str]) -> None:
+    """Give the materials of the mesh objects named in ``names`` the glossy Principled BSDF settings."""
+    for obj in meshes:
+        if obj.name not in names:
+            continue
+        for slot in obj.material_slots:
+            bsdf = slot.material.node_tree.nodes["Principled BSDF"]
+            bsdf.inputs["Roughness"].default_value = GLOSSY_ROUGHNESS
+            bsdf.inputs["Specular IOR Level"].default_value = GLOSSY_SPECULAR
 
 
 def detailed_parts(seed: int, surface: str, tiles: int) -> list[procedural.MeshPart]:
@@ -164,9 +215,11 @@ def make_unlit(meshes: list) -> None:
             tree.links.new(emission.outputs["Emission"], output.inputs["Surface"])
 
 
-def configure(settings: RenderSettings, unlit: bool) -> object:
-    """The renderer's setup, then the evaluation's pixel filter (and, unlit, no bounces and no dithering)."""
+def configure(settings: RenderSettings, unlit: bool) -> tuple[object, object]:
+    """The renderer's setup, then the evaluation's pixel filter (and, unlit, no bounces and no dithering). Returns the
+    renderer's key light and the lit scene's sun (both at energy 0 until :func:`render_object` places them)."""
     light = render_views.configure_renderer(settings)
+    sun = scene_bpy.make_sun(SUN_ANGLE)
     scene = bpy.context.scene
     scene.cycles.pixel_filter_type = "BOX"
     scene.cycles.filter_width = 1.0
@@ -176,11 +229,13 @@ def configure(settings: RenderSettings, unlit: bool) -> object:
         scene.view_settings.look = "None"
         scene.view_settings.exposure = 0.0
         scene.view_settings.gamma = 1.0
-    return light
+    return light, sun
 
 
-def render_object(job: ObjectJob, args: argparse.Namespace, settings: RenderSettings, out: Path, light: object) -> dict:
-    """Render one object (40 layout views + held-out views) into <out>/<folder_id>/<uid>/ atomically."""
+def render_object(job: ObjectJob, args: argparse.Namespace, settings: RenderSettings, out: Path,
+                  lights: tuple[object, object]) -> dict:
+    """Render one object (40 layout views + held-out views) into <out>/<folder_id>/<uid>/ atomically; ``lights`` are
+    :func:`configure`'s key light and sun."""
     started = time.time()
     final = layout.object_dir(out, job)
     temp = final.parent / f".tmp-{job.uid}-{os.getpid()}"
@@ -189,14 +244,19 @@ def render_object(job: ObjectJob, args: argparse.Namespace, settings: RenderSett
     baseline = scene_bpy.snapshot_objects()
     try:
         before = scene_bpy.snapshot_objects()
-        scene_bpy.add_procedural(detailed_parts(job.seed, args.surface, args.tiles), job.uid)
+        parts = detailed_parts(job.seed, args.surface, args.tiles)
+        scene_bpy.add_procedural(parts, job.uid)
         added, meshes = scene_bpy.prepare_imported(scene_bpy.added_objects(before))
         normalisation = scene_bpy.normalise(added, meshes, settings.extent)
+        key, sun = lights
+        key.set_energy(0.0)
         if args.shading == "unlit":
             make_unlit(meshes)
-            light.set_energy(0.0)
+            sun.set_energy(0.0)
         else:
-            scene_bpy.place_key_light(light, render_views.light_direction(job.uid), settings.light_energy)
+            glossy = glossy_parts(job.uid, len(parts))
+            make_glossy(meshes, {f"{job.uid}-{p.name}" for p, g in zip(parts, glossy, strict=True) if g})
+            scene_bpy.place_key_light(sun, render_views.light_direction(job.uid), SUN_STRENGTH)
 
         polar = settings.polar.for_uid(job.uid)
         pose_file = layout.pose_file_for(polar, settings.size)
@@ -215,7 +275,8 @@ def render_object(job: ObjectJob, args: argparse.Namespace, settings: RenderSett
         record = {"uid": job.uid, "folder_id": job.folder_id, "status": "done", "source": f"procedural:{job.seed}",
                   "polar": polar, "seconds": {"render": rendered - started, "total": time.time() - started}}
         meta = {**record, "views": "all", "normalisation": normalisation, "files": names,
-                "settings": settings.to_json(), "texture_eval": eval_record(args)}
+                "settings": settings.to_json(), "texture_eval": eval_record(args),
+                "scene": scene_bpy.describe_scene(meshes)}
         (temp / layout.META_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
@@ -242,7 +303,7 @@ def main(argv: list[str]) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     jobs = [ObjectJob(f"texeval-{seed:06d}", layout.folder_id_for_index(seed), seed=seed) for seed in args.procedural]
-    light = configure(settings, args.shading == "unlit")
+    lights = configure(settings, args.shading == "unlit")
     print(layout.format_event({"event": "start", "objects": len(jobs)}), flush=True)
     failed = 0
     for job in jobs:
@@ -251,7 +312,7 @@ def main(argv: list[str]) -> int:
             continue
         print(layout.format_event({"event": "begin", "uid": job.uid}), flush=True)
         try:
-            record = render_object(job, args, settings, out, light)
+            record = render_object(job, args, settings, out, lights)
         except Exception as err:  # one broken object must not stop the others
             failed += 1
             record = {"uid": job.uid, "status": "failed", "error": f"{type(err).__name__}: {err}"}
