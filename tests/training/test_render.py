@@ -490,3 +490,18 @@ def test_the_elevation_report_runs_on_rendered_objects(
         assert all(r["abs_error"] == pytest.approx(abs(r["estimate"] - r["polar"])) for r in rows)
         assert report["settings"][name]["all"]["count"] == 2
     assert f"| {rendered_elevation.name}, degraded | 2 |" in (out / "report.md").read_text()
+
+
+def test_an_object_renders_the_same_after_others_in_the_same_process(tmp_path: Path, bpy42: Path) -> None:
+    """Many objects share one Blender process (deleted between them). BlenderProc's init turns on Cycles' persistent
+    data, with which the fourth of these objects was drawn with earlier objects' textures (three of its five parts);
+    rendered after three others it must look exactly as it does alone."""
+    script = REPO / "tests" / "training" / "render_sequence_script.py"
+    launcher = REPO / "training" / "render" / "launch_inprocess.py"
+    for name, seeds in (("sequence", ["0", "1", "2", "3"]), ("alone", ["3"])):
+        subprocess.run([str(bpy42), str(launcher), str(script), str(tmp_path / name), *seeds], check=True,
+                       capture_output=True, timeout=600)
+    after = np.asarray(Image.open(tmp_path / "sequence" / "3.png")).astype(int)
+    alone = np.asarray(Image.open(tmp_path / "alone" / "3.png")).astype(int)
+    assert (alone[..., 3] > 0).sum() > 500  # the object is in view
+    assert np.array_equal(after, alone), np.abs(after - alone)[..., :3].mean()

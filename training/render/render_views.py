@@ -76,6 +76,7 @@ def configure_renderer(settings: RenderSettings) -> object:
     k = layout.intrinsics_for_size(settings.size)
     k[:2, 2] -= 0.5
     bproc.camera.set_intrinsics_from_K_matrix(k, settings.size, settings.size, clip_start=0.05, clip_end=100.0)
+    scene_bpy.forget_between_objects()  # many objects per process: none may see another's textures
     return scene_bpy.make_key_light()
 
 

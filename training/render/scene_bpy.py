@@ -238,6 +238,14 @@ def describe_scene(meshes: Sequence[bpy.types.Object]) -> dict:
             "world_strength": None if background is None else float(background.inputs["Strength"].default_value)}
 
 
+def forget_between_objects() -> None:
+    """Make Cycles rebuild its scene for every render. BlenderProc's init turns on persistent data, with which Cycles
+    keeps its image cache between renders; after :func:`remove_objects_except` a new object's image can be allocated
+    where a deleted one's was, and Cycles then draws the new object with the old object's pixels (seen in the texture
+    evaluation: three of five parts of the fourth object in a process wore earlier objects' textures)."""
+    bpy.context.scene.render.use_persistent_data = False
+
+
 def remove_objects_except(keep: set[str]) -> None:
     """Delete every object whose name is not in ``keep`` (a :func:`snapshot_objects`), then every data block left
     without users (meshes, materials, images), so that memory stays flat over thousands of objects in one process."""
