@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from server.common.errors import One2345Error
-from training import evaluate, predict, texture_eval, train
+from training import evaluate, predict, texture_command, train
 from training.render import driver as render_driver
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], ...] = (
@@ -21,7 +21,7 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParse
     predict.add_predict_parser,
     train.add_fit_parser,
     evaluate.add_evaluate_parser,
-    texture_eval.add_evaluate_texture_parser,
+    texture_command.add_evaluate_texture_parser,
 )
 """Registration functions of the subcommands, in help order."""
 
