@@ -9,15 +9,12 @@ placement) exactly. A missing bpy environment fails the tests; it is never a ski
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.addon.test_blender import VERSIONS, built_zip  # noqa: F401 - the module-scoped zip fixture
+from tests.addon.test_blender import VERSIONS, built_zip, run_in_both_blenders  # noqa: F401 - the zip fixture
 
 HERE = Path(__file__).resolve().parent
 SESSION = HERE / "bake_session.py"
@@ -55,34 +52,8 @@ def make_files(work: Path) -> dict:
 @pytest.fixture(scope="module")
 def sessions(built_zip: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:  # noqa: F811 - the fixture
     """Run the session in both bpy versions at once; version → observations (and its work folder)."""
-    missing = [f"{v} ({python})" for v, python in VERSIONS.items() if not python.is_file()]
-    if missing:
-        pytest.fail(f"bpy environment(s) missing: {', '.join(missing)}; run .ci/blender-envs")
-    procs = {}
-    for version, python in VERSIONS.items():
-        work = tmp_path_factory.mktemp(f"bake{version.replace('.', '')}")
-        config = {"zip": str(built_zip), "work": str(work), "results": str(work / "results.json"),
-                  **make_files(work)}
-        (work / "config.json").write_text(json.dumps(config))
-        env = {**os.environ, "BLENDER_USER_RESOURCES": str(work / "blender-user")}
-        log = open(work / "session.log", "w")  # noqa: SIM115 - closed after the process ends
-        procs[version] = (subprocess.Popen([str(python), str(SESSION), "--config", str(work / "config.json")],
-                                           stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work), work, log)
-    results = {}
-    for version, (proc, work, log) in procs.items():
-        try:
-            proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        text = (work / "session.log").read_text(errors="replace")
-        assert proc.returncode == 0, f"Blender {version} session exited with {proc.returncode}:\n{text[-4000:]}"
-        record = json.loads((work / "results.json").read_text())
-        assert "_session" not in record, record["_session"]["exception"] + text[-3000:]
-        record["_log"], record["_work"] = text, work
-        results[version] = record
-    return results
+    return run_in_both_blenders(SESSION, tmp_path_factory, "bake",
+                                lambda version, work: {"zip": str(built_zip), **make_files(work)}, timeout_s=300)
 
 
 def observed(session: dict, name: str) -> dict:

@@ -9,51 +9,24 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.addon.test_blender import VERSIONS, built_zip  # noqa: F401 - the module-scoped zip fixture
+from tests.addon.test_blender import VERSIONS, built_zip, run_in_both_blenders  # noqa: F401 - the zip fixture
 
 HERE = Path(__file__).resolve().parent
 SESSION = HERE / "text_session.py"
-SESSION_TIMEOUT_S = 900
 
 
 @pytest.fixture(scope="module")
 def sessions(built_zip: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:  # noqa: F811 - the fixture
     """Run the session in both bpy versions at once; version → observations."""
-    missing = [f"{v} ({python})" for v, python in VERSIONS.items() if not python.is_file()]
-    if missing:
-        pytest.fail(f"bpy environment(s) missing: {', '.join(missing)}; run .ci/blender-envs")
     server_python = os.environ.get("ONE2345_SERVER_PYTHON") or sys.executable
-    procs = {}
-    for version, python in VERSIONS.items():
-        work = tmp_path_factory.mktemp(f"text{version.replace('.', '')}")
-        config = {"zip": str(built_zip), "work": str(work), "results": str(work / "results.json"),
-                  "server_python": server_python}
-        (work / "config.json").write_text(json.dumps(config))
-        env = {**os.environ, "BLENDER_USER_RESOURCES": str(work / "blender-user"), "HF_HUB_OFFLINE": "1"}
-        log = open(work / "session.log", "w")  # noqa: SIM115 - closed after the process ends
-        procs[version] = (subprocess.Popen([str(python), str(SESSION), "--config", str(work / "config.json")],
-                                           stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work), work, log)
-    results = {}
-    for version, (proc, work, log) in procs.items():
-        try:
-            proc.wait(timeout=SESSION_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        text = (work / "session.log").read_text(errors="replace")
-        assert proc.returncode == 0, f"Blender {version} session exited with {proc.returncode}:\n{text[-4000:]}"
-        record = json.loads((work / "results.json").read_text())
-        assert "_session" not in record, record["_session"]["exception"] + text[-3000:]
-        record["_log"] = text
-        results[version] = record
-    return results
+    return run_in_both_blenders(SESSION, tmp_path_factory, "text",
+                                lambda version, work: {"zip": str(built_zip), "server_python": server_python},
+                                env={"HF_HUB_OFFLINE": "1"})
 
 
 def observed(session: dict, name: str) -> dict:

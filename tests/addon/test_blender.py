@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -108,22 +109,32 @@ HUB_FILES = {"probe-big": ("probe/big.bin", payload(25_000_000, 1)), "probe-smal
 """The stand-in hub's weight files, which the Blender sessions' servers require (``ONE2345_WEIGHTS_TABLE``)."""
 
 
-def run_sessions(built_zip: Path, tmp_path_factory: pytest.TempPathFactory, server_python: str, extra: dict,
-                 hub) -> dict[str, dict]:
+def run_in_both_blenders(session: Path, tmp_path_factory: pytest.TempPathFactory, prefix: str,
+                         make_config: Callable[[str, Path], dict], timeout_s: float = SESSION_TIMEOUT_S,
+                         env: dict[str, str] | None = None) -> dict[str, dict]:
+    """Run the Blender script ``session`` in every bpy version of :data:`VERSIONS` at once, each in its own work
+    folder with its own Blender user folder; returns version → its ``results.json``, with ``_log`` (the session's
+    output), ``_work`` and ``_config`` added. ``make_config(version, work)`` gives the config beyond ``work`` and
+    ``results``.
+
+    A missing bpy environment, a session that exits non-zero or times out, and a session whose recorder caught an
+    exception outside the scenarios (``_session``) fail the caller."""
+    missing = [f"{v} ({python})" for v, python in VERSIONS.items() if not python.is_file()]
+    if missing:
+        pytest.fail(f"bpy environment(s) missing: {', '.join(missing)}; run .ci/blender-envs")
     procs = {}
     for version, python in VERSIONS.items():
-        work = tmp_path_factory.mktemp(f"bpy{version.replace('.', '')}")
-        config = {"zip": str(built_zip), "server_python": server_python, "work": str(work),
-                  "render": str(ARTIFACTS / f"addon_render_bpy{version.replace('.', '')}.png"),
-                  "results": str(work / "results.json"), **make_inputs(work), **extra}
+        work = tmp_path_factory.mktemp(f"{prefix}{version.replace('.', '')}")
+        config = {"work": str(work), "results": str(work / "results.json"), **make_config(version, work)}
         (work / "config.json").write_text(json.dumps(config))
-        env = {**os.environ, "BLENDER_USER_RESOURCES": str(work / "blender-user")}
+        environ = {**os.environ, "BLENDER_USER_RESOURCES": str(work / "blender-user"), **(env or {})}
         log = open(work / "session.log", "w")  # noqa: SIM115 - closed after the process ends
-        procs[version] = (subprocess.Popen([str(python), str(SESSION), "--config", str(work / "config.json")],
-                                           stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work), work, log)
+        procs[version] = (subprocess.Popen([str(python), str(session), "--config", str(work / "config.json")],
+                                           stdout=log, stderr=subprocess.STDOUT, env=environ, cwd=work),
+                          work, log, config)
     results = {}
-    deadline = time.monotonic() + SESSION_TIMEOUT_S
-    for version, (proc, work, log) in procs.items():
+    deadline = time.monotonic() + timeout_s
+    for version, (proc, work, log, config) in procs.items():
         try:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -132,9 +143,21 @@ def run_sessions(built_zip: Path, tmp_path_factory: pytest.TempPathFactory, serv
         log.close()
         text = (work / "session.log").read_text(errors="replace")
         assert proc.returncode == 0, f"Blender {version} session exited with {proc.returncode}:\n{text[-4000:]}"
-        results[version] = json.loads((work / "results.json").read_text())
-        results[version]["_log"] = text
-        results[version]["_config"] = json.loads((work / "config.json").read_text())
+        record = json.loads((work / "results.json").read_text())
+        assert "_session" not in record, record["_session"]["exception"] + text[-3000:]
+        record["_log"], record["_work"], record["_config"] = text, work, config
+        results[version] = record
+    return results
+
+
+def run_sessions(built_zip: Path, tmp_path_factory: pytest.TempPathFactory, server_python: str, extra: dict,
+                 hub) -> dict[str, dict]:
+    def make_config(version: str, work: Path) -> dict:
+        return {"zip": str(built_zip), "server_python": server_python,
+                "render": str(ARTIFACTS / f"addon_render_bpy{version.replace('.', '')}.png"), **make_inputs(work),
+                **extra}
+
+    results = run_in_both_blenders(SESSION, tmp_path_factory, "bpy", make_config)
     results["_hub_requests"] = list(hub.requests)
     return results
 
